@@ -1,0 +1,115 @@
+//! Decompression of compressed clusters: raw deflate (zlib type) and zstd.
+//!
+//! Both decoders fill exactly one cluster and ignore what follows the
+//! compressed stream (the last sector may hold the next cluster's data), as
+//! QEMU does.
+
+use crate::header::CompressionType;
+
+/// Largest zstd window accepted, bounding the decoder's allocation on
+/// hostile input (QEMU's own frames use a window no larger than a cluster).
+pub const MAX_ZSTD_WINDOW: u64 = 8 * 1024 * 1024;
+
+/// Why a compressed cluster could not be decoded.
+pub type DecompressError = &'static str;
+
+/// Decompresses `input` into all of `out` (one cluster).
+pub fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecompressError> {
+    match kind {
+        CompressionType::Zlib => inflate(input, out),
+        CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    use miniz_oxide::inflate::TINFLStatus;
+    let mut state = alloc::boxed::Box::<DecompressorOxide>::default();
+    let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+    let (status, _read, written) = decompress(&mut state, input, out, 0, flags);
+    match status {
+        _ if written == out.len() => Ok(()),
+        TINFLStatus::Done => Err("deflate stream ends before a full cluster"),
+        TINFLStatus::FailedCannotMakeProgress | TINFLStatus::NeedsMoreInput => {
+            Err("deflate stream is truncated")
+        }
+        _ => Err("invalid deflate data"),
+    }
+}
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
+    use ruzstd::decoding::StreamingDecoder;
+    use ruzstd::io::Read;
+    let window = MAX_ZSTD_WINDOW.max(crate::bytes::to_u64(out.len()));
+    let mut src = input;
+    let mut done = 0usize;
+    // A cluster may consist of several frames; each iteration consumes one.
+    // Every frame either produces output or consumes input, so this ends.
+    while done < out.len() {
+        let before = src.len();
+        let mut dec = StreamingDecoder::new_with_max_window_size(&mut src, window)
+            .map_err(|_| "invalid zstd frame header")?;
+        let mut progressed = false;
+        loop {
+            let n = dec
+                .read(&mut out[done..])
+                .map_err(|_| "invalid zstd data")?;
+            if n == 0 {
+                break;
+            }
+            progressed = true;
+            done += n;
+            if done == out.len() {
+                return Ok(());
+            }
+        }
+        drop(dec);
+        if !progressed && src.len() >= before {
+            return Err("zstd stream ends before a full cluster");
+        }
+        if src.is_empty() {
+            return Err("zstd stream ends before a full cluster");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn inflate_round_trip_with_trailing_garbage() {
+        let data: alloc::vec::Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut c = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        c.extend_from_slice(&[0xaa; 300]);
+        let mut out = vec![0u8; 4096];
+        decompress(CompressionType::Zlib, &c, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn inflate_short_or_garbage_fails() {
+        let data = vec![7u8; 1000];
+        let c = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        let mut out = vec![0u8; 4096];
+        assert!(decompress(CompressionType::Zlib, &c, &mut out).is_err());
+        assert!(decompress(CompressionType::Zlib, &[0xff; 64], &mut out).is_err());
+        assert!(decompress(CompressionType::Zlib, &[], &mut out).is_err());
+    }
+
+    #[test]
+    fn zstd_garbage_fails() {
+        let mut out = vec![0u8; 4096];
+        assert!(decompress(CompressionType::Zstd, &[0xff; 64], &mut out).is_err());
+        assert!(decompress(CompressionType::Zstd, &[], &mut out).is_err());
+        // A frame header announcing a window beyond the limit.
+        let hostile = [0x28, 0xb5, 0x2f, 0xfd, 0x00, 0xf8, 0, 0, 0, 0];
+        assert!(decompress(CompressionType::Zstd, &hostile, &mut out).is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The crate's one error type.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use core::fmt;
+
+/// Everything that can go wrong while opening or reading an image.
+///
+/// `E` is the error type of the storage ([`crate::BlockRead::Error`]).
+/// Messages are lowercase and carry the offending values.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error<E> {
+    /// The storage failed.
+    Io(E),
+    /// The first four bytes are not `QFI\xfb`.
+    BadMagic(u32),
+    /// The header's version is neither 2 nor 3.
+    UnsupportedVersion(u32),
+    /// A header or metadata field has a value the format (or QEMU's limits) forbid.
+    InvalidField {
+        /// Name of the field, as the qcow2 specification spells it.
+        field: &'static str,
+        /// The offending value.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The image sets incompatible feature bits this implementation does not know.
+    UnknownIncompatibleFeatures {
+        /// The unknown bits.
+        bits: u64,
+        /// Their names from the image's feature name table, comma separated (may be empty).
+        names: String,
+    },
+    /// The image is encrypted; reading encrypted images is not supported yet.
+    Encrypted {
+        /// `"aes"` or `"luks"` (or `"unknown"` for other values).
+        method: &'static str,
+    },
+    /// Metadata found while reading is inconsistent.
+    Corrupt {
+        /// What is wrong, naming the structure.
+        what: &'static str,
+        /// Where it was found (host offset of the table, or guest offset).
+        offset: u64,
+        /// The offending value.
+        value: u64,
+    },
+    /// A compressed cluster could not be decompressed.
+    Decompress {
+        /// Host offset of the compressed data.
+        host_offset: u64,
+        /// Why decompression failed.
+        reason: &'static str,
+    },
+    /// A guest access outside the virtual disk.
+    OutOfBounds {
+        /// Start of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Virtual size of the disk.
+        size: u64,
+    },
+    /// The image names a backing file but no opener was given, or following is disabled.
+    BackingNotAllowed {
+        /// The backing file name stored in the image.
+        name: String,
+    },
+    /// A backing chain refers back to a file already in the chain.
+    BackingLoop {
+        /// The file seen twice.
+        name: String,
+    },
+    /// A backing chain is deeper than the configured limit.
+    BackingTooDeep {
+        /// The limit.
+        limit: u32,
+    },
+    /// Opening a backing or data file failed.
+    Open {
+        /// The name passed to the opener.
+        name: String,
+        /// The opener's error.
+        source: E,
+    },
+    /// An error inside a backing file, with its name.
+    Backing {
+        /// The backing file's name.
+        name: String,
+        /// What went wrong in it.
+        source: Box<Error<E>>,
+    },
+    /// The image needs an external data file that was not supplied.
+    MissingDataFile,
+    /// The backing file format is not one this crate reads.
+    UnsupportedBackingFormat(String),
+    /// A requested operation is not supported on this image.
+    Unsupported(&'static str),
+}
+
+impl<E> Error<E> {
+    /// Shorthand for [`Error::InvalidField`].
+    pub(crate) fn field(field: &'static str, value: u64, reason: &'static str) -> Self {
+        Error::InvalidField {
+            field,
+            value,
+            reason,
+        }
+    }
+
+    /// Shorthand for [`Error::Corrupt`].
+    pub(crate) fn corrupt(what: &'static str, offset: u64, value: u64) -> Self {
+        Error::Corrupt {
+            what,
+            offset,
+            value,
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for Error<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "i/o error: {e}"),
+            Error::BadMagic(m) => write!(f, "not a qcow2 image (magic {m:#010x}, expected 0x514649fb)"),
+            Error::UnsupportedVersion(v) => {
+                write!(f, "unsupported qcow2 version {v} (supported: 2 and 3)")
+            }
+            Error::InvalidField {
+                field,
+                value,
+                reason,
+            } => write!(f, "invalid {field} {value} ({value:#x}): {reason}"),
+            Error::UnknownIncompatibleFeatures { bits, names } => {
+                write!(f, "unsupported incompatible features {bits:#x}")?;
+                if !names.is_empty() {
+                    write!(f, " ({names})")?;
+                }
+                Ok(())
+            }
+            Error::Encrypted { method } => write!(
+                f,
+                "image is encrypted with {method}; encrypted images are not supported"
+            ),
+            Error::Corrupt {
+                what,
+                offset,
+                value,
+            } => write!(f, "corrupt image: {what} (value {value:#x} at {offset:#x})"),
+            Error::Decompress {
+                host_offset,
+                reason,
+            } => write!(
+                f,
+                "cannot decompress cluster at host offset {host_offset:#x}: {reason}"
+            ),
+            Error::OutOfBounds { offset, len, size } => write!(
+                f,
+                "access of {len} bytes at offset {offset} is beyond the virtual size {size}"
+            ),
+            Error::BackingNotAllowed { name } => {
+                write!(f, "image has backing file '{name}' but backing files are not followed")
+            }
+            Error::BackingLoop { name } => {
+                write!(f, "backing chain loops: '{name}' appears twice")
+            }
+            Error::BackingTooDeep { limit } => {
+                write!(f, "backing chain is deeper than the limit of {limit}")
+            }
+            Error::Open { name, source } => write!(f, "cannot open '{name}': {source}"),
+            Error::Backing { name, source } => write!(f, "backing file '{name}': {source}"),
+            Error::MissingDataFile => write!(f, "image needs an external data file"),
+            Error::UnsupportedBackingFormat(fmt_name) => {
+                write!(f, "unsupported backing file format '{fmt_name}'")
+            }
+            Error::Unsupported(what) => write!(f, "unsupported: {what}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}

@@ -1,0 +1,57 @@
+//! # qcowkit-core
+//!
+//! QEMU's qcow2 disk image format in `#![no_std]` Rust (with `alloc`): the
+//! header and its extensions, L1/L2 tables (normal and extended L2 with
+//! subclusters), refcounts of every width, compressed clusters (zlib and
+//! zstd), backing chains, external data files, snapshots and bitmaps.
+//!
+//! The core does no I/O of its own: images live on any storage implementing
+//! [`BlockRead`] (and [`BlockWrite`]), and files an image names (backing
+//! files, external data files) are opened through an [`Opener`] the caller
+//! supplies.
+//!
+//! ```
+//! use qcowkit_core::{Image, OpenOptions};
+//!
+//! fn first_sector(image_bytes: &[u8]) -> Result<[u8; 512], qcowkit_core::Error<qcowkit_core::MemError>> {
+//!     let mut img = Image::open(image_bytes, &OpenOptions::default())?;
+//!     let mut sector = [0u8; 512];
+//!     img.read_at(0, &mut sector)?;
+//!     Ok(sector)
+//! }
+//! # assert!(first_sector(b"not an image").is_err());
+//! ```
+//!
+//! ## Errors
+//! Every malformed field produces an [`Error`] naming the field and its value;
+//! no input makes the crate panic, allocate without a bound, or loop forever.
+//!
+//! ## Features
+//! - `embedded-io`: [`EmbeddedIo`], a storage over `embedded_io` devices.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod backing;
+pub mod bitmap;
+mod bytes;
+mod cache;
+pub mod compress;
+mod error;
+pub mod header;
+mod image;
+mod io;
+pub mod l2;
+pub mod refcount;
+pub mod snapshot;
+
+pub use backing::{Backing, FileRole, Opened, Opener};
+pub use error::Error;
+pub use image::{Image, Mapping, OpenOptions, DEFAULT_L2_CACHE_MAX, DEFAULT_MAX_CHAIN_DEPTH};
+#[cfg(feature = "embedded-io")]
+pub use io::{EmbeddedIo, EmbeddedIoError};
+pub use io::{BlockRead, BlockWrite, MemError};

@@ -36,8 +36,7 @@ pub struct Opened<R> {
 /// Opens the files images name: backing files and external data files.
 pub trait Opener<R: BlockRead> {
     /// Opens `name`, named by the image whose resolved name is `parent`.
-    fn open(&mut self, parent: &str, name: &str, role: FileRole)
-        -> Result<Opened<R>, R::Error>;
+    fn open(&mut self, parent: &str, name: &str, role: FileRole) -> Result<Opened<R>, R::Error>;
 }
 
 /// The layer below an image: another qcow2 image or a raw file.

@@ -124,7 +124,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(e) => write!(f, "i/o error: {e}"),
-            Error::BadMagic(m) => write!(f, "not a qcow2 image (magic {m:#010x}, expected 0x514649fb)"),
+            Error::BadMagic(m) => write!(
+                f,
+                "not a qcow2 image (magic {m:#010x}, expected 0x514649fb)"
+            ),
             Error::UnsupportedVersion(v) => {
                 write!(f, "unsupported qcow2 version {v} (supported: 2 and 3)")
             }
@@ -161,7 +164,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 "access of {len} bytes at offset {offset} is beyond the virtual size {size}"
             ),
             Error::BackingNotAllowed { name } => {
-                write!(f, "image has backing file '{name}' but backing files are not followed")
+                write!(
+                    f,
+                    "image has backing file '{name}' but backing files are not followed"
+                )
             }
             Error::BackingLoop { name } => {
                 write!(f, "backing chain loops: '{name}' appears twice")

@@ -219,10 +219,21 @@ pub(crate) fn validate_table<E>(
         .filter(|b| *b <= max_bytes)
         .ok_or(Error::field(field_size, entries, "table too large"))?;
     if offset % cluster_size != 0 {
-        return Err(Error::field(field_offset, offset, "not aligned to a cluster boundary"));
+        return Err(Error::field(
+            field_offset,
+            offset,
+            "not aligned to a cluster boundary",
+        ));
     }
-    if offset.checked_add(bytes).is_none_or(|end| end > i64::MAX as u64) {
-        return Err(Error::field(field_offset, offset, "table extends past the largest file offset"));
+    if offset
+        .checked_add(bytes)
+        .is_none_or(|end| end > i64::MAX as u64)
+    {
+        return Err(Error::field(
+            field_offset,
+            offset,
+            "table extends past the largest file offset",
+        ));
     }
     Ok(())
 }
@@ -320,7 +331,13 @@ impl Header {
             0 => CryptMethod::None,
             1 => CryptMethod::Aes,
             2 => CryptMethod::Luks,
-            v => return Err(Error::field("crypt_method", v.into(), "unknown encryption method")),
+            v => {
+                return Err(Error::field(
+                    "crypt_method",
+                    v.into(),
+                    "unknown encryption method",
+                ))
+            }
         };
         let mut h = Header {
             version,
@@ -475,7 +492,11 @@ impl Header {
             cluster_size,
         )?;
         if h.l1_size > 0 && h.l1_table_offset == 0 {
-            return Err(Error::field("l1_table_offset", 0, "L1 table overlaps the header"));
+            return Err(Error::field(
+                "l1_table_offset",
+                0,
+                "L1 table overlaps the header",
+            ));
         }
         let needed = h.l1_entries_needed();
         if needed > u64::from(i32::MAX as u32) {
@@ -537,11 +558,14 @@ impl Header {
         let mut off = start;
         let mut bitmaps_seen = None;
         while off < end {
-            let ext_hdr_end = off.checked_add(8).filter(|e| *e <= end).ok_or(Error::field(
-                "header extension offset",
-                off,
-                "header extension does not fit in the header area",
-            ))?;
+            let ext_hdr_end = off
+                .checked_add(8)
+                .filter(|e| *e <= end)
+                .ok_or(Error::field(
+                    "header extension offset",
+                    off,
+                    "header extension does not fit in the header area",
+                ))?;
             let pos = to_usize(off).unwrap_or(usize::MAX);
             let kind = be32(buf, pos);
             let len = be32(buf, pos.saturating_add(4));
@@ -893,9 +917,15 @@ pub(crate) mod tests {
             (|h| h.l1_table_offset = 0x30001, "invalid l1_table_offset"),
             (|h| h.l1_size = 0, "invalid l1_size 0"),
             (|h| h.l1_size = 5_000_000, "invalid l1_size 5000000"),
-            (|h| h.refcount_table_clusters = 200, "invalid refcount_table_clusters 200"),
+            (
+                |h| h.refcount_table_clusters = 200,
+                "invalid refcount_table_clusters 200",
+            ),
             (|h| h.nb_snapshots = 70000, "invalid nb_snapshots 70000"),
-            (|h| h.incompatible_features = 1 << 40, "unsupported incompatible features 0x10000000000"),
+            (
+                |h| h.incompatible_features = 1 << 40,
+                "unsupported incompatible features 0x10000000000",
+            ),
             (|h| h.incompatible_features = incompat::EXTL2, "invalid"),
         ];
         for (mutate, want) in cases {

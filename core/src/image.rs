@@ -30,6 +30,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Maximum depth of the backing chain below this image.
     pub max_chain_depth: u32,
+    /// Do not open the external data file (metadata-only work such as
+    /// `info`); reading data that lives there then fails.
+    pub no_data_file: bool,
 }
 
 impl Default for OpenOptions {
@@ -38,6 +41,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             no_backing: false,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            no_data_file: false,
         }
     }
 }
@@ -84,6 +88,7 @@ pub struct Image<R: BlockRead> {
     pub(crate) data_file: Option<R>,
     backing: Option<Backing<R>>,
     snapshots: Vec<Snapshot>,
+    pub(crate) snapshot_table_len: u64,
     bitmaps: Vec<Bitmap>,
     pub(crate) file_len: u64,
     name: String,
@@ -143,20 +148,23 @@ impl<R: BlockRead> Image<R> {
         // L1 table (size validated against QEMU's 32 MiB limit).
         let l1_len = to_usize(header.l1_size.into()).unwrap_or(0);
         let mut raw = alloc::vec![0u8; l1_len * 8];
-        io.read_at(header.l1_table_offset, &mut raw).map_err(Error::Io)?;
+        io.read_at(header.l1_table_offset, &mut raw)
+            .map_err(Error::Io)?;
         let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         drop(raw);
 
         let l2_cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
             let tables = header.size.div_ceil(header.l2_coverage());
-            tables.saturating_mul(cluster_size).min(DEFAULT_L2_CACHE_MAX)
+            tables
+                .saturating_mul(cluster_size)
+                .min(DEFAULT_L2_CACHE_MAX)
         });
         let capacity = to_usize(l2_cache_bytes / cluster_size).unwrap_or(usize::MAX);
 
-        let snapshots = read_snapshots(&mut io, &header)?;
+        let (snapshots, snapshot_table_len) = read_snapshots(&mut io, &header)?;
         let bitmaps = read_bitmaps(&mut io, &header)?;
 
-        let data_file = if header.has_data_file() {
+        let data_file = if header.has_data_file() && !opts.no_data_file {
             let df_name = header.data_file.clone().ok_or(Error::MissingDataFile)?;
             let op = opener.as_deref_mut().ok_or(Error::MissingDataFile)?;
             let opened = op
@@ -181,12 +189,12 @@ impl<R: BlockRead> Image<R> {
                         limit: opts.max_chain_depth,
                     });
                 }
-                let opened = op
-                    .open(&name, bname, FileRole::Backing)
-                    .map_err(|source| Error::Open {
-                        name: bname.clone(),
-                        source,
-                    })?;
+                let opened =
+                    op.open(&name, bname, FileRole::Backing)
+                        .map_err(|source| Error::Open {
+                            name: bname.clone(),
+                            source,
+                        })?;
                 if seen.contains(&opened.identity) {
                     return Err(Error::BackingLoop {
                         name: opened.resolved,
@@ -194,14 +202,15 @@ impl<R: BlockRead> Image<R> {
                 }
                 seen.push(opened.identity.clone());
                 let resolved = opened.resolved.clone();
-                let b = open_backing(opened.io, opened.resolved, &header, op, opts, seen)
-                    .map_err(|e| match e {
+                let b = open_backing(opened.io, opened.resolved, &header, op, opts, seen).map_err(
+                    |e| match e {
                         e @ (Error::BackingLoop { .. } | Error::BackingTooDeep { .. }) => e,
                         e => Error::Backing {
                             name: resolved,
                             source: Box::new(e),
                         },
-                    })?;
+                    },
+                )?;
                 Some(b)
             }
             _ => None,
@@ -215,6 +224,7 @@ impl<R: BlockRead> Image<R> {
             data_file,
             backing,
             snapshots,
+            snapshot_table_len,
             bitmaps,
             file_len,
             name,
@@ -251,6 +261,11 @@ impl<R: BlockRead> Image<R> {
     /// The backing layer, if one was opened.
     pub fn backing(&self) -> Option<&Backing<R>> {
         self.backing.as_ref()
+    }
+
+    /// The backing layer, mutable.
+    pub fn backing_mut(&mut self) -> Option<&mut Backing<R>> {
+        self.backing.as_mut()
     }
 
     /// The internal snapshots.
@@ -306,11 +321,10 @@ impl<R: BlockRead> Image<R> {
         let l2_entries = self.header.l2_entries();
         let coverage_bits = cb + l2_entries.trailing_zeros();
         let l1_index = offset >> coverage_bits;
-        let coverage_end = (l1_index + 1).checked_shl(coverage_bits).unwrap_or(u64::MAX);
-        let limit = offset
-            .saturating_add(max_len)
-            .min(size)
-            .min(coverage_end);
+        let coverage_end = (l1_index + 1)
+            .checked_shl(coverage_bits)
+            .unwrap_or(u64::MAX);
+        let limit = offset.saturating_add(max_len).min(size).min(coverage_end);
         let unalloc = Mapping::Unallocated { host_offset: None };
         let Some(&l1e) = to_usize(l1_index).and_then(|i| self.l1.get(i)) else {
             return Ok((unalloc, limit - offset));
@@ -390,19 +404,22 @@ impl<R: BlockRead> Image<R> {
         // Extend the run while the following subclusters continue it.
         while end < limit {
             let (next, next_end) = classify(end)?;
-            let expected = |host: Option<u64>| {
-                host.map(|h| h + (end - offset))
-            };
+            let expected = |host: Option<u64>| host.map(|h| h + (end - offset));
             let continues = match (mapping, next) {
                 (Mapping::Unallocated { host_offset: None }, Subcluster::Unallocated) => true,
                 (Mapping::Zero { host_offset: None }, Subcluster::Zero) => true,
                 (
-                    Mapping::Unallocated { host_offset: h @ Some(_) },
+                    Mapping::Unallocated {
+                        host_offset: h @ Some(_),
+                    },
                     Subcluster::UnallocatedAlloc { host },
                 )
-                | (Mapping::Zero { host_offset: h @ Some(_) }, Subcluster::ZeroAlloc { host }) => {
-                    expected(h) == Some(host + in_cluster(end))
-                }
+                | (
+                    Mapping::Zero {
+                        host_offset: h @ Some(_),
+                    },
+                    Subcluster::ZeroAlloc { host },
+                ) => expected(h) == Some(host + in_cluster(end)),
                 (Mapping::Data { host_offset, .. }, Subcluster::Normal { host }) => {
                     expected(Some(host_offset)) == Some(host + in_cluster(end))
                         && !(fmt.data_file && host != end & !(cluster_size - 1))
@@ -474,7 +491,9 @@ impl<R: BlockRead> Image<R> {
         if !hit {
             let cluster_size = to_usize(self.cluster_size()).unwrap_or(0);
             let mut input = alloc::vec![0u8; to_usize(size).unwrap_or(0)];
-            self.io.read_at(host_offset, &mut input).map_err(Error::Io)?;
+            self.io
+                .read_at(host_offset, &mut input)
+                .map_err(Error::Io)?;
             let mut out = match self.decompressed.take() {
                 Some((_, mut b)) => {
                     b.resize(cluster_size, 0);
@@ -482,11 +501,12 @@ impl<R: BlockRead> Image<R> {
                 }
                 None => alloc::vec![0u8; cluster_size],
             };
-            compress::decompress(self.header.compression_type, &input, &mut out)
-                .map_err(|reason| Error::Decompress {
+            compress::decompress(self.header.compression_type, &input, &mut out).map_err(
+                |reason| Error::Decompress {
                     host_offset,
                     reason,
-                })?;
+                },
+            )?;
             self.decompressed = Some((host_offset, out));
         }
         match &self.decompressed {
@@ -507,7 +527,9 @@ fn read_backing<R: BlockRead>(
         return Ok(());
     };
     let bsize = b.size();
-    let avail = to_usize(bsize.saturating_sub(pos)).unwrap_or(usize::MAX).min(out.len());
+    let avail = to_usize(bsize.saturating_sub(pos))
+        .unwrap_or(usize::MAX)
+        .min(out.len());
     let (inside, past) = out.split_at_mut(avail);
     past.fill(0);
     if inside.is_empty() {
@@ -557,7 +579,7 @@ fn open_backing<R: BlockRead>(
     }
 }
 
-fn read_snapshots<R: BlockRead>(io: &mut R, h: &Header) -> Res<Vec<Snapshot>, R> {
+fn read_snapshots<R: BlockRead>(io: &mut R, h: &Header) -> Res<(Vec<Snapshot>, u64), R> {
     let mut out = Vec::new();
     let mut off = h.snapshots_offset;
     let mut total = 0usize;
@@ -594,11 +616,13 @@ fn read_snapshots<R: BlockRead>(io: &mut R, h: &Header) -> Res<Vec<Snapshot>, R>
             h.cluster_size(),
         )?;
         out.push(s);
-        off = off
-            .checked_add(to_u64(lens.total()))
-            .ok_or(Error::field("snapshots_offset", h.snapshots_offset, "overflow"))?;
+        off = off.checked_add(to_u64(lens.total())).ok_or(Error::field(
+            "snapshots_offset",
+            h.snapshots_offset,
+            "overflow",
+        ))?;
     }
-    Ok(out)
+    Ok((out, to_u64(total)))
 }
 
 fn read_bitmaps<R: BlockRead>(io: &mut R, h: &Header) -> Res<Vec<Bitmap>, R> {
@@ -607,7 +631,8 @@ fn read_bitmaps<R: BlockRead>(io: &mut R, h: &Header) -> Res<Vec<Bitmap>, R> {
     };
     let len = to_usize(ext.directory_size).unwrap_or(0);
     let mut dir = alloc::vec![0u8; len];
-    io.read_at(ext.directory_offset, &mut dir).map_err(Error::Io)?;
+    io.read_at(ext.directory_offset, &mut dir)
+        .map_err(Error::Io)?;
     let mut out = Vec::new();
     let mut pos = 0usize;
     for _ in 0..ext.nb_bitmaps {

@@ -26,6 +26,21 @@ pub trait BlockRead {
     fn is_empty(&mut self) -> Result<bool, Self::Error> {
         Ok(self.len()? == 0)
     }
+
+    /// Says whether `[offset, offset + len)` starts with data (`true`) or a
+    /// hole that reads as zeros (`false`), and how many bytes share that
+    /// state. `None` when the storage cannot tell (the default): callers
+    /// treat everything as data. Hosts with sparse files (`SEEK_DATA`)
+    /// implement it so that `map` reports holes as qemu-img does.
+    fn allocation(&mut self, offset: u64, len: u64) -> Result<Option<(bool, u64)>, Self::Error> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
+    /// Bytes the storage really occupies (e.g. `st_blocks * 512`), if known.
+    fn allocated_size(&mut self) -> Result<Option<u64>, Self::Error> {
+        Ok(None)
+    }
 }
 
 /// Positional write access to a storage.
@@ -47,6 +62,12 @@ impl<T: BlockRead + ?Sized> BlockRead for &mut T {
     }
     fn len(&mut self) -> Result<u64, Self::Error> {
         (**self).len()
+    }
+    fn allocation(&mut self, offset: u64, len: u64) -> Result<Option<(bool, u64)>, Self::Error> {
+        (**self).allocation(offset, len)
+    }
+    fn allocated_size(&mut self) -> Result<Option<u64>, Self::Error> {
+        (**self).allocated_size()
     }
 }
 
@@ -135,7 +156,10 @@ impl BlockWrite for Vec<u8> {
         Ok(())
     }
     fn set_len(&mut self, len: u64) -> Result<(), MemError> {
-        let n = usize::try_from(len).map_err(|_| MemError { offset: len, len: 0 })?;
+        let n = usize::try_from(len).map_err(|_| MemError {
+            offset: len,
+            len: 0,
+        })?;
         self.resize(n, 0);
         Ok(())
     }
@@ -200,7 +224,9 @@ mod embedded {
             Ok(())
         }
         fn len(&mut self) -> Result<u64, Self::Error> {
-            self.0.seek(SeekFrom::End(0)).map_err(EmbeddedIoError::Device)
+            self.0
+                .seek(SeekFrom::End(0))
+                .map_err(EmbeddedIoError::Device)
         }
     }
 
@@ -214,7 +240,10 @@ mod embedded {
                 .map_err(EmbeddedIoError::Device)?;
             let mut done = 0;
             while done < buf.len() {
-                let n = self.0.write(&buf[done..]).map_err(EmbeddedIoError::Device)?;
+                let n = self
+                    .0
+                    .write(&buf[done..])
+                    .map_err(EmbeddedIoError::Device)?;
                 if n == 0 {
                     return Err(EmbeddedIoError::WriteZero { offset });
                 }

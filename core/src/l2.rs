@@ -103,7 +103,11 @@ pub fn l2_reserved(entry: u64, extended: bool) -> u64 {
     if entry & COMPRESSED != 0 {
         return 0;
     }
-    let mask = if extended { 0x3f00_0000_0000_01ff } else { 0x3f00_0000_0000_01fe };
+    let mask = if extended {
+        0x3f00_0000_0000_01ff
+    } else {
+        0x3f00_0000_0000_01fe
+    };
     entry & mask
 }
 
@@ -248,7 +252,10 @@ mod tests {
             data_file: true,
             ..STD
         };
-        assert_eq!(f.subcluster(COPIED, 0, 0), Ok(Subcluster::Normal { host: 0 }));
+        assert_eq!(
+            f.subcluster(COPIED, 0, 0),
+            Ok(Subcluster::Normal { host: 0 })
+        );
         assert_eq!(f.subcluster(0, 0, 0), Ok(Subcluster::Unallocated));
     }
 
@@ -256,8 +263,14 @@ mod tests {
     fn extended_entries() {
         let e = 0x50000 | COPIED;
         let bm = 0b01 | (0b10 << 32);
-        assert_eq!(EXT.subcluster(e, bm, 0), Ok(Subcluster::Normal { host: 0x50000 }));
-        assert_eq!(EXT.subcluster(e, bm, 1), Ok(Subcluster::ZeroAlloc { host: 0x50000 }));
+        assert_eq!(
+            EXT.subcluster(e, bm, 0),
+            Ok(Subcluster::Normal { host: 0x50000 })
+        );
+        assert_eq!(
+            EXT.subcluster(e, bm, 1),
+            Ok(Subcluster::ZeroAlloc { host: 0x50000 })
+        );
         assert_eq!(
             EXT.subcluster(e, bm, 2),
             Ok(Subcluster::UnallocatedAlloc { host: 0x50000 })

@@ -40,18 +40,22 @@ pub mod backing;
 pub mod bitmap;
 mod bytes;
 mod cache;
+pub mod check;
 pub mod compress;
 mod error;
 pub mod header;
 mod image;
 mod io;
 pub mod l2;
+pub mod map;
 pub mod refcount;
 pub mod snapshot;
 
 pub use backing::{Backing, FileRole, Opened, Opener};
+pub use check::CheckReport;
 pub use error::Error;
 pub use image::{Image, Mapping, OpenOptions, DEFAULT_L2_CACHE_MAX, DEFAULT_MAX_CHAIN_DEPTH};
+pub use io::{BlockRead, BlockWrite, MemError};
 #[cfg(feature = "embedded-io")]
 pub use io::{EmbeddedIo, EmbeddedIoError};
-pub use io::{BlockRead, BlockWrite, MemError};
+pub use map::BlockStatus;

@@ -80,7 +80,10 @@ pub fn set(block: &mut [u8], order: u32, index: u64, value: u64) {
             let Some(start) = index.checked_mul(width) else {
                 return;
             };
-            if let Some(s) = start.checked_add(width).and_then(|e| block.get_mut(start..e)) {
+            if let Some(s) = start
+                .checked_add(width)
+                .and_then(|e| block.get_mut(start..e))
+            {
                 let bytes = value.to_be_bytes();
                 s.copy_from_slice(&bytes[8 - width..]);
             }

@@ -1,0 +1,419 @@
+//! Read-only consistency check: every reference to a host cluster is counted
+//! and compared with the on-disk refcounts, as `qemu-img check` does.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::bytes::{be64, to_u64, to_usize};
+use crate::image::Image;
+use crate::l2::{self, Subcluster, COPIED};
+use crate::refcount;
+use crate::{BlockRead, Error};
+
+/// Largest number of host clusters the check tracks (bounds its memory: two
+/// bytes per cluster).
+pub const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
+
+/// The result of [`Image::check`], with qemu-img's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Metadata errors (refcount too low, misaligned or out-of-file tables, ...).
+    pub corruptions: u64,
+    /// Clusters whose refcount is higher than their references.
+    pub leaks: u64,
+    /// Errors that stopped part of the check (I/O errors).
+    pub check_errors: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in the active L1 table.
+    pub allocated_clusters: u64,
+    /// Allocated clusters not contiguous with their predecessor.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters in the active L1 table.
+    pub compressed_clusters: u64,
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+    /// One line per problem, in qemu-img's wording.
+    pub messages: Vec<String>,
+}
+
+struct Refs {
+    counts: Vec<u16>,
+    cluster_bits: u32,
+}
+
+impl<R: BlockRead> Image<R> {
+    /// Checks the image's metadata; reads everything, writes nothing.
+    pub fn check(&mut self) -> Result<CheckReport, Error<R::Error>> {
+        let cb = self.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let mut rep = CheckReport {
+            total_clusters: self.header.size.div_ceil(cs),
+            ..CheckReport::default()
+        };
+        let file_clusters = self.file_len.div_ceil(cs);
+        if file_clusters > MAX_CHECK_CLUSTERS {
+            return Err(Error::Unsupported("image file too large to check"));
+        }
+        let mut refs = Refs {
+            counts: alloc::vec![0u16; to_usize(file_clusters).unwrap_or(0)],
+            cluster_bits: cb,
+        };
+
+        // Header cluster.
+        refs.inc(&mut rep, 0, cs);
+
+        // Active L1 and its tables, with fragmentation statistics.
+        let l1 = self.l1.clone();
+        refs.inc(&mut rep, self.header.l1_table_offset, to_u64(l1.len()) * 8);
+        self.check_l1(&mut rep, &mut refs, &l1, true)?;
+
+        // Snapshots.
+        let snaps = self.snapshots().to_vec();
+        let table_len = self.snapshot_table_len;
+        for s in &snaps {
+            if s.l1_table_offset % cs != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned",
+                    s.id, s.name, s.l1_table_offset
+                ));
+                continue;
+            }
+            let n = to_usize(s.l1_size.into()).unwrap_or(0);
+            let mut raw = alloc::vec![0u8; n * 8];
+            if let Err(e) = self.io.read_at(s.l1_table_offset, &mut raw) {
+                rep.check_errors += 1;
+                rep.messages
+                    .push(format!("ERROR reading snapshot L1 table: {e}"));
+                continue;
+            }
+            let sl1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+            refs.inc(&mut rep, s.l1_table_offset, to_u64(n) * 8);
+            self.check_l1(&mut rep, &mut refs, &sl1, false)?;
+        }
+        if self.header.nb_snapshots > 0 {
+            refs.inc(&mut rep, self.header.snapshots_offset, table_len);
+        }
+
+        // Encryption header and bitmaps.
+        if let Some(c) = self.header.crypto {
+            refs.inc(&mut rep, c.offset, c.length);
+        }
+        if let Some(ext) = self.header.bitmaps {
+            refs.inc(&mut rep, ext.directory_offset, ext.directory_size);
+            for b in self.bitmaps().to_vec() {
+                if b.table_offset % cs != 0 {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR bitmap '{}' table offset {:#x} is not cluster aligned",
+                        b.name, b.table_offset
+                    ));
+                    continue;
+                }
+                let n = to_usize(b.table_size.into()).unwrap_or(0).min(1 << 22);
+                let mut raw = alloc::vec![0u8; n * 8];
+                self.io
+                    .read_at(b.table_offset, &mut raw)
+                    .map_err(Error::Io)?;
+                refs.inc(&mut rep, b.table_offset, to_u64(n) * 8);
+                for c in raw.chunks_exact(8) {
+                    let off = be64(c, 0) & l2::OFFSET_MASK;
+                    if off != 0 {
+                        refs.inc(&mut rep, off, cs);
+                    }
+                }
+            }
+        }
+
+        // Refcount table and blocks.
+        let rt_off = self.header.refcount_table_offset;
+        let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
+        refs.inc(&mut rep, rt_off, rt_len);
+        let mut rt_raw = alloc::vec![0u8; to_usize(rt_len).unwrap_or(0)];
+        self.io.read_at(rt_off, &mut rt_raw).map_err(Error::Io)?;
+        let rt: Vec<u64> = rt_raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        drop(rt_raw);
+        let mut blocks: Vec<u64> = Vec::with_capacity(rt.len());
+        for (i, e) in rt.iter().enumerate() {
+            let off = refcount::table_entry_offset(*e);
+            if off == 0 {
+                blocks.push(0);
+                continue;
+            }
+            if off % cs != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                blocks.push(0);
+                continue;
+            }
+            if off >> cb >= file_clusters {
+                rep.corruptions += 1;
+                rep.messages
+                    .push(format!("ERROR refcount block {i} is outside image"));
+                blocks.push(0);
+                continue;
+            }
+            refs.inc(&mut rep, off, cs);
+            blocks.push(off);
+        }
+
+        // Compare references with refcounts.
+        let order = self.header.refcount_order;
+        let per_block = refcount::block_entries(cb, order);
+        let mut block_buf = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+        let mut loaded: Option<usize> = None;
+        let mut highest: Option<u64> = None;
+        for i in 0..file_clusters {
+            let bi = to_usize(i / per_block).unwrap_or(usize::MAX);
+            let on_disk = match blocks.get(bi) {
+                Some(&b) if b != 0 => {
+                    if loaded != Some(bi) {
+                        self.io.read_at(b, &mut block_buf).map_err(Error::Io)?;
+                        loaded = Some(bi);
+                    }
+                    refcount::get(&block_buf, order, i % per_block)
+                }
+                _ => 0,
+            };
+            let computed = u64::from(refs.counts[to_usize(i).unwrap_or(0)]);
+            if on_disk > 0 || computed > 0 {
+                highest = Some(i);
+            }
+            if on_disk != computed {
+                let kind = if on_disk < computed {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
+                rep.messages.push(format!(
+                    "{kind} cluster {i} refcount={on_disk} reference={computed}"
+                ));
+                if on_disk < computed {
+                    rep.corruptions += 1;
+                } else {
+                    rep.leaks += 1;
+                }
+            }
+        }
+        rep.image_end_offset = highest.map_or(0, |h| (h + 1) << cb);
+
+        // COPIED flags of the active tables against on-disk refcounts.
+        self.check_copied(&mut rep, &blocks)?;
+        Ok(rep)
+    }
+
+    fn check_l1(
+        &mut self,
+        rep: &mut CheckReport,
+        refs: &mut Refs,
+        l1: &[u64],
+        active: bool,
+    ) -> Result<(), Error<R::Error>> {
+        let cb = self.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let fmt = self.fmt;
+        let entry_size = fmt.entry_size();
+        let mut next_contiguous = 0u64;
+        let mut table = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+        for (i, &e) in l1.iter().enumerate() {
+            let l2_off = l2::l1_offset(e);
+            if l2_off == 0 {
+                continue;
+            }
+            if l2::l1_reserved(e) != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
+            }
+            if l2_off % cs != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                continue;
+            }
+            refs.inc(rep, l2_off, cs);
+            if let Err(err) = self.io.read_at(l2_off, &mut table) {
+                rep.check_errors += 1;
+                rep.messages.push(format!(
+                    "ERROR reading L2 table at {l2_off:#x} (L1 index {i}): {err}"
+                ));
+                continue;
+            }
+            for j in 0..table.len() / entry_size {
+                let at = j * entry_size;
+                let entry = be64(&table, at);
+                let bitmap = if fmt.extended {
+                    be64(&table, at + 8)
+                } else {
+                    0
+                };
+                if l2::l2_reserved(entry, fmt.extended) != 0 {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR found l2 entry with reserved bits set: {entry:x}"
+                    ));
+                }
+                let sub = match fmt.subcluster(entry, bitmap, 0) {
+                    Ok(s) => s,
+                    Err(l2::EntryError::Unaligned(off)) => {
+                        rep.corruptions += 1;
+                        rep.messages.push(format!(
+                            "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
+                        ));
+                        continue;
+                    }
+                    Err(err) => {
+                        rep.corruptions += 1;
+                        rep.messages.push(format!(
+                            "ERROR invalid cluster entry: {} ({:#x})",
+                            err.what(),
+                            err.value()
+                        ));
+                        continue;
+                    }
+                };
+                match sub {
+                    Subcluster::Compressed(d) => {
+                        if fmt.extended && bitmap != 0 {
+                            rep.corruptions += 1;
+                            rep.messages.push(format!(
+                                "ERROR compressed cluster {d:?} has a non-zero subcluster bitmap {bitmap:x}"
+                            ));
+                        }
+                        if fmt.data_file {
+                            rep.corruptions += 1;
+                            rep.messages.push(String::from(
+                                "ERROR compressed cluster in an image with an external data file",
+                            ));
+                            continue;
+                        }
+                        if active {
+                            rep.allocated_clusters += 1;
+                            rep.compressed_clusters += 1;
+                            rep.fragmented_clusters += 1;
+                        }
+                        let start = d.offset & !511;
+                        let end = d.offset.saturating_add(d.size);
+                        refs.inc(rep, start, end - start);
+                    }
+                    Subcluster::Normal { host }
+                    | Subcluster::ZeroAlloc { host }
+                    | Subcluster::UnallocatedAlloc { host } => {
+                        if active {
+                            rep.allocated_clusters += 1;
+                            if next_contiguous != 0 && host != next_contiguous {
+                                rep.fragmented_clusters += 1;
+                            }
+                            next_contiguous = host + cs;
+                        }
+                        if !fmt.data_file {
+                            refs.inc(rep, host, cs);
+                        }
+                    }
+                    Subcluster::Zero | Subcluster::Unallocated => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_copied(
+        &mut self,
+        rep: &mut CheckReport,
+        blocks: &[u64],
+    ) -> Result<(), Error<R::Error>> {
+        let cb = self.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let order = self.header.refcount_order;
+        let per_block = refcount::block_entries(cb, order);
+        let mut rb = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+        let mut loaded: Option<usize> = None;
+        let mut refcount_of = |io: &mut R, off: u64| -> Result<u64, R::Error> {
+            let idx = off >> cb;
+            let bi = to_usize(idx / per_block).unwrap_or(usize::MAX);
+            match blocks.get(bi) {
+                Some(&b) if b != 0 => {
+                    if loaded != Some(bi) {
+                        io.read_at(b, &mut rb)?;
+                        loaded = Some(bi);
+                    }
+                    Ok(refcount::get(&rb, order, idx % per_block))
+                }
+                _ => Ok(0),
+            }
+        };
+        let fmt = self.fmt;
+        let mut table = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+        let l1 = self.l1.clone();
+        for (i, &e) in l1.iter().enumerate() {
+            let l2_off = l2::l1_offset(e);
+            if l2_off == 0 || l2_off % cs != 0 {
+                continue;
+            }
+            let rc = refcount_of(&mut self.io, l2_off).map_err(Error::Io)?;
+            if (rc == 1) != (e & COPIED != 0) {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
+            }
+            self.io.read_at(l2_off, &mut table).map_err(Error::Io)?;
+            if fmt.data_file {
+                continue;
+            }
+            for j in 0..table.len() / fmt.entry_size() {
+                let entry = be64(&table, j * fmt.entry_size());
+                let bitmap = if fmt.extended {
+                    be64(&table, j * fmt.entry_size() + 8)
+                } else {
+                    0
+                };
+                let host = match fmt.subcluster(entry, bitmap, 0) {
+                    Ok(Subcluster::Normal { host })
+                    | Ok(Subcluster::ZeroAlloc { host })
+                    | Ok(Subcluster::UnallocatedAlloc { host }) => host,
+                    _ => continue,
+                };
+                let rc = refcount_of(&mut self.io, host).map_err(Error::Io)?;
+                if (rc == 1) != (entry & COPIED != 0) {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Refs {
+    /// Counts one reference to every cluster overlapping `[offset, offset + len)`.
+    fn inc(&mut self, rep: &mut CheckReport, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        for c in first..=last {
+            match to_usize(c).and_then(|i| self.counts.get_mut(i)) {
+                Some(n) => *n = n.saturating_add(1),
+                None => {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR cluster {c} (offset {:#x}) is beyond the end of the image file",
+                        c << self.cluster_bits
+                    ));
+                    // One message per out-of-file range is enough.
+                    return;
+                }
+            }
+        }
+    }
+}

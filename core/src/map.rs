@@ -1,0 +1,140 @@
+//! Block status through the backing chain, as `qemu-img map` reports it.
+
+use crate::backing::Backing;
+use crate::image::{Image, Mapping};
+use crate::{BlockRead, Error};
+
+/// The state of a guest range, following the chain down to the layer that
+/// defines it (the fields of `qemu-img map --output=json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Number of layers below the top where the state was found.
+    pub depth: u32,
+    /// Allocated at that layer (data, or zeros the layer itself records).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Holds data (possibly compressed).
+    pub data: bool,
+    /// Compressed cluster.
+    pub compressed: bool,
+    /// Host offset in the file holding the data, when it has one.
+    pub offset: Option<u64>,
+    /// Whether `offset` refers to an external data file.
+    pub external: bool,
+}
+
+impl BlockStatus {
+    fn new(depth: u32) -> Self {
+        BlockStatus {
+            depth,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            external: false,
+        }
+    }
+
+    /// Whether a range with status `next` directly after `len` bytes of this
+    /// one can be reported as one range.
+    pub fn continues(&self, len: u64, next: &BlockStatus) -> bool {
+        let offset_ok = match (self.offset, next.offset) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.checked_add(len) == Some(b),
+            _ => false,
+        };
+        offset_ok
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.external == next.external
+    }
+}
+
+/// Block status of a raw file at `depth`: data or hole (via
+/// [`BlockRead::allocation`]), the offset being the guest offset.
+pub fn raw_status<R: BlockRead>(
+    io: &mut R,
+    offset: u64,
+    len: u64,
+    depth: u32,
+) -> Result<(BlockStatus, u64), R::Error> {
+    let (data, run) = match io.allocation(offset, len)? {
+        Some((data, run)) if run > 0 => (data, run.min(len)),
+        _ => (true, len),
+    };
+    let mut s = BlockStatus::new(depth);
+    s.present = true;
+    s.data = data;
+    s.zero = !data;
+    s.offset = Some(offset);
+    Ok((s, run))
+}
+
+impl<R: BlockRead> Image<R> {
+    /// Block status of up to `len` bytes at `offset`, descending the backing
+    /// chain like `qemu-img map`. Returns the status and the run length.
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64), Error<R::Error>> {
+        self.block_status_at(offset, len, 0)
+    }
+
+    fn block_status_at(
+        &mut self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+    ) -> Result<(BlockStatus, u64), Error<R::Error>> {
+        let (m, run) = self.map_shallow(offset, len)?;
+        let mut s = BlockStatus::new(depth);
+        match m {
+            Mapping::Data {
+                host_offset,
+                external,
+            } => {
+                s.present = true;
+                s.data = true;
+                s.offset = Some(host_offset);
+                s.external = external;
+            }
+            Mapping::Compressed { .. } => {
+                s.present = true;
+                s.data = true;
+                s.compressed = true;
+            }
+            Mapping::Zero { host_offset } => {
+                s.present = true;
+                s.zero = true;
+                s.offset = host_offset;
+                s.external = host_offset.is_some() && self.fmt.data_file;
+            }
+            Mapping::Unallocated { host_offset } => {
+                let backing = self.backing_mut();
+                match backing {
+                    Some(b) if offset < b.size() => {
+                        let below = run.min(b.size() - offset);
+                        return match b {
+                            Backing::Qcow2(img) => img.block_status_at(offset, below, depth + 1),
+                            Backing::Raw { io, .. } => {
+                                raw_status(io, offset, below, depth + 1).map_err(Error::Io)
+                            }
+                        };
+                    }
+                    _ => {
+                        s.zero = true;
+                        s.offset = host_offset;
+                        s.external = host_offset.is_some() && self.fmt.data_file;
+                    }
+                }
+            }
+        }
+        Ok((s, run))
+    }
+}

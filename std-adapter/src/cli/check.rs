@@ -1,0 +1,149 @@
+//! `qcow2 check`: read-only consistency check with qemu-img's exit codes
+//! (0 clean, 1 check failed, 2 corruptions, 3 leaks only).
+
+use clap::Parser;
+use serde_json::{json, Map, Value};
+
+use super::{open_disk, parse_format, report, Output};
+use crate::Disk;
+use qcowkit_core::{CheckReport, OpenOptions};
+
+/// Arguments of `qcow2 check`.
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Image format; probed when omitted.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Output,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Accepted for qemu-img compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filename: String,
+}
+
+/// Exit status for a report, as qemu-img computes it.
+pub fn exit_code(r: &CheckReport) -> u8 {
+    if r.check_errors > 0 {
+        1
+    } else if r.corruptions > 0 {
+        2
+    } else if r.leaks > 0 {
+        3
+    } else {
+        0
+    }
+}
+
+/// Runs `qcow2 check`.
+pub fn run(a: &Args) -> u8 {
+    let fmt = match parse_format(&a.format) {
+        Ok(f) => f,
+        Err(e) => {
+            report("check", e);
+            return 1;
+        }
+    };
+    let opts = OpenOptions {
+        no_backing: true,
+        no_data_file: true,
+        ..OpenOptions::default()
+    };
+    let disk = match open_disk(&a.filename, fmt, opts) {
+        Ok(d) => d,
+        Err(e) => {
+            report(format!("Could not open '{}'", a.filename), e);
+            return 1;
+        }
+    };
+    let mut img = match disk {
+        Disk::Qcow2(img) => img,
+        Disk::Raw { .. } => {
+            report("check", "This image format does not support checks");
+            return 63;
+        }
+    };
+    let r = match img.check() {
+        Ok(r) => r,
+        Err(e) => {
+            report("check", e);
+            return 1;
+        }
+    };
+    for m in &r.messages {
+        eprintln!("{m}");
+    }
+    match a.output {
+        Output::Json => {
+            let mut m = Map::new();
+            m.insert("image-end-offset".into(), json!(r.image_end_offset));
+            m.insert("compressed-clusters".into(), json!(r.compressed_clusters));
+            m.insert("total-clusters".into(), json!(r.total_clusters));
+            m.insert("check-errors".into(), json!(r.check_errors));
+            if r.leaks > 0 {
+                m.insert("leaks".into(), json!(r.leaks));
+            }
+            if r.corruptions > 0 {
+                m.insert("corruptions".into(), json!(r.corruptions));
+            }
+            m.insert("allocated-clusters".into(), json!(r.allocated_clusters));
+            m.insert("filename".into(), json!(a.filename));
+            m.insert("format".into(), json!("qcow2"));
+            m.insert("fragmented-clusters".into(), json!(r.fragmented_clusters));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default()
+            );
+        }
+        Output::Human if !a.quiet || exit_code(&r) != 0 => print!("{}", human(&r)),
+        Output::Human => {}
+    }
+    exit_code(&r)
+}
+
+/// qemu-img's human summary.
+pub fn human(r: &CheckReport) -> String {
+    let mut out = String::new();
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        out += "No errors were found on the image.\n";
+    } else {
+        if r.corruptions > 0 {
+            out += &format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                r.corruptions
+            );
+        }
+        if r.leaks > 0 {
+            out += &format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                r.leaks
+            );
+        }
+        if r.check_errors > 0 {
+            out += &format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            );
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let a = r.allocated_clusters as f64;
+        out += &format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            a * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / a,
+            r.compressed_clusters as f64 * 100.0 / a
+        );
+    }
+    if r.image_end_offset > 0 {
+        out += &format!("Image end offset: {}\n", r.image_end_offset);
+    }
+    out
+}

@@ -1,0 +1,144 @@
+//! `qcow2 compare`: exit 0 identical, 1 different, 2 error (like qemu-img).
+
+use clap::Parser;
+
+use super::{open_disk, parse_format, progress, report};
+use crate::Disk;
+use qcowkit_core::OpenOptions;
+
+const CHUNK: u64 = 2 * 1024 * 1024;
+
+/// Arguments of `qcow2 compare`.
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Format of the first image; probed when omitted.
+    #[arg(short = 'f')]
+    pub format1: Option<String>,
+    /// Format of the second image; probed when omitted.
+    #[arg(short = 'F')]
+    pub format2: Option<String>,
+    /// Strict mode: images of different sizes differ.
+    #[arg(short = 's')]
+    pub strict: bool,
+    /// Show progress on stderr.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet: print nothing, only set the exit status.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Accepted for qemu-img compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// First image.
+    pub image1: String,
+    /// Second image.
+    pub image2: String,
+}
+
+/// Outcome of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Same guest contents.
+    Identical,
+    /// First differing offset (512-byte granularity, as qemu-img reports).
+    MismatchAt(u64),
+    /// Sizes differ in strict mode.
+    SizeMismatch,
+}
+
+/// Runs `qcow2 compare`.
+pub fn run(a: &Args) -> u8 {
+    let say = |msg: &str| {
+        if !a.quiet {
+            println!("{msg}");
+        }
+    };
+    let open = |name: &str, f: &Option<String>| -> Result<Disk, String> {
+        let fmt = parse_format(f)?;
+        open_disk(name, fmt, OpenOptions::default())
+            .map_err(|e| format!("Could not open '{name}': {e}"))
+    };
+    let disks = open(&a.image1, &a.format1).and_then(|d1| Ok((d1, open(&a.image2, &a.format2)?)));
+    let (mut d1, mut d2) = match disks {
+        Ok(d) => d,
+        Err(e) => {
+            report("compare", e);
+            return 2;
+        }
+    };
+    match compare(&mut d1, &mut d2, a.strict, a.progress) {
+        Ok(Outcome::Identical) => {
+            if d1.size() != d2.size() {
+                say("Warning: Image size mismatch!");
+            }
+            say("Images are identical.");
+            0
+        }
+        Ok(Outcome::MismatchAt(off)) => {
+            say(&format!("Content mismatch at offset {off}!"));
+            1
+        }
+        Ok(Outcome::SizeMismatch) => {
+            say("Strict mode: Image size mismatch!");
+            1
+        }
+        Err(e) => {
+            report("compare", e);
+            2
+        }
+    }
+}
+
+/// Compares two disks; the longer one's tail must read as zeros unless `strict`.
+pub fn compare(
+    d1: &mut Disk,
+    d2: &mut Disk,
+    strict: bool,
+    show: bool,
+) -> Result<Outcome, crate::DiskError> {
+    let (s1, s2) = (d1.size(), d2.size());
+    if strict && s1 != s2 {
+        return Ok(Outcome::SizeMismatch);
+    }
+    let common = s1.min(s2);
+    let pb = progress::bar(show, s1.max(s2));
+    let mut b1 = vec![0u8; CHUNK as usize];
+    let mut b2 = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < common {
+        let want = (common - pos).min(CHUNK);
+        let (st1, r1) = d1.block_status(pos, want)?;
+        let (st2, r2) = d2.block_status(pos, want)?;
+        let run = r1.min(r2).max(1).min(want);
+        let zero1 = st1.zero && !st1.data;
+        let zero2 = st2.zero && !st2.data;
+        if !(zero1 && zero2) {
+            let n = run as usize;
+            d1.read_at(pos, &mut b1[..n])?;
+            d2.read_at(pos, &mut b2[..n])?;
+            if let Some(i) = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y) {
+                return Ok(Outcome::MismatchAt((pos + i as u64) & !511));
+            }
+        }
+        pos += run;
+        pb.set_position(pos);
+    }
+    // The longer image must read as zeros past the common part.
+    let (longer, total) = if s1 > s2 { (d1, s1) } else { (d2, s2) };
+    while pos < total {
+        let want = (total - pos).min(CHUNK);
+        let (st, run) = longer.block_status(pos, want)?;
+        let run = run.max(1).min(want);
+        if !(st.zero && !st.data) {
+            let n = run as usize;
+            longer.read_at(pos, &mut b1[..n])?;
+            if let Some(i) = b1[..n].iter().position(|x| *x != 0) {
+                return Ok(Outcome::MismatchAt((pos + i as u64) & !511));
+            }
+        }
+        pos += run;
+        pb.set_position(pos);
+    }
+    pb.finish_and_clear();
+    Ok(Outcome::Identical)
+}

@@ -1,0 +1,161 @@
+//! `qcow2 dd`: qemu-img dd's `key=value` syntax, copying guest data to a raw file.
+
+use std::fs::OpenOptions as FsOpenOptions;
+use std::os::unix::fs::FileExt;
+
+use super::{open_disk, parse_size, report};
+use crate::Format;
+use qcowkit_core::OpenOptions;
+
+/// Parsed dd arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdArgs {
+    /// Input image.
+    pub input: String,
+    /// Output file.
+    pub output: String,
+    /// Block size in bytes.
+    pub bs: u64,
+    /// Number of blocks to copy (all when `None`).
+    pub count: Option<u64>,
+    /// Blocks to skip in the input.
+    pub skip: u64,
+    /// Input format.
+    pub format: Option<Format>,
+}
+
+/// Parses `if= of= bs= count= skip=` and `-f FMT` / `-O FMT`.
+pub fn parse(args: &[String]) -> Result<DdArgs, String> {
+    let mut input = None;
+    let mut output = None;
+    let mut bs = 512u64;
+    let mut count = None;
+    let mut skip = 0u64;
+    let mut format = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "-f" || a == "-O" {
+            let v = it.next().ok_or(format!("option {a} needs a value"))?;
+            let f = Format::parse(v).ok_or(format!("Unknown file format '{v}'"))?;
+            if a == "-f" {
+                format = Some(f);
+            } else if f != Format::Raw {
+                return Err("dd writes raw output only (-O raw)".into());
+            }
+            continue;
+        }
+        let (k, v) = a
+            .split_once('=')
+            .ok_or(format!("unrecognized operand {a}"))?;
+        let num = || parse_size(v).ok_or(format!("invalid number: '{v}'"));
+        match k {
+            "if" => input = Some(v.to_string()),
+            "of" => output = Some(v.to_string()),
+            "bs" => {
+                bs = num()?;
+                if bs == 0 {
+                    return Err(format!("invalid number: '{v}'"));
+                }
+            }
+            "count" => count = Some(num()?),
+            "skip" => skip = num()?,
+            _ => return Err(format!("unrecognized operand {a}")),
+        }
+    }
+    Ok(DdArgs {
+        input: input.ok_or("Must specify both input and output files")?,
+        output: output.ok_or("Must specify both input and output files")?,
+        bs,
+        count,
+        skip,
+        format,
+    })
+}
+
+/// Runs `qcow2 dd`.
+pub fn run(args: &[String]) -> u8 {
+    let a = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            report("dd", e);
+            return 1;
+        }
+    };
+    let mut disk = match open_disk(&a.input, a.format, OpenOptions::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            report(format!("Could not open '{}'", a.input), e);
+            return 1;
+        }
+    };
+    let size = disk.size();
+    let start = a.skip.saturating_mul(a.bs).min(size);
+    let mut len = size - start;
+    if let Some(c) = a.count {
+        len = len.min(c.saturating_mul(a.bs));
+    }
+    let out = match FsOpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&a.output)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            report(format!("Could not open '{}'", a.output), e);
+            return 1;
+        }
+    };
+    if let Err(e) = out.set_len(len) {
+        report(format!("Could not write '{}'", a.output), e);
+        return 1;
+    }
+    let chunk = a.bs.clamp(4096, 4 << 20);
+    let mut buf = vec![0u8; chunk as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk) as usize;
+        if let Err(e) = disk.read_at(start + done, &mut buf[..n]) {
+            report("error while reading", e);
+            return 1;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            if let Err(e) = out.write_all_at(&buf[..n], done) {
+                report(format!("Could not write '{}'", a.output), e);
+                return 1;
+            }
+        }
+        done += n as u64;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_operands() {
+        let a = parse(&s(&[
+            "if=a.qcow2",
+            "of=b",
+            "bs=1M",
+            "count=3",
+            "skip=2",
+            "-f",
+            "qcow2",
+        ]))
+        .unwrap();
+        assert_eq!(a.bs, 1 << 20);
+        assert_eq!(a.count, Some(3));
+        assert_eq!(a.skip, 2);
+        assert_eq!(a.format, Some(Format::Qcow2));
+        assert!(parse(&s(&["if=a"])).is_err());
+        assert!(parse(&s(&["if=a", "of=b", "bs=0"])).is_err());
+        assert!(parse(&s(&["if=a", "of=b", "foo=1"])).is_err());
+    }
+}

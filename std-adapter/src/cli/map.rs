@@ -1,0 +1,170 @@
+//! `qcow2 map`: the allocation map, as `qemu-img map` prints it.
+
+use clap::Parser;
+
+use super::{open_disk, parse_format, report, Output};
+use crate::Disk;
+use qcowkit_core::{BlockStatus, OpenOptions};
+
+/// Arguments of `qcow2 map`.
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Image format; probed when omitted.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Output,
+    /// First guest offset to map.
+    #[arg(short = 's', long = "start-offset")]
+    pub start_offset: Option<String>,
+    /// Number of bytes to map.
+    #[arg(short = 'l', long = "max-length")]
+    pub max_length: Option<String>,
+    /// Accepted for qemu-img compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub filename: String,
+}
+
+/// One merged range of the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Status of the range.
+    pub status: BlockStatus,
+}
+
+/// Collects the merged map of `[start, end)`.
+pub fn collect(disk: &mut Disk, start: u64, end: u64) -> Result<Vec<Entry>, crate::DiskError> {
+    let mut out: Vec<Entry> = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let (st, run) = disk.block_status(pos, end - pos)?;
+        if run == 0 {
+            break;
+        }
+        match out.last_mut() {
+            Some(last) if last.status.continues(last.length, &st) => last.length += run,
+            _ => out.push(Entry {
+                start: pos,
+                length: run,
+                status: st,
+            }),
+        }
+        pos += run;
+    }
+    Ok(out)
+}
+
+/// Runs `qcow2 map`.
+pub fn run(a: &Args) -> u8 {
+    let fmt = match parse_format(&a.format) {
+        Ok(f) => f,
+        Err(e) => {
+            report("map", e);
+            return 1;
+        }
+    };
+    let mut disk = match open_disk(&a.filename, fmt, OpenOptions::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            report(format!("Could not open '{}'", a.filename), e);
+            return 1;
+        }
+    };
+    let size = disk.size();
+    let parse = |s: &Option<String>, default: u64| match s {
+        None => Some(default),
+        Some(v) => super::parse_size(v),
+    };
+    let (Some(start), Some(len)) = (parse(&a.start_offset, 0), parse(&a.max_length, size)) else {
+        report("map", "invalid offset or length");
+        return 1;
+    };
+    let end = start.saturating_add(len).min(size);
+    let entries = match collect(&mut disk, start.min(size), end) {
+        Ok(e) => e,
+        Err(e) => {
+            report("map", e);
+            return 1;
+        }
+    };
+    match a.output {
+        Output::Json => {
+            let lines: Vec<String> = entries.iter().map(json_line).collect();
+            println!("[{}]", lines.join(",\n"));
+            0
+        }
+        Output::Human => {
+            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            for e in &entries {
+                let s = &e.status;
+                if s.data && s.offset.is_none() {
+                    report(
+                        "map",
+                        "File contains external, encrypted or compressed clusters.",
+                    );
+                    return 1;
+                }
+                if s.data && !s.zero {
+                    let file = layer_name(&disk, s.depth, s.external);
+                    println!(
+                        "{:<16}{:<16}{:<16}{}",
+                        hex(e.start),
+                        hex(e.length),
+                        hex(s.offset.unwrap_or(0)),
+                        file
+                    );
+                }
+            }
+            0
+        }
+    }
+}
+
+/// `%#x` (no prefix for zero), like qemu-img.
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+fn layer_name(disk: &Disk, depth: u32, external: bool) -> String {
+    let Disk::Qcow2(img) = disk else {
+        return String::new();
+    };
+    let mut cur: &qcowkit_core::Image<crate::FileIo> = img;
+    for _ in 0..depth {
+        match cur.backing() {
+            Some(qcowkit_core::Backing::Qcow2(b)) => cur = b,
+            Some(b @ qcowkit_core::Backing::Raw { .. }) => return b.name().to_string(),
+            None => break,
+        }
+    }
+    if external {
+        let df = cur.header().data_file.clone().unwrap_or_default();
+        return crate::resolve_relative(cur.name(), &df);
+    }
+    cur.name().to_string()
+}
+
+/// One entry in `qemu-img map --output=json` syntax.
+pub fn json_line(e: &Entry) -> String {
+    let s = &e.status;
+    let mut line = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, s.depth, s.present, s.zero, s.data, s.compressed
+    );
+    if let Some(o) = s.offset {
+        line += &format!(", \"offset\": {o}");
+    }
+    line.push('}');
+    line
+}

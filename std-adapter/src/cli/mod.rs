@@ -1,0 +1,167 @@
+//! The `qcow2` command line: a qemu-img compatible subset.
+//!
+//! Every subcommand returns its exit status; errors are printed as
+//! `qcow2: <what>: <why>` on stderr.
+
+use std::fmt::Display;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::{Disk, DiskError, DiskOptions, Format};
+
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod dd;
+pub mod human;
+pub mod info;
+pub mod map;
+pub mod progress;
+pub mod summary;
+
+/// `qcow2`: inspect, check and convert qcow2 images (a qemu-img compatible subset).
+#[derive(Debug, Parser)]
+#[command(name = "qcow2", version, about)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Text for people.
+    Human,
+    /// JSON with qemu-img's keys.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show information about an image.
+    Info(info::Args),
+    /// Convert an image to raw.
+    Convert(convert::Args),
+    /// Show the allocation map of an image.
+    Map(map::Args),
+    /// Compare the guest-visible contents of two images.
+    Compare(compare::Args),
+    /// Check an image's metadata for consistency (read-only).
+    Check(check::Args),
+    /// Copy guest data out of an image (dd-style `key=value` arguments).
+    Dd {
+        /// Arguments: `if=IMAGE of=OUT [bs=N] [count=N] [skip=N] [-f FMT] [-O FMT]`.
+        #[arg(allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+}
+
+/// Prints `qcow2: <what>: <why>` on stderr.
+pub fn report(what: impl Display, why: impl Display) {
+    eprintln!("qcow2: {what}: {why}");
+}
+
+/// Runs the `qcow2` command line with `args` (including the program name).
+pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let args: Vec<_> = args.into_iter().collect();
+    let is_compare = args.get(1).is_some_and(|a| a == "compare");
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if !e.use_stderr() {
+                0
+            } else if is_compare {
+                2
+            } else {
+                1
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match cli.command {
+        Command::Info(a) => info::run(&a),
+        Command::Convert(a) => convert::run(&a),
+        Command::Map(a) => map::run(&a),
+        Command::Compare(a) => compare::run(&a),
+        Command::Check(a) => check::run(&a),
+        Command::Dd { args } => dd::run(&args),
+    };
+    ExitCode::from(code)
+}
+
+/// Parses a `-f`/`-O` format name, reporting unknown ones.
+pub fn parse_format(s: &Option<String>) -> Result<Option<Format>, String> {
+    match s {
+        None => Ok(None),
+        Some(f) => Format::parse(f)
+            .map(Some)
+            .ok_or_else(|| format!("Unknown file format '{f}'")),
+    }
+}
+
+/// Opens `path` as a disk, printing a qemu-img style error on failure.
+pub fn open_disk(
+    path: &str,
+    format: Option<Format>,
+    opts: qcowkit_core::OpenOptions,
+) -> Result<Disk, DiskError> {
+    Disk::open(
+        Path::new(path),
+        &DiskOptions {
+            format,
+            qcow2: opts,
+        },
+    )
+}
+
+/// Parses a size with an optional k/M/G/T/P/E suffix (powers of 1024) or
+/// `b` (bytes), like qemu-img.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return None,
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult);
+    }
+    let f: f64 = num.parse().ok()?;
+    if !(0.0..=(u64::MAX as f64)).contains(&f) || !f.is_finite() {
+        return None;
+    }
+    let v = f * mult as f64;
+    (v <= u64::MAX as f64 && v.fract() == 0.0).then_some(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("2T"), Some(2 << 40));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999E"), None);
+    }
+}

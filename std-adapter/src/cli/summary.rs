@@ -1,0 +1,309 @@
+//! `qcow2-info`: a friendly summary of images, using only the read path.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::human;
+use crate::{Disk, DiskOptions, FileIo};
+use qcowkit_core::{Backing, BlockRead, Image, OpenOptions};
+
+/// Allocation statistics in bytes of the guest disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Uncompressed data in the image itself.
+    pub data: u64,
+    /// Compressed clusters.
+    pub compressed: u64,
+    /// Zero clusters recorded by the image.
+    pub zero: u64,
+    /// Read from a backing file.
+    pub backing: u64,
+    /// Not allocated anywhere (reads as zeros).
+    pub unallocated: u64,
+}
+
+/// Computes allocation statistics over the whole disk.
+pub fn allocation(disk: &mut Disk) -> Result<Allocation, crate::DiskError> {
+    let mut a = Allocation::default();
+    let size = disk.size();
+    let mut pos = 0;
+    while pos < size {
+        let (st, run) = disk.block_status(pos, size - pos)?;
+        if run == 0 {
+            break;
+        }
+        let slot = if st.depth > 0 && st.present {
+            &mut a.backing
+        } else if st.compressed {
+            &mut a.compressed
+        } else if st.data {
+            &mut a.data
+        } else if st.present {
+            &mut a.zero
+        } else {
+            &mut a.unallocated
+        };
+        *slot += run;
+        pos += run;
+    }
+    Ok(a)
+}
+
+fn features(img: &Image<FileIo>) -> Vec<String> {
+    let h = img.header();
+    let mut f = Vec::new();
+    if h.extended_l2() {
+        f.push(format!(
+            "extended L2 entries (32 subclusters of {})",
+            human::size(h.cluster_size() / 32)
+        ));
+    }
+    f.push(format!("{} compression", h.compression_type.name()));
+    if h.lazy_refcounts() {
+        f.push("lazy refcounts".into());
+    }
+    if h.dirty() {
+        f.push("DIRTY (refcounts need repair before writing)".into());
+    }
+    if h.corrupt() {
+        f.push("CORRUPT (marked corrupt; read-only)".into());
+    }
+    if h.has_data_file() {
+        f.push(if h.data_file_raw() {
+            "external data file (raw, usable on its own)".into()
+        } else {
+            "external data file".into()
+        });
+    }
+    if h.bitmaps.is_some() || h.bitmaps_inconsistent {
+        f.push(if h.bitmaps_inconsistent {
+            "persistent bitmaps (stale)".into()
+        } else {
+            "persistent bitmaps".into()
+        });
+    }
+    f
+}
+
+fn pct(part: u64, total: u64) -> String {
+    if total == 0 {
+        return "0%".into();
+    }
+    format!("{:.1}%", part as f64 * 100.0 / total as f64)
+}
+
+/// Describes one image as (text, json).
+pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
+    let opened = Disk::open(Path::new(path), &DiskOptions::default());
+    let (mut disk, backing_problem) = match opened {
+        Ok(d) => (d, None),
+        Err(
+            e @ (qcowkit_core::Error::Open { .. }
+            | qcowkit_core::Error::Backing { .. }
+            | qcowkit_core::Error::BackingLoop { .. }
+            | qcowkit_core::Error::BackingTooDeep { .. }
+            | qcowkit_core::Error::UnsupportedBackingFormat(_)),
+        ) => {
+            let opts = DiskOptions {
+                format: None,
+                qcow2: OpenOptions {
+                    no_backing: true,
+                    no_data_file: true,
+                    ..OpenOptions::default()
+                },
+            };
+            (Disk::open(Path::new(path), &opts)?, Some(e.to_string()))
+        }
+        Err(e) => return Err(e),
+    };
+    let size = disk.size();
+    let alloc = if backing_problem.is_none() {
+        Some(allocation(&mut disk)?)
+    } else {
+        None
+    };
+    let mut t = format!("{path}\n");
+    let mut j = serde_json::Map::new();
+    j.insert("filename".into(), json!(path));
+    j.insert("virtual-size".into(), json!(size));
+    t += &format!("  virtual size:  {} ({} bytes)\n", human::size(size), size);
+    match &mut disk {
+        Disk::Raw { io, .. } => {
+            t += "  format:        raw\n";
+            j.insert("format".into(), json!("raw"));
+            if let Ok(Some(a)) = io.allocated_size() {
+                t += &format!("  disk usage:    {}\n", human::size(a));
+            }
+        }
+        Disk::Qcow2(img) => {
+            let h = img.header().clone();
+            let compat = if h.version == 2 { "0.10" } else { "1.1" };
+            t += &format!(
+                "  format:        qcow2 version {} (compat {compat})\n",
+                h.version
+            );
+            t += &format!(
+                "  cluster size:  {} ({} bytes)\n",
+                human::size(h.cluster_size()),
+                h.cluster_size()
+            );
+            t += &format!("  refcounts:     {}-bit\n", h.refcount_bits());
+            let feats = features(img);
+            t += &format!("  features:      {}\n", feats.join(", "));
+            j.insert("format".into(), json!("qcow2"));
+            j.insert("version".into(), json!(h.version));
+            j.insert("cluster-size".into(), json!(h.cluster_size()));
+            j.insert("refcount-bits".into(), json!(h.refcount_bits()));
+            j.insert("features".into(), json!(feats));
+            if let Ok(Some(a)) = img.io_mut().allocated_size() {
+                t += &format!("  disk usage:    {}\n", human::size(a));
+            }
+            // Backing chain.
+            let mut chain = Vec::new();
+            let mut cur: &Image<FileIo> = img;
+            loop {
+                match cur.backing() {
+                    Some(Backing::Qcow2(b)) => {
+                        chain.push(format!("{} (qcow2)", b.name()));
+                        cur = b;
+                    }
+                    Some(b @ Backing::Raw { .. }) => {
+                        chain.push(format!("{} (raw)", b.name()));
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if let Some(b) = &h.backing_file {
+                if chain.is_empty() {
+                    chain.push(format!("{b} (not opened)"));
+                }
+                t += &format!("  backing chain: {}\n", chain.join(" -> "));
+                j.insert("backing-chain".into(), json!(chain));
+            }
+            if let Some(p) = &backing_problem {
+                t += &format!("  problem:       {p}\n");
+                j.insert("problem".into(), json!(p));
+            }
+            if let Some(df) = &h.data_file {
+                t += &format!("  data file:     {df}\n");
+                j.insert("data-file".into(), json!(df));
+            }
+            let snaps = img.snapshots();
+            if snaps.is_empty() {
+                t += "  snapshots:     none\n";
+            } else {
+                t += &format!("  snapshots:     {}\n", snaps.len());
+                for s in snaps {
+                    t += &format!(
+                        "    [{}] {}  taken {}  vm state {}\n",
+                        s.id,
+                        s.name,
+                        human::date(s.date_sec.into()),
+                        human::size(s.vm_state_size)
+                    );
+                }
+            }
+            j.insert(
+                "snapshots".into(),
+                json!(snaps
+                    .iter()
+                    .map(|s| json!({"id": s.id, "name": s.name}))
+                    .collect::<Vec<_>>()),
+            );
+            let bms = img.bitmaps();
+            if !bms.is_empty() {
+                t += &format!("  bitmaps:       {}\n", bms.len());
+                for b in bms {
+                    let flags: Vec<_> = b.flag_names().collect();
+                    t += &format!(
+                        "    {}  granularity {}{}\n",
+                        b.name,
+                        human::size(b.granularity()),
+                        if flags.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ({})", flags.join(", "))
+                        }
+                    );
+                }
+            }
+            j.insert(
+                "bitmaps".into(),
+                json!(bms
+                    .iter()
+                    .map(|b| json!({"name": b.name, "granularity": b.granularity()}))
+                    .collect::<Vec<_>>()),
+            );
+        }
+    }
+    if let Some(a) = alloc {
+        t += &format!(
+            "  allocation:    data {} ({}), compressed {} ({}), zero {} ({}), from backing {} ({}), unallocated {} ({})\n",
+            pct(a.data, size),
+            human::size(a.data),
+            pct(a.compressed, size),
+            human::size(a.compressed),
+            pct(a.zero, size),
+            human::size(a.zero),
+            pct(a.backing, size),
+            human::size(a.backing),
+            pct(a.unallocated, size),
+            human::size(a.unallocated)
+        );
+        j.insert(
+            "allocation".into(),
+            json!({"data": a.data, "compressed": a.compressed, "zero": a.zero, "backing": a.backing, "unallocated": a.unallocated}),
+        );
+    }
+    Ok((t, Value::Object(j)))
+}
+
+/// Runs `qcow2-info [--json] IMAGE...`.
+pub fn run(args: impl IntoIterator<Item = String>) -> u8 {
+    let mut json_out = false;
+    let mut paths = Vec::new();
+    for a in args {
+        match a.as_str() {
+            "--json" => json_out = true,
+            "-h" | "--help" => {
+                println!("usage: qcow2-info [--json] IMAGE...\n\nA friendly summary of qcow2 and raw disk images.");
+                return 0;
+            }
+            "-V" | "--version" => {
+                println!("qcow2-info {}", env!("CARGO_PKG_VERSION"));
+                return 0;
+            }
+            _ => paths.push(a),
+        }
+    }
+    if paths.is_empty() {
+        eprintln!("qcow2-info: missing image: usage: qcow2-info [--json] IMAGE...");
+        return 1;
+    }
+    let mut status = 0;
+    let mut texts = Vec::new();
+    let mut values = Vec::new();
+    for p in &paths {
+        match describe(p) {
+            Ok((t, v)) => {
+                texts.push(t);
+                values.push(v);
+            }
+            Err(e) => {
+                eprintln!("qcow2-info: {p}: {e}");
+                status = 1;
+            }
+        }
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&values).unwrap_or_default()
+        );
+    } else {
+        print!("{}", texts.join("\n"));
+    }
+    status
+}

@@ -20,8 +20,10 @@ fn sig3(v: f64) -> String {
         format!("{v:.0}")
     } else if v >= 10.0 {
         format!("{v:.1}")
-    } else {
+    } else if v >= 1.0 {
         format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
     };
     if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_string()

@@ -509,9 +509,7 @@ impl Header {
                 "L1 table is too small for the virtual size",
             ));
         }
-        let rt_bytes = u64::from(h.refcount_table_clusters)
-            .checked_mul(cluster_size)
-            .unwrap_or(u64::MAX);
+        let rt_bytes = u64::from(h.refcount_table_clusters).saturating_mul(cluster_size);
         if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
             return Err(Error::field(
                 "refcount_table_clusters",
@@ -654,9 +652,7 @@ impl Header {
                     data: data.to_vec(),
                 }),
             }
-            off = ext_hdr_end
-                .checked_add(u64::from(len).div_ceil(8) * 8)
-                .unwrap_or(u64::MAX);
+            off = ext_hdr_end.saturating_add(u64::from(len).div_ceil(8) * 8);
         }
         self.finish_extensions(bitmaps_seen)
     }
@@ -910,7 +906,8 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_bad_fields() {
-        let cases: &[(fn(&mut Header), &str)] = &[
+        type Mutation = fn(&mut Header);
+        let cases: &[(Mutation, &str)] = &[
             (|h| h.cluster_bits = 22, "invalid cluster_bits 22"),
             (|h| h.cluster_bits = 8, "invalid cluster_bits 8"),
             (|h| h.refcount_order = 7, "invalid refcount_order 7"),

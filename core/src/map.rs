@@ -37,6 +37,11 @@ impl BlockStatus {
         }
     }
 
+    /// Whether the range is known to read as zeros without holding data.
+    pub fn reads_as_zero(&self) -> bool {
+        self.zero && !self.data
+    }
+
     /// Whether a range with status `next` directly after `len` bytes of this
     /// one can be reported as one range.
     pub fn continues(&self, len: u64, next: &BlockStatus) -> bool {

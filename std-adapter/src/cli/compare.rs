@@ -110,8 +110,8 @@ pub fn compare(
         let (st1, r1) = d1.block_status(pos, want)?;
         let (st2, r2) = d2.block_status(pos, want)?;
         let run = r1.min(r2).max(1).min(want);
-        let zero1 = st1.zero && !st1.data;
-        let zero2 = st2.zero && !st2.data;
+        let zero1 = st1.reads_as_zero();
+        let zero2 = st2.reads_as_zero();
         if !(zero1 && zero2) {
             let n = run as usize;
             d1.read_at(pos, &mut b1[..n])?;
@@ -129,7 +129,7 @@ pub fn compare(
         let want = (total - pos).min(CHUNK);
         let (st, run) = longer.block_status(pos, want)?;
         let run = run.max(1).min(want);
-        if !(st.zero && !st.data) {
+        if !st.reads_as_zero() {
             let n = run as usize;
             longer.read_at(pos, &mut b1[..n])?;
             if let Some(i) = b1[..n].iter().position(|x| *x != 0) {

@@ -102,7 +102,7 @@ pub fn copy_to_raw(
         if run == 0 {
             return Err(("convert".into(), format!("no progress at offset {pos}")));
         }
-        if !(st.zero && !st.data) {
+        if !st.reads_as_zero() {
             let chunk = &mut buf[..run as usize];
             disk.read_at(pos, chunk).map_err(read_err)?;
             // Keep the output sparse: skip 4 KiB blocks of zeros.

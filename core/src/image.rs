@@ -93,6 +93,8 @@ pub struct Image<R: BlockRead> {
     pub(crate) file_len: u64,
     name: String,
     decompressed: Option<(u64, Vec<u8>)>,
+    pub(crate) refcounts: crate::rctable::Refcounts,
+    pub(crate) metadata_prealloc: Option<bool>,
 }
 
 type Res<T, R> = Result<T, Error<<R as BlockRead>::Error>>;
@@ -229,6 +231,8 @@ impl<R: BlockRead> Image<R> {
             file_len,
             name,
             decompressed: None,
+            refcounts: crate::rctable::Refcounts::new(4),
+            metadata_prealloc: None,
             header,
         })
     }

@@ -48,6 +48,7 @@ mod image;
 mod io;
 pub mod l2;
 pub mod map;
+mod rctable;
 pub mod refcount;
 pub mod snapshot;
 

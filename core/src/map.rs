@@ -97,7 +97,7 @@ impl<R: BlockRead> Image<R> {
         len: u64,
         depth: u32,
     ) -> Result<(BlockStatus, u64), Error<R::Error>> {
-        let (m, run) = self.map_shallow(offset, len)?;
+        let (m, mut run) = self.map_shallow(offset, len)?;
         let mut s = BlockStatus::new(depth);
         match m {
             Mapping::Data {
@@ -108,6 +108,20 @@ impl<R: BlockRead> Image<R> {
                 s.data = true;
                 s.offset = Some(host_offset);
                 s.external = external;
+                // Like QEMU, look for holes in the file under data ranges of
+                // metadata-preallocated images: they read as zeros.
+                if self.metadata_preallocated()? {
+                    let io = match (external, self.data_file.as_mut()) {
+                        (true, Some(df)) => df,
+                        _ => &mut self.io,
+                    };
+                    if let Some((data, n)) = io.allocation(host_offset, run).map_err(Error::Io)? {
+                        if n > 0 {
+                            run = run.min(n);
+                        }
+                        s.zero = !data;
+                    }
+                }
             }
             Mapping::Compressed { .. } => {
                 s.present = true;

@@ -1,0 +1,311 @@
+//! The core's API on images made by qemu-img: instant open of huge images,
+//! bounded caches, one read call per contiguous host range, the opener
+//! policy, and block status.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use qcowkit_core::{BlockRead, Error, FileRole, Image, Mapping, OpenOptions, Opened, Opener};
+use qcowkit_tests::*;
+
+/// A storage that counts read calls and bytes.
+struct Counting {
+    inner: Vec<u8>,
+    calls: Rc<RefCell<Vec<(u64, usize)>>>,
+}
+
+impl BlockRead for Counting {
+    type Error = qcowkit_core::MemError;
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.calls.borrow_mut().push((offset, buf.len()));
+        self.inner.read_at(offset, buf)
+    }
+    fn len(&mut self) -> Result<u64, Self::Error> {
+        BlockRead::len(&mut self.inner)
+    }
+}
+
+#[test]
+fn a_64_tib_image_opens_and_reads_without_loading_l2_tables() {
+    let s = Scratch::new();
+    qemu_img(s.dir(), &["create", "-f", "qcow2", "big.qcow2", "64T"]);
+    qemu_io(
+        s.dir(),
+        "big.qcow2",
+        &["write -P 0x11 32T 4k", "write -P 0x22 70368744173568 4k"],
+    );
+    let bytes = std::fs::read(s.path("big.qcow2")).unwrap();
+    let mut img = Image::open(bytes, &OpenOptions::default()).unwrap();
+    assert_eq!(img.size(), 64 << 40);
+    // QEMU's default: enough to cover the image, capped at 32 MiB.
+    assert_eq!(img.l2_cache_capacity(), 32 * 1024 * 1024 / 65536);
+    let mut buf = vec![0u8; 4096];
+    img.read_at(32 << 40, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x11));
+    img.read_at((64 << 40) - 4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x22));
+    img.read_at(1 << 40, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+    assert_eq!(
+        img.l2_cache_misses(),
+        2,
+        "only the two L2 tables in use are read"
+    );
+    // Out of bounds is an error, not a panic.
+    let err = img.read_at((64 << 40) - 100, &mut buf).unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { .. }), "{err}");
+}
+
+#[test]
+fn l2_cache_budget_is_respected() {
+    let s = Scratch::new();
+    // 512-byte clusters: one L2 table covers 32 KiB, so this touches 64 tables.
+    qemu_img(
+        s.dir(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "c.qcow2",
+            "2M",
+        ],
+    );
+    let cmds: Vec<String> = (0..64)
+        .map(|i| format!("write -P {} {} 512", i + 1, i * 32768))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(s.dir(), "c.qcow2", &cmds);
+    let bytes = std::fs::read(s.path("c.qcow2")).unwrap();
+    let opts = OpenOptions {
+        l2_cache_bytes: Some(4 * 512),
+        ..OpenOptions::default()
+    };
+    let mut img = Image::open(bytes, &opts).unwrap();
+    assert_eq!(img.l2_cache_capacity(), 4);
+    let mut buf = vec![0u8; 512];
+    for round in 0..2 {
+        for i in 0..64u64 {
+            img.read_at(i * 32768, &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|b| u64::from(*b) == i + 1),
+                "round {round} table {i}"
+            );
+        }
+    }
+    // With 4 slots and 64 tables read in a cycle, every access misses.
+    assert_eq!(img.l2_cache_misses(), 128);
+}
+
+#[test]
+fn contiguous_host_ranges_are_read_in_one_call() {
+    let s = Scratch::new();
+    qemu_img(
+        s.dir(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "c.qcow2",
+            "8M",
+        ],
+    );
+    qemu_io(s.dir(), "c.qcow2", &["write -P 0x33 0 1M"]);
+    let calls = Rc::new(RefCell::new(Vec::new()));
+    let io = Counting {
+        inner: std::fs::read(s.path("c.qcow2")).unwrap(),
+        calls: calls.clone(),
+    };
+    let mut img = Image::open(io, &OpenOptions::default()).unwrap();
+    calls.borrow_mut().clear();
+    let mut buf = vec![0u8; 1 << 20];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x33));
+    let calls = calls.borrow();
+    let big: Vec<_> = calls.iter().filter(|(_, len)| *len > 4096).collect();
+    // 1 MiB = 256 clusters over two 4 KiB L2 tables (512 entries each): one
+    // table, then one data read for the whole contiguous run.
+    assert_eq!(big.len(), 1, "reads: {calls:?}");
+    assert_eq!(big[0].1, 1 << 20);
+}
+
+#[test]
+fn map_shallow_reports_each_kind() {
+    let s = Scratch::new();
+    qemu_img(
+        s.dir(),
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+            "e.qcow2",
+            "4M",
+        ],
+    );
+    qemu_io(
+        s.dir(),
+        "e.qcow2",
+        &["write -P 1 0 4k", "write -z 64k 2k", "write -c -P 2 1M 64k"],
+    );
+    let bytes = std::fs::read(s.path("e.qcow2")).unwrap();
+    let mut img = Image::open(bytes, &OpenOptions::default()).unwrap();
+    let (m, len) = img.map_shallow(0, 1 << 20).unwrap();
+    assert!(
+        matches!(
+            m,
+            Mapping::Data {
+                external: false,
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+    assert_eq!(len, 4096);
+    let (m, len) = img.map_shallow(4096, 1 << 20).unwrap();
+    assert!(
+        matches!(
+            m,
+            Mapping::Unallocated {
+                host_offset: Some(_)
+            }
+        ),
+        "{m:?}"
+    );
+    assert_eq!(len, 65536 - 4096);
+    let (m, len) = img.map_shallow(65536, 1 << 20).unwrap();
+    assert_eq!(m, Mapping::Zero { host_offset: None });
+    assert_eq!(len, 2048);
+    let (m, len) = img.map_shallow(1 << 20, 1 << 20).unwrap();
+    assert!(
+        matches!(
+            m,
+            Mapping::Compressed {
+                cluster_start: 0x100000,
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+    assert_eq!(len, 65536);
+}
+
+/// An opener over in-memory files that records what it was asked.
+struct MemOpener {
+    files: Vec<(String, Vec<u8>)>,
+    asked: Vec<(String, String, FileRole)>,
+}
+
+impl Opener<Vec<u8>> for MemOpener {
+    fn open(
+        &mut self,
+        parent: &str,
+        name: &str,
+        role: FileRole,
+    ) -> Result<Opened<Vec<u8>>, qcowkit_core::MemError> {
+        self.asked
+            .push((parent.to_string(), name.to_string(), role));
+        let data = self
+            .files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone())
+            .ok_or(qcowkit_core::MemError { offset: 0, len: 0 })?;
+        Ok(Opened {
+            io: data,
+            resolved: name.to_string(),
+            identity: name.to_string(),
+        })
+    }
+}
+
+#[test]
+fn backing_files_come_from_the_opener_only() {
+    let s = Scratch::new();
+    let d = s.dir();
+    qemu_img(d, &["create", "-f", "qcow2", "base.qcow2", "1M"]);
+    qemu_io(d, "base.qcow2", &["write -P 7 0 64k"]);
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let top = std::fs::read(s.path("top.qcow2")).unwrap();
+    let base = std::fs::read(s.path("base.qcow2")).unwrap();
+
+    // Without an opener, a backing file is an error (or ignored on request).
+    let err = Image::open(top.clone(), &OpenOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("base.qcow2"), "{err}");
+    let no_backing = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::default()
+    };
+    let mut img = Image::open(top.clone(), &no_backing).unwrap();
+    let mut buf = [9u8; 16];
+    img.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, [0; 16]);
+
+    let mut opener = MemOpener {
+        files: vec![("base.qcow2".into(), base)],
+        asked: Vec::new(),
+    };
+    let mut img = Image::open_with(
+        top,
+        "top.qcow2",
+        "top",
+        &mut opener,
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    img.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, [7; 16]);
+    assert_eq!(
+        opener.asked,
+        vec![(
+            "top.qcow2".to_string(),
+            "base.qcow2".to_string(),
+            FileRole::Backing
+        )]
+    );
+    let (st, _) = img.block_status(0, 4096).unwrap();
+    assert_eq!(st.depth, 1);
+    assert!(st.data && st.present);
+}
+
+#[test]
+fn missing_backing_file_names_it() {
+    let s = Scratch::new();
+    let d = s.dir();
+    qemu_img(d, &["create", "-f", "qcow2", "base.qcow2", "1M"]);
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    std::fs::remove_file(s.path("base.qcow2")).unwrap();
+    let out = ours(d, &["convert", "-O", "raw", "top.qcow2", "out.raw"]);
+    assert_eq!(code(&out), 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("qcow2: "), "{err}");
+    assert!(err.contains("base.qcow2"), "{err}");
+}

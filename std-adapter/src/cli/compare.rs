@@ -4,7 +4,6 @@ use clap::Parser;
 
 use super::{open_disk, parse_format, progress, report};
 use crate::Disk;
-use qcowkit_core::OpenOptions;
 
 const CHUNK: u64 = 2 * 1024 * 1024;
 
@@ -29,6 +28,9 @@ pub struct Args {
     /// Accepted for qemu-img compatibility.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// L2 cache size in bytes (suffixes k, M, G).
+    #[arg(long = "l2-cache-size")]
+    pub l2_cache_size: Option<String>,
     /// First image.
     pub image1: String,
     /// Second image.
@@ -55,8 +57,8 @@ pub fn run(a: &Args) -> u8 {
     };
     let open = |name: &str, f: &Option<String>| -> Result<Disk, String> {
         let fmt = parse_format(f)?;
-        open_disk(name, fmt, OpenOptions::default())
-            .map_err(|e| format!("Could not open '{name}': {e}"))
+        let opts = super::cache_options(&a.l2_cache_size)?;
+        open_disk(name, fmt, opts).map_err(|e| format!("Could not open '{name}': {e}"))
     };
     let disks = open(&a.image1, &a.format1).and_then(|d1| Ok((d1, open(&a.image2, &a.format2)?)));
     let (mut d1, mut d2) = match disks {

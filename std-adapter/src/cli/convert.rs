@@ -7,7 +7,6 @@ use clap::Parser;
 
 use super::{open_disk, parse_format, progress, report};
 use crate::{Disk, Format};
-use qcowkit_core::OpenOptions;
 
 /// Size of the copy buffer.
 pub const CHUNK: u64 = 2 * 1024 * 1024;
@@ -64,13 +63,7 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
             ))
         }
     }
-    let mut opts = OpenOptions::default();
-    if let Some(s) = &a.l2_cache_size {
-        opts.l2_cache_bytes = Some(super::parse_size(s).ok_or((
-            "convert".to_string(),
-            format!("invalid l2-cache-size '{s}'"),
-        ))?);
-    }
+    let opts = super::cache_options(&a.l2_cache_size).map_err(|e| ("convert".to_string(), e))?;
     let mut disk = open_disk(&a.source, src_fmt, opts)
         .map_err(|e| (format!("Could not open '{}'", a.source), e.to_string()))?;
     copy_to_raw(&mut disk, &a.dest, a.progress)

@@ -4,7 +4,7 @@ use clap::Parser;
 
 use super::{open_disk, parse_format, report, Output};
 use crate::Disk;
-use qcowkit_core::{BlockStatus, OpenOptions};
+use qcowkit_core::BlockStatus;
 
 /// Arguments of `qcow2 map`.
 #[derive(Debug, Parser)]
@@ -24,6 +24,9 @@ pub struct Args {
     /// Accepted for qemu-img compatibility.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// L2 cache size in bytes (suffixes k, M, G).
+    #[arg(long = "l2-cache-size")]
+    pub l2_cache_size: Option<String>,
     /// The image.
     pub filename: String,
 }
@@ -70,7 +73,14 @@ pub fn run(a: &Args) -> u8 {
             return 1;
         }
     };
-    let mut disk = match open_disk(&a.filename, fmt, OpenOptions::default()) {
+    let opts = match super::cache_options(&a.l2_cache_size) {
+        Ok(o) => o,
+        Err(e) => {
+            report("map", e);
+            return 1;
+        }
+    };
+    let mut disk = match open_disk(&a.filename, fmt, opts) {
         Ok(d) => d,
         Err(e) => {
             report(format!("Could not open '{}'", a.filename), e);

@@ -94,6 +94,16 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Open options with an optional `--l2-cache-size` value applied.
+pub fn cache_options(l2_cache_size: &Option<String>) -> Result<qcowkit_core::OpenOptions, String> {
+    let mut opts = qcowkit_core::OpenOptions::default();
+    if let Some(s) = l2_cache_size {
+        opts.l2_cache_bytes =
+            Some(parse_size(s).ok_or_else(|| format!("invalid l2-cache-size '{s}'"))?);
+    }
+    Ok(opts)
+}
+
 /// Parses a `-f`/`-O` format name, reporting unknown ones.
 pub fn parse_format(s: &Option<String>) -> Result<Option<Format>, String> {
     match s {

@@ -10,6 +10,8 @@ use crate::{Disk, Format};
 
 /// Size of the copy buffer.
 pub const CHUNK: u64 = 2 * 1024 * 1024;
+/// Buffers in flight between the reading and the writing thread.
+const IN_FLIGHT: usize = 4;
 
 /// Arguments of `qcow2 convert`.
 #[derive(Debug, Parser)]
@@ -85,31 +87,85 @@ pub fn copy_to_raw(
     let size = disk.size();
     out.set_len(size).map_err(out_err)?;
     let pb = progress::bar(show_progress, size);
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut pos = 0u64;
     let read_err = |e: crate::DiskError| ("error while reading".to_string(), e.to_string());
-    while pos < size {
-        let (st, run) = disk
-            .block_status(pos, (size - pos).min(CHUNK))
-            .map_err(read_err)?;
-        if run == 0 {
-            return Err(("convert".into(), format!("no progress at offset {pos}")));
-        }
-        if !st.reads_as_zero() {
-            let chunk = &mut buf[..run as usize];
-            disk.read_at(pos, chunk).map_err(read_err)?;
-            // Keep the output sparse: skip 4 KiB blocks of zeros.
-            for (i, block) in chunk.chunks(4096).enumerate() {
-                if block.iter().any(|b| *b != 0) {
-                    out.write_all_at(block, pos + (i as u64) * 4096)
-                        .map_err(out_err)?;
+    // Reading and writing overlap: this thread reads guest data into
+    // buffers, a writer thread writes them (sparse) and hands them back.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, u64)>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT {
+        let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| -> std::io::Result<()> {
+            for (buf, pos) in full_rx {
+                write_sparse(&out, &buf, pos)?;
+                let _ = empty_tx.send(buf);
+            }
+            Ok(())
+        });
+        let mut result = Ok(());
+        let mut pos = 0u64;
+        while pos < size {
+            let step = disk.block_status(pos, (size - pos).min(CHUNK));
+            let (st, run) = match step {
+                Ok(v) => v,
+                Err(e) => {
+                    result = Err(read_err(e));
+                    break;
+                }
+            };
+            if run == 0 {
+                result = Err(("convert".into(), format!("no progress at offset {pos}")));
+                break;
+            }
+            if !st.reads_as_zero() {
+                let Ok(mut buf) = empty_rx.recv() else {
+                    break; // the writer stopped: its error is reported below
+                };
+                buf.resize(run as usize, 0);
+                if let Err(e) = disk.read_at(pos, &mut buf) {
+                    result = Err(read_err(e));
+                    break;
+                }
+                if full_tx.send((buf, pos)).is_err() {
+                    break;
                 }
             }
+            pos += run;
+            pb.set_position(pos);
         }
-        pos += run;
-        pb.set_position(pos);
-    }
+        drop(full_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
+        result.and(written.map_err(out_err))
+    })?;
     pb.finish_and_clear();
-    out.sync_all().map_err(out_err)?;
+    // Like qemu-img convert (cache mode "unsafe" for the target), no fsync.
+    Ok(())
+}
+
+/// Writes `data` at `offset`, leaving 4 KiB blocks of zeros as holes and
+/// writing each run of non-zero blocks with one call.
+pub fn write_sparse(out: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut run_start: Option<usize> = None;
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + BLOCK).min(data.len());
+        let zero = data[i..end].iter().all(|b| *b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(i),
+            (true, Some(s)) => {
+                out.write_all_at(&data[s..i], offset + s as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        i = end;
+    }
+    if let Some(s) = run_start {
+        out.write_all_at(&data[s..], offset + s as u64)?;
+    }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! `qcow2 dd`: qemu-img dd's `key=value` syntax, copying guest data to a raw file.
 
 use std::fs::OpenOptions as FsOpenOptions;
-use std::os::unix::fs::FileExt;
 
 use super::{open_disk, parse_size, report};
 use crate::Format;
@@ -119,11 +118,9 @@ pub fn run(args: &[String]) -> u8 {
             report("error while reading", e);
             return 1;
         }
-        if buf[..n].iter().any(|b| *b != 0) {
-            if let Err(e) = out.write_all_at(&buf[..n], done) {
-                report(format!("Could not write '{}'", a.output), e);
-                return 1;
-            }
+        if let Err(e) = super::convert::write_sparse(&out, &buf[..n], done) {
+            report(format!("Could not write '{}'", a.output), e);
+            return 1;
         }
         done += n as u64;
     }

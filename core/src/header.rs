@@ -951,6 +951,33 @@ pub(crate) mod tests {
         assert!(err.contains("future thing"), "{err}");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_headers_never_panic(mut bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1024), cb in 9u32..=21, version in 2u32..=3) {
+            // Mostly-valid prefix so that parsing goes deep, random rest.
+            if bytes.len() >= 24 {
+                bytes[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+                bytes[4..8].copy_from_slice(&version.to_be_bytes());
+                bytes[20..24].copy_from_slice(&cb.to_be_bytes());
+            }
+            let _ = Header::parse::<P>(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_headers_never_panic(pos in 0usize..200, val: u8) {
+            let mut h = sample();
+            h.backing_format = Some("qcow2".into());
+            let mut b = encode(&h);
+            b.resize(4096, 0);
+            b[pos] = val;
+            if let Ok(parsed) = Header::parse::<P>(&b) {
+                // Whatever is accepted re-encodes and parses the same.
+                let again = Header::parse::<P>(&encode(&parsed));
+                proptest::prop_assert!(again.is_ok());
+            }
+        }
+    }
+
     #[test]
     fn push_decimal_works() {
         let mut s = String::new();

@@ -144,11 +144,25 @@ pub fn resolve_relative(parent: &str, name: &str) -> String {
 pub struct FsOpener {
     /// Open files read-write (for writing into an image's data file).
     pub writable: bool,
+    /// Refuse every file an image names (for untrusted images).
+    pub refuse: bool,
 }
 
 impl Opener<FileIo> for FsOpener {
-    fn open(&mut self, parent: &str, name: &str, _role: FileRole) -> io::Result<Opened<FileIo>> {
+    fn open(&mut self, parent: &str, name: &str, role: FileRole) -> io::Result<Opened<FileIo>> {
         let resolved = resolve_relative(parent, name);
+        if self.refuse {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the image names {} '{resolved}', and following files named by images is disabled",
+                    match role {
+                        FileRole::Backing => "backing file",
+                        FileRole::DataFile => "data file",
+                    }
+                ),
+            ));
+        }
         let path = PathBuf::from(&resolved);
         let io = if self.writable {
             FileIo::open_rw(&path)?
@@ -208,6 +222,8 @@ pub struct DiskOptions {
     pub format: Option<Format>,
     /// Options passed to the qcow2 core.
     pub qcow2: OpenOptions,
+    /// Refuse to open backing and data files the image names.
+    pub no_follow: bool,
 }
 
 /// A disk image opened by path: qcow2 (with its chain) or raw.
@@ -244,8 +260,11 @@ impl Disk {
             }
             Format::Qcow2 => {
                 let identity = identity_of(path).map_err(open_err)?;
-                let img =
-                    Image::open_with(io, &name, &identity, &mut FsOpener::default(), &opts.qcow2)?;
+                let mut opener = FsOpener {
+                    writable: false,
+                    refuse: opts.no_follow,
+                };
+                let img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
                 Ok(Disk::Qcow2(Box::new(img)))
             }
         }

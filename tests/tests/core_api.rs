@@ -309,3 +309,47 @@ fn missing_backing_file_names_it() {
     assert!(err.starts_with("qcow2: "), "{err}");
     assert!(err.contains("base.qcow2"), "{err}");
 }
+
+#[test]
+fn no_follow_refuses_files_named_by_the_image() {
+    let s = Scratch::new();
+    let d = s.dir();
+    std::fs::write(s.path("secret.raw"), b"top secret").unwrap();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "secret.raw",
+            "-F",
+            "raw",
+            "evil.qcow2",
+            "1M",
+        ],
+    );
+    let out = ours(
+        d,
+        &[
+            "convert",
+            "--no-follow",
+            "-O",
+            "raw",
+            "evil.qcow2",
+            "out.raw",
+        ],
+    );
+    assert_eq!(code(&out), 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("secret.raw") && err.contains("disabled"),
+        "{err}"
+    );
+    assert!(!s.path("out.raw").exists());
+    // Without the flag the backing file is followed, like qemu-img.
+    ours_ok(d, &["convert", "-O", "raw", "evil.qcow2", "out.raw"]);
+    assert!(std::fs::read(s.path("out.raw"))
+        .unwrap()
+        .starts_with(b"top secret"));
+}

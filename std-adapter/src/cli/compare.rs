@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use super::{open_disk, parse_format, progress, report};
+use super::{parse_format, progress, report};
 use crate::Disk;
 
 const CHUNK: u64 = 2 * 1024 * 1024;
@@ -31,6 +31,9 @@ pub struct Args {
     /// L2 cache size in bytes (suffixes k, M, G).
     #[arg(long = "l2-cache-size")]
     pub l2_cache_size: Option<String>,
+    /// Refuse to open backing and data files the image names (for untrusted images).
+    #[arg(long = "no-follow")]
+    pub no_follow: bool,
     /// First image.
     pub image1: String,
     /// Second image.
@@ -58,7 +61,8 @@ pub fn run(a: &Args) -> u8 {
     let open = |name: &str, f: &Option<String>| -> Result<Disk, String> {
         let fmt = parse_format(f)?;
         let opts = super::cache_options(&a.l2_cache_size)?;
-        open_disk(name, fmt, opts).map_err(|e| format!("Could not open '{name}': {e}"))
+        super::open_disk_with(name, fmt, opts, a.no_follow)
+            .map_err(|e| format!("Could not open '{name}': {e}"))
     };
     let disks = open(&a.image1, &a.format1).and_then(|d1| Ok((d1, open(&a.image2, &a.format2)?)));
     let (mut d1, mut d2) = match disks {

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 
 use clap::Parser;
 
-use super::{open_disk, parse_format, progress, report};
+use super::{parse_format, progress, report};
 use crate::{Disk, Format};
 
 /// Size of the copy buffer.
@@ -31,6 +31,9 @@ pub struct Args {
     /// L2 cache size in bytes (suffixes k, M, G).
     #[arg(long = "l2-cache-size")]
     pub l2_cache_size: Option<String>,
+    /// Refuse to open backing and data files the image names (for untrusted images).
+    #[arg(long = "no-follow")]
+    pub no_follow: bool,
     /// Source image.
     pub source: String,
     /// Destination file.
@@ -66,7 +69,7 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
         }
     }
     let opts = super::cache_options(&a.l2_cache_size).map_err(|e| ("convert".to_string(), e))?;
-    let mut disk = open_disk(&a.source, src_fmt, opts)
+    let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.no_follow)
         .map_err(|e| (format!("Could not open '{}'", a.source), e.to_string()))?;
     copy_to_raw(&mut disk, &a.dest, a.progress)
 }

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use super::{open_disk, parse_format, report, Output};
+use super::{parse_format, report, Output};
 use crate::Disk;
 use qcowkit_core::BlockStatus;
 
@@ -27,6 +27,9 @@ pub struct Args {
     /// L2 cache size in bytes (suffixes k, M, G).
     #[arg(long = "l2-cache-size")]
     pub l2_cache_size: Option<String>,
+    /// Refuse to open backing and data files the image names (for untrusted images).
+    #[arg(long = "no-follow")]
+    pub no_follow: bool,
     /// The image.
     pub filename: String,
 }
@@ -80,7 +83,7 @@ pub fn run(a: &Args) -> u8 {
             return 1;
         }
     };
-    let mut disk = match open_disk(&a.filename, fmt, opts) {
+    let mut disk = match super::open_disk_with(&a.filename, fmt, opts, a.no_follow) {
         Ok(d) => d,
         Err(e) => {
             report(format!("Could not open '{}'", a.filename), e);

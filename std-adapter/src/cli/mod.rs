@@ -120,11 +120,22 @@ pub fn open_disk(
     format: Option<Format>,
     opts: qcowkit_core::OpenOptions,
 ) -> Result<Disk, DiskError> {
+    open_disk_with(path, format, opts, false)
+}
+
+/// Like [`open_disk`], optionally refusing files the image names (`--no-follow`).
+pub fn open_disk_with(
+    path: &str,
+    format: Option<Format>,
+    opts: qcowkit_core::OpenOptions,
+    no_follow: bool,
+) -> Result<Disk, DiskError> {
     Disk::open(
         Path::new(path),
         &DiskOptions {
             format,
             qcow2: opts,
+            no_follow,
         },
     )
 }

@@ -112,6 +112,7 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
                     no_data_file: true,
                     ..OpenOptions::default()
                 },
+                no_follow: true,
             };
             (Disk::open(Path::new(path), &opts)?, Some(e.to_string()))
         }

@@ -25,6 +25,9 @@ pub struct OpenOptions {
     /// L2 cache budget in bytes. `None`: enough to cover the whole image,
     /// capped at 32 MiB (QEMU's default). At least one L2 table is cached.
     pub l2_cache_bytes: Option<u64>,
+    /// Refcount block cache budget in bytes. `None`: a quarter of the L2
+    /// cache (QEMU's ratio), at least one block.
+    pub refcount_cache_bytes: Option<u64>,
     /// Do not open the backing file: unallocated clusters read as zeros
     /// (like QEMU's `BDRV_O_NO_BACKING`, used by `qemu-img info`).
     pub no_backing: bool,
@@ -39,6 +42,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             l2_cache_bytes: None,
+            refcount_cache_bytes: None,
             no_backing: false,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             no_data_file: false,
@@ -162,6 +166,8 @@ impl<R: BlockRead> Image<R> {
                 .min(DEFAULT_L2_CACHE_MAX)
         });
         let capacity = to_usize(l2_cache_bytes / cluster_size).unwrap_or(usize::MAX);
+        let rc_bytes = opts.refcount_cache_bytes.unwrap_or(l2_cache_bytes / 4);
+        let rc_capacity = to_usize(rc_bytes / cluster_size).unwrap_or(usize::MAX);
 
         let (snapshots, snapshot_table_len) = read_snapshots(&mut io, &header)?;
         let bitmaps = read_bitmaps(&mut io, &header)?;
@@ -231,7 +237,7 @@ impl<R: BlockRead> Image<R> {
             file_len,
             name,
             decompressed: None,
-            refcounts: crate::rctable::Refcounts::new(4),
+            refcounts: crate::rctable::Refcounts::new(rc_capacity),
             metadata_prealloc: None,
             header,
         })

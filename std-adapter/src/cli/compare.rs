@@ -45,8 +45,9 @@ pub struct Args {
 pub enum Outcome {
     /// Same guest contents.
     Identical,
-    /// First differing offset (512-byte granularity, as qemu-img reports).
-    MismatchAt(u64),
+    /// First differing offset (512-byte granularity, as qemu-img reports),
+    /// and whether it lies past the end of the shorter image.
+    MismatchAt(u64, bool),
     /// Sizes differ in strict mode.
     SizeMismatch,
 }
@@ -80,7 +81,10 @@ pub fn run(a: &Args) -> u8 {
             say("Images are identical.");
             0
         }
-        Ok(Outcome::MismatchAt(off)) => {
+        Ok(Outcome::MismatchAt(off, in_tail)) => {
+            if in_tail {
+                say("Warning: Image size mismatch!");
+            }
             say(&format!("Content mismatch at offset {off}!"));
             1
         }
@@ -123,7 +127,7 @@ pub fn compare(
             d1.read_at(pos, &mut b1[..n])?;
             d2.read_at(pos, &mut b2[..n])?;
             if let Some(i) = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y) {
-                return Ok(Outcome::MismatchAt((pos + i as u64) & !511));
+                return Ok(Outcome::MismatchAt((pos + i as u64) & !511, false));
             }
         }
         pos += run;
@@ -139,7 +143,7 @@ pub fn compare(
             let n = run as usize;
             longer.read_at(pos, &mut b1[..n])?;
             if let Some(i) = b1[..n].iter().position(|x| *x != 0) {
-                return Ok(Outcome::MismatchAt((pos + i as u64) & !511));
+                return Ok(Outcome::MismatchAt((pos + i as u64) & !511, true));
             }
         }
         pos += run;

@@ -87,12 +87,16 @@ pub fn run(args: &[String]) -> u8 {
             return 1;
         }
     };
+    // qemu-img dd counts `count` from the start of the input, skipped
+    // blocks included, and sizes the output up to a multiple of 512.
     let size = disk.size();
     let start = a.skip.saturating_mul(a.bs).min(size);
-    let mut len = size - start;
-    if let Some(c) = a.count {
-        len = len.min(c.saturating_mul(a.bs));
-    }
+    let end = match a.count {
+        Some(c) => c.saturating_mul(a.bs).min(size),
+        None => size,
+    };
+    let len = end.saturating_sub(start);
+    let out_len = len.div_ceil(512) * 512;
     let out = match FsOpenOptions::new()
         .write(true)
         .create(true)
@@ -105,7 +109,7 @@ pub fn run(args: &[String]) -> u8 {
             return 1;
         }
     };
-    if let Err(e) = out.set_len(len) {
+    if let Err(e) = out.set_len(out_len) {
         report(format!("Could not write '{}'", a.output), e);
         return 1;
     }

@@ -2,7 +2,7 @@
 //! host offset, evicting the least recently used table.
 
 use alloc::vec::Vec;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 
 use crate::bytes::to_usize;
 use crate::{BlockRead, Error};
@@ -15,6 +15,8 @@ pub(crate) struct TableCache {
     tick: u64,
     /// Number of table reads from storage (for tests and statistics).
     pub(crate) misses: u64,
+    /// Tables modified in memory and not yet written (never evicted).
+    dirty: HashSet<u64>,
 }
 
 impl TableCache {
@@ -25,6 +27,7 @@ impl TableCache {
             capacity: capacity.max(1),
             tick: 0,
             misses: 0,
+            dirty: HashSet::new(),
         }
     }
 
@@ -44,20 +47,7 @@ impl TableCache {
         let tick = self.tick;
         if !self.tables.contains_key(&offset) {
             let len = to_usize(size).ok_or(Error::field("table size", size, "too large"))?;
-            let mut buf = if self.tables.len() >= self.capacity {
-                // Reuse the least recently used table's buffer.
-                let oldest = self
-                    .tables
-                    .iter()
-                    .min_by_key(|(_, (_, t))| *t)
-                    .map(|(k, _)| *k);
-                oldest
-                    .and_then(|k| self.tables.remove(&k))
-                    .map(|(b, _)| b)
-                    .unwrap_or_default()
-            } else {
-                Vec::new()
-            };
+            let mut buf = self.evict_one().unwrap_or_default();
             buf.resize(len, 0);
             io.read_at(offset, &mut buf).map_err(Error::Io)?;
             self.misses = self.misses.wrapping_add(1);
@@ -70,6 +60,85 @@ impl TableCache {
             }
             None => Err(Error::corrupt("table cache lost an entry", offset, 0)),
         }
+    }
+
+    /// Frees room for one more table when full: removes the least recently
+    /// used clean table and returns its buffer for reuse. Dirty tables are
+    /// never evicted (the cache then grows until the owner writes them).
+    fn evict_one(&mut self) -> Option<Vec<u8>> {
+        if self.tables.len() < self.capacity {
+            return None;
+        }
+        let oldest = self
+            .tables
+            .iter()
+            .filter(|(k, _)| !self.dirty.contains(*k))
+            .min_by_key(|(_, (_, t))| *t)
+            .map(|(k, _)| *k)?;
+        self.tables.remove(&oldest).map(|(b, _)| b)
+    }
+
+    /// Returns the table for modification (reading it on a miss) and marks it dirty.
+    pub(crate) fn get_mut<R: BlockRead>(
+        &mut self,
+        io: &mut R,
+        offset: u64,
+        size: u64,
+    ) -> Result<&mut [u8], Error<R::Error>> {
+        self.get(io, offset, size)?;
+        self.dirty.insert(offset);
+        match self.tables.get_mut(&offset) {
+            Some((buf, _)) => Ok(buf.as_mut_slice()),
+            None => Err(Error::corrupt("table cache lost an entry", offset, 0)),
+        }
+    }
+
+    /// Inserts a new table with the given contents, marked dirty.
+    pub(crate) fn insert_dirty(&mut self, offset: u64, data: Vec<u8>) {
+        self.tick = self.tick.wrapping_add(1);
+        if !self.tables.contains_key(&offset) {
+            let _ = self.evict_one();
+        }
+        self.tables.insert(offset, (data, self.tick));
+        self.dirty.insert(offset);
+    }
+
+    /// Offsets of the dirty tables, in ascending order.
+    pub(crate) fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.dirty.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether any table is dirty.
+    pub(crate) fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// The cached contents of a table, if present.
+    pub(crate) fn peek(&self, offset: u64) -> Option<&[u8]> {
+        self.tables.get(&offset).map(|(b, _)| b.as_slice())
+    }
+
+    /// Marks a table as written; trims the cache back to its capacity.
+    pub(crate) fn mark_clean(&mut self, offset: u64) {
+        self.dirty.remove(&offset);
+        while self.tables.len() > self.capacity {
+            if self.evict_one().is_none() {
+                break;
+            }
+        }
+    }
+
+    /// Whether dirty tables keep the cache above its capacity.
+    pub(crate) fn over_capacity(&self) -> bool {
+        self.tables.len() > self.capacity
+    }
+
+    /// Drops a table from the cache (e.g. after its cluster was freed).
+    pub(crate) fn forget(&mut self, offset: u64) {
+        self.dirty.remove(&offset);
+        self.tables.remove(&offset);
     }
 }
 

@@ -41,6 +41,7 @@ pub struct CheckReport {
 struct Refs {
     counts: Vec<u16>,
     cluster_bits: u32,
+    file_len: u64,
 }
 
 impl<R: BlockRead> Image<R> {
@@ -52,114 +53,8 @@ impl<R: BlockRead> Image<R> {
             total_clusters: self.header.size.div_ceil(cs),
             ..CheckReport::default()
         };
-        let file_clusters = self.file_len.div_ceil(cs);
-        if file_clusters > MAX_CHECK_CLUSTERS {
-            return Err(Error::Unsupported("image file too large to check"));
-        }
-        let mut refs = Refs {
-            counts: alloc::vec![0u16; to_usize(file_clusters).unwrap_or(0)],
-            cluster_bits: cb,
-        };
-
-        // Header cluster.
-        refs.inc(&mut rep, 0, cs);
-
-        // Active L1 and its tables, with fragmentation statistics.
-        let l1 = self.l1.clone();
-        refs.inc(&mut rep, self.header.l1_table_offset, to_u64(l1.len()) * 8);
-        self.check_l1(&mut rep, &mut refs, &l1, true)?;
-
-        // Snapshots.
-        let snaps = self.snapshots().to_vec();
-        let table_len = self.snapshot_table_len;
-        for s in &snaps {
-            if s.l1_table_offset % cs != 0 {
-                rep.corruptions += 1;
-                rep.messages.push(format!(
-                    "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned",
-                    s.id, s.name, s.l1_table_offset
-                ));
-                continue;
-            }
-            let n = to_usize(s.l1_size.into()).unwrap_or(0);
-            let mut raw = alloc::vec![0u8; n * 8];
-            if let Err(e) = self.io.read_at(s.l1_table_offset, &mut raw) {
-                rep.check_errors += 1;
-                rep.messages
-                    .push(format!("ERROR reading snapshot L1 table: {e}"));
-                continue;
-            }
-            let sl1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-            refs.inc(&mut rep, s.l1_table_offset, to_u64(n) * 8);
-            self.check_l1(&mut rep, &mut refs, &sl1, false)?;
-        }
-        if self.header.nb_snapshots > 0 {
-            refs.inc(&mut rep, self.header.snapshots_offset, table_len);
-        }
-
-        // Encryption header and bitmaps.
-        if let Some(c) = self.header.crypto {
-            refs.inc(&mut rep, c.offset, c.length);
-        }
-        if let Some(ext) = self.header.bitmaps {
-            refs.inc(&mut rep, ext.directory_offset, ext.directory_size);
-            for b in self.bitmaps().to_vec() {
-                if b.table_offset % cs != 0 {
-                    rep.corruptions += 1;
-                    rep.messages.push(format!(
-                        "ERROR bitmap '{}' table offset {:#x} is not cluster aligned",
-                        b.name, b.table_offset
-                    ));
-                    continue;
-                }
-                let n = to_usize(b.table_size.into()).unwrap_or(0).min(1 << 22);
-                let mut raw = alloc::vec![0u8; n * 8];
-                self.io
-                    .read_at(b.table_offset, &mut raw)
-                    .map_err(Error::Io)?;
-                refs.inc(&mut rep, b.table_offset, to_u64(n) * 8);
-                for c in raw.chunks_exact(8) {
-                    let off = be64(c, 0) & l2::OFFSET_MASK;
-                    if off != 0 {
-                        refs.inc(&mut rep, off, cs);
-                    }
-                }
-            }
-        }
-
-        // Refcount table and blocks.
-        let rt_off = self.header.refcount_table_offset;
-        let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
-        refs.inc(&mut rep, rt_off, rt_len);
-        let mut rt_raw = alloc::vec![0u8; to_usize(rt_len).unwrap_or(0)];
-        self.io.read_at(rt_off, &mut rt_raw).map_err(Error::Io)?;
-        let rt: Vec<u64> = rt_raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        drop(rt_raw);
-        let mut blocks: Vec<u64> = Vec::with_capacity(rt.len());
-        for (i, e) in rt.iter().enumerate() {
-            let off = refcount::table_entry_offset(*e);
-            if off == 0 {
-                blocks.push(0);
-                continue;
-            }
-            if off % cs != 0 {
-                rep.corruptions += 1;
-                rep.messages.push(format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
-                blocks.push(0);
-                continue;
-            }
-            if off >> cb >= file_clusters {
-                rep.corruptions += 1;
-                rep.messages
-                    .push(format!("ERROR refcount block {i} is outside image"));
-                blocks.push(0);
-                continue;
-            }
-            refs.inc(&mut rep, off, cs);
-            blocks.push(off);
-        }
+        let (refs, blocks) = self.walk_references(&mut rep)?;
+        let file_clusters = to_u64(refs.counts.len());
 
         // Compare references with refcounts.
         let order = self.header.refcount_order;
@@ -204,6 +99,147 @@ impl<R: BlockRead> Image<R> {
         // COPIED flags of the active tables against on-disk refcounts.
         self.check_copied(&mut rep, &blocks)?;
         Ok(rep)
+    }
+
+    /// Counts the references to every host cluster (used to rebuild the
+    /// refcounts of a dirty image).
+    pub(crate) fn count_references(&mut self) -> Result<Vec<u16>, Error<R::Error>> {
+        let mut rep = CheckReport::default();
+        let (refs, _) = self.walk_references(&mut rep)?;
+        Ok(refs.counts)
+    }
+
+    /// Walks all metadata counting references; returns the counts and the
+    /// refcount block offsets (0 for missing or invalid ones).
+    fn walk_references(
+        &mut self,
+        rep: &mut CheckReport,
+    ) -> Result<(Refs, Vec<u64>), Error<R::Error>> {
+        let cb = self.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let file_len = self.file_len.max(self.writer.file_end);
+        let file_clusters = file_len.div_ceil(cs);
+        if file_clusters > MAX_CHECK_CLUSTERS {
+            return Err(Error::Unsupported("image file too large to check"));
+        }
+        // One extra slot: QEMU tolerates references less than a cluster past
+        // the end of the file (a partial last cluster).
+        let mut refs = Refs {
+            counts: alloc::vec![0u16; to_usize(file_clusters + 1).unwrap_or(0)],
+            cluster_bits: cb,
+            file_len,
+        };
+        let rep = &mut *rep;
+
+        // Header cluster.
+        refs.inc(rep, 0, cs);
+
+        // Active L1 and its tables, with fragmentation statistics.
+        let l1 = self.l1.clone();
+        refs.inc(rep, self.header.l1_table_offset, to_u64(l1.len()) * 8);
+        self.check_l1(rep, &mut refs, &l1, true)?;
+
+        // Snapshots.
+        let snaps = self.snapshots().to_vec();
+        let table_len = self.snapshot_table_len;
+        for s in &snaps {
+            if s.l1_table_offset % cs != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned; snapshot table entry corrupted",
+                    s.id, s.name, s.l1_table_offset
+                ));
+                continue;
+            }
+            if u64::from(s.l1_size) * 8 > crate::header::MAX_L1_BYTES {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR snapshot {} ({}) L1 table is too large ({} entries); snapshot table entry corrupted",
+                    s.id, s.name, s.l1_size
+                ));
+                continue;
+            }
+            let n = to_usize(s.l1_size.into()).unwrap_or(0);
+            let mut raw = alloc::vec![0u8; n * 8];
+            if let Err(e) = self.io.read_at(s.l1_table_offset, &mut raw) {
+                rep.check_errors += 1;
+                rep.messages
+                    .push(format!("ERROR reading snapshot L1 table: {e}"));
+                continue;
+            }
+            let sl1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+            refs.inc(rep, s.l1_table_offset, to_u64(n) * 8);
+            self.check_l1(rep, &mut refs, &sl1, false)?;
+        }
+        if self.header.nb_snapshots > 0 {
+            refs.inc(rep, self.header.snapshots_offset, table_len);
+        }
+
+        // Encryption header and bitmaps.
+        if let Some(c) = self.header.crypto {
+            refs.inc(rep, c.offset, c.length);
+        }
+        if let Some(ext) = self.header.bitmaps {
+            refs.inc(rep, ext.directory_offset, ext.directory_size);
+            for b in self.bitmaps().to_vec() {
+                if b.table_offset % cs != 0 {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR bitmap '{}' table offset {:#x} is not cluster aligned",
+                        b.name, b.table_offset
+                    ));
+                    continue;
+                }
+                let n = to_usize(b.table_size.into()).unwrap_or(0).min(1 << 22);
+                let mut raw = alloc::vec![0u8; n * 8];
+                self.io
+                    .read_at(b.table_offset, &mut raw)
+                    .map_err(Error::Io)?;
+                refs.inc(rep, b.table_offset, to_u64(n) * 8);
+                for c in raw.chunks_exact(8) {
+                    let off = be64(c, 0) & l2::OFFSET_MASK;
+                    if off != 0 {
+                        refs.inc(rep, off, cs);
+                    }
+                }
+            }
+        }
+
+        // Refcount table and blocks.
+        let rt_off = self.header.refcount_table_offset;
+        let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
+        refs.inc(rep, rt_off, rt_len);
+        let mut rt_raw = alloc::vec![0u8; to_usize(rt_len).unwrap_or(0)];
+        self.io.read_at(rt_off, &mut rt_raw).map_err(Error::Io)?;
+        let rt: Vec<u64> = rt_raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        drop(rt_raw);
+        let mut blocks: Vec<u64> = Vec::with_capacity(rt.len());
+        for (i, e) in rt.iter().enumerate() {
+            let off = refcount::table_entry_offset(*e);
+            if off == 0 {
+                blocks.push(0);
+                continue;
+            }
+            if off % cs != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                blocks.push(0);
+                continue;
+            }
+            if off >> cb >= file_clusters {
+                rep.corruptions += 1;
+                rep.messages
+                    .push(format!("ERROR refcount block {i} is outside image"));
+                blocks.push(0);
+                continue;
+            }
+            refs.inc(rep, off, cs);
+            blocks.push(off);
+        }
+
+        Ok((refs, blocks))
     }
 
     fn check_l1(
@@ -399,8 +435,16 @@ impl Refs {
         if len == 0 {
             return;
         }
+        let end = offset.saturating_add(len);
+        if end.saturating_sub(self.file_len) >= 1u64 << self.cluster_bits {
+            rep.corruptions += 1;
+            rep.messages.push(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}"
+            ));
+            return;
+        }
         let first = offset >> self.cluster_bits;
-        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        let last = (end - 1) >> self.cluster_bits;
         for c in first..=last {
             match to_usize(c).and_then(|i| self.counts.get_mut(i)) {
                 Some(n) => *n = n.saturating_add(1),

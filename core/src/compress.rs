@@ -25,6 +25,18 @@ pub fn decompress(
     }
 }
 
+/// Compresses one cluster with `kind`; `None` if the encoder failed.
+/// Callers store the cluster uncompressed when the result is not smaller.
+pub fn compress(kind: CompressionType, cluster: &[u8]) -> Option<alloc::vec::Vec<u8>> {
+    match kind {
+        CompressionType::Zlib => Some(miniz_oxide::deflate::compress_to_vec(cluster, 6)),
+        CompressionType::Zstd => Some(ruzstd::encoding::compress_to_vec(
+            cluster,
+            ruzstd::encoding::CompressionLevel::Fastest,
+        )),
+    }
+}
+
 fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
     use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
     use miniz_oxide::inflate::TINFLStatus;

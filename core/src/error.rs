@@ -98,6 +98,15 @@ pub enum Error<E> {
     UnsupportedBackingFormat(String),
     /// A requested operation is not supported on this image.
     Unsupported(&'static str),
+    /// An image creation option (or combination) is refused.
+    InvalidOption {
+        /// The option's qemu-img name.
+        option: &'static str,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The image is read-only (opened read-only, or marked corrupt).
+    ReadOnly(&'static str),
 }
 
 impl<E> Error<E> {
@@ -182,6 +191,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 write!(f, "unsupported backing file format '{fmt_name}'")
             }
             Error::Unsupported(what) => write!(f, "unsupported: {what}"),
+            Error::InvalidOption { option, reason } => {
+                write!(f, "invalid option {option}: {reason}")
+            }
+            Error::ReadOnly(why) => write!(f, "image is read-only: {why}"),
         }
     }
 }

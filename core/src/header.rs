@@ -120,6 +120,8 @@ pub struct FeatureName {
 /// The bitmaps extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BitmapsExt {
+    /// Reserved field (must be zero).
+    pub reserved: u32,
     /// Number of bitmaps in the directory.
     pub nb_bitmaps: u32,
     /// Size of the bitmap directory in bytes.
@@ -526,13 +528,6 @@ impl Header {
             MAX_REFCOUNT_TABLE_BYTES,
             cluster_size,
         )?;
-        if h.refcount_table_clusters > 0 && h.refcount_table_offset == 0 {
-            return Err(Error::field(
-                "refcount_table_offset",
-                0,
-                "refcount table overlaps the header",
-            ));
-        }
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::field(
                 "nb_snapshots",
@@ -633,15 +628,8 @@ impl Header {
                             "must be 24",
                         ));
                     }
-                    let reserved = be32(data, 4);
-                    if reserved != 0 {
-                        return Err(Error::field(
-                            "bitmaps extension reserved field",
-                            reserved.into(),
-                            "must be zero",
-                        ));
-                    }
                     bitmaps_seen = Some(BitmapsExt {
+                        reserved: be32(data, 4),
                         nb_bitmaps: be32(data, 0),
                         directory_size: be64(data, 8),
                         directory_offset: be64(data, 16),
@@ -665,6 +653,13 @@ impl Header {
             // Written by a program without bitmap support: the bitmaps are stale.
             self.bitmaps_inconsistent = true;
             return Ok(());
+        }
+        if b.reserved != 0 {
+            return Err(Error::field(
+                "bitmaps extension reserved field",
+                b.reserved.into(),
+                "must be zero",
+            ));
         }
         if b.nb_bitmaps == 0 || b.nb_bitmaps > MAX_BITMAPS {
             return Err(Error::field(

@@ -36,12 +36,14 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+mod allocate;
 pub mod backing;
 pub mod bitmap;
 mod bytes;
 mod cache;
 pub mod check;
 pub mod compress;
+pub mod create;
 mod error;
 pub mod header;
 mod image;
@@ -51,9 +53,11 @@ pub mod map;
 mod rctable;
 pub mod refcount;
 pub mod snapshot;
+mod write;
 
 pub use backing::{Backing, FileRole, Opened, Opener};
 pub use check::CheckReport;
+pub use create::{CreateOptions, Preallocation};
 pub use error::Error;
 pub use image::{Image, Mapping, OpenOptions, DEFAULT_L2_CACHE_MAX, DEFAULT_MAX_CHAIN_DEPTH};
 pub use io::{BlockRead, BlockWrite, MemError};

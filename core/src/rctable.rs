@@ -11,8 +11,10 @@ use crate::{BlockRead, Error};
 /// Refcount table (loaded on first use) and refcount block cache.
 #[derive(Debug)]
 pub(crate) struct Refcounts {
-    table: Option<Vec<u64>>,
-    blocks: crate::cache::TableCache,
+    pub(crate) table: Option<Vec<u64>>,
+    pub(crate) blocks: crate::cache::TableCache,
+    /// Refcount table entries changed in memory, not yet written.
+    pub(crate) dirty_entries: alloc::collections::BTreeSet<usize>,
 }
 
 impl Refcounts {
@@ -21,6 +23,7 @@ impl Refcounts {
         Refcounts {
             table: None,
             blocks: crate::cache::TableCache::new(blocks),
+            dirty_entries: alloc::collections::BTreeSet::new(),
         }
     }
 }
@@ -32,14 +35,7 @@ impl<R: BlockRead> Image<R> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
         let order = self.header.refcount_order;
-        if self.refcounts.table.is_none() {
-            let len = u64::from(self.header.refcount_table_clusters) * cs;
-            let mut raw = alloc::vec![0u8; to_usize(len).unwrap_or(0)];
-            self.io
-                .read_at(self.header.refcount_table_offset, &mut raw)
-                .map_err(Error::Io)?;
-            self.refcounts.table = Some(raw.chunks_exact(8).map(|c| be64(c, 0)).collect());
-        }
+        self.load_refcount_table()?;
         let per_block = refcount::block_entries(cb, order);
         let idx = cluster / per_block;
         let entry = self
@@ -61,6 +57,20 @@ impl<R: BlockRead> Image<R> {
         }
         let data = self.refcounts.blocks.get(&mut self.io, block, cs)?;
         Ok(refcount::get(data, order, cluster % per_block))
+    }
+
+    /// Loads the refcount table into memory (once).
+    pub(crate) fn load_refcount_table(&mut self) -> Result<(), Error<R::Error>> {
+        let cs = self.cluster_size();
+        if self.refcounts.table.is_none() {
+            let len = u64::from(self.header.refcount_table_clusters) * cs;
+            let mut raw = alloc::vec![0u8; to_usize(len).unwrap_or(0)];
+            self.io
+                .read_at(self.header.refcount_table_offset, &mut raw)
+                .map_err(Error::Io)?;
+            self.refcounts.table = Some(raw.chunks_exact(8).map(|c| be64(c, 0)).collect());
+        }
+        Ok(())
     }
 
     /// Whether the image looks preallocated with `preallocation=metadata`

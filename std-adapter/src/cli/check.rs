@@ -52,6 +52,7 @@ pub fn run(a: &Args) -> u8 {
     let opts = OpenOptions {
         no_backing: true,
         no_data_file: true,
+        check_mode: true,
         ..OpenOptions::default()
     };
     let disk = match open_disk(&a.filename, fmt, opts) {

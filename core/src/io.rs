@@ -53,6 +53,16 @@ pub trait BlockWrite: BlockRead {
 
     /// Makes everything written before this call durable.
     fn flush(&mut self) -> Result<(), Self::Error>;
+
+    /// Reserves space for `[offset, offset + len)` (e.g. `fallocate`),
+    /// extending the storage if needed. The default only extends it.
+    fn preallocate(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        let end = offset.saturating_add(len);
+        if end > self.len()? {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
 }
 
 impl<T: BlockRead + ?Sized> BlockRead for &mut T {
@@ -80,6 +90,9 @@ impl<T: BlockWrite + ?Sized> BlockWrite for &mut T {
     }
     fn flush(&mut self) -> Result<(), Self::Error> {
         (**self).flush()
+    }
+    fn preallocate(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        (**self).preallocate(offset, len)
     }
 }
 

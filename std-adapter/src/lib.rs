@@ -119,6 +119,20 @@ impl BlockWrite for FileIo {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }
+    fn preallocate(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
+            Ok(()) => Ok(()),
+            // File systems without fallocate: extending is the fallback.
+            Err(_) => {
+                let end = offset.saturating_add(len);
+                if end > self.file.metadata()?.len() {
+                    self.file.set_len(end)?;
+                }
+                Ok(())
+            }
+        }
+    }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
@@ -142,7 +156,8 @@ pub fn resolve_relative(parent: &str, name: &str) -> String {
 /// Opens backing and data files on the local file system.
 #[derive(Debug, Clone, Default)]
 pub struct FsOpener {
-    /// Open files read-write (for writing into an image's data file).
+    /// Open external data files read-write (backing files are always
+    /// opened read-only).
     pub writable: bool,
     /// Refuse every file an image names (for untrusted images).
     pub refuse: bool,
@@ -164,7 +179,7 @@ impl Opener<FileIo> for FsOpener {
             ));
         }
         let path = PathBuf::from(&resolved);
-        let io = if self.writable {
+        let io = if self.writable && role == FileRole::DataFile {
             FileIo::open_rw(&path)?
         } else {
             FileIo::open(&path)?
@@ -301,6 +316,73 @@ impl Disk {
             Disk::Raw { io, .. } => raw_status(io, offset, len, 0).map_err(qcowkit_core::Error::Io),
         }
     }
+}
+
+/// Creates a new qcow2 image at `path` (replacing any file there), with its
+/// external data file when the options name one, preallocated as asked, and
+/// returns it open for writing. Backing and data file names are resolved
+/// relative to `path`'s directory.
+pub fn create_qcow2(
+    path: &Path,
+    opts: &qcowkit_core::CreateOptions,
+) -> Result<Image<FileIo>, DiskError> {
+    use qcowkit_core::Error;
+    let name = path.to_string_lossy().into_owned();
+    let open_err = |source| Error::Open {
+        name: name.clone(),
+        source,
+    };
+    opts.validate::<io::Error>()?;
+    if let Some(df) = &opts.data_file {
+        let df_path = PathBuf::from(resolve_relative(&name, df));
+        let f = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&df_path)
+            .map_err(|source| Error::Open {
+                name: df.clone(),
+                source,
+            })?;
+        if opts.data_file_raw {
+            f.set_len(opts.rounded_size().unwrap_or(0))
+                .map_err(Error::Io)?;
+        }
+    }
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(open_err)?;
+    let mut io = FileIo::new(file);
+    qcowkit_core::create::format(&mut io, opts)?;
+    let identity = identity_of(path).map_err(open_err)?;
+    let mut opener = FsOpener {
+        writable: true,
+        refuse: false,
+    };
+    let mut img = Image::open_rw_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
+    img.preallocate(opts.preallocation)?;
+    Ok(img)
+}
+
+/// Opens an existing qcow2 image for writing (its data file writable too).
+pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<Image<FileIo>, DiskError> {
+    let name = path.to_string_lossy().into_owned();
+    let open_err = |source| qcowkit_core::Error::Open {
+        name: name.clone(),
+        source,
+    };
+    let io = FileIo::open_rw(path).map_err(open_err)?;
+    let identity = identity_of(path).map_err(open_err)?;
+    let mut opener = FsOpener {
+        writable: true,
+        refuse: false,
+    };
+    Image::open_rw_with(io, &name, &identity, &mut opener, opts)
 }
 
 /// Detects the format from the first bytes.

@@ -1,4 +1,4 @@
-//! `qcow2 convert`: guest data out of an image into a sparse raw file.
+//! `qcow2 convert`: guest data into a sparse raw file or a new qcow2 image.
 
 use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
@@ -19,9 +19,21 @@ pub struct Args {
     /// Source format (`qcow2` or `raw`); probed when omitted.
     #[arg(short = 'f')]
     pub format: Option<String>,
-    /// Output format (`raw`).
+    /// Output format (`raw` or `qcow2`).
     #[arg(short = 'O', default_value = "raw")]
     pub output_format: String,
+    /// Creation options of a qcow2 target (as for `create`); may repeat.
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Compress every cluster of a qcow2 target (when it gets smaller).
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Backing file of a qcow2 target: only what differs from it is written.
+    #[arg(short = 'B')]
+    pub backing: Option<String>,
+    /// Format of the `-B` backing file.
+    #[arg(short = 'F')]
+    pub backing_format: Option<String>,
     /// Show progress on stderr.
     #[arg(short = 'p')]
     pub progress: bool,
@@ -53,25 +65,107 @@ pub fn run(a: &Args) -> u8 {
 
 fn convert(a: &Args) -> Result<(), (String, String)> {
     let src_fmt = parse_format(&a.format).map_err(|e| ("convert".to_string(), e))?;
-    match Format::parse(&a.output_format) {
-        Some(Format::Raw) => {}
-        Some(Format::Qcow2) => {
-            return Err((
-                "convert".into(),
-                "output format qcow2 is not supported yet (use -O raw)".into(),
-            ))
-        }
-        None => {
-            return Err((
-                "convert".into(),
-                format!("Unknown file format '{}'", a.output_format),
-            ))
-        }
+    let out_fmt = Format::parse(&a.output_format).ok_or((
+        "convert".to_string(),
+        format!("Unknown file format '{}'", a.output_format),
+    ))?;
+    if out_fmt == Format::Raw && (a.compress || a.backing.is_some() || !a.options.is_empty()) {
+        return Err((
+            "convert".into(),
+            "-c, -B and -o need a qcow2 target (-O qcow2)".into(),
+        ));
     }
     let opts = super::cache_options(&a.l2_cache_size).map_err(|e| ("convert".to_string(), e))?;
     let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.no_follow)
         .map_err(|e| (format!("Could not open '{}'", a.source), e.to_string()))?;
-    copy_to_raw(&mut disk, &a.dest, a.progress)
+    match out_fmt {
+        Format::Raw => copy_to_raw(&mut disk, &a.dest, a.progress),
+        Format::Qcow2 => copy_to_qcow2(&mut disk, a),
+    }
+}
+
+/// Copies the guest contents of `disk` into a new qcow2 image.
+fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
+    let size = disk.size();
+    let mut copts = super::create::build(
+        &a.dest,
+        &a.options,
+        &a.backing,
+        &a.backing_format,
+        &None,
+        true,
+    )
+    .or_else(|e| {
+        if e.contains("needs a size") {
+            let mut o = a.options.clone();
+            o.push(format!("size={size}"));
+            super::create::build(&a.dest, &o, &a.backing, &a.backing_format, &None, true)
+        } else {
+            Err(e)
+        }
+    })
+    .map_err(|e| (a.dest.clone(), e))?;
+    copts.size = size;
+    let mut img = crate::create_qcow2(std::path::Path::new(&a.dest), &copts)
+        .map_err(|e| (a.dest.clone(), e.to_string()))?;
+    let with_backing = a.backing.is_some();
+    let cs = img.cluster_size();
+    let chunk = CHUNK.max(cs);
+    let pb = progress::bar(a.progress, size);
+    let read_err = |e: crate::DiskError| ("error while reading".to_string(), e.to_string());
+    let write_err = |e: crate::DiskError| ("error while writing".to_string(), e.to_string());
+    let mut src = vec![0u8; chunk as usize];
+    let mut base = vec![0u8; chunk as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let len = (size - pos).min(chunk);
+        let (st, run) = disk.block_status(pos, len).map_err(read_err)?;
+        // Without a backing file, ranges that read as zeros stay unallocated.
+        if st.reads_as_zero() && !with_backing && run >= cs.min(size - pos) {
+            let skip = if run == size - pos {
+                run
+            } else {
+                run - run % cs
+            };
+            if skip > 0 {
+                pos += skip;
+                pb.set_position(pos);
+                continue;
+            }
+        }
+        let n = len as usize;
+        disk.read_at(pos, &mut src[..n]).map_err(read_err)?;
+        if with_backing {
+            img.read_at(pos, &mut base[..n]).map_err(read_err)?;
+        }
+        let mut off = 0usize;
+        while off < n {
+            let end = (off + cs as usize).min(n);
+            let cluster = &src[off..end];
+            let same = if with_backing {
+                cluster == &base[off..end]
+            } else {
+                cluster.iter().all(|b| *b == 0)
+            };
+            let at = pos + off as u64;
+            if !same {
+                if cluster.iter().all(|b| *b == 0) {
+                    img.write_zeroes(at, cluster.len() as u64)
+                        .map_err(write_err)?;
+                } else if a.compress {
+                    img.write_compressed(at, cluster).map_err(write_err)?;
+                } else {
+                    img.write_at(at, cluster).map_err(write_err)?;
+                }
+            }
+            off = end;
+        }
+        pos += len;
+        pb.set_position(pos);
+    }
+    img.flush().map_err(write_err)?;
+    pb.finish_and_clear();
+    Ok(())
 }
 
 /// Copies the guest contents of `disk` into a new sparse raw file at `dest`.

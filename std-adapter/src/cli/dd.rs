@@ -21,6 +21,8 @@ pub struct DdArgs {
     pub skip: u64,
     /// Input format.
     pub format: Option<Format>,
+    /// Output format (raw unless `-O qcow2`).
+    pub output_format: Format,
 }
 
 /// Parses `if= of= bs= count= skip=` and `-f FMT` / `-O FMT`.
@@ -31,6 +33,7 @@ pub fn parse(args: &[String]) -> Result<DdArgs, String> {
     let mut count = None;
     let mut skip = 0u64;
     let mut format = None;
+    let mut output_format = Format::Raw;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-f" || a == "-O" {
@@ -38,8 +41,8 @@ pub fn parse(args: &[String]) -> Result<DdArgs, String> {
             let f = Format::parse(v).ok_or(format!("Unknown file format '{v}'"))?;
             if a == "-f" {
                 format = Some(f);
-            } else if f != Format::Raw {
-                return Err("dd writes raw output only (-O raw)".into());
+            } else {
+                output_format = f;
             }
             continue;
         }
@@ -68,6 +71,7 @@ pub fn parse(args: &[String]) -> Result<DdArgs, String> {
         count,
         skip,
         format,
+        output_format,
     })
 }
 
@@ -97,22 +101,44 @@ pub fn run(args: &[String]) -> u8 {
     };
     let len = end.saturating_sub(start);
     let out_len = len.div_ceil(512) * 512;
-    let out = match FsOpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&a.output)
-    {
-        Ok(f) => f,
-        Err(e) => {
-            report(format!("Could not open '{}'", a.output), e);
-            return 1;
+    enum Out {
+        Raw(std::fs::File),
+        Qcow2(Box<qcowkit_core::Image<crate::FileIo>>),
+    }
+    let mut out = match a.output_format {
+        Format::Raw => {
+            let f = match FsOpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&a.output)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    report(format!("Could not open '{}'", a.output), e);
+                    return 1;
+                }
+            };
+            if let Err(e) = f.set_len(out_len) {
+                report(format!("Could not write '{}'", a.output), e);
+                return 1;
+            }
+            Out::Raw(f)
+        }
+        Format::Qcow2 => {
+            let c = qcowkit_core::CreateOptions {
+                size: out_len,
+                ..qcowkit_core::CreateOptions::default()
+            };
+            match crate::create_qcow2(std::path::Path::new(&a.output), &c) {
+                Ok(img) => Out::Qcow2(Box::new(img)),
+                Err(e) => {
+                    report(format!("Could not create '{}'", a.output), e);
+                    return 1;
+                }
+            }
         }
     };
-    if let Err(e) = out.set_len(out_len) {
-        report(format!("Could not write '{}'", a.output), e);
-        return 1;
-    }
     let chunk = a.bs.clamp(4096, 4 << 20);
     let mut buf = vec![0u8; chunk as usize];
     let mut done = 0u64;
@@ -122,11 +148,25 @@ pub fn run(args: &[String]) -> u8 {
             report("error while reading", e);
             return 1;
         }
-        if let Err(e) = super::convert::write_sparse(&out, &buf[..n], done) {
+        let data = &buf[..n];
+        let res = match &mut out {
+            Out::Raw(f) => super::convert::write_sparse(f, data, done).map_err(|e| e.to_string()),
+            Out::Qcow2(img) if data.iter().any(|b| *b != 0) => {
+                img.write_at(done, data).map_err(|e| e.to_string())
+            }
+            Out::Qcow2(_) => Ok(()),
+        };
+        if let Err(e) = res {
             report(format!("Could not write '{}'", a.output), e);
             return 1;
         }
         done += n as u64;
+    }
+    if let Out::Qcow2(img) = &mut out {
+        if let Err(e) = img.flush() {
+            report(format!("Could not write '{}'", a.output), e);
+            return 1;
+        }
     }
     0
 }
@@ -158,5 +198,7 @@ mod tests {
         assert!(parse(&s(&["if=a"])).is_err());
         assert!(parse(&s(&["if=a", "of=b", "bs=0"])).is_err());
         assert!(parse(&s(&["if=a", "of=b", "foo=1"])).is_err());
+        let q = parse(&s(&["-O", "qcow2", "if=a", "of=b"])).unwrap();
+        assert_eq!(q.output_format, Format::Qcow2);
     }
 }

@@ -11,13 +11,16 @@ use clap::{Parser, Subcommand};
 
 use crate::{Disk, DiskError, DiskOptions, Format};
 
+pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod create;
 pub mod dd;
 pub mod human;
 pub mod info;
 pub mod map;
+pub mod options;
 pub mod progress;
 pub mod summary;
 
@@ -42,6 +45,10 @@ pub enum Output {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Benchmark reads or writes (qemu-img bench's flags, plus --random).
+    Bench(bench::Args),
+    /// Create a new qcow2 image.
+    Create(create::Args),
     /// Show information about an image.
     Info(info::Args),
     /// Convert an image to raw.
@@ -84,6 +91,8 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         }
     };
     let code = match cli.command {
+        Command::Bench(a) => bench::run(&a),
+        Command::Create(a) => create::run(&a),
         Command::Info(a) => info::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Map(a) => map::run(&a),

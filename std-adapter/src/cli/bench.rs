@@ -1,0 +1,204 @@
+//! `qcow2 bench`: qemu-img bench's flags, run in-process, plus `--random`
+//! and `--seed` for uniformly random offsets inside the image.
+
+use std::path::Path;
+use std::time::Instant;
+
+use clap::Parser;
+
+use super::{parse_format, parse_size, report};
+use crate::{Disk, DiskOptions, Format};
+use qcowkit_core::OpenOptions;
+
+/// Arguments of `qcow2 bench`.
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Image format; probed when omitted.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Number of I/O requests.
+    #[arg(short = 'c', long = "count", default_value = "75000")]
+    pub count: u64,
+    /// Requests in parallel (accepted; requests run one after another here).
+    #[arg(short = 'd', long = "depth", default_value = "64")]
+    pub depth: u64,
+    /// Size of each request (suffixes k, M).
+    #[arg(short = 's', long = "buffer-size", default_value = "4k")]
+    pub size: String,
+    /// Offset of the first request.
+    #[arg(short = 'o', long = "offset", default_value = "0")]
+    pub offset: String,
+    /// Increment between request offsets (default: the request size).
+    #[arg(short = 'S', long = "step-size")]
+    pub step: Option<String>,
+    /// Write instead of read.
+    #[arg(short = 'w', long = "write")]
+    pub write: bool,
+    /// Byte written by write requests.
+    #[arg(long = "pattern", default_value = "0")]
+    pub pattern: u8,
+    /// Flush after every N requests (writes only; 0: never).
+    #[arg(long = "flush-interval", default_value = "0")]
+    pub flush_interval: u64,
+    /// Uniformly random offsets, aligned to the request size, inside the image.
+    #[arg(long = "random")]
+    pub random: bool,
+    /// Seed of `--random` (printed, so a run can be repeated).
+    #[arg(long = "seed")]
+    pub seed: Option<u64>,
+    /// Quiet: print only the results.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// The image.
+    pub filename: String,
+}
+
+/// A small deterministic generator (xorshift64*) for `--random`.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed (0 is remapped).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Runs `qcow2 bench`.
+pub fn run(a: &Args) -> u8 {
+    match bench(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            report("bench", e);
+            1
+        }
+    }
+}
+
+fn bench(a: &Args) -> Result<(), String> {
+    let size = parse_size(&a.size)
+        .filter(|s| *s > 0)
+        .ok_or("invalid buffer size")?;
+    let offset = parse_size(&a.offset).ok_or("invalid offset")?;
+    let step = match &a.step {
+        Some(s) => parse_size(s).ok_or("invalid step size")?,
+        None => size,
+    };
+    let fmt = parse_format(&a.format)?;
+    let mut img = if a.write {
+        let is_qcow2 = match fmt {
+            Some(f) => f == Format::Qcow2,
+            None => {
+                let mut io =
+                    crate::FileIo::open(Path::new(&a.filename)).map_err(|e| e.to_string())?;
+                crate::probe(&mut io).map_err(|e| e.to_string())? == Format::Qcow2
+            }
+        };
+        if !is_qcow2 {
+            return Err("write benchmarks need a qcow2 image".into());
+        }
+        Target::Rw(Box::new(
+            crate::open_qcow2_rw(Path::new(&a.filename), &OpenOptions::default())
+                .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
+        ))
+    } else {
+        let opts = DiskOptions {
+            format: fmt,
+            qcow2: OpenOptions::default(),
+            no_follow: false,
+        };
+        Target::Ro(
+            Disk::open(Path::new(&a.filename), &opts)
+                .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
+        )
+    };
+    let disk_size = img.size();
+    if size > disk_size {
+        return Err("request size larger than the image".into());
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut rng = Rng::new(seed);
+    let kind = if a.write { "write" } else { "read" };
+    if !a.quiet {
+        if a.random {
+            println!(
+                "Sending {} {kind} requests, {size} bytes each, at random offsets (seed {seed})",
+                a.count
+            );
+        } else {
+            println!(
+                "Sending {} {kind} requests, {size} bytes each, {} in parallel (starting at offset {offset}, step size {step})",
+                a.count, a.depth
+            );
+        }
+    }
+    let mut buf = vec![a.pattern; size as usize];
+    let slots = disk_size / size;
+    let mut pos = offset;
+    let start = Instant::now();
+    for i in 0..a.count {
+        let at = if a.random {
+            (rng.next_u64() % slots) * size
+        } else {
+            if pos + size > disk_size {
+                pos = offset;
+            }
+            let p = pos;
+            pos += step;
+            p
+        };
+        img.io(at, &mut buf, a.write).map_err(|e| e.to_string())?;
+        if a.write && a.flush_interval > 0 && (i + 1) % a.flush_interval == 0 {
+            img.flush().map_err(|e| e.to_string())?;
+        }
+    }
+    img.flush().map_err(|e| e.to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    println!("Run completed in {secs:.3} seconds.");
+    let ops = a.count as f64 / secs.max(1e-9);
+    println!(
+        "{ops:.0} ops/s, {:.1} MiB/s",
+        ops * size as f64 / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
+enum Target {
+    Ro(Disk),
+    Rw(Box<qcowkit_core::Image<crate::FileIo>>),
+}
+
+impl Target {
+    fn size(&self) -> u64 {
+        match self {
+            Target::Ro(d) => d.size(),
+            Target::Rw(i) => i.size(),
+        }
+    }
+    fn io(&mut self, at: u64, buf: &mut [u8], write: bool) -> Result<(), crate::DiskError> {
+        match self {
+            Target::Ro(d) => d.read_at(at, buf),
+            Target::Rw(i) if write => i.write_at(at, buf),
+            Target::Rw(i) => i.read_at(at, buf),
+        }
+    }
+    fn flush(&mut self) -> Result<(), crate::DiskError> {
+        match self {
+            Target::Ro(_) => Ok(()),
+            Target::Rw(i) => i.flush(),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `qcow2 create`: new qcow2 images with qemu-img's options.
+
+use std::path::Path;
+
+use clap::Parser;
+
+use super::{options, parse_size, report};
+use crate::{Disk, DiskOptions, Format};
+use qcowkit_core::{CreateOptions, OpenOptions};
+
+/// Arguments of `qcow2 create`.
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Image format (only `qcow2`).
+    #[arg(short = 'f', default_value = "qcow2")]
+    pub format: String,
+    /// Creation options (`-o cluster_size=64k,extended_l2=on,...`); may repeat.
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Backing file.
+    #[arg(short = 'b')]
+    pub backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F')]
+    pub backing_format: Option<String>,
+    /// Do not open the backing file (the size must then be given).
+    #[arg(short = 'u')]
+    pub unsafe_backing: bool,
+    /// Quiet: do not print the "Formatting" line.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The new image.
+    pub filename: String,
+    /// Virtual size (suffixes k, M, G, T); defaults to the backing file's size.
+    pub size: Option<String>,
+}
+
+/// Builds creation options from `-o`, `-b`, `-F` and the size argument.
+/// `base` is the image path, against which a backing file is resolved.
+pub fn build(
+    base: &str,
+    options: &[String],
+    backing: &Option<String>,
+    backing_format: &Option<String>,
+    size: &Option<String>,
+    open_backing: bool,
+) -> Result<CreateOptions, String> {
+    let mut c = CreateOptions::default();
+    let mut size_given = false;
+    for o in options {
+        size_given |= options::apply(&mut c, o)?;
+    }
+    if let Some(b) = backing {
+        c.backing_file = Some(b.clone());
+    }
+    if let Some(f) = backing_format {
+        c.backing_format = Some(f.clone());
+    }
+    if let Some(s) = size {
+        c.size = parse_size(s).ok_or(format!("Invalid image size specified: '{s}'"))?;
+        size_given = true;
+    }
+    if let Some(b) = &c.backing_file {
+        let fmt = match c.backing_format.as_deref() {
+            None => None,
+            Some(f) => Some(Format::parse(f).ok_or(format!("Unknown backing file format '{f}'"))?),
+        };
+        if open_backing || !size_given {
+            let full = crate::resolve_relative(base, b);
+            let opts = DiskOptions {
+                format: fmt,
+                qcow2: OpenOptions {
+                    no_backing: false,
+                    ..OpenOptions::default()
+                },
+                no_follow: false,
+            };
+            let disk = Disk::open(Path::new(&full), &opts)
+                .map_err(|e| format!("Could not open backing file '{full}': {e}"))?;
+            if !size_given {
+                c.size = disk.size();
+                size_given = true;
+            }
+            if c.backing_format.is_none() {
+                c.backing_format = Some(disk.format().name().to_string());
+            }
+        }
+    }
+    if !size_given {
+        return Err("Image creation needs a size parameter".into());
+    }
+    Ok(c)
+}
+
+/// Runs `qcow2 create`.
+pub fn run(a: &Args) -> u8 {
+    if a.format != "qcow2" {
+        report(
+            "create",
+            format!("only -f qcow2 is supported, not '{}'", a.format),
+        );
+        return 1;
+    }
+    let c = match build(
+        &a.filename,
+        &a.options,
+        &a.backing,
+        &a.backing_format,
+        &a.size,
+        !a.unsafe_backing,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&a.filename, e);
+            return 1;
+        }
+    };
+    if !a.quiet {
+        println!("{}", options::describe(&a.filename, &c));
+    }
+    match crate::create_qcow2(Path::new(&a.filename), &c) {
+        Ok(mut img) => match img.flush() {
+            Ok(()) => 0,
+            Err(e) => {
+                report(&a.filename, e);
+                1
+            }
+        },
+        Err(e) => {
+            report(&a.filename, e);
+            1
+        }
+    }
+}

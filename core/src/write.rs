@@ -93,7 +93,11 @@ impl<R: BlockWrite> Image<R> {
         self.load_refcount_table()?;
         self.writer.enabled = true;
         self.writer.file_end = self.file_len;
-        let keep = autoclear::DATA_FILE_RAW;
+        // Enabled ("auto") bitmaps should track every write, which this
+        // implementation does not do: mark them in use (inconsistent), as
+        // QEMU does while it has them open, before anything is written.
+        self.mark_auto_bitmaps_in_use()?;
+        let keep = autoclear::DATA_FILE_RAW | autoclear::BITMAPS;
         let mut header_changed = false;
         if self.header.autoclear_features & !keep != 0 {
             self.header.autoclear_features &= keep;
@@ -106,6 +110,36 @@ impl<R: BlockWrite> Image<R> {
         }
         if header_changed {
             self.write_header_fields()?;
+        }
+        Ok(())
+    }
+
+    fn mark_auto_bitmaps_in_use(&mut self) -> Res<(), R> {
+        use crate::bitmap::{decode_entry, FLAG_AUTO, FLAG_IN_USE};
+        let Some(ext) = self.header.bitmaps else {
+            return Ok(());
+        };
+        let mut dir = alloc::vec![0u8; to_usize(ext.directory_size).unwrap_or(0)];
+        self.io
+            .read_at(ext.directory_offset, &mut dir)
+            .map_err(Error::Io)?;
+        let mut pos = 0usize;
+        let mut changed = false;
+        for _ in 0..ext.nb_bitmaps {
+            let Some((b, next)) = decode_entry(&dir, pos) else {
+                break;
+            };
+            if b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0 {
+                let flags = (b.flags | FLAG_IN_USE).to_be_bytes();
+                self.io
+                    .write_at(ext.directory_offset + to_u64(pos) + 12, &flags)
+                    .map_err(Error::Io)?;
+                changed = true;
+            }
+            pos = next;
+        }
+        if changed {
+            self.io.flush().map_err(Error::Io)?;
         }
         Ok(())
     }

@@ -19,9 +19,47 @@ pub fn decompress(
     input: &[u8],
     out: &mut [u8],
 ) -> Result<(), DecompressError> {
-    match kind {
-        CompressionType::Zlib => inflate(input, out),
-        CompressionType::Zstd => unzstd(input, out),
+    Decompressor::default().decompress(kind, input, out)
+}
+
+/// Decoder state reused across clusters (saves an allocation per cluster).
+#[derive(Default)]
+pub struct Decompressor {
+    zlib: Option<alloc::boxed::Box<miniz_oxide::inflate::core::DecompressorOxide>>,
+    zstd: Option<ruzstd::decoding::FrameDecoder>,
+}
+
+impl core::fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Decompressor")
+    }
+}
+
+impl Decompressor {
+    /// Decompresses `input` into all of `out` (one cluster).
+    pub fn decompress(
+        &mut self,
+        kind: CompressionType,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), DecompressError> {
+        match kind {
+            CompressionType::Zlib => {
+                let state = self.zlib.get_or_insert_with(alloc::boxed::Box::default);
+                state.init();
+                inflate(state, input, out)
+            }
+            CompressionType::Zstd => {
+                let window = MAX_ZSTD_WINDOW.max(crate::bytes::to_u64(out.len()));
+                let dec = self.zstd.get_or_insert_with(|| {
+                    let mut d = ruzstd::decoding::FrameDecoder::new();
+                    d.set_max_window_size(window);
+                    d
+                });
+                dec.set_max_window_size(window);
+                unzstd(dec, input, out)
+            }
+        }
     }
 }
 
@@ -37,12 +75,15 @@ pub fn compress(kind: CompressionType, cluster: &[u8]) -> Option<alloc::vec::Vec
     }
 }
 
-fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
-    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+fn inflate(
+    state: &mut miniz_oxide::inflate::core::DecompressorOxide,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecompressError> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags};
     use miniz_oxide::inflate::TINFLStatus;
-    let mut state = alloc::boxed::Box::<DecompressorOxide>::default();
     let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
-    let (status, _read, written) = decompress(&mut state, input, out, 0, flags);
+    let (status, _read, written) = decompress(state, input, out, 0, flags);
     match status {
         _ if written == out.len() => Ok(()),
         TINFLStatus::Done => Err("deflate stream ends before a full cluster"),
@@ -53,17 +94,20 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
     }
 }
 
-fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
+fn unzstd(
+    frame: &mut ruzstd::decoding::FrameDecoder,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecompressError> {
     use ruzstd::decoding::StreamingDecoder;
     use ruzstd::io::Read;
-    let window = MAX_ZSTD_WINDOW.max(crate::bytes::to_u64(out.len()));
     let mut src = input;
     let mut done = 0usize;
     // A cluster may consist of several frames; each iteration consumes one.
     // Every frame either produces output or consumes input, so this ends.
     while done < out.len() {
         let before = src.len();
-        let mut dec = StreamingDecoder::new_with_max_window_size(&mut src, window)
+        let mut dec = StreamingDecoder::new_with_decoder(&mut src, &mut *frame)
             .map_err(|_| "invalid zstd frame header")?;
         let mut progressed = false;
         loop {

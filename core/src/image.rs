@@ -101,6 +101,7 @@ pub struct Image<R: BlockRead> {
     pub(crate) file_len: u64,
     name: String,
     decompressed: Option<(u64, Vec<u8>)>,
+    decompressor: compress::Decompressor,
     pub(crate) refcounts: crate::rctable::Refcounts,
     pub(crate) metadata_prealloc: Option<bool>,
     pub(crate) writer: crate::write::Writer,
@@ -249,6 +250,7 @@ impl<R: BlockRead> Image<R> {
             file_len,
             name,
             decompressed: None,
+            decompressor: compress::Decompressor::default(),
             refcounts: crate::rctable::Refcounts::new(rc_capacity),
             metadata_prealloc: None,
             writer: crate::write::Writer::default(),
@@ -524,12 +526,12 @@ impl<R: BlockRead> Image<R> {
                 }
                 None => alloc::vec![0u8; cluster_size],
             };
-            compress::decompress(self.header.compression_type, &input, &mut out).map_err(
-                |reason| Error::Decompress {
+            self.decompressor
+                .decompress(self.header.compression_type, &input, &mut out)
+                .map_err(|reason| Error::Decompress {
                     host_offset,
                     reason,
-                },
-            )?;
+                })?;
             self.decompressed = Some((host_offset, out));
         }
         match &self.decompressed {

@@ -107,23 +107,25 @@ fn unzstd(
     // Every frame either produces output or consumes input, so this ends.
     while done < out.len() {
         let before = src.len();
-        let mut dec = StreamingDecoder::new_with_decoder(&mut src, &mut *frame)
-            .map_err(|_| "invalid zstd frame header")?;
-        let mut progressed = false;
-        loop {
-            let n = dec
-                .read(&mut out[done..])
-                .map_err(|_| "invalid zstd data")?;
-            if n == 0 {
-                break;
+        let progressed = {
+            let mut dec = StreamingDecoder::new_with_decoder(&mut src, &mut *frame)
+                .map_err(|_| "invalid zstd frame header")?;
+            let mut progressed = false;
+            loop {
+                let n = dec
+                    .read(&mut out[done..])
+                    .map_err(|_| "invalid zstd data")?;
+                if n == 0 {
+                    break;
+                }
+                progressed = true;
+                done += n;
+                if done == out.len() {
+                    return Ok(());
+                }
             }
-            progressed = true;
-            done += n;
-            if done == out.len() {
-                return Ok(());
-            }
-        }
-        drop(dec);
+            progressed
+        };
         if !progressed && src.len() >= before {
             return Err("zstd stream ends before a full cluster");
         }

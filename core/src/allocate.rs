@@ -185,7 +185,9 @@ impl<R: BlockWrite> Image<R> {
         let cs = self.cluster_size();
         if let Some(next) = self.writer.compressed_next {
             let used = next % cs;
-            if used != 0 && used + len <= cs && self.refcount(next / cs)? > 0 {
+            let rc = self.refcount(next / cs)?;
+            let room = rc > 0 && rc < refcount::max_refcount(self.header.refcount_order);
+            if used != 0 && used + len <= cs && room {
                 self.change_refcount(next / cs, 1)?;
                 self.writer.compressed_next = Some(next + len);
                 return Ok(next);

@@ -337,6 +337,17 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
 /// file name (which is placed after the extensions, updating the header's
 /// `backing_file_offset`/`backing_file_size`).
 pub fn encode_header_cluster<E>(h: &mut Header) -> Result<Vec<u8>, Error<E>> {
+    let out = encode_header_cluster_as_is(h);
+    if out.is_err() && !h.feature_names.is_empty() {
+        // Like QEMU, leave out the (optional) feature name table when the
+        // header would not fit in the first cluster otherwise.
+        h.feature_names.clear();
+        return encode_header_cluster_as_is(h);
+    }
+    out
+}
+
+fn encode_header_cluster_as_is<E>(h: &mut Header) -> Result<Vec<u8>, Error<E>> {
     let cs = h.cluster_size();
     let ext = h.encode_extensions();
     let fixed_len = h.encode_fixed().len();

@@ -365,6 +365,7 @@ impl<R: BlockWrite> Image<R> {
         if frees.is_empty() {
             return Ok(());
         }
+        self.invalidate_decompressed();
         let cb = self.header.cluster_bits;
         for (off, len) in frees {
             if len == 0 {

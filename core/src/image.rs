@@ -510,6 +510,11 @@ impl<R: BlockRead> Image<R> {
         Ok(())
     }
 
+    /// Forgets the cached decompressed cluster (its host space may be reused).
+    pub(crate) fn invalidate_decompressed(&mut self) {
+        self.decompressed = None;
+    }
+
     /// Decompresses the cluster at `host_offset` (caching the last one).
     fn decompress(&mut self, host_offset: u64, size: u64) -> Res<&[u8], R> {
         let hit = matches!(&self.decompressed, Some((o, _)) if *o == host_offset);

@@ -441,6 +441,8 @@ impl<R: BlockWrite> Image<R> {
 
     fn write_data(&mut self, host: u64, data: &[u8]) -> Res<(), R> {
         self.writer.data_dirty = true;
+        // Host space may be reused: a cached decompressed cluster is stale.
+        self.invalidate_decompressed();
         let io = if self.fmt.data_file {
             self.data_file.as_mut().ok_or(Error::MissingDataFile)?
         } else {
@@ -635,7 +637,6 @@ impl<R: BlockWrite> Image<R> {
         let cs = self.cluster_size();
         let size = self.header.size;
         let per_table = self.header.l2_coverage();
-        let has_backing = self.header.backing_file.is_some();
         let mut pos = 0u64;
         while pos < size {
             let table_end = (pos - pos % per_table + per_table).min(size);
@@ -686,12 +687,12 @@ impl<R: BlockWrite> Image<R> {
                     _ => {}
                 }
                 for i in 0..n {
-                    let bm = if !self.fmt.extended {
-                        0
-                    } else if has_backing {
-                        bitmap & !l2::ALL_ALLOC & (0xffff_ffff << 32)
+                    // Like QEMU, subclusters stay unallocated (they read as
+                    // zeros, or from the backing file).
+                    let bm = if self.fmt.extended {
+                        bitmap & (0xffff_ffff << 32)
                     } else {
-                        l2::ALL_ALLOC
+                        0
                     };
                     self.set_l2_entry(l2_off, c + i * cs, (host + i * cs) | COPIED, bm)?;
                 }

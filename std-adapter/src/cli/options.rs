@@ -113,6 +113,9 @@ pub fn describe(path: &str, c: &CreateOptions) -> String {
         c.compression_type.name(),
         c.rounded_size().unwrap_or(c.size)
     );
+    if !c.v3 {
+        s += " compat=0.10";
+    }
     if let Some(b) = &c.backing_file {
         s += &format!(" backing_file={b}");
     }
@@ -124,9 +127,6 @@ pub fn describe(path: &str, c: &CreateOptions) -> String {
     }
     if c.data_file_raw {
         s += " data_file_raw=on";
-    }
-    if !c.v3 {
-        s += " compat=0.10";
     }
     s += &format!(
         " lazy_refcounts={} refcount_bits={}",

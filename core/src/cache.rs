@@ -31,6 +31,11 @@ impl TableCache {
         }
     }
 
+    /// Number of tables held now.
+    pub(crate) fn len(&self) -> usize {
+        self.tables.len()
+    }
+
     /// Maximum number of tables held.
     pub(crate) fn capacity(&self) -> usize {
         self.capacity

@@ -313,6 +313,16 @@ impl<R: BlockRead> Image<R> {
         self.l2_cache.capacity()
     }
 
+    /// Number of L2 tables held by the cache now (dirty ones included).
+    pub fn l2_cache_len(&self) -> usize {
+        self.l2_cache.len()
+    }
+
+    /// Number of refcount blocks held by the cache now.
+    pub fn refcount_cache_len(&self) -> usize {
+        self.refcounts.blocks.len()
+    }
+
     /// Number of L2 tables read from storage so far.
     pub fn l2_cache_misses(&self) -> u64 {
         self.l2_cache.misses

@@ -353,3 +353,48 @@ fn no_follow_refuses_files_named_by_the_image() {
         .unwrap()
         .starts_with(b"top secret"));
 }
+
+#[test]
+fn writing_a_huge_image_stays_within_the_cache_budget() {
+    use qcowkit_core::{create, CreateOptions};
+    let mut disk = Vec::new();
+    create::format(
+        &mut disk,
+        &CreateOptions {
+            size: 64 << 40,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let opts = OpenOptions {
+        l2_cache_bytes: Some(4 * 65536),
+        refcount_cache_bytes: Some(2 * 65536),
+        ..OpenOptions::default()
+    };
+    let mut img = Image::open_rw(disk, &opts).unwrap();
+    // Every write lands in a different L2 table (each covers 512 MiB).
+    for i in 0..40u64 {
+        let off = i * (1 << 40) + i * 4096;
+        img.write_at(off, &[i as u8 + 1; 4096]).unwrap();
+        assert!(
+            img.l2_cache_len() <= 4,
+            "write {i}: {} L2 tables cached",
+            img.l2_cache_len()
+        );
+        assert!(
+            img.refcount_cache_len() <= 2,
+            "write {i}: {} refcount blocks",
+            img.refcount_cache_len()
+        );
+    }
+    img.flush().unwrap();
+    let mut buf = [0u8; 4096];
+    for i in 0..40u64 {
+        img.read_at(i * (1 << 40) + i * 4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == i as u8 + 1), "read back {i}");
+    }
+    let rep = img.check().unwrap();
+    assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+    // The file holds the metadata plus 40 data clusters and 40 L2 tables.
+    assert!(img.into_inner().len() < 16 << 20);
+}

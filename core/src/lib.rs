@@ -52,6 +52,7 @@ pub mod l2;
 pub mod map;
 mod rctable;
 pub mod refcount;
+pub mod report;
 pub mod snapshot;
 mod write;
 

@@ -2,7 +2,7 @@
 //! (0 clean, 1 check failed, 2 corruptions, 3 leaks only).
 
 use clap::Parser;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use super::{open_disk, parse_format, report, Output};
 use crate::Disk;
@@ -81,25 +81,9 @@ pub fn run(a: &Args) -> u8 {
     }
     match a.output {
         Output::Json => {
-            let mut m = Map::new();
-            m.insert("image-end-offset".into(), json!(r.image_end_offset));
-            m.insert("compressed-clusters".into(), json!(r.compressed_clusters));
-            m.insert("total-clusters".into(), json!(r.total_clusters));
-            m.insert("check-errors".into(), json!(r.check_errors));
-            if r.leaks > 0 {
-                m.insert("leaks".into(), json!(r.leaks));
-            }
-            if r.corruptions > 0 {
-                m.insert("corruptions".into(), json!(r.corruptions));
-            }
-            m.insert("allocated-clusters".into(), json!(r.allocated_clusters));
-            m.insert("filename".into(), json!(a.filename));
-            m.insert("format".into(), json!("qcow2"));
-            m.insert("fragmented-clusters".into(), json!(r.fragmented_clusters));
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default()
-            );
+            let text = qcowkit_core::report::check_json(&r, &a.filename);
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         Output::Human if !a.quiet || exit_code(&r) != 0 => print!("{}", human(&r)),
         Output::Human => {}

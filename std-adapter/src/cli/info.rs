@@ -1,11 +1,11 @@
 //! `qcow2 info`: qemu-img's keys and layout.
 
 use clap::Parser;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use super::{human, open_disk, parse_format, report, Output};
 use crate::{Disk, Format};
-use qcowkit_core::{BlockRead, Image, OpenOptions};
+use qcowkit_core::{BlockRead, OpenOptions};
 
 /// Arguments of `qcow2 info`.
 #[derive(Debug, Parser)]
@@ -83,106 +83,29 @@ pub fn run(a: &Args) -> u8 {
     0
 }
 
-/// Builds qemu-img's JSON object for one image.
+/// Builds qemu-img's JSON object for one image (the core's report).
 pub fn image_info(name: &str, disk: Disk) -> Value {
-    let mut m = Map::new();
-    match disk {
+    let text = match disk {
         Disk::Raw { mut io, size } => {
-            m.insert("virtual-size".into(), json!(size));
-            m.insert("filename".into(), json!(name));
-            m.insert("format".into(), json!("raw"));
             let actual = io.allocated_size().ok().flatten().unwrap_or(0);
-            m.insert("actual-size".into(), json!(actual));
-            m.insert("dirty-flag".into(), json!(false));
+            qcowkit_core::report::raw_info_json(name, size, actual)
         }
-        Disk::Qcow2(mut img) => qcow2_info(name, &mut img, &mut m),
-    }
-    Value::Object(m)
-}
-
-fn qcow2_info(name: &str, img: &mut Image<crate::FileIo>, m: &mut Map<String, Value>) {
-    let h = img.header().clone();
-    if let (Some(_), Some(f)) = (&h.backing_file, &h.backing_format) {
-        m.insert("backing-filename-format".into(), json!(f));
-    }
-    let snaps: Vec<Value> = img
-        .snapshots()
-        .iter()
-        .map(|s| {
-            let mut o = Map::new();
-            if let Some(ic) = s.icount.filter(|i| *i != u64::MAX) {
-                o.insert("icount".into(), json!(ic));
-            }
-            o.insert(
-                "vm-clock-nsec".into(),
-                json!(s.vm_clock_nsec % 1_000_000_000),
-            );
-            o.insert("name".into(), json!(s.name));
-            o.insert("date-sec".into(), json!(s.date_sec));
-            o.insert("date-nsec".into(), json!(s.date_nsec));
-            o.insert(
-                "vm-clock-sec".into(),
-                json!(s.vm_clock_nsec / 1_000_000_000),
-            );
-            o.insert("id".into(), json!(s.id));
-            o.insert("vm-state-size".into(), json!(s.vm_state_size));
-            Value::Object(o)
-        })
-        .collect();
-    if !snaps.is_empty() {
-        m.insert("snapshots".into(), Value::Array(snaps));
-    }
-    m.insert("virtual-size".into(), json!(h.size));
-    m.insert("filename".into(), json!(name));
-    m.insert("cluster-size".into(), json!(h.cluster_size()));
-    m.insert("format".into(), json!("qcow2"));
-    let actual = img.io_mut().allocated_size().ok().flatten().unwrap_or(0);
-    m.insert("actual-size".into(), json!(actual));
-    let mut data = Map::new();
-    if h.version == 2 {
-        data.insert("compat".into(), json!("0.10"));
-        data.insert("compression-type".into(), json!(h.compression_type.name()));
-        data.insert("refcount-bits".into(), json!(h.refcount_bits()));
-    } else {
-        data.insert("compat".into(), json!("1.1"));
-        data.insert("compression-type".into(), json!(h.compression_type.name()));
-        data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
-        if h.bitmaps.is_some() {
-            let bms: Vec<Value> = img
-                .bitmaps()
-                .iter()
-                .map(|b| {
-                    json!({
-                        "flags": b.flag_names().collect::<Vec<_>>(),
-                        "name": b.name,
-                        "granularity": b.granularity(),
-                    })
-                })
-                .collect();
-            data.insert("bitmaps".into(), Value::Array(bms));
+        Disk::Qcow2(mut img) => {
+            let actual = img.io_mut().allocated_size().ok().flatten().unwrap_or(0);
+            let full = img
+                .header()
+                .backing_file
+                .as_deref()
+                .map(|b| crate::resolve_relative(name, b));
+            let p = qcowkit_core::report::InfoParams {
+                filename: name,
+                full_backing_filename: full.as_deref(),
+                actual_size: actual,
+            };
+            qcowkit_core::report::info_json(&img, &p)
         }
-        data.insert("refcount-bits".into(), json!(h.refcount_bits()));
-        if h.has_data_file() {
-            if let Some(df) = &h.data_file {
-                data.insert("data-file".into(), json!(df));
-            }
-            data.insert("data-file-raw".into(), json!(h.data_file_raw()));
-        }
-        data.insert("corrupt".into(), json!(h.corrupt()));
-        data.insert("extended-l2".into(), json!(h.extended_l2()));
-    }
-    m.insert(
-        "format-specific".into(),
-        json!({"type": "qcow2", "data": Value::Object(data)}),
-    );
-    if let Some(b) = &h.backing_file {
-        m.insert(
-            "full-backing-filename".into(),
-            json!(crate::resolve_relative(name, b)),
-        );
-        m.insert("backing-filename".into(), json!(b));
-    }
-    m.insert("dirty-flag".into(), json!(h.dirty()));
+    };
+    serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
 /// Renders qemu-img's human layout from the JSON object.

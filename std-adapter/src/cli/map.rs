@@ -170,14 +170,5 @@ fn layer_name(disk: &Disk, depth: u32, external: bool) -> String {
 
 /// One entry in `qemu-img map --output=json` syntax.
 pub fn json_line(e: &Entry) -> String {
-    let s = &e.status;
-    let mut line = format!(
-        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-        e.start, e.length, s.depth, s.present, s.zero, s.data, s.compressed
-    );
-    if let Some(o) = s.offset {
-        line += &format!(", \"offset\": {o}");
-    }
-    line.push('}');
-    line
+    qcowkit_core::report::map_entry_json(e.start, e.length, &e.status)
 }

@@ -371,3 +371,132 @@ fn encode_header_cluster_as_is<E>(h: &mut Header) -> Result<Vec<u8>, Error<E>> {
     }
     Ok(out)
 }
+
+/// Parses a size with an optional `k`/`M`/`G`/`T`/`P`/`E` suffix (powers of
+/// 1024) or `b` (bytes), like qemu-img; decimal fractions are accepted when
+/// the result is a whole number of bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return None,
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult);
+    }
+    // "1.5G": whole part and fraction, in integer arithmetic.
+    let (whole, frac) = num.split_once('.')?;
+    if frac.is_empty() || frac.len() > 18 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let frac_num: u128 = frac.parse().ok()?;
+    let denom: u128 = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
+    let frac_bytes = frac_num.checked_mul(u128::from(mult))?;
+    if frac_bytes % denom != 0 {
+        return None;
+    }
+    let frac_bytes = u64::try_from(frac_bytes / denom).ok()?;
+    whole.checked_mul(mult)?.checked_add(frac_bytes)
+}
+
+fn on_off(v: &str) -> Result<bool, &'static str> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err("expects 'on' or 'off'"),
+    }
+}
+
+impl CreateOptions {
+    /// Sets one option by its qemu-img name (`cluster_size`, `compat`,
+    /// `refcount_bits`, `extended_l2`, `compression_type`, `backing_file`,
+    /// `backing_fmt`, `data_file`, `data_file_raw`, `preallocation`,
+    /// `lazy_refcounts`, `size`). Errors say what is wrong with the value.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), &'static str> {
+        match key {
+            "size" => self.size = parse_size(value).ok_or("invalid size")?,
+            "cluster_size" => {
+                self.cluster_size = parse_size(value).ok_or("invalid cluster size")?
+            }
+            "compat" => {
+                self.v3 = match value {
+                    "0.10" | "v2" => false,
+                    "1.1" | "v3" => true,
+                    _ => return Err("invalid compatibility level (0.10 or 1.1)"),
+                }
+            }
+            "refcount_bits" => {
+                self.refcount_bits = value.parse().map_err(|_| "invalid refcount width")?
+            }
+            "extended_l2" => self.extended_l2 = on_off(value)?,
+            "lazy_refcounts" => self.lazy_refcounts = on_off(value)?,
+            "data_file_raw" => self.data_file_raw = on_off(value)?,
+            "compression_type" => {
+                self.compression_type = match value {
+                    "zlib" => CompressionType::Zlib,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err("invalid compression type (zlib or zstd)"),
+                }
+            }
+            "backing_file" => self.backing_file = Some(String::from(value)),
+            "backing_fmt" => self.backing_format = Some(String::from(value)),
+            "data_file" => self.data_file = Some(String::from(value)),
+            "preallocation" => {
+                self.preallocation = Preallocation::parse(value)
+                    .ok_or("invalid preallocation mode (off, metadata, falloc, full)")?
+            }
+            "encryption" | "encrypt.format" => {
+                return Err("encrypted images cannot be created yet")
+            }
+            _ => return Err("unknown option"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("0.5k"), Some(512));
+        assert_eq!(parse_size("0.3"), None);
+        assert_eq!(parse_size("2T"), Some(2 << 40));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999E"), None);
+    }
+
+    #[test]
+    fn set_options() {
+        let mut c = CreateOptions::default();
+        c.set("cluster_size", "4k").unwrap();
+        c.set("compat", "0.10").unwrap();
+        c.set("extended_l2", "on").unwrap();
+        assert_eq!(c.cluster_size, 4096);
+        assert!(!c.v3 && c.extended_l2);
+        assert!(c.set("bogus", "1").is_err());
+        assert!(c.set("extended_l2", "maybe").is_err());
+    }
+}

@@ -149,35 +149,9 @@ pub fn open_disk_with(
     )
 }
 
-/// Parses a size with an optional k/M/G/T/P/E suffix (powers of 1024) or
-/// `b` (bytes), like qemu-img.
+/// Parses a size with an optional k/M/G/T/P/E suffix (qemu-img's rules).
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return None,
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult);
-    }
-    let f: f64 = num.parse().ok()?;
-    if !(0.0..=(u64::MAX as f64)).contains(&f) || !f.is_finite() {
-        return None;
-    }
-    let v = f * mult as f64;
-    (v <= u64::MAX as f64 && v.fract() == 0.0).then_some(v as u64)
+    qcowkit_core::create::parse_size(s)
 }
 
 #[cfg(test)]

@@ -1,9 +1,6 @@
 //! qemu-img's `-o key=value,...` creation options.
 
-use qcowkit_core::header::CompressionType;
 use qcowkit_core::{CreateOptions, Preallocation};
-
-use super::parse_size;
 
 /// Splits `a=b,c=d` (a doubled comma is a literal comma, as in qemu-img).
 pub fn split(opts: &str) -> Vec<(String, String)> {
@@ -33,61 +30,15 @@ pub fn split(opts: &str) -> Vec<(String, String)> {
     out
 }
 
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
-    }
-}
-
 /// Applies `-o` options to `c`. Returns whether `size` was given.
 pub fn apply(c: &mut CreateOptions, opts: &str) -> Result<bool, String> {
     let mut size_given = false;
     for (k, v) in split(opts) {
-        match k.as_str() {
-            "size" => {
-                c.size = parse_size(&v).ok_or(format!("Invalid size '{v}'"))?;
-                size_given = true;
-            }
-            "cluster_size" => {
-                c.cluster_size = parse_size(&v).ok_or(format!("Invalid cluster_size '{v}'"))?
-            }
-            "compat" => {
-                c.v3 = match v.as_str() {
-                    "0.10" | "v2" => false,
-                    "1.1" | "v3" => true,
-                    _ => return Err(format!("Invalid compatibility level: '{v}'")),
-                }
-            }
-            "refcount_bits" => {
-                c.refcount_bits = v
-                    .parse()
-                    .map_err(|_| format!("Invalid refcount_bits '{v}'"))?
-            }
-            "extended_l2" => c.extended_l2 = on_off(&k, &v)?,
-            "lazy_refcounts" => c.lazy_refcounts = on_off(&k, &v)?,
-            "data_file_raw" => c.data_file_raw = on_off(&k, &v)?,
-            "compression_type" => {
-                c.compression_type = match v.as_str() {
-                    "zlib" => CompressionType::Zlib,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(format!("Invalid compression_type '{v}' (zlib or zstd)")),
-                }
-            }
-            "backing_file" => c.backing_file = Some(v),
-            "backing_fmt" => c.backing_format = Some(v),
-            "data_file" => c.data_file = Some(v),
-            "preallocation" => {
-                c.preallocation = Preallocation::parse(&v).ok_or(format!(
-                    "Invalid preallocation mode '{v}' (off, metadata, falloc, full)"
-                ))?
-            }
-            "encryption" | "encrypt.format" => {
-                return Err("encrypted images cannot be created yet".to_string())
-            }
-            _ => return Err(format!("Invalid parameter '{k}'")),
-        }
+        c.set(&k, &v).map_err(|why| match why {
+            "unknown option" => format!("Invalid parameter '{k}'"),
+            why => format!("Invalid value '{v}' for '{k}': {why}"),
+        })?;
+        size_given |= k == "size";
     }
     Ok(size_given)
 }

@@ -18,6 +18,16 @@ if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   echo "== adding target thumbv7em-none-eabihf"
   rustup target add thumbv7em-none-eabihf
 fi
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  echo "== adding target wasm32-unknown-unknown"
+  rustup target add wasm32-unknown-unknown
+fi
+# wasm-bindgen's test runner, the exact version of the wasm-bindgen crate
+# (see ../shared/toolchain.md: no --locked for this one).
+if [ "$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}')" != "0.2.130" ]; then
+  echo "== installing wasm-bindgen-cli 0.2.130"
+  cargo install wasm-bindgen-cli --version 0.2.130
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install cargo-nextest --version 0.9.143 --locked
@@ -37,5 +47,14 @@ echo "== tests (unit, property, integration against qemu-img/qemu-io)"
 cargo nextest run --workspace --no-fail-fast
 echo "== doc tests"
 cargo test --workspace --doc
+
+echo "== wasm bindings: fmt, clippy, tests in Node (wasm-bindgen-test)"
+(
+  cd wasm
+  cargo fmt -- --check
+  cargo clippy --target wasm32-unknown-unknown --all-targets -- -D warnings
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    cargo test --target wasm32-unknown-unknown
+)
 
 echo "== all tests passed"

@@ -1,0 +1,377 @@
+//! # qcowkit-wasm
+//!
+//! qcow2 disk images in JavaScript, over the same core as the `qcow2` CLI.
+//! Built with `wasm-pack build --target web` (or `--target nodejs`).
+//!
+//! ```js
+//! import init, { QcowImage } from "qcowkit";
+//! await init();
+//! const img = QcowImage.open("vm.qcow2", bytesOrFileOrHandle, { "base.qcow2": baseFile });
+//! console.log(JSON.parse(img.info()));      // like `qemu-img info --output=json`
+//! const firstSector = img.read(0, 512);     // Uint8Array
+//! ```
+//!
+//! Storages: `Uint8Array`, `Blob`/`File` (read-only; synchronous reads need a
+//! worker), an OPFS `FileSystemSyncAccessHandle` (read-write, dedicated
+//! worker), or any object with synchronous `read(offset, length)`,
+//! `write(offset, bytes)`, `size()` and `flush()` methods. Errors are thrown
+//! as JS `Error`s carrying the core's message.
+
+mod storage;
+
+use js_sys::{Function, Object, Reflect, Uint8Array};
+use qcowkit_core::{report, CreateOptions, FileRole, Image, OpenOptions, Opened, Opener};
+use wasm_bindgen::prelude::*;
+
+pub use storage::{Storage, StorageError};
+
+fn js_err(e: impl core::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// The files an image may name (backing files, data files), supplied by the
+/// caller: a plain object or `Map` from file name to storage. A name is
+/// found by its exact spelling, then by its last path component.
+struct NamedFiles {
+    files: JsValue,
+}
+
+impl NamedFiles {
+    fn lookup(&self, name: &str) -> Option<(String, JsValue)> {
+        if self.files.is_undefined() || self.files.is_null() {
+            return None;
+        }
+        let get = |key: &str| -> Option<JsValue> {
+            let v = if let Some(m) = self.files.dyn_ref::<js_sys::Map>() {
+                m.get(&JsValue::from_str(key))
+            } else {
+                Reflect::get(&self.files, &JsValue::from_str(key)).ok()?
+            };
+            (!v.is_undefined() && !v.is_null()).then_some(v)
+        };
+        if let Some(v) = get(name) {
+            return Some((name.to_string(), v));
+        }
+        let base = name.rsplit('/').next().unwrap_or(name);
+        get(base).map(|v| (base.to_string(), v))
+    }
+}
+
+impl Opener<Storage> for NamedFiles {
+    fn open(
+        &mut self,
+        _parent: &str,
+        name: &str,
+        role: FileRole,
+    ) -> Result<Opened<Storage>, StorageError> {
+        let (key, value) = self.lookup(name).ok_or_else(|| {
+            StorageError(format!(
+                "the image needs its {} '{name}': supply it with the image",
+                match role {
+                    FileRole::Backing => "backing file",
+                    FileRole::DataFile => "data file",
+                }
+            ))
+        })?;
+        Ok(Opened {
+            io: Storage::from_js(value)?,
+            resolved: key.clone(),
+            identity: key,
+        })
+    }
+}
+
+/// An opened disk image (qcow2 with its backing chain).
+#[wasm_bindgen]
+pub struct QcowImage {
+    img: Image<Storage>,
+    name: String,
+}
+
+#[wasm_bindgen]
+impl QcowImage {
+    /// Opens `storage` (see the crate docs for the kinds) named `name`;
+    /// `files` supplies backing/data files by name (object or Map; optional).
+    pub fn open(name: &str, storage: JsValue, files: JsValue) -> Result<QcowImage, JsError> {
+        let io = Storage::from_js(storage).map_err(js_err)?;
+        let mut opener = NamedFiles { files };
+        let img = Image::open_with(io, name, name, &mut opener, &OpenOptions::default())
+            .map_err(js_err)?;
+        Ok(QcowImage {
+            img,
+            name: name.to_string(),
+        })
+    }
+
+    /// Opens `storage` for reading and writing (OPFS handle, storage object
+    /// with `write`, or bytes in memory).
+    #[wasm_bindgen(js_name = openWritable)]
+    pub fn open_writable(
+        name: &str,
+        storage: JsValue,
+        files: JsValue,
+    ) -> Result<QcowImage, JsError> {
+        let io = Storage::from_js(storage).map_err(js_err)?;
+        let mut opener = NamedFiles { files };
+        let img = Image::open_rw_with(io, name, name, &mut opener, &OpenOptions::default())
+            .map_err(js_err)?;
+        Ok(QcowImage {
+            img,
+            name: name.to_string(),
+        })
+    }
+
+    /// Virtual size in bytes.
+    #[wasm_bindgen(js_name = virtualSize)]
+    pub fn virtual_size(&self) -> f64 {
+        self.img.size() as f64
+    }
+
+    /// `qemu-img info --output=json` for this image (a JSON string).
+    pub fn info(&mut self) -> String {
+        let actual = qcowkit_core::BlockRead::len(self.img.io_mut()).unwrap_or(0);
+        let full = self.img.backing().map(|b| b.name().to_string());
+        let p = report::InfoParams {
+            filename: &self.name,
+            full_backing_filename: full.as_deref(),
+            actual_size: actual,
+        };
+        report::info_json(&self.img, &p)
+    }
+
+    /// `qemu-img map --output=json` for this image (a JSON array string).
+    pub fn map(&mut self) -> Result<String, JsError> {
+        let size = self.img.size();
+        let mut out = String::from("[");
+        let mut cur: Option<(u64, u64, qcowkit_core::BlockStatus)> = None;
+        let mut pos = 0;
+        let mut first = true;
+        let mut emit = |out: &mut String, e: (u64, u64, qcowkit_core::BlockStatus)| {
+            if !first {
+                out.push_str(",\n");
+            }
+            first = false;
+            out.push_str(&report::map_entry_json(e.0, e.1, &e.2));
+        };
+        while pos < size {
+            let (st, run) = self.img.block_status(pos, size - pos).map_err(js_err)?;
+            if run == 0 {
+                break;
+            }
+            match &mut cur {
+                Some((_, len, s)) if s.continues(*len, &st) => *len += run,
+                _ => {
+                    if let Some(e) = cur.take() {
+                        emit(&mut out, e);
+                    }
+                    cur = Some((pos, run, st));
+                }
+            }
+            pos += run;
+        }
+        if let Some(e) = cur {
+            emit(&mut out, e);
+        }
+        out.push(']');
+        Ok(out)
+    }
+
+    /// `qemu-img check --output=json` (a JSON string; read-only check).
+    pub fn check(&mut self) -> Result<String, JsError> {
+        let r = self.img.check().map_err(js_err)?;
+        Ok(report::check_json(&r, &self.name))
+    }
+
+    /// Reads `length` guest bytes at `offset`.
+    pub fn read(&mut self, offset: f64, length: u32) -> Result<Uint8Array, JsError> {
+        let mut buf = vec![0u8; length as usize];
+        self.img.read_at(offset as u64, &mut buf).map_err(js_err)?;
+        Ok(Uint8Array::from(&buf[..]))
+    }
+
+    /// Writes `bytes` at guest `offset` (image opened writable).
+    pub fn write(&mut self, offset: f64, bytes: &[u8]) -> Result<(), JsError> {
+        self.img.write_at(offset as u64, bytes).map_err(js_err)
+    }
+
+    /// Makes written data durable.
+    pub fn flush(&mut self) -> Result<(), JsError> {
+        self.img.flush().map_err(js_err)
+    }
+
+    /// Streams the guest contents as raw bytes: calls `sink(offset, bytes)`
+    /// for consecutive chunks of at most `chunk_size` bytes; chunks that
+    /// read as zeros are passed as `null` with their length as the third
+    /// argument (so a file sink can leave holes and a stream can write
+    /// zeros). Never holds more than one chunk in memory.
+    #[wasm_bindgen(js_name = convertToRaw)]
+    pub fn convert_to_raw(&mut self, sink: &Function, chunk_size: u32) -> Result<(), JsError> {
+        let size = self.img.size();
+        let chunk = u64::from(chunk_size.max(4096));
+        let mut buf = vec![0u8; chunk as usize];
+        let mut pos = 0;
+        while pos < size {
+            let want = (size - pos).min(chunk);
+            let (st, run) = self.img.block_status(pos, want).map_err(js_err)?;
+            let n = run.clamp(1, want);
+            if st.reads_as_zero() {
+                sink.call3(
+                    &JsValue::NULL,
+                    &(pos as f64).into(),
+                    &JsValue::NULL,
+                    &(n as f64).into(),
+                )
+                .map_err(|e| js_err(StorageError::from(e)))?;
+            } else {
+                let b = &mut buf[..n as usize];
+                self.img.read_at(pos, b).map_err(js_err)?;
+                sink.call3(
+                    &JsValue::NULL,
+                    &(pos as f64).into(),
+                    &Uint8Array::from(&b[..]),
+                    &(n as f64).into(),
+                )
+                .map_err(|e| js_err(StorageError::from(e)))?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Copies the guest contents into `target` (an OPFS handle or storage
+    /// object) as a raw image, leaving zero ranges unwritten.
+    #[wasm_bindgen(js_name = convertToRawStorage)]
+    pub fn convert_to_raw_storage(&mut self, target: JsValue) -> Result<(), JsError> {
+        use qcowkit_core::BlockWrite;
+        let mut out = Storage::from_js(target).map_err(js_err)?;
+        let size = self.img.size();
+        out.set_len(0).map_err(js_err)?;
+        out.set_len(size).map_err(js_err)?;
+        let chunk = 1u64 << 20;
+        let mut buf = vec![0u8; chunk as usize];
+        let mut pos = 0;
+        while pos < size {
+            let want = (size - pos).min(chunk);
+            let (st, run) = self.img.block_status(pos, want).map_err(js_err)?;
+            let n = run.clamp(1, want);
+            if !st.reads_as_zero() {
+                let b = &mut buf[..n as usize];
+                self.img.read_at(pos, b).map_err(js_err)?;
+                if b.iter().any(|x| *x != 0) {
+                    out.write_at(pos, b).map_err(js_err)?;
+                }
+            }
+            pos += n;
+        }
+        out.flush().map_err(js_err)
+    }
+}
+
+fn create_options(options: &JsValue) -> Result<CreateOptions, JsError> {
+    let mut c = CreateOptions::default();
+    if options.is_undefined() || options.is_null() {
+        return Ok(c);
+    }
+    let obj: &Object = options.dyn_ref().ok_or_else(|| {
+        JsError::new("options must be an object like { size: '1G', cluster_size: 65536 }")
+    })?;
+    for entry in Object::entries(obj).iter() {
+        let pair: js_sys::Array = entry.unchecked_into();
+        let key = pair.get(0).as_string().unwrap_or_default();
+        if key == "compress" {
+            continue; // a conversion flag, not a creation option
+        }
+        let v = pair.get(1);
+        let value = if let Some(b) = v.as_bool() {
+            if b {
+                "on".to_string()
+            } else {
+                "off".to_string()
+            }
+        } else if let Some(n) = v.as_f64() {
+            format!("{n}")
+        } else {
+            v.as_string().unwrap_or_default()
+        };
+        c.set(&key, &value)
+            .map_err(|why| JsError::new(&format!("invalid option {key}={value}: {why}")))?;
+    }
+    Ok(c)
+}
+
+/// Creates a new qcow2 image in `target` (an OPFS handle or storage object)
+/// with qemu-img's option names (`size`, `cluster_size`, `extended_l2`,
+/// `compression_type`, ...).
+#[wasm_bindgen(js_name = createImage)]
+pub fn create_image(target: JsValue, options: JsValue) -> Result<(), JsError> {
+    let c = create_options(&options)?;
+    let mut io = Storage::from_js(target).map_err(js_err)?;
+    qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
+    qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
+    let mut img = Image::open_rw(io, &creating()).map_err(js_err)?;
+    img.preallocate(c.preallocation).map_err(js_err)?;
+    img.flush().map_err(js_err)
+}
+
+/// Open options while creating: the backing file is recorded, not opened.
+fn creating() -> OpenOptions {
+    OpenOptions {
+        no_backing: true,
+        ..OpenOptions::default()
+    }
+}
+
+/// Creates a new qcow2 image in memory and returns its bytes.
+#[wasm_bindgen(js_name = createImageBytes)]
+pub fn create_image_bytes(options: JsValue) -> Result<Uint8Array, JsError> {
+    let c = create_options(&options)?;
+    let mut bytes: Vec<u8> = Vec::new();
+    qcowkit_core::create::format(&mut bytes, &c).map_err(js_err)?;
+    let mut img = Image::open_rw(Storage::Memory(bytes), &creating()).map_err(js_err)?;
+    img.preallocate(c.preallocation).map_err(js_err)?;
+    img.flush().map_err(js_err)?;
+    let out = img.into_inner().into_bytes().unwrap_or_default();
+    Ok(Uint8Array::from(&out[..]))
+}
+
+/// Converts a raw disk image (`source`: any storage) into a new qcow2 image
+/// in `target` (OPFS handle or storage object), with qemu-img's creation
+/// options plus `compress: true` for compressed clusters.
+#[wasm_bindgen(js_name = convertRawToQcow2)]
+pub fn convert_raw_to_qcow2(
+    source: JsValue,
+    target: JsValue,
+    options: JsValue,
+) -> Result<(), JsError> {
+    use qcowkit_core::BlockRead;
+    let compress = !options.is_undefined()
+        && !options.is_null()
+        && Reflect::get(&options, &"compress".into())
+            .ok()
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+    let mut src = Storage::from_js(source).map_err(js_err)?;
+    let size = src.len().map_err(js_err)?;
+    let mut c = create_options(&options)?;
+    c.size = size;
+    let mut io = Storage::from_js(target).map_err(js_err)?;
+    qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
+    qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
+    let mut img = Image::open_rw(io, &OpenOptions::default()).map_err(js_err)?;
+    let cs = img.cluster_size();
+    let mut buf = vec![0u8; cs as usize];
+    let mut pos = 0;
+    while pos < img.size() {
+        let n = (img.size() - pos).min(cs) as usize;
+        src.read_at(pos, &mut buf[..n]).map_err(js_err)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            if compress {
+                img.write_compressed(pos, &buf[..n]).map_err(js_err)?;
+            } else {
+                img.write_at(pos, &buf[..n]).map_err(js_err)?;
+            }
+        }
+        pos += n as u64;
+    }
+    img.flush().map_err(js_err)
+}

@@ -1,0 +1,224 @@
+//! wasm-bindgen tests of the JS API (run in Node by `wasm-pack test --node`).
+
+use js_sys::{Function, Object, Reflect, Uint8Array, JSON};
+use qcowkit_wasm::{convert_raw_to_qcow2, create_image, create_image_bytes, QcowImage};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_test::*;
+
+#[wasm_bindgen(inline_js = r#"
+export function memStorage(initial) {
+  let buf = initial ? new Uint8Array(initial) : new Uint8Array(0);
+  return {
+    read(offset, length) {
+      const out = new Uint8Array(length);
+      if (offset < buf.length) out.set(buf.subarray(offset, Math.min(buf.length, offset + length)));
+      return out;
+    },
+    write(offset, bytes) {
+      if (offset + bytes.length > buf.length) {
+        const n = new Uint8Array(offset + bytes.length); n.set(buf); buf = n;
+      }
+      buf.set(bytes, offset);
+    },
+    truncate(len) { const n = new Uint8Array(len); n.set(buf.subarray(0, Math.min(len, buf.length))); buf = n; },
+    size() { return buf.length; },
+    flush() {},
+    bytes() { return buf; },
+  };
+}
+export function collector() {
+  const parts = [];
+  const f = (offset, bytes, len) => { parts.push(bytes ? new Uint8Array(bytes) : new Uint8Array(len)); };
+  f.result = () => { let n = 0; for (const p of parts) n += p.length; const out = new Uint8Array(n); let o = 0; for (const p of parts) { out.set(p, o); o += p.length; } return out; };
+  return f;
+}
+"#)]
+extern "C" {
+    fn memStorage(initial: JsValue) -> JsValue;
+    fn collector() -> Function;
+}
+
+const DEMO: &[u8] = include_bytes!("../../examples/demo.qcow2");
+
+fn options(pairs: &[(&str, JsValue)]) -> JsValue {
+    let o = Object::new();
+    for (k, v) in pairs {
+        Reflect::set(&o, &JsValue::from_str(k), v).unwrap();
+    }
+    o.into()
+}
+
+fn get(v: &JsValue, path: &[&str]) -> JsValue {
+    let mut cur = v.clone();
+    for p in path {
+        cur = Reflect::get(&cur, &JsValue::from_str(p)).unwrap();
+    }
+    cur
+}
+
+fn storage_bytes(storage: &JsValue) -> Vec<u8> {
+    let f: Function = get(storage, &["bytes"]).dyn_into().unwrap();
+    f.call0(storage)
+        .unwrap()
+        .dyn_into::<Uint8Array>()
+        .unwrap()
+        .to_vec()
+}
+
+#[wasm_bindgen_test]
+fn demo_image_info_map_check_and_read() {
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let info = JSON::parse(&img.info()).unwrap();
+    assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
+    assert_eq!(get(&info, &["cluster-size"]).as_f64(), Some(16384.0));
+    assert_eq!(
+        get(&info, &["format-specific", "data", "compression-type"])
+            .as_string()
+            .unwrap(),
+        "zstd"
+    );
+    assert_eq!(
+        get(&info, &["format-specific", "data", "extended-l2"]).as_bool(),
+        Some(true)
+    );
+    let mbr = img.read(0.0, 512).unwrap().to_vec();
+    assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+    let map = JSON::parse(&img.map().unwrap()).unwrap();
+    let entries: js_sys::Array = map.dyn_into().unwrap();
+    assert!(entries.length() > 3);
+    assert_eq!(get(&entries.get(0), &["compressed"]).as_bool(), Some(true));
+    let check = JSON::parse(&img.check().unwrap()).unwrap();
+    assert_eq!(get(&check, &["check-errors"]).as_f64(), Some(0.0));
+    assert!(get(&check, &["corruptions"]).is_undefined());
+}
+
+#[wasm_bindgen_test]
+fn create_write_and_read_back_through_a_js_storage_object() {
+    let storage = memStorage(JsValue::UNDEFINED);
+    create_image(
+        storage.clone(),
+        options(&[
+            ("size", "8M".into()),
+            ("extended_l2", true.into()),
+            ("cluster_size", 65536.into()),
+        ]),
+    )
+    .unwrap();
+    let mut img =
+        QcowImage::open_writable("new.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    img.write(1000.0, &[7u8; 5000]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut again = QcowImage::open("new.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    let back = again.read(0.0, 8192).unwrap().to_vec();
+    assert!(back[..1000].iter().all(|b| *b == 0));
+    assert!(back[1000..6000].iter().all(|b| *b == 7));
+    assert!(back[6000..].iter().all(|b| *b == 0));
+    let info = JSON::parse(&again.info()).unwrap();
+    assert_eq!(
+        get(&info, &["format-specific", "data", "extended-l2"]).as_bool(),
+        Some(true)
+    );
+}
+
+#[wasm_bindgen_test]
+fn backing_files_are_found_by_name() {
+    let base = memStorage(JsValue::UNDEFINED);
+    create_image(base.clone(), options(&[("size", "1M".into())])).unwrap();
+    let mut b = QcowImage::open_writable("base.qcow2", base.clone(), JsValue::UNDEFINED).unwrap();
+    b.write(0.0, &[0x42; 4096]).unwrap();
+    b.flush().unwrap();
+    drop(b);
+    let top = create_image_bytes(options(&[
+        ("size", "1M".into()),
+        ("backing_file", "dir/base.qcow2".into()),
+        ("backing_fmt", "qcow2".into()),
+    ]))
+    .unwrap();
+    // Without the file: a clear error naming it.
+    let err = QcowImage::open("top.qcow2", top.clone().into(), JsValue::UNDEFINED)
+        .err()
+        .unwrap();
+    let msg = JsValue::from(err);
+    let text = get(&msg, &["message"]).as_string().unwrap();
+    assert!(text.contains("base.qcow2"), "{text}");
+    let files = options(&[(
+        "base.qcow2",
+        Uint8Array::from(&storage_bytes(&base)[..]).into(),
+    )]);
+    let mut img = QcowImage::open("top.qcow2", top.into(), files).unwrap();
+    let data = img.read(0.0, 4096).unwrap().to_vec();
+    assert!(data.iter().all(|x| *x == 0x42));
+    let info = JSON::parse(&img.info()).unwrap();
+    assert_eq!(
+        get(&info, &["backing-filename"]).as_string().unwrap(),
+        "dir/base.qcow2"
+    );
+}
+
+#[wasm_bindgen_test]
+fn malformed_images_throw_errors_with_the_core_message() {
+    let err = QcowImage::open(
+        "x",
+        Uint8Array::from(&b"not an image at all"[..]).into(),
+        JsValue::UNDEFINED,
+    )
+    .err()
+    .unwrap();
+    let text = get(&JsValue::from(err), &["message"]).as_string().unwrap();
+    assert!(text.contains("not a qcow2 image"), "{text}");
+    let mut bad = DEMO.to_vec();
+    bad[20..24].copy_from_slice(&30u32.to_be_bytes());
+    let err = QcowImage::open("x", Uint8Array::from(&bad[..]).into(), JsValue::UNDEFINED)
+        .err()
+        .unwrap();
+    let text = get(&JsValue::from(err), &["message"]).as_string().unwrap();
+    assert!(text.contains("cluster_bits 30"), "{text}");
+}
+
+#[wasm_bindgen_test]
+fn convert_to_raw_streams_the_guest_contents() {
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let sink = collector();
+    img.convert_to_raw(&sink, 1 << 20).unwrap();
+    let result: Function = get(&sink, &["result"]).dyn_into().unwrap();
+    let raw = result
+        .call0(&JsValue::NULL)
+        .unwrap()
+        .dyn_into::<Uint8Array>()
+        .unwrap()
+        .to_vec();
+    assert_eq!(raw.len(), 64 << 20);
+    let direct = img.read(0.0, 2 << 20).unwrap().to_vec();
+    assert_eq!(&raw[..2 << 20], &direct[..]);
+
+    // And raw back to qcow2 (compressed), which reads the same.
+    let target = memStorage(JsValue::UNDEFINED);
+    let src = Uint8Array::from(&raw[..(4 << 20)]);
+    convert_raw_to_qcow2(
+        src.into(),
+        target.clone(),
+        options(&[
+            ("compress", true.into()),
+            ("compression_type", "zstd".into()),
+        ]),
+    )
+    .unwrap();
+    let mut back = QcowImage::open("c.qcow2", target, JsValue::UNDEFINED).unwrap();
+    assert_eq!(
+        back.read(0.0, 4 << 20).unwrap().to_vec(),
+        raw[..(4 << 20)].to_vec()
+    );
+    let check = JSON::parse(&back.check().unwrap()).unwrap();
+    assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
+}

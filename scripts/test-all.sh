@@ -13,6 +13,11 @@ if ! need qemu-img || ! need qemu-io; then
   echo "== installing qemu-utils"
   apt-get update -qq && apt-get install -y -qq qemu-utils
 fi
+# Headless Chromium and its driver for the wasm tests in a browser worker.
+if ! need chromium || ! need chromedriver; then
+  echo "== installing chromium and chromium-driver"
+  apt-get update -qq && apt-get install -y -qq chromium chromium-driver
+fi
 # Bare-metal target for the no_std build of the core.
 if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   echo "== adding target thumbv7em-none-eabihf"
@@ -48,11 +53,12 @@ cargo nextest run --workspace --no-fail-fast
 echo "== doc tests"
 cargo test --workspace --doc
 
-echo "== wasm bindings: fmt, clippy, tests in Node (wasm-bindgen-test)"
+echo "== wasm bindings: fmt, clippy, tests in Node and in a Chromium worker (OPFS, Blob)"
 (
   cd wasm
   cargo fmt -- --check
   cargo clippy --target wasm32-unknown-unknown --all-targets -- -D warnings
+  CHROMEDRIVER=$(command -v chromedriver) \
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test --target wasm32-unknown-unknown
 )

@@ -1,0 +1,95 @@
+//! The browser storages, in a dedicated worker of headless Chromium: OPFS
+//! synchronous access handles (read-write) and `Blob`s read with
+//! `FileReaderSync`. Run by `cargo test --target wasm32-unknown-unknown`
+//! with `CHROMEDRIVER` set.
+
+use js_sys::{Array, Reflect, Uint8Array, JSON};
+use qcowkit_wasm::{create_image, QcowImage};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+use web_sys::{
+    FileSystemDirectoryHandle, FileSystemFileHandle, FileSystemGetFileOptions,
+    FileSystemSyncAccessHandle,
+};
+
+wasm_bindgen_test_configure!(run_in_dedicated_worker);
+
+const DEMO: &[u8] = include_bytes!("../../examples/demo.qcow2");
+
+async fn opfs_handle(name: &str) -> FileSystemSyncAccessHandle {
+    let scope: web_sys::WorkerGlobalScope = js_sys::global().unchecked_into();
+    let dir: FileSystemDirectoryHandle =
+        JsFuture::from(scope.navigator().storage().get_directory())
+            .await
+            .unwrap()
+            .unchecked_into();
+    let opts = FileSystemGetFileOptions::new();
+    opts.set_create(true);
+    let file: FileSystemFileHandle = JsFuture::from(dir.get_file_handle_with_options(name, &opts))
+        .await
+        .unwrap()
+        .unchecked_into();
+    JsFuture::from(file.create_sync_access_handle())
+        .await
+        .unwrap()
+        .unchecked_into()
+}
+
+fn get(v: &JsValue, path: &[&str]) -> JsValue {
+    let mut cur = v.clone();
+    for p in path {
+        cur = Reflect::get(&cur, &JsValue::from_str(p)).unwrap();
+    }
+    cur
+}
+
+#[wasm_bindgen_test]
+async fn opfs_images_are_created_written_and_converted() {
+    let handle = opfs_handle("test.qcow2").await;
+    let opts = js_sys::Object::new();
+    Reflect::set(&opts, &"size".into(), &"16M".into()).unwrap();
+    Reflect::set(&opts, &"cluster_size".into(), &"16k".into()).unwrap();
+    Reflect::set(&opts, &"extended_l2".into(), &true.into()).unwrap();
+    create_image(handle.clone().into(), opts.into()).unwrap();
+    let mut img =
+        QcowImage::open_writable("test.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    img.write(5000.0, &[0x5a; 70000]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut img = QcowImage::open("test.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let back = img.read(4096.0, 80000).unwrap().to_vec();
+    assert!(back[..904].iter().all(|b| *b == 0));
+    assert!(back[904..904 + 70000].iter().all(|b| *b == 0x5a));
+    let check = JSON::parse(&img.check().unwrap()).unwrap();
+    assert_eq!(get(&check, &["check-errors"]).as_f64(), Some(0.0));
+    assert!(get(&check, &["corruptions"]).is_undefined());
+
+    let raw = opfs_handle("test.raw").await;
+    img.convert_to_raw_storage(raw.clone().into()).unwrap();
+    assert_eq!(raw.get_size().unwrap(), 16.0 * 1024.0 * 1024.0);
+    let mut buf = vec![0u8; 16];
+    let ro = web_sys::FileSystemReadWriteOptions::new();
+    ro.set_at(5000.0);
+    raw.read_with_u8_array_and_options(&mut buf, &ro).unwrap();
+    assert_eq!(buf, [0x5a; 16]);
+    raw.close();
+    handle.close();
+}
+
+#[wasm_bindgen_test]
+fn blobs_are_read_with_file_reader_sync() {
+    let parts = Array::of1(&Uint8Array::from(DEMO));
+    let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
+    let mut img = QcowImage::open("demo.qcow2", blob.into(), JsValue::UNDEFINED).unwrap();
+    let info = JSON::parse(&img.info()).unwrap();
+    assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
+    let mbr = img.read(0.0, 512).unwrap().to_vec();
+    assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+    // Blobs are read-only.
+    let parts = Array::of1(&Uint8Array::from(DEMO));
+    let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
+    let written = QcowImage::open_writable("demo.qcow2", blob.into(), JsValue::UNDEFINED)
+        .and_then(|mut i| i.write(0.0, &[1]).and_then(|_| i.flush()));
+    assert!(written.is_err());
+}

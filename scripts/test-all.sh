@@ -50,8 +50,9 @@ cargo build -p qcowkit-core --target thumbv7em-none-eabihf --release --features 
 
 echo "== tests (unit, property, integration against qemu-img/qemu-io)"
 cargo nextest run --workspace --no-fail-fast
-echo "== doc tests"
+echo "== doc tests and rustdoc (warnings are errors)"
 cargo test --workspace --doc
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p qcowkit-core -p qcowkit-std
 
 echo "== wasm bindings: fmt, clippy, tests in Node and in a Chromium worker (OPFS, Blob)"
 (

@@ -27,7 +27,7 @@
 //! no input makes the crate panic, allocate without a bound, or loop forever.
 //!
 //! ## Features
-//! - `embedded-io`: [`EmbeddedIo`], a storage over `embedded_io` devices.
+//! - `embedded-io`: `EmbeddedIo`, a storage over `embedded_io` devices.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

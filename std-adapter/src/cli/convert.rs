@@ -215,14 +215,27 @@ pub fn copy_to_raw(
                 result = Err(("convert".into(), format!("no progress at offset {pos}")));
                 break;
             }
+            let mut run = run;
             if !st.reads_as_zero() {
                 let Ok(mut buf) = empty_rx.recv() else {
                     break; // the writer stopped: its error is reported below
                 };
-                buf.resize(run as usize, 0);
-                if let Err(e) = disk.read_at(pos, &mut buf) {
-                    result = Err(read_err(e));
-                    break;
+                let mut filled = match disk {
+                    Disk::Qcow2(img) if st.compressed && st.depth == 0 => {
+                        decompress_batch(img, pos, (size - pos).min(CHUNK), &mut buf)
+                    }
+                    _ => Ok(0),
+                };
+                if matches!(filled, Ok(0)) {
+                    buf.resize(run as usize, 0);
+                    filled = disk.read_at(pos, &mut buf).map(|()| run);
+                }
+                match filled {
+                    Ok(n) => run = n,
+                    Err(e) => {
+                        result = Err(read_err(e));
+                        break;
+                    }
                 }
                 if full_tx.send((buf, pos)).is_err() {
                     break;
@@ -240,6 +253,94 @@ pub fn copy_to_raw(
     pb.finish_and_clear();
     // Like qemu-img convert (cache mode "unsafe" for the target), no fsync.
     Ok(())
+}
+
+/// Reads the run of compressed clusters starting at guest `pos` (at most
+/// `max` bytes) into `buf`, decompressing them on several threads (the core
+/// says where each cluster is; this host does the parallel work). Returns
+/// the number of guest bytes filled.
+fn decompress_batch(
+    img: &mut qcowkit_core::Image<crate::FileIo>,
+    pos: u64,
+    max: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64, crate::DiskError> {
+    use qcowkit_core::{BlockRead, Mapping};
+    let kind = img.header().compression_type;
+    let cs = img.cluster_size() as usize;
+    // (host offset, skip into cluster, length, compressed bytes)
+    let mut jobs: Vec<(u64, usize, usize, Vec<u8>)> = Vec::new();
+    let mut at = pos;
+    while at < pos + max {
+        let (m, run) = img.map_shallow(at, pos + max - at)?;
+        let Mapping::Compressed {
+            host_offset,
+            size,
+            cluster_start,
+        } = m
+        else {
+            break;
+        };
+        let mut input = vec![0u8; size as usize];
+        img.io_mut()
+            .read_at(host_offset, &mut input)
+            .map_err(qcowkit_core::Error::Io)?;
+        jobs.push((
+            host_offset,
+            (at - cluster_start) as usize,
+            run as usize,
+            input,
+        ));
+        at += run;
+    }
+    let total = (at - pos) as usize;
+    buf.resize(total, 0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let per = jobs.len().div_ceil(threads).max(1);
+    // Split the output buffer along the jobs, one slice per job.
+    let mut slices: Vec<&mut [u8]> = Vec::with_capacity(jobs.len());
+    let mut rest: &mut [u8] = buf.as_mut_slice();
+    for j in &jobs {
+        let (head, tail) = rest.split_at_mut(j.2);
+        slices.push(head);
+        rest = tail;
+    }
+    let failed = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut job_iter = jobs.iter().zip(slices);
+        loop {
+            let group: Vec<_> = job_iter.by_ref().take(per).collect();
+            if group.is_empty() {
+                break;
+            }
+            handles.push(scope.spawn(move || {
+                let mut dec = qcowkit_core::compress::Decompressor::default();
+                let mut cluster = vec![0u8; cs];
+                for ((host, skip, len, input), out) in group {
+                    dec.decompress(kind, input, &mut cluster)
+                        .map_err(|reason| (*host, reason))?;
+                    out.copy_from_slice(&cluster[*skip..*skip + *len]);
+                }
+                Ok::<(), (u64, &'static str)>(())
+            }));
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err((0, "decompression thread panicked")))
+            })
+            .find_map(Result::err)
+    });
+    if let Some((host_offset, reason)) = failed {
+        return Err(qcowkit_core::Error::Decompress {
+            host_offset,
+            reason,
+        });
+    }
+    Ok(total as u64)
 }
 
 /// Writes `data` at `offset`, leaving 4 KiB blocks of zeros as holes and

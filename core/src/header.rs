@@ -297,6 +297,36 @@ impl Header {
         self.size.div_ceil(self.l2_coverage())
     }
 
+    /// Whether `buf` (a prefix of the first cluster) holds the whole header:
+    /// its extensions up to the end marker and the backing file name. When
+    /// it does not (or the fields are odd), read the whole first cluster.
+    pub fn fits_in(buf: &[u8]) -> bool {
+        let version = be32(buf, 4);
+        let mut off = if version >= 3 {
+            be32(buf, 100) as usize
+        } else {
+            V2_HEADER_LEN as usize
+        };
+        let backing_end = be64(buf, 8).saturating_add(u64::from(be32(buf, 16)));
+        if be64(buf, 8) != 0 && backing_end > to_u64(buf.len()) {
+            return false;
+        }
+        loop {
+            let Some(hdr_end) = off.checked_add(8).filter(|e| *e <= buf.len()) else {
+                return false;
+            };
+            let kind = be32(buf, off);
+            if kind == EXT_END {
+                return true;
+            }
+            let len = be32(buf, off + 4) as usize;
+            off = match align8(len).and_then(|l| hdr_end.checked_add(l)) {
+                Some(o) => o,
+                None => return false,
+            };
+        }
+    }
+
     /// Reads the fixed fields from the start of the image and validates the
     /// geometry (`cluster_bits`, `header_length`), so that the caller knows how
     /// many bytes to read for [`Header::parse`]. `buf` must hold at least 104

@@ -25,6 +25,12 @@ pub struct OpenOptions {
     /// L2 cache budget in bytes. `None`: enough to cover the whole image,
     /// capped at 32 MiB (QEMU's default). At least one L2 table is cached.
     pub l2_cache_bytes: Option<u64>,
+    /// Bytes of an L2 table read and cached at a time (a power of two, at
+    /// least 16, at most the cluster size). `None`: whole tables, unless
+    /// `l2_cache_bytes` is smaller than a cluster, in which case slices of
+    /// that budget are used (frugal mode for small heaps). Like QEMU's
+    /// `l2-cache-entry-size`. Writing always uses whole tables.
+    pub l2_slice_bytes: Option<u64>,
     /// Refcount block cache budget in bytes. `None`: a quarter of the L2
     /// cache (QEMU's ratio), at least one block.
     pub refcount_cache_bytes: Option<u64>,
@@ -45,6 +51,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             l2_cache_bytes: None,
+            l2_slice_bytes: None,
             refcount_cache_bytes: None,
             no_backing: false,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
@@ -93,6 +100,8 @@ pub struct Image<R: BlockRead> {
     pub(crate) fmt: EntryFormat,
     pub(crate) l1: Vec<u64>,
     pub(crate) l2_cache: TableCache,
+    /// Bytes of an L2 table cached at a time (the cluster size unless frugal).
+    pub(crate) l2_slice: u64,
     pub(crate) data_file: Option<R>,
     backing: Option<Backing<R>>,
     snapshots: Vec<Snapshot>,
@@ -142,8 +151,14 @@ impl<R: BlockRead> Image<R> {
         io.read_at(0, &mut first).map_err(Error::Io)?;
         let cluster_bits = Header::peek_cluster_bits(&first)?;
         let cluster_size = 1u64 << cluster_bits;
-        let mut buf = alloc::vec![0u8; to_usize(cluster_size).unwrap_or(0)];
+        // Read a small prefix first (frugal heaps); the whole first cluster
+        // only when the extensions or the backing name reach beyond it.
+        let mut buf = alloc::vec![0u8; to_usize(cluster_size.min(4096)).unwrap_or(0)];
         io.read_at(0, &mut buf).map_err(Error::Io)?;
+        if !Header::fits_in(&buf) && to_u64(buf.len()) < cluster_size {
+            buf = alloc::vec![0u8; to_usize(cluster_size).unwrap_or(0)];
+            io.read_at(0, &mut buf).map_err(Error::Io)?;
+        }
         let header = Header::parse(&buf)?;
         drop(buf);
         if header.refcount_table_clusters == 0 && !opts.check_mode {
@@ -178,7 +193,15 @@ impl<R: BlockRead> Image<R> {
                 .saturating_mul(cluster_size)
                 .min(DEFAULT_L2_CACHE_MAX)
         });
-        let capacity = to_usize(l2_cache_bytes / cluster_size).unwrap_or(usize::MAX);
+        let entry_size = fmt.entry_size() as u64;
+        let l2_slice = match opts.l2_slice_bytes {
+            Some(b) => b,
+            None if l2_cache_bytes < cluster_size => l2_cache_bytes.max(entry_size),
+            None => cluster_size,
+        };
+        // A power of two between one entry and one cluster.
+        let l2_slice = (1u64 << (63 - l2_slice.max(entry_size).leading_zeros())).min(cluster_size);
+        let capacity = to_usize(l2_cache_bytes / l2_slice).unwrap_or(usize::MAX);
         let rc_bytes = opts.refcount_cache_bytes.unwrap_or(l2_cache_bytes / 4);
         let rc_capacity = to_usize(rc_bytes / cluster_size).unwrap_or(usize::MAX);
 
@@ -242,6 +265,7 @@ impl<R: BlockRead> Image<R> {
             fmt,
             l1,
             l2_cache: TableCache::new(capacity),
+            l2_slice,
             data_file,
             backing,
             snapshots,
@@ -376,12 +400,22 @@ impl<R: BlockRead> Image<R> {
                 l2_offset,
             ));
         }
-        let table = self.l2_cache.get(&mut self.io, l2_offset, cluster_size)?;
         let fmt = self.fmt;
-        let sc_bits = if fmt.extended { cb - 5 } else { cb };
         let entry_size = fmt.entry_size();
+        // Which slice of the table holds the entry (the whole table unless frugal).
+        let slice = self.l2_slice;
+        let slice_entries = slice / entry_size as u64;
+        let slice_bits = cb + slice_entries.trailing_zeros();
+        let first_idx = (offset >> cb) & (l2_entries - 1);
+        let slice_off = l2_offset + (first_idx / slice_entries) * slice;
+        let slice_end = ((offset >> slice_bits) + 1)
+            .checked_shl(slice_bits)
+            .unwrap_or(u64::MAX);
+        let limit = limit.min(slice_end);
+        let table = self.l2_cache.get(&mut self.io, slice_off, slice)?;
+        let sc_bits = if fmt.extended { cb - 5 } else { cb };
         let classify = |pos: u64| -> Result<(Subcluster, u64), Error<R::Error>> {
-            let idx = to_usize((pos >> cb) & (l2_entries - 1)).unwrap_or(0);
+            let idx = to_usize((pos >> cb) & (slice_entries - 1)).unwrap_or(0);
             let at = idx * entry_size;
             let entry = be64(table, at);
             let bitmap = if fmt.extended { be64(table, at + 8) } else { 0 };

@@ -91,6 +91,12 @@ impl<R: BlockWrite> Image<R> {
             return Err(Error::MissingDataFile);
         }
         self.load_refcount_table()?;
+        if self.l2_slice != self.cluster_size() {
+            // Writing works on whole L2 tables: leave frugal slice mode.
+            let cap = self.l2_cache.capacity();
+            self.l2_slice = self.cluster_size();
+            self.l2_cache = crate::cache::TableCache::new(cap);
+        }
         self.writer.enabled = true;
         self.writer.file_end = self.file_len;
         // Enabled ("auto") bitmaps should track every write, which this

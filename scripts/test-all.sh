@@ -64,4 +64,12 @@ echo "== wasm bindings: fmt, clippy, tests in Node and in a Chromium worker (OPF
     cargo test --target wasm32-unknown-unknown
 )
 
+echo "== web demo: build (npm ci && npm run build) and end-to-end tests in Chromium (Playwright)"
+(
+  cd web-demo
+  npm ci --no-audit --no-fund
+  npm run build
+  node tests/e2e.mjs
+)
+
 echo "== all tests passed"

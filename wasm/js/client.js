@@ -1,0 +1,170 @@
+/**
+ * @file Promise-based client for the qcowkit wasm module running in a
+ * dedicated module worker.
+ *
+ * ```js
+ * import { QcowClient } from './client.js';
+ * const q = await QcowClient.start(new URL('./qcowkit_wasm.js', import.meta.url));
+ * const id = await q.open(file.name, file, { 'base.qcow2': baseFile });
+ * console.log(await q.info(id));
+ * ```
+ *
+ * Every method returns a promise; failures reject with an `Error` whose
+ * message is the core's message.
+ */
+
+/**
+ * A handle on one worker running the wasm module.
+ */
+export class QcowClient {
+  /** @param {Worker} worker a started worker running worker.js */
+  constructor(worker) {
+    /** @private */ this.worker = worker;
+    /** @private */ this.pending = new Map();
+    /** @private */ this.seq = 1;
+    worker.onmessage = (ev) => this._onMessage(ev.data);
+    worker.onerror = (ev) => {
+      const err = new Error(ev.message || 'the qcowkit worker failed');
+      for (const p of this.pending.values()) p.reject(err);
+      this.pending.clear();
+    };
+  }
+
+  /**
+   * Starts a worker and loads the wasm module in it.
+   * @param {string|URL} [moduleUrl] URL of the wasm-bindgen JS module
+   *   (`qcowkit_wasm.js` of the package); defaults to the one next to this file.
+   * @param {string|URL} [workerUrl] URL of worker.js; defaults to the one next to this file.
+   * @returns {Promise<QcowClient>}
+   */
+  static async start(moduleUrl, workerUrl) {
+    const mod = new URL(moduleUrl || './qcowkit_wasm.js', import.meta.url).href;
+    const wurl = new URL(workerUrl || './worker.js', import.meta.url);
+    const client = new QcowClient(new Worker(wurl, { type: 'module' }));
+    await client._call('init', [mod]);
+    return client;
+  }
+
+  /** @private */
+  _onMessage(msg) {
+    const p = this.pending.get(msg.id);
+    if (!p) return;
+    if (msg.progress) {
+      if (p.onProgress) p.onProgress(msg.progress.done, msg.progress.total);
+      return;
+    }
+    this.pending.delete(msg.id);
+    if (msg.ok) p.resolve(msg.result);
+    else p.reject(new Error(msg.error));
+  }
+
+  /** @private */
+  _call(op, args, onProgress, transfer) {
+    const id = this.seq++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, onProgress });
+      this.worker.postMessage({ id, op, args }, transfer || []);
+    });
+  }
+
+  /**
+   * Opens an image read-only.
+   * @param {string} name the image's file name (used for messages and backing lookups)
+   * @param {Blob|File|Uint8Array} storage the image's contents
+   * @param {Object<string, Blob|File|Uint8Array>} [files] backing/data files by name
+   *   (looked up by exact name, then by basename)
+   * @returns {Promise<number>} an image id for the other methods
+   */
+  open(name, storage, files) {
+    return this._call('open', [name, storage, files || {}]);
+  }
+
+  /**
+   * Releases an opened image.
+   * @param {number} id
+   * @returns {Promise<boolean>}
+   */
+  close(id) {
+    return this._call('close', [id]);
+  }
+
+  /**
+   * The image's facts, as `qemu-img info --output=json` prints them.
+   * @param {number} id
+   * @returns {Promise<object>}
+   */
+  info(id) {
+    return this._call('info', [id]);
+  }
+
+  /**
+   * The info of the image and of each backing file below it (top first),
+   * as far as the supplied files reach.
+   * @param {number} id
+   * @returns {Promise<object[]>}
+   */
+  chain(id) {
+    return this._call('chain', [id]);
+  }
+
+  /**
+   * The allocation map, as `qemu-img map --output=json` prints it: entries
+   * `{ start, length, depth, present, zero, data, compressed, offset? }`.
+   * @param {number} id
+   * @returns {Promise<object[]>}
+   */
+  map(id) {
+    return this._call('map', [id]);
+  }
+
+  /**
+   * A read-only consistency check, as `qemu-img check --output=json` prints it.
+   * @param {number} id
+   * @returns {Promise<object>}
+   */
+  check(id) {
+    return this._call('check', [id]);
+  }
+
+  /**
+   * Reads guest bytes.
+   * @param {number} id
+   * @param {number} offset guest offset in bytes
+   * @param {number} length number of bytes
+   * @returns {Promise<Uint8Array>}
+   */
+  read(id, offset, length) {
+    return this._call('read', [id, offset, length]);
+  }
+
+  /**
+   * Writes the guest contents as a raw image into the OPFS file `fileName`
+   * (created or replaced), through a sync access handle in the worker.
+   * Zero ranges are left as holes.
+   * @param {number} id
+   * @param {string} fileName name of the file in the OPFS root directory
+   * @param {(done: number, total: number) => void} [onProgress] called with bytes done so far
+   * @returns {Promise<{fileName: string, size: number}>}
+   */
+  convertToRawOpfs(id, fileName, onProgress) {
+    return this._call('convertToRawOpfs', [id, fileName, null], onProgress);
+  }
+
+  /**
+   * Creates a new empty qcow2 image in memory.
+   * @param {object} options qemu-img creation options, e.g.
+   *   `{ size: '1G', cluster_size: 65536, extended_l2: true, compression_type: 'zstd' }`
+   * @returns {Promise<Uint8Array>} the image's bytes
+   */
+  createImage(options) {
+    return this._call('createImage', [options]);
+  }
+
+  /** Stops the worker; pending calls reject. */
+  terminate() {
+    this.worker.terminate();
+    const err = new Error('the qcowkit worker was stopped');
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+}

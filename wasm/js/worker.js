@@ -1,0 +1,146 @@
+/**
+ * @file Dedicated module worker that hosts the qcowkit wasm module.
+ *
+ * Started by {@link ./client.js}; not meant to be used directly. The worker
+ * receives `{ id, op, args }` messages and answers with
+ * `{ id, ok: true, result }`, `{ id, ok: false, error }` or, while a long
+ * operation runs, `{ id, progress: { done, total } }`.
+ *
+ * File/Blob storages are read synchronously with FileReaderSync and OPFS
+ * sync access handles exist only in dedicated workers, which is why the
+ * wasm runs here rather than on the main thread.
+ */
+
+/** @type {any} the imported wasm-bindgen module (namespace) */
+let wasm = null;
+/** @type {Map<number, {img: any, name: string, storage: any, files: Object<string, any>}>} */
+const images = new Map();
+let nextImageId = 1;
+
+/** Looks a name up in `files` by exact spelling, then by basename. */
+function lookup(files, name) {
+  if (!files || !name) return undefined;
+  if (Object.prototype.hasOwnProperty.call(files, name)) return [name, files[name]];
+  const base = name.split('/').pop();
+  if (Object.prototype.hasOwnProperty.call(files, base)) return [base, files[base]];
+  return undefined;
+}
+
+function entry(id) {
+  const e = images.get(id);
+  if (!e) throw new Error(`no open image with id ${id}`);
+  return e;
+}
+
+const ops = {
+  async init(moduleUrl) {
+    const mod = await import(moduleUrl);
+    await mod.default();
+    wasm = mod;
+    return true;
+  },
+
+  open(name, storage, files) {
+    const img = wasm.QcowImage.open(name, storage, files || {});
+    const id = nextImageId++;
+    images.set(id, { img, name, storage, files: files || {} });
+    return id;
+  },
+
+  close(id) {
+    const e = images.get(id);
+    if (e) {
+      e.img.free();
+      images.delete(id);
+    }
+    return true;
+  },
+
+  info(id) {
+    return JSON.parse(entry(id).img.info());
+  },
+
+  /** info() of the image and of each backing file below it, top first. */
+  chain(id) {
+    const e = entry(id);
+    const out = [JSON.parse(e.img.info())];
+    const seen = new Set([e.name]);
+    let cur = out[0];
+    while (cur['backing-filename']) {
+      const found = lookup(e.files, cur['backing-filename']);
+      if (!found || seen.has(found[0])) break;
+      seen.add(found[0]);
+      const img = wasm.QcowImage.open(found[0], found[1], e.files);
+      try {
+        cur = JSON.parse(img.info());
+      } finally {
+        img.free();
+      }
+      out.push(cur);
+    }
+    return out;
+  },
+
+  map(id) {
+    return JSON.parse(entry(id).img.map());
+  },
+
+  check(id) {
+    return JSON.parse(entry(id).img.check());
+  },
+
+  read(id, offset, length) {
+    return entry(id).img.read(offset, length);
+  },
+
+  async convertToRawOpfs(id, fileName, _unused, progress) {
+    const e = entry(id);
+    const total = e.img.virtualSize();
+    const root = await navigator.storage.getDirectory();
+    const fh = await root.getFileHandle(fileName, { create: true });
+    const handle = await fh.createSyncAccessHandle();
+    try {
+      handle.truncate(0);
+      handle.truncate(total);
+      let last = 0;
+      progress(0, total);
+      e.img.convertToRaw((offset, bytes, length) => {
+        if (bytes) {
+          const n = handle.write(bytes, { at: offset });
+          if (n < bytes.length) throw new Error(`short write at ${offset}`);
+        }
+        const done = offset + length;
+        const now = Date.now();
+        if (now - last > 50 || done >= total) {
+          last = now;
+          progress(done, total);
+        }
+      }, 1 << 20);
+      handle.flush();
+    } finally {
+      handle.close();
+    }
+    progress(total, total);
+    return { fileName, size: total };
+  },
+
+  createImage(options) {
+    return wasm.createImageBytes(options);
+  },
+};
+
+self.onmessage = async (ev) => {
+  const { id, op, args } = ev.data;
+  const progress = (done, total) => self.postMessage({ id, progress: { done, total } });
+  try {
+    const fn = ops[op];
+    if (!fn) throw new Error(`unknown operation ${op}`);
+    if (op !== 'init' && !wasm) throw new Error('the wasm module is not initialised');
+    const result = await fn(...(args || []), progress);
+    const transfer = result instanceof Uint8Array ? [result.buffer] : [];
+    self.postMessage({ id, ok: true, result }, transfer);
+  } catch (err) {
+    const message = err && err.message ? err.message : String(err);
+    self.postMessage({ id, ok: false, error: message });
+  }
+};

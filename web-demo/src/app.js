@@ -1,0 +1,381 @@
+// The qcowkit demo page: inspects, checks and converts qcow2 images with
+// the wasm module running in a worker (see pkg/client.js).
+import { QcowClient } from './pkg/client.js';
+
+const $ = (id) => document.getElementById(id);
+
+/** Map categories, in legend order. */
+const CATEGORIES = [
+  { key: 'data', label: 'Data', color: '#2a6fdb' },
+  { key: 'compressed', label: 'Compressed data', color: '#9b3fd1' },
+  { key: 'zero', label: 'Zero clusters', color: '#e8b400' },
+  { key: 'backing', label: 'From a backing file', color: '#2f9e44' },
+  { key: 'unallocated', label: 'Unallocated (reads as zero)', color: '#e4e7eb' },
+];
+const CAT_INDEX = Object.fromEntries(CATEGORIES.map((c, i) => [c.key, i]));
+
+let client = null;
+let current = null; // { id, name }
+
+// ---------- formatting ----------
+
+function human(bytes) {
+  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  let v = Number(bytes);
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  if (i === 0) return `${v} bytes`;
+  return `${Number.isInteger(v) ? v : v.toFixed(2)} ${units[i]}`;
+}
+
+const sizeText = (bytes) => `${human(bytes)} (${Number(bytes)} bytes)`;
+const onOff = (b) => (b ? 'on' : 'off');
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  for (const c of children) e.append(c instanceof Node ? c : String(c));
+  return e;
+}
+
+function showError(message) {
+  const box = $('error');
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function clearError() {
+  const box = $('error');
+  box.textContent = '';
+  box.hidden = true;
+}
+
+function download(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const a = el('a', { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+// ---------- choosing the top image ----------
+
+/** Reads a qcow2 header's backing file name; null if not qcow2, '' if none. */
+async function backingNameOf(file) {
+  const head = new Uint8Array(await file.slice(0, 32).arrayBuffer());
+  if (head.length < 20 || head[0] !== 0x51 || head[1] !== 0x46 || head[2] !== 0x49 || head[3] !== 0xfb) {
+    return null;
+  }
+  const dv = new DataView(head.buffer);
+  const off = Number(dv.getBigUint64(8));
+  const len = dv.getUint32(16);
+  if (off === 0 || len === 0 || len > 1023) return '';
+  const name = new Uint8Array(await file.slice(off, off + len).arrayBuffer());
+  return new TextDecoder().decode(name);
+}
+
+/**
+ * The top image: the first qcow2 file that no other file names as its
+ * backing file (by name or basename); else the first file.
+ */
+async function chooseTop(files) {
+  const backing = await Promise.all(files.map(backingNameOf));
+  const named = new Set();
+  backing.forEach((b) => {
+    if (b) { named.add(b); named.add(b.split('/').pop()); }
+  });
+  const i = files.findIndex((f, k) => backing[k] !== null && !named.has(f.name));
+  return files[i >= 0 ? i : 0];
+}
+
+// ---------- rendering ----------
+
+function renderFacts(info) {
+  const d = (info['format-specific'] || {}).data || {};
+  const facts = [
+    ['virtual-size', 'Virtual size', sizeText(info['virtual-size'])],
+    ['format', 'Format', info.format],
+    ['version', 'Format version', d.compat === '0.10' ? '2 (compat 0.10)' : d.compat === '1.1' ? '3 (compat 1.1)' : String(d.compat)],
+    ['cluster-size', 'Cluster size', sizeText(info['cluster-size'])],
+    ['compression-type', 'Compression type', d['compression-type'] || 'zlib'],
+    ['extended-l2', 'Extended L2 entries (subclusters)', onOff(d['extended-l2'])],
+    ['lazy-refcounts', 'Lazy refcounts', onOff(d['lazy-refcounts'])],
+    ['refcount-bits', 'Refcount width', `${d['refcount-bits']} bits`],
+    ['data-file', 'External data file', d['data-file'] ? `${d['data-file']}${d['data-file-raw'] ? ' (raw)' : ''}` : 'none'],
+    ['corrupt', 'Marked corrupt', d.corrupt ? 'yes' : 'no'],
+    ['dirty', 'Dirty (needs repair after crash)', info['dirty-flag'] ? 'yes' : 'no'],
+    ['backing-file', 'Backing file', info['backing-filename'] || 'none'],
+    ['file-size', 'File size', sizeText(info['actual-size'])],
+  ];
+  if (info['backing-filename-format']) {
+    facts.push(['backing-format', 'Backing file format', info['backing-filename-format']]);
+  }
+  const dl = $('facts');
+  dl.replaceChildren();
+  for (const [key, label, value] of facts) {
+    dl.append(el('dt', {}, label), el('dd', { 'data-testid': `fact-${key}`, id: `fact-${key}` }, value));
+  }
+  $('fact-virtual-size').dataset.bytes = String(info['virtual-size']);
+  $('fact-cluster-size').dataset.bytes = String(info['cluster-size']);
+}
+
+function renderChain(chain) {
+  const ol = $('chain');
+  ol.replaceChildren();
+  chain.forEach((info, depth) => {
+    const parts = [`${info.filename}`, `${info.format}`, human(info['virtual-size'])];
+    const li = el('li', { 'data-testid': 'chain-item', 'data-depth': String(depth), 'data-name': info.filename },
+      parts.join(' — '));
+    ol.append(li);
+  });
+  const last = chain[chain.length - 1];
+  if (last && last['backing-filename']) {
+    ol.append(el('li', { 'data-testid': 'chain-missing', class: 'bad' },
+      `${last['backing-filename']} (not supplied)`));
+  }
+}
+
+function renderSnapshots(info) {
+  const box = $('snapshots');
+  const snaps = info.snapshots || [];
+  if (!snaps.length) { box.replaceChildren(el('p', {}, 'none')); return; }
+  const t = el('table', {}, el('tr', {}, el('th', {}, 'ID'), el('th', {}, 'Name'), el('th', {}, 'VM state'),
+    el('th', {}, 'Date'), el('th', {}, 'VM clock')));
+  for (const s of snaps) {
+    const date = new Date(s['date-sec'] * 1000).toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC');
+    const clock = s['vm-clock-sec'] + s['vm-clock-nsec'] / 1e9;
+    t.append(el('tr', { 'data-testid': 'snapshot' }, el('td', {}, s.id), el('td', {}, s.name),
+      el('td', {}, human(s['vm-state-size'])), el('td', {}, date), el('td', {}, `${clock.toFixed(3)} s`)));
+  }
+  box.replaceChildren(t);
+}
+
+function renderBitmaps(info) {
+  const box = $('bitmaps');
+  const bms = ((info['format-specific'] || {}).data || {}).bitmaps || [];
+  if (!bms.length) { box.replaceChildren(el('p', {}, 'none')); return; }
+  const ul = el('ul');
+  for (const b of bms) {
+    ul.append(el('li', { 'data-testid': 'bitmap' },
+      `${b.name}: granularity ${human(b.granularity)}, flags: ${b.flags.length ? b.flags.join(', ') : 'none'}`));
+  }
+  box.replaceChildren(ul);
+}
+
+function renderCheck(r) {
+  const p = $('check');
+  const corrupt = r.corruptions || 0;
+  const leaks = r.leaks || 0;
+  const errors = r['check-errors'] || 0;
+  let text;
+  let status;
+  if (corrupt || errors) {
+    status = 'corrupt';
+    text = `${corrupt} corruption(s), ${leaks} leaked cluster(s), ${errors} check error(s).`;
+  } else if (leaks) {
+    status = 'leaks';
+    text = `${leaks} leaked cluster(s): wasted space, no data at risk.`;
+  } else {
+    status = 'clean';
+    text = 'No errors were found on the image.';
+  }
+  const alloc = r['allocated-clusters'];
+  const total = r['total-clusters'];
+  if (total !== undefined) {
+    text += ` ${alloc}/${total} clusters allocated, ${r['fragmented-clusters']} fragmented, ` +
+      `${r['compressed-clusters']} compressed. Image end offset: ${r['image-end-offset']}.`;
+  }
+  p.textContent = text;
+  p.dataset.status = status;
+  p.className = status === 'clean' ? 'ok' : 'bad';
+}
+
+function categoryOf(e) {
+  if (!e.present) return 'unallocated';
+  if (e.depth > 0) return 'backing';
+  if (e.zero) return 'zero';
+  if (e.compressed) return 'compressed';
+  return 'data';
+}
+
+/**
+ * Draws the map, each pixel standing for an equal share of the guest
+ * space (row-major). A pixel takes the colour of the allocated kind
+ * covering most of it, or "unallocated" if nothing in it is allocated.
+ */
+function renderMap(map, size) {
+  const canvas = $('map-canvas');
+  const ctx = canvas.getContext('2d');
+  const pixels = canvas.width * canvas.height;
+  const per = Math.max(size / pixels, 1);
+  const used = Math.min(pixels, Math.ceil(size / per));
+  const n = CATEGORIES.length;
+  const acc = new Float64Array(used * n);
+  const totals = new Float64Array(n);
+  for (const e of map) {
+    const c = CAT_INDEX[categoryOf(e)];
+    totals[c] += e.length;
+    const end = e.start + e.length;
+    const p0 = Math.floor(e.start / per);
+    const p1 = Math.min(used - 1, Math.floor((end - 1) / per));
+    for (let p = p0; p <= p1; p++) {
+      const lo = Math.max(e.start, p * per);
+      const hi = Math.min(end, (p + 1) * per);
+      if (hi > lo) acc[p * n + c] += hi - lo;
+    }
+  }
+  const img = ctx.createImageData(canvas.width, canvas.height);
+  const rgb = CATEGORIES.map((c) => [1, 3, 5].map((i) => parseInt(c.color.slice(i, i + 2), 16)));
+  const unalloc = CAT_INDEX.unallocated;
+  for (let p = 0; p < pixels; p++) {
+    let color = [255, 255, 255];
+    if (p < used) {
+      let best = unalloc;
+      let bestBytes = 0;
+      for (let c = 0; c < n; c++) {
+        if (c !== unalloc && acc[p * n + c] > bestBytes) { best = c; bestBytes = acc[p * n + c]; }
+      }
+      color = rgb[best];
+    }
+    img.data.set([...color, 255], p * 4);
+  }
+  ctx.putImageData(img, 0, 0);
+  $('map-scale').textContent = `Each pixel: ${human(Math.ceil(per))} of guest space; ${map.length} map entries.`;
+  const legend = $('legend');
+  legend.replaceChildren();
+  CATEGORIES.forEach((c, i) => {
+    const sw = el('span', { class: 'swatch', style: `background:${c.color}` });
+    legend.append(el('li', { 'data-testid': `legend-${c.key}`, 'data-bytes': String(totals[i]) },
+      sw, `${c.label}: ${human(totals[i])}`));
+  });
+}
+
+// ---------- actions ----------
+
+async function openFiles(fileList) {
+  const files = Array.from(fileList || []);
+  if (!files.length) return;
+  clearError();
+  $('result').hidden = true;
+  $('convert-status').textContent = '';
+  $('convert-progress').hidden = true;
+  if (current) {
+    client.close(current.id).catch(() => {});
+    current = null;
+  }
+  $('status').textContent = `Opening ${files.map((f) => f.name).join(', ')}…`;
+  try {
+    if (!client) throw new Error('the wasm module is not loaded');
+    const top = await chooseTop(files);
+    const others = {};
+    for (const f of files) if (f !== top) others[f.name] = f;
+    const id = await client.open(top.name, top, others);
+    current = { id, name: top.name };
+    const info = await client.info(id);
+    $('image-name').textContent = top.name;
+    renderFacts(info);
+    renderSnapshots(info);
+    renderBitmaps(info);
+    $('check').textContent = 'Checking…';
+    delete $('check').dataset.status;
+    $('result').hidden = false;
+    renderChain(await client.chain(id));
+    renderMap(await client.map(id), info['virtual-size']);
+    renderCheck(await client.check(id));
+    $('status').textContent = `Opened ${top.name}.`;
+    $('result').dataset.ready = 'true';
+  } catch (err) {
+    $('status').textContent = 'Could not open the image.';
+    showError(`${err.message}`);
+  }
+}
+
+async function convertRaw() {
+  if (!current) return;
+  const button = $('convert-raw');
+  const bar = $('convert-progress');
+  const status = $('convert-status');
+  button.disabled = true;
+  bar.hidden = false;
+  bar.value = 0;
+  status.textContent = 'Converting…';
+  delete status.dataset.done;
+  const rawName = current.name.replace(/\.(qcow2?|img)$/i, '') + '.raw';
+  const opfsName = `qcowkit-convert-${Date.now()}.raw`;
+  try {
+    const root = await navigator.storage.getDirectory();
+    for await (const name of root.keys()) {
+      if (name.startsWith('qcowkit-convert-')) await root.removeEntry(name).catch(() => {});
+    }
+    await client.convertToRawOpfs(current.id, opfsName, (done, total) => {
+      bar.max = total || 1;
+      bar.value = done;
+      status.textContent = `${((done / (total || 1)) * 100).toFixed(0)} % (${human(done)} of ${human(total)})`;
+    });
+    const file = await (await root.getFileHandle(opfsName)).getFile();
+    download(file, rawName);
+    status.textContent = `Done: ${rawName}, ${sizeText(file.size)}.`;
+    status.dataset.done = 'true';
+  } catch (err) {
+    status.textContent = 'Conversion failed.';
+    showError(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function createImage(ev) {
+  ev.preventDefault();
+  const status = $('create-status');
+  delete status.dataset.done;
+  clearError();
+  const options = {
+    size: $('create-size').value.trim(),
+    cluster_size: Number($('create-cluster').value),
+    extended_l2: $('create-extended-l2').checked,
+    compression_type: $('create-compression').value,
+  };
+  try {
+    const bytes = await client.createImage(options);
+    download(new Blob([bytes], { type: 'application/octet-stream' }), 'new.qcow2');
+    status.textContent = `Created new.qcow2 (${sizeText(bytes.length)} file).`;
+    status.dataset.done = 'true';
+  } catch (err) {
+    status.textContent = 'Creation failed.';
+    showError(err.message);
+  }
+}
+
+// ---------- wiring ----------
+
+function wire() {
+  const zone = $('drop-zone');
+  zone.addEventListener('dragover', (e) => { e.preventDefault(); zone.classList.add('over'); });
+  zone.addEventListener('dragleave', () => zone.classList.remove('over'));
+  zone.addEventListener('drop', (e) => {
+    e.preventDefault();
+    zone.classList.remove('over');
+    openFiles(e.dataTransfer.files);
+  });
+  // Dropping outside the zone must not navigate away.
+  window.addEventListener('dragover', (e) => e.preventDefault());
+  window.addEventListener('drop', (e) => e.preventDefault());
+  $('file-input').addEventListener('change', (e) => openFiles(e.target.files));
+  $('convert-raw').addEventListener('click', convertRaw);
+  $('create-form').addEventListener('submit', createImage);
+}
+
+async function main() {
+  wire();
+  try {
+    client = await QcowClient.start(new URL('./pkg/qcowkit_wasm.js', import.meta.url));
+    $('status').textContent = 'Ready. Choose or drop an image.';
+    document.body.dataset.ready = 'true';
+  } catch (err) {
+    $('status').textContent = 'The wasm module failed to load.';
+    showError(`The wasm module failed to load: ${err.message}`);
+  }
+}
+
+main();

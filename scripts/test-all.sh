@@ -33,6 +33,10 @@ if [ "$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}')" != "
   echo "== installing wasm-bindgen-cli 0.2.130"
   cargo install wasm-bindgen-cli --version 0.2.130
 fi
+if [ "$(wasm-pack --version 2>/dev/null | awk '{print $2}')" != "0.15.1" ]; then
+  echo "== installing wasm-pack 0.15.1"
+  cargo install wasm-pack --version 0.15.1 --locked
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install cargo-nextest --version 0.9.143 --locked
@@ -63,6 +67,14 @@ echo "== wasm bindings: fmt, clippy, tests in Node and in a Chromium worker (OPF
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test --target wasm32-unknown-unknown
 )
+
+echo "== firmware: fmt, clippy, and the Cortex-M4 program under qemu-system-arm on qemu-img images"
+(
+  cd firmware
+  cargo fmt -- --check
+  cargo clippy --release -- -D warnings
+)
+scripts/test-firmware.sh
 
 echo "== web demo: build (npm ci && npm run build) and end-to-end tests in Chromium (Playwright)"
 (

@@ -1,0 +1,285 @@
+//! Firmware for the MPS2 AN386 board (Cortex-M4) under qemu-system-arm:
+//! opens a qcow2 disk image on the host through ARM semihosting (following
+//! its backing files), prints its partition table (MBR, and GPT where
+//! present), then exactly
+//!
+//! ```text
+//! virtual-size: <bytes>
+//! sha256-first-mib: <hex>
+//! ```
+//!
+//! and exits with status 0 (non-zero, with the error printed, on failure).
+//! The image name comes from the semihosting command line (`-append NAME`),
+//! relative to the emulator's working directory.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::string::String;
+use core::fmt::Write as _;
+
+use cortex_m_rt::entry;
+use cortex_m_semihosting::{debug, hprintln, nr, syscall};
+use embedded_alloc::LlffHeap as Heap;
+use qcowkit_core::{BlockRead, FileRole, Image, OpenOptions, Opened, Opener};
+use sha2::{Digest, Sha256};
+
+#[global_allocator]
+static HEAP: Heap = Heap::empty();
+
+/// Heap size: 16 KiB in the small-RAM configuration, 1 MiB otherwise
+/// (room for cluster-sized buffers of compressed clusters).
+#[cfg(feature = "small-heap")]
+const HEAP_SIZE: usize = 16 * 1024;
+#[cfg(not(feature = "small-heap"))]
+const HEAP_SIZE: usize = 1024 * 1024;
+
+/// L2 cache budget: a 2 KiB slice at a time in the small configuration.
+#[cfg(feature = "small-heap")]
+const L2_BUDGET: Option<u64> = Some(2048);
+#[cfg(not(feature = "small-heap"))]
+const L2_BUDGET: Option<u64> = None;
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    hprintln!("panic: {}", info);
+    debug::exit(debug::EXIT_FAILURE);
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
+
+/// A host file opened through semihosting.
+struct HostFile {
+    fd: usize,
+    len: u64,
+}
+
+/// Semihosting errors: what failed and where.
+#[derive(Debug)]
+struct HostError(&'static str, u64);
+
+impl core::fmt::Display for HostError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} ({})", self.0, self.1)
+    }
+}
+
+impl HostFile {
+    fn open(name: &str) -> Result<HostFile, HostError> {
+        let mut z = String::from(name);
+        z.push('\0');
+        // SAFETY: SYS_OPEN reads `len` bytes from a NUL-terminated buffer
+        // that stays alive for the call.
+        let fd = unsafe { syscall!(OPEN, z.as_ptr(), nr::open::R_BINARY, name.len()) };
+        if fd as isize == -1 {
+            return Err(HostError("cannot open file", 0));
+        }
+        // SAFETY: SYS_FLEN takes the handle returned by SYS_OPEN.
+        let len = unsafe { syscall!(FLEN, fd) };
+        if len as isize == -1 {
+            return Err(HostError("cannot get the file length", 0));
+        }
+        Ok(HostFile {
+            fd,
+            len: len as u64,
+        })
+    }
+}
+
+impl BlockRead for HostFile {
+    type Error = HostError;
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        buf.fill(0);
+        if offset >= self.len || buf.is_empty() {
+            return Ok(());
+        }
+        let n = buf.len().min((self.len - offset) as usize);
+        // Semihosting offsets are 32-bit: files up to 4 GiB.
+        let off = usize::try_from(offset)
+            .ok()
+            .filter(|o| *o <= u32::MAX as usize)
+            .ok_or(HostError("offset beyond 4 GiB", offset))?;
+        // SAFETY: SYS_SEEK takes the handle and an absolute offset.
+        let r = unsafe { syscall!(SEEK, self.fd, off) };
+        if r != 0 {
+            return Err(HostError("seek failed", offset));
+        }
+        // SAFETY: SYS_READ writes at most `n` bytes into `buf`, which is
+        // at least `n` bytes long and borrowed mutably for the call.
+        let left = unsafe { syscall!(READ, self.fd, buf.as_mut_ptr(), n) };
+        if left > n {
+            return Err(HostError("read failed", offset));
+        }
+        Ok(())
+    }
+
+    fn len(&mut self) -> Result<u64, HostError> {
+        Ok(self.len)
+    }
+}
+
+/// Opens backing files relative to the directory of the image naming them.
+struct HostOpener;
+
+impl Opener<HostFile> for HostOpener {
+    fn open(
+        &mut self,
+        parent: &str,
+        name: &str,
+        _role: FileRole,
+    ) -> Result<Opened<HostFile>, HostError> {
+        let mut resolved = String::new();
+        if !name.starts_with('/') {
+            if let Some(i) = parent.rfind('/') {
+                resolved.push_str(&parent[..=i]);
+            }
+        }
+        resolved.push_str(name);
+        let io = HostFile::open(&resolved)?;
+        Ok(Opened {
+            io,
+            identity: resolved.clone(),
+            resolved,
+        })
+    }
+}
+
+/// The image name: the last word of the semihosting command line.
+fn image_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    let mut block = [buf.as_mut_ptr() as usize, buf.len()];
+    // SAFETY: SYS_GET_CMDLINE writes at most block[1] bytes into buf and
+    // stores the length in block[1].
+    let r = unsafe { cortex_m_semihosting::syscall1(nr::GET_CMDLINE, block.as_mut_ptr() as usize) };
+    if r != 0 {
+        return None;
+    }
+    let line = core::str::from_utf8(&buf[..block[1].min(buf.len())]).ok()?;
+    line.split_whitespace().last().map(String::from)
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
+}
+
+fn print_partitions<R: BlockRead>(img: &mut Image<R>) -> Result<(), qcowkit_core::Error<R::Error>> {
+    let mut sector = [0u8; 512];
+    img.read_at(0, &mut sector)?;
+    if sector[510..512] != [0x55, 0xaa] {
+        hprintln!("partition table: none");
+        return Ok(());
+    }
+    let mut gpt = false;
+    for i in 0..4 {
+        let e = &sector[446 + i * 16..446 + (i + 1) * 16];
+        let kind = e[4];
+        if kind == 0 {
+            continue;
+        }
+        gpt |= kind == 0xee;
+        hprintln!(
+            "mbr partition {}: type 0x{:02x} start {} sectors {}",
+            i + 1,
+            kind,
+            le32(e, 8),
+            le32(e, 12)
+        );
+    }
+    if gpt && img.size() >= 2 * 512 {
+        img.read_at(512, &mut sector)?;
+        if &sector[0..8] == b"EFI PART" {
+            let entries_lba = le64(&sector, 72);
+            let count = le32(&sector, 80).min(128);
+            let entry_size = le32(&sector, 84) as u64;
+            for i in 0..u64::from(count) {
+                let mut e = [0u8; 128];
+                let at = entries_lba
+                    .saturating_mul(512)
+                    .saturating_add(i * entry_size.max(128));
+                if at.saturating_add(128) > img.size() {
+                    break;
+                }
+                img.read_at(at, &mut e)?;
+                if e[0..16].iter().all(|b| *b == 0) {
+                    continue;
+                }
+                let mut name = String::new();
+                for c in e[56..128].chunks(2) {
+                    let u = u16::from_le_bytes([c[0], c[1]]);
+                    if u == 0 {
+                        break;
+                    }
+                    name.push(char::from_u32(u32::from(u)).unwrap_or('?'));
+                }
+                hprintln!(
+                    "gpt partition {}: first {} last {} name {}",
+                    i + 1,
+                    le64(&e, 32),
+                    le64(&e, 40),
+                    name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run() -> Result<(), String> {
+    let name = image_name().ok_or_else(|| String::from("no image name on the command line"))?;
+    let io = HostFile::open(&name).map_err(|e| alloc::format!("{name}: {e}"))?;
+    let opts = OpenOptions {
+        l2_cache_bytes: L2_BUDGET,
+        refcount_cache_bytes: Some(0),
+        ..OpenOptions::default()
+    };
+    let mut img = Image::open_with(io, &name, &name, &mut HostOpener, &opts)
+        .map_err(|e| alloc::format!("{name}: {e}"))?;
+    print_partitions(&mut img).map_err(|e| alloc::format!("{e}"))?;
+    let mut hasher = Sha256::new();
+    let mut chunk = [0u8; 4096];
+    let first_mib = img.size().min(1 << 20);
+    let mut pos = 0;
+    while pos < first_mib {
+        let n = (first_mib - pos).min(4096) as usize;
+        img.read_at(pos, &mut chunk[..n])
+            .map_err(|e| alloc::format!("{e}"))?;
+        hasher.update(&chunk[..n]);
+        pos += n as u64;
+    }
+    let digest = hasher.finalize();
+    let mut hex = String::new();
+    for b in digest {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hprintln!("virtual-size: {}", img.size());
+    hprintln!("sha256-first-mib: {}", hex);
+    Ok(())
+}
+
+#[entry]
+fn main() -> ! {
+    {
+        use core::mem::MaybeUninit;
+        static mut HEAP_MEM: [MaybeUninit<u8>; HEAP_SIZE] = [MaybeUninit::uninit(); HEAP_SIZE];
+        // SAFETY: called once, before any allocation; the static buffer is
+        // used only by the allocator from here on.
+        unsafe { HEAP.init(core::ptr::addr_of_mut!(HEAP_MEM) as usize, HEAP_SIZE) }
+    }
+    match run() {
+        Ok(()) => debug::exit(debug::EXIT_SUCCESS),
+        Err(e) => {
+            hprintln!("error: {}", e);
+            debug::exit(debug::EXIT_FAILURE);
+        }
+    }
+    loop {
+        cortex_m::asm::wfi();
+    }
+}

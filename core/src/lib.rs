@@ -26,6 +26,23 @@
 //! Every malformed field produces an [`Error`] naming the field and its value;
 //! no input makes the crate panic, allocate without a bound, or loop forever.
 //!
+//! ## Heap
+//! What reading needs besides the caller's buffers:
+//! - opening: a 4 KiB header buffer (the whole first cluster only when the
+//!   header extensions reach beyond 4 KiB), the active L1 table (8 bytes per
+//!   entry: 1 KiB for a 64 GiB image with 64 KiB clusters), the snapshot
+//!   and bitmap directories when present;
+//! - the L2 cache ([`OpenOptions::l2_cache_bytes`]); below one cluster the
+//!   core reads L2 tables in slices of that size (frugal mode), down to one
+//!   entry (8 or 16 bytes). A 64 KiB-cluster image opens with about 5 KiB
+//!   and reads with about 1 KiB of heap with a 512-byte budget;
+//! - compressed clusters: one cluster-sized output buffer plus the
+//!   compressed bytes (up to a cluster), and the decoder state (zstd keeps a
+//!   window of at most 8 MiB as the frame declares; QEMU's frames use one
+//!   cluster);
+//! - a backing chain: the same again for every image in it;
+//! - writing: whole L2 tables, refcount blocks and the refcount table.
+//!
 //! ## Features
 //! - `embedded-io`: `EmbeddedIo`, a storage over `embedded_io` devices.
 #![no_std]

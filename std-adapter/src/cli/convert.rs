@@ -319,8 +319,13 @@ fn decompress_batch(
                 let mut dec = qcowkit_core::compress::Decompressor::default();
                 let mut cluster = vec![0u8; cs];
                 for ((host, skip, len, input), out) in group {
-                    dec.decompress(kind, input, &mut cluster)
-                        .map_err(|reason| (*host, reason))?;
+                    let done = if kind == qcowkit_core::header::CompressionType::Zstd {
+                        // libzstd on the host (the no_std core uses ruzstd).
+                        zstd_cluster(input, &mut cluster)
+                    } else {
+                        dec.decompress(kind, input, &mut cluster)
+                    };
+                    done.map_err(|reason| (*host, reason))?;
                     out.copy_from_slice(&cluster[*skip..*skip + *len]);
                 }
                 Ok::<(), (u64, &'static str)>(())
@@ -341,6 +346,28 @@ fn decompress_batch(
         });
     }
     Ok(total as u64)
+}
+
+/// Decompresses zstd frames from `input` until `out` (one cluster) is full,
+/// ignoring what follows, like QEMU; errors when the data ends early, is
+/// invalid, or makes no progress.
+fn zstd_cluster(input: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let mut dec = Decoder::new().map_err(|_| "cannot start the zstd decoder")?;
+    // Bound the window like the core does for hostile frames.
+    dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(23))
+        .map_err(|_| "cannot configure the zstd decoder")?;
+    let mut src = InBuffer::around(input);
+    let mut dst = OutBuffer::around(out);
+    while dst.pos() < dst.capacity() {
+        let (in_before, out_before) = (src.pos(), dst.pos());
+        dec.run(&mut src, &mut dst)
+            .map_err(|_| "invalid zstd data")?;
+        if src.pos() == in_before && dst.pos() == out_before {
+            return Err("zstd stream ends before a full cluster");
+        }
+    }
+    Ok(())
 }
 
 /// Writes `data` at `offset`, leaving 4 KiB blocks of zeros as holes and

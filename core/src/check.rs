@@ -57,23 +57,10 @@ impl<R: BlockRead> Image<R> {
         let file_clusters = to_u64(refs.counts.len());
 
         // Compare references with refcounts.
-        let order = self.header.refcount_order;
-        let per_block = refcount::block_entries(cb, order);
-        let mut block_buf = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-        let mut loaded: Option<usize> = None;
+        let mut disk_rc = OnDiskRefcounts::new(&self.header, blocks);
         let mut highest: Option<u64> = None;
         for i in 0..file_clusters {
-            let bi = to_usize(i / per_block).unwrap_or(usize::MAX);
-            let on_disk = match blocks.get(bi) {
-                Some(&b) if b != 0 => {
-                    if loaded != Some(bi) {
-                        self.io.read_at(b, &mut block_buf).map_err(Error::Io)?;
-                        loaded = Some(bi);
-                    }
-                    refcount::get(&block_buf, order, i % per_block)
-                }
-                _ => 0,
-            };
+            let on_disk = disk_rc.get(&mut self.io, i).map_err(Error::Io)?;
             let computed = u64::from(refs.counts[to_usize(i).unwrap_or(0)]);
             if on_disk > 0 || computed > 0 {
                 highest = Some(i);
@@ -97,7 +84,7 @@ impl<R: BlockRead> Image<R> {
         rep.image_end_offset = highest.map_or(0, |h| (h + 1) << cb);
 
         // COPIED flags of the active tables against on-disk refcounts.
-        self.check_copied(&mut rep, &blocks)?;
+        self.check_copied(&mut rep, &mut disk_rc)?;
         Ok(rep)
     }
 
@@ -362,28 +349,12 @@ impl<R: BlockRead> Image<R> {
     fn check_copied(
         &mut self,
         rep: &mut CheckReport,
-        blocks: &[u64],
+        disk_rc: &mut OnDiskRefcounts,
     ) -> Result<(), Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
-        let order = self.header.refcount_order;
-        let per_block = refcount::block_entries(cb, order);
-        let mut rb = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-        let mut loaded: Option<usize> = None;
-        let mut refcount_of = |io: &mut R, off: u64| -> Result<u64, R::Error> {
-            let idx = off >> cb;
-            let bi = to_usize(idx / per_block).unwrap_or(usize::MAX);
-            match blocks.get(bi) {
-                Some(&b) if b != 0 => {
-                    if loaded != Some(bi) {
-                        io.read_at(b, &mut rb)?;
-                        loaded = Some(bi);
-                    }
-                    Ok(refcount::get(&rb, order, idx % per_block))
-                }
-                _ => Ok(0),
-            }
-        };
+        let mut refcount_of =
+            |io: &mut R, off: u64| -> Result<u64, R::Error> { disk_rc.get(io, off >> cb) };
         let fmt = self.fmt;
         let mut table = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
         let l1 = self.l1.clone();
@@ -426,6 +397,47 @@ impl<R: BlockRead> Image<R> {
             }
         }
         Ok(())
+    }
+}
+
+/// On-disk refcounts read through the refcount blocks the check validated
+/// (0 for missing or invalid ones), one block buffered at a time.
+struct OnDiskRefcounts {
+    blocks: Vec<u64>,
+    buf: Vec<u8>,
+    loaded: Option<usize>,
+    order: u32,
+    per_block: u64,
+}
+
+impl OnDiskRefcounts {
+    fn new(h: &crate::header::Header, blocks: Vec<u64>) -> Self {
+        OnDiskRefcounts {
+            blocks,
+            buf: alloc::vec![0u8; to_usize(h.cluster_size()).unwrap_or(0)],
+            loaded: None,
+            order: h.refcount_order,
+            per_block: refcount::block_entries(h.cluster_bits, h.refcount_order),
+        }
+    }
+
+    /// The refcount of host cluster `cluster`.
+    fn get<R: BlockRead>(&mut self, io: &mut R, cluster: u64) -> Result<u64, R::Error> {
+        let bi = to_usize(cluster / self.per_block).unwrap_or(usize::MAX);
+        match self.blocks.get(bi) {
+            Some(&b) if b != 0 => {
+                if self.loaded != Some(bi) {
+                    io.read_at(b, &mut self.buf)?;
+                    self.loaded = Some(bi);
+                }
+                Ok(refcount::get(
+                    &self.buf,
+                    self.order,
+                    cluster % self.per_block,
+                ))
+            }
+            _ => Ok(0),
+        }
     }
 }
 

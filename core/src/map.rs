@@ -60,6 +60,33 @@ impl BlockStatus {
     }
 }
 
+/// One merged range of a map: start, length and status.
+pub type MapEntry = (u64, u64, BlockStatus);
+
+/// Walks `[start, end)` with `status` (which returns the status at an
+/// offset and its run length) and merges adjacent runs that continue each
+/// other, as `qemu-img map` prints them. Shared by every host.
+pub fn merged_map<E>(
+    start: u64,
+    end: u64,
+    mut status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+) -> Result<alloc::vec::Vec<MapEntry>, E> {
+    let mut out: alloc::vec::Vec<MapEntry> = alloc::vec::Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let (st, run) = status(pos, end - pos)?;
+        if run == 0 {
+            break;
+        }
+        match out.last_mut() {
+            Some((_, len, last)) if last.continues(*len, &st) => *len += run,
+            _ => out.push((pos, run, st)),
+        }
+        pos += run;
+    }
+    Ok(out)
+}
+
 /// Block status of a raw file at `depth`: data or hole (via
 /// [`BlockRead::allocation`]), the offset being the guest offset.
 pub fn raw_status<R: BlockRead>(

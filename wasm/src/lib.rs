@@ -141,39 +141,15 @@ impl QcowImage {
 
     /// `qemu-img map --output=json` for this image (a JSON array string).
     pub fn map(&mut self) -> Result<String, JsError> {
-        let size = self.img.size();
-        let mut out = String::from("[");
-        let mut cur: Option<(u64, u64, qcowkit_core::BlockStatus)> = None;
-        let mut pos = 0;
-        let mut first = true;
-        let mut emit = |out: &mut String, e: (u64, u64, qcowkit_core::BlockStatus)| {
-            if !first {
-                out.push_str(",\n");
-            }
-            first = false;
-            out.push_str(&report::map_entry_json(e.0, e.1, &e.2));
-        };
-        while pos < size {
-            let (st, run) = self.img.block_status(pos, size - pos).map_err(js_err)?;
-            if run == 0 {
-                break;
-            }
-            match &mut cur {
-                Some((_, len, s)) if s.continues(*len, &st) => *len += run,
-                _ => {
-                    if let Some(e) = cur.take() {
-                        emit(&mut out, e);
-                    }
-                    cur = Some((pos, run, st));
-                }
-            }
-            pos += run;
-        }
-        if let Some(e) = cur {
-            emit(&mut out, e);
-        }
-        out.push(']');
-        Ok(out)
+        let img = &mut self.img;
+        let entries =
+            qcowkit_core::map::merged_map(0, img.size(), |pos, len| img.block_status(pos, len))
+                .map_err(js_err)?;
+        let lines: Vec<String> = entries
+            .iter()
+            .map(|(start, len, st)| report::map_entry_json(*start, *len, st))
+            .collect();
+        Ok(format!("[{}]", lines.join(",\n")))
     }
 
     /// `qemu-img check --output=json` (a JSON string; read-only check).

@@ -92,18 +92,9 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
         &a.options,
         &a.backing,
         &a.backing_format,
-        &None,
+        &Some(size.to_string()),
         true,
     )
-    .or_else(|e| {
-        if e.contains("needs a size") {
-            let mut o = a.options.clone();
-            o.push(format!("size={size}"));
-            super::create::build(&a.dest, &o, &a.backing, &a.backing_format, &None, true)
-        } else {
-            Err(e)
-        }
-    })
     .map_err(|e| (a.dest.clone(), e))?;
     copts.size = size;
     let mut img = crate::create_qcow2(std::path::Path::new(&a.dest), &copts)

@@ -47,24 +47,15 @@ pub struct Entry {
 
 /// Collects the merged map of `[start, end)`.
 pub fn collect(disk: &mut Disk, start: u64, end: u64) -> Result<Vec<Entry>, crate::DiskError> {
-    let mut out: Vec<Entry> = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let (st, run) = disk.block_status(pos, end - pos)?;
-        if run == 0 {
-            break;
-        }
-        match out.last_mut() {
-            Some(last) if last.status.continues(last.length, &st) => last.length += run,
-            _ => out.push(Entry {
-                start: pos,
-                length: run,
-                status: st,
-            }),
-        }
-        pos += run;
-    }
-    Ok(out)
+    let merged = qcowkit_core::map::merged_map(start, end, |pos, len| disk.block_status(pos, len))?;
+    Ok(merged
+        .into_iter()
+        .map(|(start, length, status)| Entry {
+            start,
+            length,
+            status,
+        })
+        .collect())
 }
 
 /// Runs `qcow2 map`.

@@ -289,17 +289,13 @@ impl<R: BlockWrite> Image<R> {
         // Switch the header to the new table (one sector-sized write).
         let old_offset = self.header.refcount_table_offset;
         let old_clusters = u64::from(self.header.refcount_table_clusters);
-        let mut hdr = [0u8; 12];
-        put64(&mut hdr, 0, table_start * cs);
-        hdr[8..12].copy_from_slice(
-            &u32::try_from(table_clusters)
-                .unwrap_or(u32::MAX)
-                .to_be_bytes(),
-        );
-        self.io.write_at(48, &hdr).map_err(Error::Io)?;
+        let mut switched = self.header.clone();
+        switched.refcount_table_offset = table_start * cs;
+        switched.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
+        let (at, fields) = switched.encode_refcount_table_fields();
+        self.io.write_at(at, &fields).map_err(Error::Io)?;
         self.io.flush().map_err(Error::Io)?;
-        self.header.refcount_table_offset = table_start * cs;
-        self.header.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
+        self.header = switched;
         self.refcounts.table = Some(table);
         self.refcounts.dirty_entries.clear();
         for (off, d) in block_data {

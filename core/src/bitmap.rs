@@ -7,6 +7,9 @@ use crate::bytes::{align8, be16, be32, be64};
 /// Size of the fixed part of a bitmap directory entry.
 pub const FIXED_LEN: usize = 24;
 
+/// Offset of the flags field inside a directory entry.
+const FLAGS_FIELD: usize = 12;
+
 /// Bitmap flag: the bitmap was not saved cleanly.
 pub const FLAG_IN_USE: u32 = 1 << 0;
 /// Bitmap flag: the bitmap tracks all writes.
@@ -68,6 +71,13 @@ pub fn decode_entry(dir: &[u8], pos: usize) -> Option<(Bitmap, usize)> {
     ))
 }
 
+/// The bytes that set the flags of the directory entry starting at `pos`
+/// in the directory: their position relative to the directory's start and
+/// their contents.
+pub fn encode_flags(pos: usize, flags: u32) -> (usize, [u8; 4]) {
+    (pos.saturating_add(FLAGS_FIELD), flags.to_be_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +98,11 @@ mod tests {
         assert_eq!(b.granularity(), 65536);
         assert_eq!(b.flag_names().collect::<alloc::vec::Vec<_>>(), ["auto"]);
         assert!(decode_entry(&d, 16).is_none());
+        let (at, bytes) = encode_flags(0, FLAG_AUTO | FLAG_IN_USE);
+        d[at..at + 4].copy_from_slice(&bytes);
+        assert_eq!(
+            decode_entry(&d, 0).unwrap().0.flags,
+            FLAG_AUTO | FLAG_IN_USE
+        );
     }
 }

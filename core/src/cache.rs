@@ -63,7 +63,7 @@ impl TableCache {
                 *t = tick;
                 Ok(buf.as_slice())
             }
-            None => Err(Error::corrupt("table cache lost an entry", offset, 0)),
+            None => Err(Error::Internal("table cache lost an entry")),
         }
     }
 
@@ -94,7 +94,7 @@ impl TableCache {
         self.dirty.insert(offset);
         match self.tables.get_mut(&offset) {
             Some((buf, _)) => Ok(buf.as_mut_slice()),
-            None => Err(Error::corrupt("table cache lost an entry", offset, 0)),
+            None => Err(Error::Internal("table cache lost an entry")),
         }
     }
 

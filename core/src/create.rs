@@ -5,8 +5,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::bytes::{put64, to_u64, to_usize};
+use crate::error::FormatError;
 use crate::header::{
-    self, autoclear, compat, incompat, CompressionType, CryptMethod, FeatureName, Header,
+    self, autoclear, compat, default_feature_names, incompat, CompressionType, CryptMethod, Header,
 };
 use crate::refcount;
 use crate::{BlockWrite, Error};
@@ -86,14 +87,14 @@ impl Default for CreateOptions {
     }
 }
 
-fn refuse<E>(option: &'static str, reason: &'static str) -> Error<E> {
-    Error::InvalidOption { option, reason }
+fn refuse(option: &'static str, reason: &'static str) -> FormatError {
+    FormatError::InvalidOption { option, reason }
 }
 
 impl CreateOptions {
     /// Checks the combination like qemu-img does, returning the header
     /// geometry (`cluster_bits`, `refcount_order`).
-    pub fn validate<E>(&self) -> Result<(u32, u32), Error<E>> {
+    pub fn validate(&self) -> Result<(u32, u32), FormatError> {
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 * 1024 * 1024).contains(&cs) {
             return Err(refuse(
@@ -195,25 +196,6 @@ impl CreateOptions {
     pub fn rounded_size(&self) -> Option<u64> {
         self.size.checked_add(511).map(|s| s & !511)
     }
-}
-
-/// The feature name table QEMU writes into new version 3 images.
-pub fn default_feature_names() -> Vec<FeatureName> {
-    let f = |kind: u8, bit: u8, name: &str| FeatureName {
-        kind,
-        bit,
-        name: String::from(name),
-    };
-    alloc::vec![
-        f(0, 0, "dirty bit"),
-        f(0, 1, "corrupt bit"),
-        f(0, 2, "external data file"),
-        f(0, 3, "compression type"),
-        f(0, 4, "extended L2 entries"),
-        f(1, 0, "lazy refcounts"),
-        f(2, 0, "bitmaps"),
-        f(2, 1, "raw external data"),
-    ]
 }
 
 /// Writes a new, empty image (no preallocation) to `io` and returns its
@@ -336,7 +318,7 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
 /// Encodes the first cluster's contents: header, extensions and backing
 /// file name (which is placed after the extensions, updating the header's
 /// `backing_file_offset`/`backing_file_size`).
-pub fn encode_header_cluster<E>(h: &mut Header) -> Result<Vec<u8>, Error<E>> {
+pub fn encode_header_cluster(h: &mut Header) -> Result<Vec<u8>, FormatError> {
     let out = encode_header_cluster_as_is(h);
     if out.is_err() && !h.feature_names.is_empty() {
         // Like QEMU, leave out the (optional) feature name table when the
@@ -347,7 +329,7 @@ pub fn encode_header_cluster<E>(h: &mut Header) -> Result<Vec<u8>, Error<E>> {
     out
 }
 
-fn encode_header_cluster_as_is<E>(h: &mut Header) -> Result<Vec<u8>, Error<E>> {
+fn encode_header_cluster_as_is(h: &mut Header) -> Result<Vec<u8>, FormatError> {
     let cs = h.cluster_size();
     let ext = h.encode_extensions();
     let fixed_len = h.encode_fixed().len();

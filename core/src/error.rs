@@ -1,4 +1,6 @@
-//! The crate's one error type.
+//! The crate's error type, [`Error`], and the decoders' own
+//! [`FormatError`], which carries no storage error type so that pure
+//! decoding can be used (and tested) without any I/O.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -13,26 +15,9 @@ use core::fmt;
 pub enum Error<E> {
     /// The storage failed.
     Io(E),
-    /// The first four bytes are not `QFI\xfb`.
-    BadMagic(u32),
-    /// The header's version is neither 2 nor 3.
-    UnsupportedVersion(u32),
-    /// A header or metadata field has a value the format (or QEMU's limits) forbid.
-    InvalidField {
-        /// Name of the field, as the qcow2 specification spells it.
-        field: &'static str,
-        /// The offending value.
-        value: u64,
-        /// Why it is refused.
-        reason: &'static str,
-    },
-    /// The image sets incompatible feature bits this implementation does not know.
-    UnknownIncompatibleFeatures {
-        /// The unknown bits.
-        bits: u64,
-        /// Their names from the image's feature name table, comma separated (may be empty).
-        names: String,
-    },
+    /// A header field or option has a value the format (or QEMU's limits)
+    /// forbid: what the decoders report, without the storage's error type.
+    Format(FormatError),
     /// The image is encrypted; reading encrypted images is not supported yet.
     Encrypted {
         /// `"aes"` or `"luks"` (or `"unknown"` for other values).
@@ -98,25 +83,17 @@ pub enum Error<E> {
     UnsupportedBackingFormat(String),
     /// A requested operation is not supported on this image.
     Unsupported(&'static str),
-    /// An image creation option (or combination) is refused.
-    InvalidOption {
-        /// The option's qemu-img name.
-        option: &'static str,
-        /// Why it is refused.
-        reason: &'static str,
-    },
     /// The image is read-only (opened read-only, or marked corrupt).
     ReadOnly(&'static str),
+    /// An invariant of this implementation failed (a bug, not a property of
+    /// the image).
+    Internal(&'static str),
 }
 
 impl<E> Error<E> {
-    /// Shorthand for [`Error::InvalidField`].
+    /// Shorthand for an invalid field ([`FormatError::InvalidField`]).
     pub(crate) fn field(field: &'static str, value: u64, reason: &'static str) -> Self {
-        Error::InvalidField {
-            field,
-            value,
-            reason,
-        }
+        Error::Format(FormatError::field(field, value, reason))
     }
 
     /// Shorthand for [`Error::Corrupt`].
@@ -133,25 +110,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(e) => write!(f, "i/o error: {e}"),
-            Error::BadMagic(m) => write!(
-                f,
-                "not a qcow2 image (magic {m:#010x}, expected 0x514649fb)"
-            ),
-            Error::UnsupportedVersion(v) => {
-                write!(f, "unsupported qcow2 version {v} (supported: 2 and 3)")
-            }
-            Error::InvalidField {
-                field,
-                value,
-                reason,
-            } => write!(f, "invalid {field} {value} ({value:#x}): {reason}"),
-            Error::UnknownIncompatibleFeatures { bits, names } => {
-                write!(f, "unsupported incompatible features {bits:#x}")?;
-                if !names.is_empty() {
-                    write!(f, " ({names})")?;
-                }
-                Ok(())
-            }
+            Error::Format(e) => e.fmt(f),
             Error::Encrypted { method } => write!(
                 f,
                 "image is encrypted with {method}; encrypted images are not supported"
@@ -191,12 +150,92 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 write!(f, "unsupported backing file format '{fmt_name}'")
             }
             Error::Unsupported(what) => write!(f, "unsupported: {what}"),
-            Error::InvalidOption { option, reason } => {
-                write!(f, "invalid option {option}: {reason}")
-            }
             Error::ReadOnly(why) => write!(f, "image is read-only: {why}"),
+            Error::Internal(what) => write!(f, "internal error: {what}"),
         }
     }
 }
 
 impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}
+
+/// What the pure decoders and option checks report: a field or option with
+/// a value the format (or QEMU's limits) forbid. [`Error::Format`] wraps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// The first four bytes are not `QFI\xfb`.
+    BadMagic(u32),
+    /// The header's version is neither 2 nor 3.
+    UnsupportedVersion(u32),
+    /// A header or metadata field has a value the format (or QEMU's limits) forbid.
+    InvalidField {
+        /// Name of the field, as the qcow2 specification spells it.
+        field: &'static str,
+        /// The offending value.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The image sets incompatible feature bits this implementation does not know.
+    UnknownIncompatibleFeatures {
+        /// The unknown bits.
+        bits: u64,
+        /// Their names from the image's feature name table, comma separated (may be empty).
+        names: String,
+    },
+    /// An image creation option (or combination) is refused.
+    InvalidOption {
+        /// The option's qemu-img name.
+        option: &'static str,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+}
+
+impl FormatError {
+    /// Shorthand for [`FormatError::InvalidField`].
+    pub(crate) fn field(field: &'static str, value: u64, reason: &'static str) -> Self {
+        FormatError::InvalidField {
+            field,
+            value,
+            reason,
+        }
+    }
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FormatError::BadMagic(m) => write!(
+                f,
+                "not a qcow2 image (magic {m:#010x}, expected 0x514649fb)"
+            ),
+            FormatError::UnsupportedVersion(v) => {
+                write!(f, "unsupported qcow2 version {v} (supported: 2 and 3)")
+            }
+            FormatError::InvalidField {
+                field,
+                value,
+                reason,
+            } => write!(f, "invalid {field} {value} ({value:#x}): {reason}"),
+            FormatError::UnknownIncompatibleFeatures { bits, names } => {
+                write!(f, "unsupported incompatible features {bits:#x}")?;
+                if !names.is_empty() {
+                    write!(f, " ({names})")?;
+                }
+                Ok(())
+            }
+            FormatError::InvalidOption { option, reason } => {
+                write!(f, "invalid option {option}: {reason}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for FormatError {}
+
+impl<E> From<FormatError> for Error<E> {
+    fn from(e: FormatError) -> Self {
+        Error::Format(e)
+    }
+}

@@ -517,7 +517,7 @@ impl<R: BlockRead> Image<R> {
             let (mapping, run) = self.map_shallow(pos, remaining)?;
             let run_usize = to_usize(run).unwrap_or(0).min(buf.len() - done);
             if run_usize == 0 {
-                return Err(Error::corrupt("mapping made no progress", pos, 0));
+                return Err(Error::Internal("mapping made no progress"));
             }
             let out = &mut buf[done..done + run_usize];
             match mapping {
@@ -585,7 +585,7 @@ impl<R: BlockRead> Image<R> {
         }
         match &self.decompressed {
             Some((_, b)) => Ok(b),
-            None => Err(Error::corrupt("decompression cache lost", host_offset, 0)),
+            None => Err(Error::Internal("decompression cache lost")),
         }
     }
 }

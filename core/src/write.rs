@@ -121,7 +121,7 @@ impl<R: BlockWrite> Image<R> {
     }
 
     fn mark_auto_bitmaps_in_use(&mut self) -> Res<(), R> {
-        use crate::bitmap::{decode_entry, FLAG_AUTO, FLAG_IN_USE};
+        use crate::bitmap::{decode_entry, encode_flags, FLAG_AUTO, FLAG_IN_USE};
         let Some(ext) = self.header.bitmaps else {
             return Ok(());
         };
@@ -136,9 +136,9 @@ impl<R: BlockWrite> Image<R> {
                 break;
             };
             if b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0 {
-                let flags = (b.flags | FLAG_IN_USE).to_be_bytes();
+                let (at, flags) = encode_flags(pos, b.flags | FLAG_IN_USE);
                 self.io
-                    .write_at(ext.directory_offset + to_u64(pos) + 12, &flags)
+                    .write_at(ext.directory_offset + to_u64(at), &flags)
                     .map_err(Error::Io)?;
                 changed = true;
             }
@@ -152,12 +152,8 @@ impl<R: BlockWrite> Image<R> {
 
     /// Rewrites the feature fields of the header (v3 only; v2 has none).
     fn write_header_fields(&mut self) -> Res<(), R> {
-        if self.header.version >= 3 {
-            let mut b = [0u8; 24];
-            put64(&mut b, 0, self.header.incompatible_features);
-            put64(&mut b, 8, self.header.compatible_features);
-            put64(&mut b, 16, self.header.autoclear_features);
-            self.io.write_at(72, &b).map_err(Error::Io)?;
+        if let Some((at, bytes)) = self.header.encode_feature_fields() {
+            self.io.write_at(at, &bytes).map_err(Error::Io)?;
             self.io.flush().map_err(Error::Io)?;
         }
         Ok(())

@@ -332,7 +332,7 @@ pub fn create_qcow2(
         name: name.clone(),
         source,
     };
-    opts.validate::<io::Error>()?;
+    opts.validate().map_err(Error::Format)?;
     if let Some(df) = &opts.data_file {
         let df_path = PathBuf::from(resolve_relative(&name, df));
         let f = FsOpenOptions::new()

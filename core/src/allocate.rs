@@ -9,25 +9,25 @@
 use alloc::vec::Vec;
 
 use crate::bytes::{put64, to_u64, to_usize};
-use crate::image::Image;
 use crate::refcount;
+use crate::WritableImage;
 use crate::{BlockWrite, Error};
 
-type Res<T, R> = Result<T, Error<<R as crate::BlockRead>::Error>>;
+use crate::image::Res;
 
-impl<R: BlockWrite> Image<R> {
+impl<R: BlockWrite> WritableImage<R> {
     fn per_block(&self) -> u64 {
-        refcount::block_entries(self.header.cluster_bits, self.header.refcount_order)
+        refcount::block_entries(self.img.header.cluster_bits, self.img.header.refcount_order)
     }
 
     /// Adds `delta` to the refcount of host cluster `cluster`, creating the
     /// refcount block (and growing the table) when needed.
     pub(crate) fn change_refcount(&mut self, cluster: u64, delta: i64) -> Res<(), R> {
         let cs = self.cluster_size();
-        let order = self.header.refcount_order;
+        let order = self.img.header.refcount_order;
         let block = self.ensure_refcount_block(cluster)?;
         let per_block = self.per_block();
-        let data = self.refcounts.blocks.get_mut(&mut self.io, block, cs)?;
+        let data = self.refcounts.blocks.get_mut(&mut self.img.io, block, cs)?;
         let idx = cluster % per_block;
         let old = refcount::get(data, order, idx);
         let new = if delta >= 0 {
@@ -35,19 +35,19 @@ impl<R: BlockWrite> Image<R> {
                 .filter(|n| *n <= refcount::max_refcount(order))
                 .ok_or(Error::corrupt(
                     "refcount overflow",
-                    cluster << self.header.cluster_bits,
+                    cluster << self.img.header.cluster_bits,
                     old,
                 ))?
         } else {
             old.checked_sub(delta.unsigned_abs()).ok_or(Error::corrupt(
                 "refcount underflow",
-                cluster << self.header.cluster_bits,
+                cluster << self.img.header.cluster_bits,
                 old,
             ))?
         };
         refcount::set(data, order, idx, new);
-        if new == 0 && cluster < self.writer.free_hint {
-            self.writer.free_hint = cluster;
+        if new == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
         }
         Ok(())
     }
@@ -55,21 +55,14 @@ impl<R: BlockWrite> Image<R> {
     /// Returns the offset of the refcount block covering `cluster`, creating
     /// it (self-describing when it lies in its own range) if needed.
     fn ensure_refcount_block(&mut self, cluster: u64) -> Res<u64, R> {
-        self.load_refcount_table()?;
         let cs = self.cluster_size();
         let per_block = self.per_block();
         let ti = to_usize(cluster / per_block).ok_or(Error::Unsupported("image too large"))?;
-        let len = self.refcounts.table.as_ref().map_or(0, Vec::len);
+        let len = self.refcounts.table.len();
         if ti >= len {
             self.grow_refcount_table(ti)?;
         }
-        let entry = self
-            .refcounts
-            .table
-            .as_ref()
-            .and_then(|t| t.get(ti))
-            .copied()
-            .unwrap_or(0);
+        let entry = self.refcounts.entry(to_u64(ti));
         let off = refcount::table_entry_offset(entry);
         if off != 0 {
             if off % cs != 0 {
@@ -86,33 +79,29 @@ impl<R: BlockWrite> Image<R> {
         // it is in another range without a block, that range's block is
         // created first (it then records itself at that cluster).
         let range_start = to_u64(ti) * per_block;
-        let order = self.header.refcount_order;
+        let order = self.img.header.refcount_order;
         loop {
             let candidate = self.find_free(1)?;
             let cti = candidate / per_block;
             let block_off = candidate * cs;
             let mut data = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-            let has_block = |t: &Option<Vec<u64>>| {
-                t.as_ref()
-                    .and_then(|t| t.get(to_usize(cti).unwrap_or(usize::MAX)))
-                    .is_some_and(|e| *e != 0)
-            };
+            let has_block = |r: &crate::rctable::Refcounts| r.entry(cti) != 0;
             if cti == to_u64(ti) {
                 refcount::set(&mut data, order, candidate - range_start, 1);
-            } else if !has_block(&self.refcounts.table) {
+            } else if !has_block(&self.refcounts) {
                 self.ensure_refcount_block(candidate)?;
                 continue;
             }
             self.refcounts.blocks.insert_dirty(block_off, data);
-            if let Some(t) = self.refcounts.table.as_mut() {
-                t[ti] = block_off;
+            if let Some(e) = self.refcounts.table.get_mut(ti) {
+                *e = block_off;
             }
             self.refcounts.dirty_entries.insert(ti);
             if cti != to_u64(ti) {
                 self.change_refcount(candidate, 1)?;
             }
             let end = (candidate + 1) * cs;
-            self.writer.file_end = self.writer.file_end.max(end);
+            self.file_end = self.file_end.max(end);
             return Ok(block_off);
         }
     }
@@ -120,13 +109,13 @@ impl<R: BlockWrite> Image<R> {
     /// Finds `n` contiguous free clusters, searching from the hint (which
     /// moves to the first free cluster seen).
     pub(crate) fn find_free(&mut self, n: u64) -> Res<u64, R> {
-        let mut start = self.writer.free_hint;
+        let mut start = self.free_hint;
         let mut run = 0u64;
         let mut c = start;
         let mut first_free = None;
         // Clusters past the end of every refcount block read as free, so the
         // search always ends.
-        let limit = crate::header::MAX_HOST_OFFSET >> self.header.cluster_bits;
+        let limit = crate::header::MAX_HOST_OFFSET >> self.img.header.cluster_bits;
         while run < n {
             if c >= limit {
                 return Err(Error::Unsupported("host file would exceed 2^56 bytes"));
@@ -143,7 +132,7 @@ impl<R: BlockWrite> Image<R> {
             c += 1;
         }
         if let Some(f) = first_free {
-            self.writer.free_hint = f;
+            self.free_hint = f;
         }
         Ok(start)
     }
@@ -172,9 +161,9 @@ impl<R: BlockWrite> Image<R> {
             for c in start..start + n {
                 self.change_refcount(c, 1)?;
             }
-            let end = (start + n) << self.header.cluster_bits;
-            self.writer.file_end = self.writer.file_end.max(end);
-            return Ok(start << self.header.cluster_bits);
+            let end = (start + n) << self.img.header.cluster_bits;
+            self.file_end = self.file_end.max(end);
+            return Ok(start << self.img.header.cluster_bits);
         }
     }
 
@@ -183,18 +172,18 @@ impl<R: BlockWrite> Image<R> {
     /// QEMU. Each host cluster's refcount counts the compressed clusters in it.
     pub(crate) fn alloc_bytes(&mut self, len: u64) -> Res<u64, R> {
         let cs = self.cluster_size();
-        if let Some(next) = self.writer.compressed_next {
+        if let Some(next) = self.compressed_next {
             let used = next % cs;
             let rc = self.refcount(next / cs)?;
-            let room = rc > 0 && rc < refcount::max_refcount(self.header.refcount_order);
+            let room = rc > 0 && rc < refcount::max_refcount(self.img.header.refcount_order);
             if used != 0 && used + len <= cs && room {
                 self.change_refcount(next / cs, 1)?;
-                self.writer.compressed_next = Some(next + len);
+                self.compressed_next = Some(next + len);
                 return Ok(next);
             }
         }
         let off = self.alloc_clusters(1)?;
-        self.writer.compressed_next = Some(off + len);
+        self.compressed_next = Some(off + len);
         Ok(off)
     }
 
@@ -206,8 +195,8 @@ impl<R: BlockWrite> Image<R> {
         self.write_refcounts()?;
         let cs = self.cluster_size();
         let per_block = self.per_block();
-        let old = self.refcounts.table.clone().unwrap_or_default();
-        let area = self.writer.file_end.max(self.file_len).div_ceil(cs).max(
+        let old = self.refcounts.table.clone();
+        let area = self.file_end.max(self.img.file_len).div_ceil(cs).max(
             // Never below clusters the table already covers.
             to_u64(old.len()) * per_block,
         );
@@ -268,46 +257,49 @@ impl<R: BlockWrite> Image<R> {
             let bi = to_usize(c / per_block).unwrap_or(usize::MAX);
             let block_off = table[bi];
             if let Some((_, d)) = block_data.iter_mut().find(|(o, _)| *o == block_off) {
-                refcount::set(d, self.header.refcount_order, c % per_block, 1);
+                refcount::set(d, self.img.header.refcount_order, c % per_block, 1);
             } else {
-                let data = self.refcounts.blocks.get_mut(&mut self.io, block_off, cs)?;
-                refcount::set(data, self.header.refcount_order, c % per_block, 1);
+                let data = self
+                    .refcounts
+                    .blocks
+                    .get_mut(&mut self.img.io, block_off, cs)?;
+                refcount::set(data, self.img.header.refcount_order, c % per_block, 1);
             }
         }
         for (off, d) in &block_data {
-            self.io.write_at(*off, d).map_err(Error::Io)?;
+            self.img.io.write_at(*off, d).map_err(Error::Io)?;
         }
         let mut raw = alloc::vec![0u8; to_usize(table_bytes).unwrap_or(0)];
         for (i, e) in table.iter().enumerate() {
             put64(&mut raw, i * 8, *e);
         }
-        self.io
+        self.img
+            .io
             .write_at(table_start * cs, &raw)
             .map_err(Error::Io)?;
         self.write_refcount_blocks()?;
-        self.io.flush().map_err(Error::Io)?;
+        self.img.io.flush().map_err(Error::Io)?;
         // Switch the header to the new table (one sector-sized write).
-        let old_offset = self.header.refcount_table_offset;
-        let old_clusters = u64::from(self.header.refcount_table_clusters);
-        let mut switched = self.header.clone();
+        let old_offset = self.img.header.refcount_table_offset;
+        let old_clusters = u64::from(self.img.header.refcount_table_clusters);
+        let mut switched = self.img.header.clone();
         switched.refcount_table_offset = table_start * cs;
         switched.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
         let (at, fields) = switched.encode_refcount_table_fields();
-        self.io.write_at(at, &fields).map_err(Error::Io)?;
-        self.io.flush().map_err(Error::Io)?;
-        self.header = switched;
-        self.refcounts.table = Some(table);
+        self.img.io.write_at(at, &fields).map_err(Error::Io)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        self.img.header = switched;
+        self.refcounts.table = table;
+        self.refcounts.table_offset = self.img.header.refcount_table_offset;
         self.refcounts.dirty_entries.clear();
         for (off, d) in block_data {
             self.refcounts.blocks.insert_dirty(off, d);
             self.refcounts.blocks.mark_clean(off);
         }
-        self.writer.file_end = self.writer.file_end.max(end * cs);
+        self.file_end = self.file_end.max(end * cs);
         // The old table's clusters are free once the header switch is durable.
         if old_offset != 0 && old_clusters > 0 {
-            self.writer
-                .pending_frees
-                .push((old_offset, old_clusters * cs));
+            self.pending_frees.push((old_offset, old_clusters * cs));
         }
         Ok(())
     }
@@ -317,7 +309,7 @@ impl<R: BlockWrite> Image<R> {
         for off in self.refcounts.blocks.dirty_offsets() {
             if let Some(d) = self.refcounts.blocks.peek(off) {
                 let d = d.to_vec();
-                self.io.write_at(off, &d).map_err(Error::Io)?;
+                self.img.io.write_at(off, &d).map_err(Error::Io)?;
             }
             self.refcounts.blocks.mark_clean(off);
         }
@@ -332,37 +324,32 @@ impl<R: BlockWrite> Image<R> {
             return Ok(());
         }
         self.write_refcount_blocks()?;
-        self.io.flush().map_err(Error::Io)?;
+        self.img.io.flush().map_err(Error::Io)?;
         if !self.refcounts.dirty_entries.is_empty() {
             let dirty: Vec<usize> = core::mem::take(&mut self.refcounts.dirty_entries)
                 .into_iter()
                 .collect();
-            let base = self.header.refcount_table_offset;
+            let base = self.img.header.refcount_table_offset;
             for i in dirty {
-                let e = self
-                    .refcounts
-                    .table
-                    .as_ref()
-                    .and_then(|t| t.get(i))
-                    .copied()
-                    .unwrap_or(0);
-                self.io
+                let e = self.refcounts.entry(to_u64(i));
+                self.img
+                    .io
                     .write_at(base + to_u64(i) * 8, &e.to_be_bytes())
                     .map_err(Error::Io)?;
             }
-            self.io.flush().map_err(Error::Io)?;
+            self.img.io.flush().map_err(Error::Io)?;
         }
         Ok(())
     }
 
     /// Applies the pending frees (after the references are durably gone).
     pub(crate) fn apply_pending_frees(&mut self) -> Res<(), R> {
-        let frees = core::mem::take(&mut self.writer.pending_frees);
+        let frees = core::mem::take(&mut self.pending_frees);
         if frees.is_empty() {
             return Ok(());
         }
-        self.invalidate_decompressed();
-        let cb = self.header.cluster_bits;
+        self.img.invalidate_decompressed();
+        let cb = self.img.header.cluster_bits;
         for (off, len) in frees {
             if len == 0 {
                 continue;
@@ -370,12 +357,12 @@ impl<R: BlockWrite> Image<R> {
             for c in off >> cb..=(off + len - 1) >> cb {
                 self.change_refcount(c, -1)?;
                 if self.refcount(c)? == 0 {
-                    self.l2_cache.forget(c << cb);
+                    self.img.l2_cache.forget(c << cb);
                     self.refcounts.blocks.forget(c << cb);
                 }
             }
         }
-        self.writer.compressed_next = None;
+        self.compressed_next = None;
         self.write_refcounts()
     }
 }

@@ -47,13 +47,20 @@ struct Refs {
 impl<R: BlockRead> Image<R> {
     /// Checks the image's metadata; reads everything, writes nothing.
     pub fn check(&mut self) -> Result<CheckReport, Error<R::Error>> {
+        let file_len = self.file_len;
+        self.check_file(file_len)
+    }
+
+    /// [`Image::check`] of a file at least `file_len` bytes long (a writer
+    /// may have allocated beyond the length seen at open).
+    pub(crate) fn check_file(&mut self, file_len: u64) -> Result<CheckReport, Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
         let mut rep = CheckReport {
             total_clusters: self.header.size.div_ceil(cs),
             ..CheckReport::default()
         };
-        let (refs, blocks) = self.walk_references(&mut rep)?;
+        let (refs, blocks) = self.walk_references(&mut rep, file_len)?;
         let file_clusters = to_u64(refs.counts.len());
 
         // Compare references with refcounts.
@@ -90,9 +97,11 @@ impl<R: BlockRead> Image<R> {
 
     /// Counts the references to every host cluster (used to rebuild the
     /// refcounts of a dirty image).
-    pub(crate) fn count_references(&mut self) -> Result<Vec<u16>, Error<R::Error>> {
+    /// `file_len` is the end of the file as the caller knows it (a writer
+    /// may have allocated past the length seen at open).
+    pub(crate) fn count_references(&mut self, file_len: u64) -> Result<Vec<u16>, Error<R::Error>> {
         let mut rep = CheckReport::default();
-        let (refs, _) = self.walk_references(&mut rep)?;
+        let (refs, _) = self.walk_references(&mut rep, file_len)?;
         Ok(refs.counts)
     }
 
@@ -101,10 +110,11 @@ impl<R: BlockRead> Image<R> {
     fn walk_references(
         &mut self,
         rep: &mut CheckReport,
+        file_len: u64,
     ) -> Result<(Refs, Vec<u64>), Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
-        let file_len = self.file_len.max(self.writer.file_end);
+        let file_len = self.file_len.max(file_len);
         let file_clusters = file_len.div_ceil(cs);
         if file_clusters > MAX_CHECK_CLUSTERS {
             return Err(Error::Unsupported("image file too large to check"));

@@ -67,10 +67,12 @@ mod image;
 mod io;
 pub mod l2;
 pub mod map;
+mod prealloc;
 mod rctable;
 pub mod refcount;
 pub mod report;
 pub mod snapshot;
+mod writable;
 mod write;
 
 pub use backing::{Backing, FileRole, Opened, Opener};
@@ -82,3 +84,4 @@ pub use io::{BlockRead, BlockWrite, MemError};
 #[cfg(feature = "embedded-io")]
 pub use io::{EmbeddedIo, EmbeddedIoError};
 pub use map::BlockStatus;
+pub use writable::WritableImage;

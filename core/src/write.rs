@@ -1,48 +1,15 @@
-//! The write path: guest writes, zero writes, discards, compressed writes
-//! and `flush`, with a write order that leaves at worst leaked clusters
-//! after a crash.
-//!
-//! Write order (each arrow is a flush of the storage):
-//! 1. guest data and new refcount blocks/increments are written,
-//! 2. → refcount table entries pointing at new refcount blocks,
-//! 3. → L2 tables (new or changed),
-//! 4. → L1 entries pointing at new L2 tables,
-//! 5. → refcount decrements of clusters no longer referenced,
-//!    → done.
-//!
-//! A crash anywhere leaves every durable reference pointing at a cluster
-//! whose refcount is durable and whose contents were written before it.
+//! Guest writes, zero writes, discards and compressed writes: each changes
+//! data clusters and L2 entries in memory; [`WritableImage::flush`] makes
+//! them durable in order.
 
 use alloc::vec::Vec;
 
-use crate::backing::Opener;
 use crate::bytes::{be64, put64, to_u64, to_usize};
-use crate::header::{autoclear, incompat, CompressionType};
-use crate::image::{Image, OpenOptions};
+use crate::header::CompressionType;
+use crate::image::Res;
 use crate::l2::{self, Subcluster, COPIED, ZERO};
+use crate::WritableImage;
 use crate::{BlockWrite, Error};
-
-type Res<T, R> = Result<T, Error<<R as crate::BlockRead>::Error>>;
-
-/// State of an image opened for writing.
-#[derive(Debug, Default)]
-pub(crate) struct Writer {
-    /// Writes are allowed.
-    pub(crate) enabled: bool,
-    /// First cluster index worth searching for free space.
-    pub(crate) free_hint: u64,
-    /// End of the host file as far as allocations know.
-    pub(crate) file_end: u64,
-    /// Byte ranges whose clusters lose one reference once the L2/L1
-    /// changes that dropped them are durable.
-    pub(crate) pending_frees: Vec<(u64, u64)>,
-    /// Where the next compressed cluster may be packed.
-    pub(crate) compressed_next: Option<u64>,
-    /// L1 entries changed in memory, not yet written.
-    pub(crate) dirty_l1: alloc::collections::BTreeSet<usize>,
-    /// Guest data was written since the last flush.
-    pub(crate) data_dirty: bool,
-}
 
 /// Which kind of zeroing a range gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,147 +20,9 @@ enum ZeroKind {
     Discard,
 }
 
-impl<R: BlockWrite> Image<R> {
-    /// Opens a standalone image for reading and writing.
-    pub fn open_rw(io: R, opts: &OpenOptions) -> Res<Self, R> {
-        let mut img = Self::open(io, opts)?;
-        img.enable_writes()?;
-        Ok(img)
-    }
-
-    /// Opens an image for reading and writing, with backing files and an
-    /// external data file opened through `opener` (the data file must be
-    /// opened writable by it).
-    pub fn open_rw_with(
-        io: R,
-        name: &str,
-        identity: &str,
-        opener: &mut dyn Opener<R>,
-        opts: &OpenOptions,
-    ) -> Res<Self, R> {
-        let mut img = Self::open_with(io, name, identity, opener, opts)?;
-        img.enable_writes()?;
-        Ok(img)
-    }
-
-    /// Prepares an opened image for writing, as QEMU does on a read-write
-    /// open: refuses corrupt images, rebuilds refcounts of dirty (lazy
-    /// refcount) images, and clears autoclear bits this implementation does
-    /// not maintain (unknown ones, and the bitmaps bit since writes here do
-    /// not update bitmaps).
-    pub fn enable_writes(&mut self) -> Res<(), R> {
-        if self.header.corrupt() {
-            return Err(Error::ReadOnly(
-                "the image is marked corrupt; repair it first",
-            ));
-        }
-        if self.header.has_data_file() && self.data_file.is_none() {
-            return Err(Error::MissingDataFile);
-        }
-        self.load_refcount_table()?;
-        if self.l2_slice != self.cluster_size() {
-            // Writing works on whole L2 tables: leave frugal slice mode.
-            let cap = self.l2_cache.capacity();
-            self.l2_slice = self.cluster_size();
-            self.l2_cache = crate::cache::TableCache::new(cap);
-        }
-        self.writer.enabled = true;
-        self.writer.file_end = self.file_len;
-        // Enabled ("auto") bitmaps should track every write, which this
-        // implementation does not do: mark them in use (inconsistent), as
-        // QEMU does while it has them open, before anything is written.
-        self.mark_auto_bitmaps_in_use()?;
-        let keep = autoclear::DATA_FILE_RAW | autoclear::BITMAPS;
-        let mut header_changed = false;
-        if self.header.autoclear_features & !keep != 0 {
-            self.header.autoclear_features &= keep;
-            header_changed = true;
-        }
-        if self.header.dirty() {
-            self.rebuild_refcounts()?;
-            self.header.incompatible_features &= !incompat::DIRTY;
-            header_changed = true;
-        }
-        if header_changed {
-            self.write_header_fields()?;
-        }
-        Ok(())
-    }
-
-    fn mark_auto_bitmaps_in_use(&mut self) -> Res<(), R> {
-        use crate::bitmap::{decode_entry, encode_flags, FLAG_AUTO, FLAG_IN_USE};
-        let Some(ext) = self.header.bitmaps else {
-            return Ok(());
-        };
-        let mut dir = alloc::vec![0u8; to_usize(ext.directory_size).unwrap_or(0)];
-        self.io
-            .read_at(ext.directory_offset, &mut dir)
-            .map_err(Error::Io)?;
-        let mut pos = 0usize;
-        let mut changed = false;
-        for _ in 0..ext.nb_bitmaps {
-            let Some((b, next)) = decode_entry(&dir, pos) else {
-                break;
-            };
-            if b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0 {
-                let (at, flags) = encode_flags(pos, b.flags | FLAG_IN_USE);
-                self.io
-                    .write_at(ext.directory_offset + to_u64(at), &flags)
-                    .map_err(Error::Io)?;
-                changed = true;
-            }
-            pos = next;
-        }
-        if changed {
-            self.io.flush().map_err(Error::Io)?;
-        }
-        Ok(())
-    }
-
-    /// Rewrites the feature fields of the header (v3 only; v2 has none).
-    fn write_header_fields(&mut self) -> Res<(), R> {
-        if let Some((at, bytes)) = self.header.encode_feature_fields() {
-            self.io.write_at(at, &bytes).map_err(Error::Io)?;
-            self.io.flush().map_err(Error::Io)?;
-        }
-        Ok(())
-    }
-
-    /// Sets every refcount to the number of references found by walking the
-    /// metadata (repair of a dirty image), then makes it durable.
-    fn rebuild_refcounts(&mut self) -> Res<(), R> {
-        let counts = self.count_references()?;
-        let cb = self.header.cluster_bits;
-        let end = (to_u64(counts.len())).max(self.file_len.div_ceil(1 << cb));
-        // Raising first, then lowering, keeps every intermediate state safe.
-        for pass in 0..2 {
-            for c in 0..end {
-                let want = counts
-                    .get(to_usize(c).unwrap_or(usize::MAX))
-                    .copied()
-                    .map_or(0, u64::from);
-                let have = self.refcount(c)?;
-                let delta = i64::try_from(want).unwrap_or(i64::MAX)
-                    - i64::try_from(have).unwrap_or(i64::MAX);
-                if (pass == 0 && delta > 0) || (pass == 1 && delta < 0) {
-                    self.change_refcount(c, delta)?;
-                }
-            }
-            self.write_refcounts()?;
-        }
-        Ok(())
-    }
-
-    fn require_writable(&self) -> Res<(), R> {
-        if self.writer.enabled {
-            Ok(())
-        } else {
-            Err(Error::ReadOnly("opened read-only"))
-        }
-    }
-
+impl<R: BlockWrite> WritableImage<R> {
     fn check_range(&self, offset: u64, len: u64) -> Res<(), R> {
-        let size = self.header.size;
+        let size = self.img.header.size;
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfBounds { offset, len, size });
         }
@@ -202,7 +31,6 @@ impl<R: BlockWrite> Image<R> {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Res<(), R> {
-        self.require_writable()?;
         self.check_range(offset, to_u64(buf.len()))?;
         let cs = self.cluster_size();
         let mut done = 0usize;
@@ -230,10 +58,9 @@ impl<R: BlockWrite> Image<R> {
     }
 
     fn zero_range(&mut self, offset: u64, len: u64, kind: ZeroKind) -> Res<(), R> {
-        self.require_writable()?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size();
-        let size = self.header.size;
+        let size = self.img.header.size;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -244,7 +71,7 @@ impl<R: BlockWrite> Image<R> {
             if whole {
                 self.zero_cluster(cluster_start, kind)?;
             } else if kind == ZeroKind::Zero {
-                if self.fmt.extended {
+                if self.img.fmt.extended {
                     self.zero_subclusters(pos, n)?;
                 } else {
                     let zeros = alloc::vec![0u8; to_usize(n).unwrap_or(0)];
@@ -257,66 +84,14 @@ impl<R: BlockWrite> Image<R> {
         Ok(())
     }
 
-    /// Flushes early when dirty tables keep a cache above its budget.
-    fn flush_if_over_budget(&mut self) -> Res<(), R> {
-        if self.l2_cache.over_capacity() || self.refcounts.blocks.over_capacity() {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Makes everything written so far durable, in crash-safe order.
-    pub fn flush(&mut self) -> Res<(), R> {
-        if !self.writer.enabled {
-            return Ok(());
-        }
-        if let Some(df) = self.data_file.as_mut() {
-            if self.writer.data_dirty {
-                df.flush().map_err(Error::Io)?;
-            }
-        }
-        // 1-2: data and refcount increments, then table entries.
-        self.write_refcounts()?;
-        // 3: L2 tables.
-        let dirty_l2 = self.l2_cache.dirty_offsets();
-        if !dirty_l2.is_empty() {
-            self.io.flush().map_err(Error::Io)?;
-            for off in dirty_l2 {
-                if let Some(t) = self.l2_cache.peek(off) {
-                    let t = t.to_vec();
-                    self.io.write_at(off, &t).map_err(Error::Io)?;
-                }
-                self.l2_cache.mark_clean(off);
-            }
-        }
-        // 4: L1 entries (after the tables they point at are durable).
-        if !self.writer.dirty_l1.is_empty() {
-            self.io.flush().map_err(Error::Io)?;
-            let dirty: Vec<usize> = core::mem::take(&mut self.writer.dirty_l1)
-                .into_iter()
-                .collect();
-            let base = self.header.l1_table_offset;
-            for i in dirty {
-                let e = self.l1.get(i).copied().unwrap_or(0);
-                self.io
-                    .write_at(base + to_u64(i) * 8, &e.to_be_bytes())
-                    .map_err(Error::Io)?;
-            }
-        }
-        self.io.flush().map_err(Error::Io)?;
-        self.writer.data_dirty = false;
-        // 5: frees, now that nothing durable refers to those clusters.
-        self.apply_pending_frees()?;
-        Ok(())
-    }
-
     /// Returns the offset of an L2 table for guest `offset` that may be
     /// modified in place: allocated (or copied, when shared with a snapshot).
-    fn writable_l2(&mut self, offset: u64) -> Res<u64, R> {
+    pub(crate) fn writable_l2(&mut self, offset: u64) -> Res<u64, R> {
         let cs = self.cluster_size();
-        let cover_bits = self.header.cluster_bits + self.header.l2_entries().trailing_zeros();
+        let cover_bits =
+            self.img.header.cluster_bits + self.img.header.l2_entries().trailing_zeros();
         let idx = to_usize(offset >> cover_bits).unwrap_or(usize::MAX);
-        let l1e = *self.l1.get(idx).ok_or(Error::corrupt(
+        let l1e = *self.img.l1.get(idx).ok_or(Error::corrupt(
             "guest offset beyond the L1 table",
             offset,
             to_u64(idx),
@@ -334,8 +109,8 @@ impl<R: BlockWrite> Image<R> {
         }
         if l2_off != 0 && self.refcount(l2_off / cs)? == 1 {
             // Exclusively owned but the flag is missing: just set it.
-            self.l1[idx] = l2_off | COPIED;
-            self.writer.dirty_l1.insert(idx);
+            self.img.l1[idx] = l2_off | COPIED;
+            self.dirty_l1.insert(idx);
             return Ok(l2_off);
         }
         let new = self.alloc_clusters(1)?;
@@ -343,22 +118,26 @@ impl<R: BlockWrite> Image<R> {
             alloc::vec![0u8; to_usize(cs).unwrap_or(0)]
         } else {
             // Copy-on-write of a table shared with a snapshot.
-            let t = self.l2_cache.get(&mut self.io, l2_off, cs)?.to_vec();
-            self.writer.pending_frees.push((l2_off, cs));
+            let t = self
+                .img
+                .l2_cache
+                .get(&mut self.img.io, l2_off, cs)?
+                .to_vec();
+            self.pending_frees.push((l2_off, cs));
             t
         };
-        self.l2_cache.insert_dirty(new, contents);
-        self.l1[idx] = new | COPIED;
-        self.writer.dirty_l1.insert(idx);
+        self.img.l2_cache.insert_dirty(new, contents);
+        self.img.l1[idx] = new | COPIED;
+        self.dirty_l1.insert(idx);
         Ok(new)
     }
 
     /// Reads the (entry, bitmap) pair for guest `offset` from table `l2_off`.
-    fn l2_entry(&mut self, l2_off: u64, offset: u64) -> Res<(u64, u64), R> {
+    pub(crate) fn l2_entry(&mut self, l2_off: u64, offset: u64) -> Res<(u64, u64), R> {
         let cs = self.cluster_size();
-        let at = self.l2_index(offset) * self.fmt.entry_size();
-        let t = self.l2_cache.get(&mut self.io, l2_off, cs)?;
-        let bitmap = if self.fmt.extended {
+        let at = self.l2_index(offset) * self.img.fmt.entry_size();
+        let t = self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?;
+        let bitmap = if self.img.fmt.extended {
             be64(t, at + 8)
         } else {
             0
@@ -366,11 +145,17 @@ impl<R: BlockWrite> Image<R> {
         Ok((be64(t, at), bitmap))
     }
 
-    fn set_l2_entry(&mut self, l2_off: u64, offset: u64, entry: u64, bitmap: u64) -> Res<(), R> {
+    pub(crate) fn set_l2_entry(
+        &mut self,
+        l2_off: u64,
+        offset: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Res<(), R> {
         let cs = self.cluster_size();
-        let at = self.l2_index(offset) * self.fmt.entry_size();
-        let extended = self.fmt.extended;
-        let t = self.l2_cache.get_mut(&mut self.io, l2_off, cs)?;
+        let at = self.l2_index(offset) * self.img.fmt.entry_size();
+        let extended = self.img.fmt.extended;
+        let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
         put64(t, at, entry);
         if extended {
             put64(t, at + 8, bitmap);
@@ -379,12 +164,13 @@ impl<R: BlockWrite> Image<R> {
     }
 
     fn l2_index(&self, offset: u64) -> usize {
-        to_usize((offset >> self.header.cluster_bits) & (self.header.l2_entries() - 1)).unwrap_or(0)
+        to_usize((offset >> self.img.header.cluster_bits) & (self.img.header.l2_entries() - 1))
+            .unwrap_or(0)
     }
 
     /// Subcluster size in bytes (the cluster size without extended L2).
     fn sc_size(&self) -> u64 {
-        if self.fmt.extended {
+        if self.img.fmt.extended {
             self.cluster_size() / 32
         } else {
             self.cluster_size()
@@ -408,22 +194,20 @@ impl<R: BlockWrite> Image<R> {
 
     /// Schedules the release of what an old entry referenced.
     fn release(&mut self, entry: u64, bitmap: u64, offset: u64) -> Res<(), R> {
-        if self.fmt.data_file {
+        if self.img.fmt.data_file {
             return Ok(());
         }
-        match self.fmt.subcluster(entry, bitmap, 0) {
+        match self.img.fmt.subcluster(entry, bitmap, 0) {
             Ok(Subcluster::Compressed(d)) => {
                 let start = d.offset & !511;
-                self.writer
-                    .pending_frees
-                    .push((start, d.offset + d.size - start));
+                self.pending_frees.push((start, d.offset + d.size - start));
             }
             Ok(
                 Subcluster::Normal { host }
                 | Subcluster::ZeroAlloc { host }
                 | Subcluster::UnallocatedAlloc { host },
             ) => {
-                self.writer.pending_frees.push((host, self.cluster_size()));
+                self.pending_frees.push((host, self.cluster_size()));
             }
             Ok(_) => {}
             Err(e) => return Err(Error::corrupt(e.what(), offset, e.value())),
@@ -434,21 +218,21 @@ impl<R: BlockWrite> Image<R> {
     /// Allocates a host cluster for guest cluster `cluster_start`: in the
     /// image file, or at the same offset in the external data file.
     fn alloc_data_cluster(&mut self, cluster_start: u64) -> Res<u64, R> {
-        if self.fmt.data_file {
+        if self.img.fmt.data_file {
             Ok(cluster_start)
         } else {
             self.alloc_clusters(1)
         }
     }
 
-    fn write_data(&mut self, host: u64, data: &[u8]) -> Res<(), R> {
-        self.writer.data_dirty = true;
+    pub(crate) fn write_data(&mut self, host: u64, data: &[u8]) -> Res<(), R> {
+        self.data_dirty = true;
         // Host space may be reused: a cached decompressed cluster is stale.
-        self.invalidate_decompressed();
-        let io = if self.fmt.data_file {
-            self.data_file.as_mut().ok_or(Error::MissingDataFile)?
+        self.img.invalidate_decompressed();
+        let io = if self.img.fmt.data_file {
+            self.img.data_file.as_mut().ok_or(Error::MissingDataFile)?
         } else {
-            &mut self.io
+            &mut self.img.io
         };
         io.write_at(host, data).map_err(Error::Io)
     }
@@ -460,11 +244,11 @@ impl<R: BlockWrite> Image<R> {
         let dend = dstart + data.len();
         // Read only the parts not overwritten.
         if dstart > 0 {
-            self.read_at(pos, &mut buf[..dstart])?;
+            self.img.read_at(pos, &mut buf[..dstart])?;
         }
         if dend < buf.len() {
             let tail = to_u64(dend);
-            self.read_at(pos + tail, &mut buf[dend..])?;
+            self.img.read_at(pos + tail, &mut buf[dend..])?;
         }
         buf[dstart..dend].copy_from_slice(data);
         Ok(buf)
@@ -476,7 +260,7 @@ impl<R: BlockWrite> Image<R> {
             return Ok(());
         }
         let cs = self.cluster_size();
-        let size = self.header.size;
+        let size = self.img.header.size;
         let cstart = pos - pos % cs;
         let cend = (cstart + cs).min(size);
         let l2_off = self.writable_l2(pos)?;
@@ -493,7 +277,7 @@ impl<R: BlockWrite> Image<R> {
             _ => None,
         };
         let owned = entry & COPIED != 0 && host_of(sub).is_some();
-        if !self.fmt.extended {
+        if !self.img.fmt.extended {
             match sub {
                 Subcluster::Normal { host } if owned => {
                     return self.write_data(host + pos % cs, data);
@@ -535,7 +319,7 @@ impl<R: BlockWrite> Image<R> {
                 // Shared with a snapshot: copy the whole cluster first.
                 let old = host_of(sub).unwrap_or(0);
                 let mut buf = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-                self.io.read_at(old, &mut buf).map_err(Error::Io)?;
+                self.img.io.read_at(old, &mut buf).map_err(Error::Io)?;
                 let host = self.alloc_data_cluster(cstart)?;
                 self.write_data(host, &buf)?;
                 self.release(entry, bitmap, pos)?;
@@ -553,27 +337,27 @@ impl<R: BlockWrite> Image<R> {
 
     /// Zeroes or discards one whole guest cluster.
     fn zero_cluster(&mut self, cstart: u64, kind: ZeroKind) -> Res<(), R> {
-        let v3 = self.header.version >= 3;
-        let raw_data_file = self.header.data_file_raw();
-        let has_backing = self.backing().is_some() || self.header.backing_file.is_some();
+        let v3 = self.img.header.version >= 3;
+        let raw_data_file = self.img.header.data_file_raw();
+        let has_backing = self.backing().is_some() || self.img.header.backing_file.is_some();
         if raw_data_file || (!v3 && kind == ZeroKind::Zero && has_backing) {
             // The data file must stay a valid raw image / v2 has no zero
             // flag to hide the backing file: write real zeros.
             let cs = self.cluster_size();
-            let len = (cstart + cs).min(self.header.size) - cstart;
+            let len = (cstart + cs).min(self.img.header.size) - cstart;
             let zeros = alloc::vec![0u8; to_usize(len).unwrap_or(0)];
             return self.write_in_cluster(cstart, &zeros);
         }
         let l2_off = self.writable_l2(cstart)?;
         let (entry, bitmap) = self.l2_entry(l2_off, cstart)?;
-        let (new_entry, new_bitmap) = if self.fmt.extended {
+        let (new_entry, new_bitmap) = if self.img.fmt.extended {
             (0, l2::ALL_ALLOC << 32)
         } else if v3 {
             (ZERO, 0)
         } else {
             (0, 0)
         };
-        if self.fmt.data_file {
+        if self.img.fmt.data_file {
             // Data file clusters are not refcounted; keep the mapping's
             // identity offset out of the entry.
             self.set_l2_entry(l2_off, cstart, new_entry, new_bitmap)?;
@@ -624,109 +408,12 @@ impl<R: BlockWrite> Image<R> {
         Ok(())
     }
 
-    /// Preallocates the whole disk (for `preallocation=metadata|falloc|full`):
-    /// every guest cluster gets an L2 entry and a host cluster (contiguous
-    /// runs, one L2 table at a time). With a backing file and extended L2,
-    /// the subclusters stay unallocated so the backing file still shows
-    /// through. `Full` writes zeros into the data clusters; `Falloc`
-    /// reserves them with [`BlockWrite::preallocate`].
-    pub fn preallocate(&mut self, mode: crate::create::Preallocation) -> Res<(), R> {
-        use crate::create::Preallocation;
-        self.require_writable()?;
-        if mode == Preallocation::Off {
-            return Ok(());
-        }
-        let cs = self.cluster_size();
-        let size = self.header.size;
-        let per_table = self.header.l2_coverage();
-        let mut pos = 0u64;
-        while pos < size {
-            let table_end = (pos - pos % per_table + per_table).min(size);
-            let l2_off = self.writable_l2(pos)?;
-            // Clusters of this table that are still unallocated.
-            let mut c = pos;
-            while c < table_end {
-                let (entry, bitmap) = self.l2_entry(l2_off, c)?;
-                let unallocated = entry & l2::OFFSET_MASK == 0
-                    && entry & l2::COMPRESSED == 0
-                    && !(self.fmt.data_file && entry & COPIED != 0);
-                if !unallocated {
-                    c += cs;
-                    continue;
-                }
-                // A run of unallocated clusters gets one contiguous allocation.
-                let mut n = 1u64;
-                while c + n * cs < table_end {
-                    let (e, _) = self.l2_entry(l2_off, c + n * cs)?;
-                    if e != 0 {
-                        break;
-                    }
-                    n += 1;
-                }
-                let host = if self.fmt.data_file {
-                    c
-                } else {
-                    self.alloc_clusters(n)?
-                };
-                let bytes = n * cs;
-                let data_len = bytes.min(size - c);
-                match mode {
-                    Preallocation::Full => {
-                        let zeros = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-                        for i in 0..n {
-                            let len = cs.min(size - (c + i * cs));
-                            self.write_data(host + i * cs, &zeros[..to_usize(len).unwrap_or(0)])?;
-                        }
-                    }
-                    Preallocation::Falloc => {
-                        let io = if self.fmt.data_file {
-                            self.data_file.as_mut().ok_or(Error::MissingDataFile)?
-                        } else {
-                            &mut self.io
-                        };
-                        io.preallocate(host, data_len).map_err(Error::Io)?;
-                    }
-                    _ => {}
-                }
-                for i in 0..n {
-                    // Like QEMU, subclusters stay unallocated (they read as
-                    // zeros, or from the backing file).
-                    let bm = if self.fmt.extended {
-                        bitmap & (0xffff_ffff << 32)
-                    } else {
-                        0
-                    };
-                    self.set_l2_entry(l2_off, c + i * cs, (host + i * cs) | COPIED, bm)?;
-                }
-                c += bytes;
-            }
-            pos = table_end;
-            self.flush_if_over_budget()?;
-        }
-        if self.fmt.data_file {
-            // The data file covers the whole disk.
-            if let Some(df) = self.data_file.as_mut() {
-                if df.len().map_err(Error::Io)? < size {
-                    df.set_len(size).map_err(Error::Io)?;
-                }
-            }
-        } else if mode == Preallocation::Metadata || mode == Preallocation::Off {
-            // The file must reach the end of the last data cluster.
-            let end = self.writer.file_end;
-            if self.io.len().map_err(Error::Io)? < end {
-                self.io.set_len(end).map_err(Error::Io)?;
-            }
-        }
-        self.flush()
-    }
-
     /// Writes one whole guest cluster compressed with the image's
     /// compression type; keeps it uncompressed when compression does not
     /// make it smaller (like qemu-img). `data` is the cluster's contents
     /// (shorter only for the last cluster of the disk). Returns whether the
     /// cluster was stored compressed.
     pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Res<bool, R> {
-        self.require_writable()?;
         let cs = self.cluster_size();
         if offset % cs != 0 || to_u64(data.len()) > cs || data.is_empty() {
             return Err(Error::Unsupported(
@@ -734,25 +421,29 @@ impl<R: BlockWrite> Image<R> {
             ));
         }
         self.check_range(offset, to_u64(data.len()))?;
-        if self.fmt.data_file {
+        if self.img.fmt.data_file {
             return Err(Error::Unsupported(
                 "compressed clusters with an external data file",
             ));
         }
         let mut full = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
         full[..data.len()].copy_from_slice(data);
-        let packed = crate::compress::compress(self.header.compression_type, &full);
+        let packed = crate::compress::compress(self.img.header.compression_type, &full);
         let Some(packed) = packed.filter(|p| to_u64(p.len()) < cs) else {
             self.write_at(offset, data)?;
             return Ok(false);
         };
         let len = to_u64(packed.len());
         let host = self.alloc_bytes(len)?;
-        let desc = self.fmt.encode_compressed(host, len).ok_or(Error::corrupt(
-            "compressed cluster offset not representable",
-            offset,
-            host,
-        ))?;
+        let desc = self
+            .img
+            .fmt
+            .encode_compressed(host, len)
+            .ok_or(Error::corrupt(
+                "compressed cluster offset not representable",
+                offset,
+                host,
+            ))?;
         self.write_data(host, &packed)?;
         let l2_off = self.writable_l2(offset)?;
         let (entry, bitmap) = self.l2_entry(l2_off, offset)?;

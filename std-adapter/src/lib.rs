@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 pub use qcowkit_core as core;
 use qcowkit_core::{
     map::raw_status, BlockRead, BlockStatus, BlockWrite, FileRole, Image, OpenOptions, Opened,
-    Opener,
+    Opener, WritableImage,
 };
 
 pub mod cli;
@@ -325,7 +325,7 @@ impl Disk {
 pub fn create_qcow2(
     path: &Path,
     opts: &qcowkit_core::CreateOptions,
-) -> Result<Image<FileIo>, DiskError> {
+) -> Result<WritableImage<FileIo>, DiskError> {
     use qcowkit_core::Error;
     let name = path.to_string_lossy().into_owned();
     let open_err = |source| Error::Open {
@@ -364,13 +364,14 @@ pub fn create_qcow2(
         writable: true,
         refuse: false,
     };
-    let mut img = Image::open_rw_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
+    let mut img =
+        WritableImage::open_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
     img.preallocate(opts.preallocation)?;
     Ok(img)
 }
 
 /// Opens an existing qcow2 image for writing (its data file writable too).
-pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<Image<FileIo>, DiskError> {
+pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<WritableImage<FileIo>, DiskError> {
     let name = path.to_string_lossy().into_owned();
     let open_err = |source| qcowkit_core::Error::Open {
         name: name.clone(),
@@ -382,7 +383,7 @@ pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<Image<FileIo>, D
         writable: true,
         refuse: false,
     };
-    Image::open_rw_with(io, &name, &identity, &mut opener, opts)
+    WritableImage::open_with(io, &name, &identity, &mut opener, opts)
 }
 
 /// Detects the format from the first bytes.

@@ -5,7 +5,9 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use qcowkit_core::{BlockRead, Error, FileRole, Image, Mapping, OpenOptions, Opened, Opener};
+use qcowkit_core::{
+    BlockRead, Error, FileRole, Image, Mapping, OpenOptions, Opened, Opener, WritableImage,
+};
 use qcowkit_tests::*;
 
 /// A storage that counts read calls and bytes.
@@ -371,7 +373,7 @@ fn writing_a_huge_image_stays_within_the_cache_budget() {
         refcount_cache_bytes: Some(2 * 65536),
         ..OpenOptions::default()
     };
-    let mut img = Image::open_rw(disk, &opts).unwrap();
+    let mut img = WritableImage::open(disk, &opts).unwrap();
     // Every write lands in a different L2 table (each covers 512 MiB).
     for i in 0..40u64 {
         let off = i * (1 << 40) + i * 4096;

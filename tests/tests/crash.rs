@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use qcowkit_core::{
     create, BlockRead, BlockWrite, CreateOptions, FileRole, Image, MemError, OpenOptions, Opened,
-    Opener,
+    Opener, WritableImage,
 };
 use qcowkit_tests::*;
 
@@ -267,24 +267,33 @@ impl Workload {
         }
     }
 
-    fn open_rec(&self, rec: Recording) -> Image<Recording> {
+    fn open_rec(&self, rec: Recording) -> WritableImage<Recording> {
         let r = if self.backing.is_some() {
-            Image::open_rw_with(rec, "top.qcow2", "top", &mut self.files(), &self.open)
+            WritableImage::open_with(rec, "top.qcow2", "top", &mut self.files(), &self.open)
         } else {
-            Image::open_rw(rec, &self.open)
+            WritableImage::open(rec, &self.open)
         };
         r.unwrap_or_else(|e| panic!("{}: open_rw of the new image: {e}", self.name))
     }
 
-    fn open_vec(&self, disk: Vec<u8>, rw: bool) -> Result<Image<Vec<u8>>, String> {
+    fn open_vec(&self, disk: Vec<u8>) -> Result<Image<Vec<u8>>, String> {
         let opts = OpenOptions::default();
-        let r = match (self.backing.is_some(), rw) {
-            (false, false) => Image::open(disk, &opts),
-            (false, true) => Image::open_rw(disk, &opts),
-            (true, false) => Image::open_with(disk, "top.qcow2", "top", &mut self.files(), &opts),
-            (true, true) => Image::open_rw_with(disk, "top.qcow2", "top", &mut self.files(), &opts),
+        let r = if self.backing.is_some() {
+            Image::open_with(disk, "top.qcow2", "top", &mut self.files(), &opts)
+        } else {
+            Image::open(disk, &opts)
         };
-        r.map_err(|e| format!("open{}: {e}", if rw { "_rw" } else { "" }))
+        r.map_err(|e| format!("open: {e}"))
+    }
+
+    fn open_vec_rw(&self, disk: Vec<u8>) -> Result<WritableImage<Vec<u8>>, String> {
+        let opts = OpenOptions::default();
+        let r = if self.backing.is_some() {
+            WritableImage::open_with(disk, "top.qcow2", "top", &mut self.files(), &opts)
+        } else {
+            WritableImage::open(disk, &opts)
+        };
+        r.map_err(|e| format!("open_rw: {e}"))
     }
 
     fn size(&self) -> u64 {
@@ -376,7 +385,7 @@ fn first_mismatch(got: &[u8], want: &[u8]) -> Option<String> {
     ))
 }
 
-fn run_workload(w: &Workload) -> (Recorded, Image<Recording>) {
+fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
     let initial = match &w.prefilled {
         Some((file, _)) => file.clone(),
         None => {
@@ -481,12 +490,12 @@ fn run_workload(w: &Workload) -> (Recorded, Image<Recording>) {
 
 /// After the workload: flush, then the image must be clean for us and for
 /// `qemu-img check`.
-fn final_state_is_clean(w: &Workload, mut img: Image<Recording>, s: &Scratch) {
+fn final_state_is_clean(w: &Workload, mut img: WritableImage<Recording>, s: &Scratch) {
     img.flush()
         .unwrap_or_else(|e| panic!("{}: final flush: {e}", w.name));
     let disk = img.into_inner().disk;
     let mut ro = w
-        .open_vec(disk.clone(), false)
+        .open_vec(disk.clone())
         .unwrap_or_else(|e| panic!("{}: final {e}", w.name));
     let rep = ro
         .check()
@@ -873,7 +882,7 @@ fn replay(w: &Workload, rec: &Recorded, limits: &Limits) -> Outcome {
                 }
             };
             // (a) our open and check.
-            let mut img = match w.open_vec(disk.clone(), false) {
+            let mut img = match w.open_vec(disk.clone()) {
                 Ok(img) => img,
                 Err(e) => {
                     fail(e);
@@ -938,7 +947,7 @@ fn replay(w: &Workload, rec: &Recorded, limits: &Limits) -> Outcome {
 /// first and last clusters, flush, and check again.
 fn write_after_crash(w: &Workload, disk: Vec<u8>) -> Result<(), String> {
     let mut img = w
-        .open_vec(disk, true)
+        .open_vec_rw(disk)
         .map_err(|e| format!("after the crash: {e}"))?;
     let size = w.size();
     let cs = w.create.cluster_size;
@@ -949,7 +958,7 @@ fn write_after_crash(w: &Workload, disk: Vec<u8>) -> Result<(), String> {
         .and_then(|()| img.flush())
         .map_err(|e| format!("write after the crash: {e}"))?;
     let mut img = w
-        .open_vec(img.into_inner(), false)
+        .open_vec(img.into_inner())
         .map_err(|e| format!("after writing on the crashed image: {e}"))?;
     let rep = img
         .check()
@@ -1554,7 +1563,7 @@ fn qemu_crash_with_lazy_refcounts_is_repaired_by_open_rw() {
         );
         let mut model = std::fs::read(s.path("guest.raw")).unwrap();
 
-        let mut img = Image::open_rw(crashed, &OpenOptions::default())
+        let mut img = WritableImage::open(crashed, &OpenOptions::default())
             .unwrap_or_else(|e| panic!("{name}: open_rw of the dirty image: {e}"));
         let mut got = vec![0u8; model.len()];
         img.read_at(0, &mut got).unwrap();

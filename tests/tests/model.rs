@@ -24,7 +24,9 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError};
-use qcowkit_core::{create, CreateOptions, FileRole, Image, MemError, OpenOptions, Opened, Opener};
+use qcowkit_core::{
+    create, CreateOptions, FileRole, Image, MemError, OpenOptions, Opened, Opener, WritableImage,
+};
 use qcowkit_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -196,13 +198,13 @@ impl Setup {
         }
     }
 
-    fn open_rw(&self, disk: Vec<u8>) -> Result<Image<Vec<u8>>, String> {
+    fn open_rw(&self, disk: Vec<u8>) -> Result<WritableImage<Vec<u8>>, String> {
         let opts = self.open_options();
         let r = if self.backing == BackingKind::None {
-            Image::open_rw(disk, &opts)
+            WritableImage::open(disk, &opts)
         } else {
             let mut op = BackingOpener(self.backing);
-            Image::open_rw_with(disk, "top.qcow2", "top", &mut op, &opts)
+            WritableImage::open_with(disk, "top.qcow2", "top", &mut op, &opts)
         };
         r.map_err(|e| format!("open_rw: {e}"))
     }
@@ -639,7 +641,7 @@ fn compressed_writes_with_1_bit_refcounts() {
         ..CreateOptions::default()
     };
     create::format(&mut disk, &opts).unwrap();
-    let mut img = Image::open_rw(disk, &OpenOptions::default()).unwrap();
+    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
     for (i, pat) in [1u8, 2, 3].into_iter().enumerate() {
         let off = i as u64 * 512;
         let stored = img
@@ -668,7 +670,7 @@ fn compressed_data_at_a_reused_host_offset_reads_back() {
         ..CreateOptions::default()
     };
     create::format(&mut disk, &opts).unwrap();
-    let mut img = Image::open_rw(disk, &OpenOptions::default()).unwrap();
+    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
     let cs = 65536u64;
     assert!(img
         .write_compressed(7 * cs, &vec![0x11; cs as usize])

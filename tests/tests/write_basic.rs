@@ -1,16 +1,16 @@
 //! First checks of the write path: images we create and write must pass
 //! `qemu-img check` and read back through qemu-io.
 
-use qcowkit_core::{create, CreateOptions, Image, OpenOptions};
+use qcowkit_core::{create, CreateOptions, OpenOptions, WritableImage};
 use qcowkit_tests::*;
 
-fn new_image(opts: &CreateOptions) -> Image<Vec<u8>> {
+fn new_image(opts: &CreateOptions) -> WritableImage<Vec<u8>> {
     let mut disk = Vec::new();
     create::format(&mut disk, opts).unwrap();
-    Image::open_rw(disk, &OpenOptions::default()).unwrap()
+    WritableImage::open(disk, &OpenOptions::default()).unwrap()
 }
 
-fn save_and_check(s: &Scratch, name: &str, img: Image<Vec<u8>>) {
+fn save_and_check(s: &Scratch, name: &str, img: WritableImage<Vec<u8>>) {
     let bytes = img.into_inner();
     std::fs::write(s.path(name), bytes).unwrap();
     let out = run_in(s.dir(), "qemu-img", &["check", name]);

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Output;
 
-use qcowkit_core::{Image, OpenOptions};
+use qcowkit_core::{OpenOptions, WritableImage};
 use qcowkit_std::{open_qcow2_rw, Disk, DiskOptions, FileIo};
 use qcowkit_tests::*;
 use serde_json::Value;
@@ -1314,7 +1314,7 @@ fn describe_ops(ops: &[Op]) -> String {
         .join("\n")
 }
 
-fn apply_ours(img: &mut Image<FileIo>, op: &Op, model: &Model) -> Result<(), String> {
+fn apply_ours(img: &mut WritableImage<FileIo>, op: &Op, model: &Model) -> Result<(), String> {
     let r = match op {
         Op::Write { off, data } => img.write_at(*off, data),
         Op::Zero { off, len } => img.write_zeroes(*off, *len),

@@ -20,7 +20,9 @@
 mod storage;
 
 use js_sys::{Function, Object, Reflect, Uint8Array};
-use qcowkit_core::{report, CreateOptions, FileRole, Image, OpenOptions, Opened, Opener};
+use qcowkit_core::{
+    report, CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage,
+};
 use wasm_bindgen::prelude::*;
 
 pub use storage::{Storage, StorageError};
@@ -84,8 +86,42 @@ impl Opener<Storage> for NamedFiles {
 /// An opened disk image (qcow2 with its backing chain).
 #[wasm_bindgen]
 pub struct QcowImage {
-    img: Image<Storage>,
+    img: Access,
     name: String,
+}
+
+/// An image opened for reading only, or for reading and writing.
+enum Access {
+    Read(Image<Storage>),
+    Write(WritableImage<Storage>),
+}
+
+impl QcowImage {
+    /// The image, for reading.
+    fn reader(&mut self) -> &mut Image<Storage> {
+        match &mut self.img {
+            Access::Read(img) => img,
+            Access::Write(img) => img,
+        }
+    }
+
+    /// The image, for reading, shared.
+    fn image(&self) -> &Image<Storage> {
+        match &self.img {
+            Access::Read(img) => img,
+            Access::Write(img) => img,
+        }
+    }
+
+    /// The image, for writing (an error when opened read-only).
+    fn writer(&mut self) -> Result<&mut WritableImage<Storage>, JsError> {
+        match &mut self.img {
+            Access::Write(img) => Ok(img),
+            Access::Read(_) => Err(js_err(qcowkit_core::Error::<StorageError>::ReadOnly(
+                "opened read-only",
+            ))),
+        }
+    }
 }
 
 #[wasm_bindgen]
@@ -98,7 +134,7 @@ impl QcowImage {
         let img = Image::open_with(io, name, name, &mut opener, &OpenOptions::default())
             .map_err(js_err)?;
         Ok(QcowImage {
-            img,
+            img: Access::Read(img),
             name: name.to_string(),
         })
     }
@@ -113,10 +149,10 @@ impl QcowImage {
     ) -> Result<QcowImage, JsError> {
         let io = Storage::from_js(storage).map_err(js_err)?;
         let mut opener = NamedFiles { files };
-        let img = Image::open_rw_with(io, name, name, &mut opener, &OpenOptions::default())
+        let img = WritableImage::open_with(io, name, name, &mut opener, &OpenOptions::default())
             .map_err(js_err)?;
         Ok(QcowImage {
-            img,
+            img: Access::Write(img),
             name: name.to_string(),
         })
     }
@@ -124,24 +160,24 @@ impl QcowImage {
     /// Virtual size in bytes.
     #[wasm_bindgen(js_name = virtualSize)]
     pub fn virtual_size(&self) -> f64 {
-        self.img.size() as f64
+        self.image().size() as f64
     }
 
     /// `qemu-img info --output=json` for this image (a JSON string).
     pub fn info(&mut self) -> String {
-        let actual = qcowkit_core::BlockRead::len(self.img.io_mut()).unwrap_or(0);
-        let full = self.img.backing().map(|b| b.name().to_string());
+        let actual = qcowkit_core::BlockRead::len(self.reader().io_mut()).unwrap_or(0);
+        let full = self.reader().backing().map(|b| b.name().to_string());
         let p = report::InfoParams {
             filename: &self.name,
             full_backing_filename: full.as_deref(),
             actual_size: actual,
         };
-        report::info_json(&self.img, &p)
+        report::info_json(self.image(), &p)
     }
 
     /// `qemu-img map --output=json` for this image (a JSON array string).
     pub fn map(&mut self) -> Result<String, JsError> {
-        let img = &mut self.img;
+        let img = self.reader();
         let entries =
             qcowkit_core::map::merged_map(0, img.size(), |pos, len| img.block_status(pos, len))
                 .map_err(js_err)?;
@@ -154,25 +190,32 @@ impl QcowImage {
 
     /// `qemu-img check --output=json` (a JSON string; read-only check).
     pub fn check(&mut self) -> Result<String, JsError> {
-        let r = self.img.check().map_err(js_err)?;
+        let r = self.reader().check().map_err(js_err)?;
         Ok(report::check_json(&r, &self.name))
     }
 
     /// Reads `length` guest bytes at `offset`.
     pub fn read(&mut self, offset: f64, length: u32) -> Result<Uint8Array, JsError> {
         let mut buf = vec![0u8; length as usize];
-        self.img.read_at(offset as u64, &mut buf).map_err(js_err)?;
+        self.reader()
+            .read_at(offset as u64, &mut buf)
+            .map_err(js_err)?;
         Ok(Uint8Array::from(&buf[..]))
     }
 
     /// Writes `bytes` at guest `offset` (image opened writable).
     pub fn write(&mut self, offset: f64, bytes: &[u8]) -> Result<(), JsError> {
-        self.img.write_at(offset as u64, bytes).map_err(js_err)
+        self.writer()?
+            .write_at(offset as u64, bytes)
+            .map_err(js_err)
     }
 
     /// Makes written data durable.
     pub fn flush(&mut self) -> Result<(), JsError> {
-        self.img.flush().map_err(js_err)
+        match &mut self.img {
+            Access::Write(img) => img.flush().map_err(js_err),
+            Access::Read(_) => Ok(()),
+        }
     }
 
     /// Streams the guest contents as raw bytes: calls `sink(offset, bytes)`
@@ -182,13 +225,13 @@ impl QcowImage {
     /// zeros). Never holds more than one chunk in memory.
     #[wasm_bindgen(js_name = convertToRaw)]
     pub fn convert_to_raw(&mut self, sink: &Function, chunk_size: u32) -> Result<(), JsError> {
-        let size = self.img.size();
+        let size = self.reader().size();
         let chunk = u64::from(chunk_size.max(4096));
         let mut buf = vec![0u8; chunk as usize];
         let mut pos = 0;
         while pos < size {
             let want = (size - pos).min(chunk);
-            let (st, run) = self.img.block_status(pos, want).map_err(js_err)?;
+            let (st, run) = self.reader().block_status(pos, want).map_err(js_err)?;
             let n = run.clamp(1, want);
             if st.reads_as_zero() {
                 sink.call3(
@@ -200,7 +243,7 @@ impl QcowImage {
                 .map_err(|e| js_err(StorageError::from(e)))?;
             } else {
                 let b = &mut buf[..n as usize];
-                self.img.read_at(pos, b).map_err(js_err)?;
+                self.reader().read_at(pos, b).map_err(js_err)?;
                 sink.call3(
                     &JsValue::NULL,
                     &(pos as f64).into(),
@@ -220,7 +263,7 @@ impl QcowImage {
     pub fn convert_to_raw_storage(&mut self, target: JsValue) -> Result<(), JsError> {
         use qcowkit_core::BlockWrite;
         let mut out = Storage::from_js(target).map_err(js_err)?;
-        let size = self.img.size();
+        let size = self.reader().size();
         out.set_len(0).map_err(js_err)?;
         out.set_len(size).map_err(js_err)?;
         let chunk = 1u64 << 20;
@@ -228,11 +271,11 @@ impl QcowImage {
         let mut pos = 0;
         while pos < size {
             let want = (size - pos).min(chunk);
-            let (st, run) = self.img.block_status(pos, want).map_err(js_err)?;
+            let (st, run) = self.reader().block_status(pos, want).map_err(js_err)?;
             let n = run.clamp(1, want);
             if !st.reads_as_zero() {
                 let b = &mut buf[..n as usize];
-                self.img.read_at(pos, b).map_err(js_err)?;
+                self.reader().read_at(pos, b).map_err(js_err)?;
                 if b.iter().any(|x| *x != 0) {
                     out.write_at(pos, b).map_err(js_err)?;
                 }
@@ -284,7 +327,7 @@ pub fn create_image(target: JsValue, options: JsValue) -> Result<(), JsError> {
     let mut io = Storage::from_js(target).map_err(js_err)?;
     qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
     qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
-    let mut img = Image::open_rw(io, &creating()).map_err(js_err)?;
+    let mut img = WritableImage::open(io, &creating()).map_err(js_err)?;
     img.preallocate(c.preallocation).map_err(js_err)?;
     img.flush().map_err(js_err)
 }
@@ -303,7 +346,7 @@ pub fn create_image_bytes(options: JsValue) -> Result<Uint8Array, JsError> {
     let c = create_options(&options)?;
     let mut bytes: Vec<u8> = Vec::new();
     qcowkit_core::create::format(&mut bytes, &c).map_err(js_err)?;
-    let mut img = Image::open_rw(Storage::Memory(bytes), &creating()).map_err(js_err)?;
+    let mut img = WritableImage::open(Storage::Memory(bytes), &creating()).map_err(js_err)?;
     img.preallocate(c.preallocation).map_err(js_err)?;
     img.flush().map_err(js_err)?;
     let out = img.into_inner().into_bytes().unwrap_or_default();
@@ -333,7 +376,7 @@ pub fn convert_raw_to_qcow2(
     let mut io = Storage::from_js(target).map_err(js_err)?;
     qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
     qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
-    let mut img = Image::open_rw(io, &OpenOptions::default()).map_err(js_err)?;
+    let mut img = WritableImage::open(io, &OpenOptions::default()).map_err(js_err)?;
     let cs = img.cluster_size();
     let mut buf = vec![0u8; cs as usize];
     let mut pos = 0;

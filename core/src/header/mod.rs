@@ -1,6 +1,6 @@
 //! The qcow2 header: the fixed fields, their validation against QEMU's
 //! limits, and their encoding. Pure decoding and encoding, no I/O; feature
-//! bits live in [`features`], header extensions in [`extensions`].
+//! bits live in `features`, header extensions in `extensions`.
 
 use alloc::string::String;
 use alloc::vec::Vec;

@@ -178,7 +178,7 @@ fn bench(a: &Args) -> Result<(), String> {
 
 enum Target {
     Ro(Disk),
-    Rw(Box<qcowkit_core::Image<crate::FileIo>>),
+    Rw(Box<qcowkit_core::WritableImage<crate::FileIo>>),
 }
 
 impl Target {

@@ -103,7 +103,7 @@ pub fn run(args: &[String]) -> u8 {
     let out_len = len.div_ceil(512) * 512;
     enum Out {
         Raw(std::fs::File),
-        Qcow2(Box<qcowkit_core::Image<crate::FileIo>>),
+        Qcow2(Box<qcowkit_core::WritableImage<crate::FileIo>>),
     }
     let mut out = match a.output_format {
         Format::Raw => {

@@ -1,0 +1,270 @@
+//! The image opened for reading: its state, open options and accessors.
+//! Opening lives in `open`, mapping guest ranges in `mapping`, reading
+//! guest data in `read`. Writing is a separate type
+//! ([`crate::WritableImage`]) that exists only when an image is opened for
+//! writing.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::backing::{Backing, Opener};
+use crate::bitmap::Bitmap;
+use crate::cache::TableCache;
+use crate::compress;
+use crate::header::Header;
+use crate::l2::EntryFormat;
+use crate::rctable::Refcounts;
+use crate::snapshot::Snapshot;
+use crate::{BlockRead, Error};
+
+mod mapping;
+mod open;
+mod read;
+
+/// QEMU's default cap on the L2 cache (32 MiB).
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 * 1024 * 1024;
+/// Default limit on the depth of a backing chain.
+pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 64;
+
+/// Options for opening an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// L2 cache budget in bytes. `None`: enough to cover the whole image,
+    /// capped at 32 MiB (QEMU's default). At least one L2 table is cached.
+    pub l2_cache_bytes: Option<u64>,
+    /// Bytes of an L2 table read and cached at a time (a power of two, at
+    /// least 16, at most the cluster size). `None`: whole tables, unless
+    /// `l2_cache_bytes` is smaller than a cluster, in which case slices of
+    /// that budget are used (frugal mode for small heaps). Like QEMU's
+    /// `l2-cache-entry-size`. Writing always uses whole tables.
+    pub l2_slice_bytes: Option<u64>,
+    /// Refcount block cache budget in bytes. `None`: a quarter of the L2
+    /// cache (QEMU's ratio), at least one block.
+    pub refcount_cache_bytes: Option<u64>,
+    /// Do not open the backing file: unallocated clusters read as zeros
+    /// (like QEMU's `BDRV_O_NO_BACKING`, used by `qemu-img info`).
+    pub no_backing: bool,
+    /// Maximum depth of the backing chain below this image.
+    pub max_chain_depth: u32,
+    /// Do not open the external data file (metadata-only work such as
+    /// `info`); reading data that lives there then fails.
+    pub no_data_file: bool,
+    /// Open for a consistency check: accept images without a refcount
+    /// table (QEMU's check mode), so that the check can report them.
+    pub check_mode: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            l2_cache_bytes: None,
+            l2_slice_bytes: None,
+            refcount_cache_bytes: None,
+            no_backing: false,
+            max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            no_data_file: false,
+            check_mode: false,
+        }
+    }
+}
+
+/// What a guest range holds at one layer of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Data stored uncompressed at `host_offset` (contiguous for the whole run).
+    Data {
+        /// Host offset of the run's first byte.
+        host_offset: u64,
+        /// True when the data lives in the external data file.
+        external: bool,
+    },
+    /// Reads as zeros at this layer.
+    Zero {
+        /// Host offset of a preallocated cluster, if any.
+        host_offset: Option<u64>,
+    },
+    /// Not allocated at this layer: read from the backing file (zeros without one).
+    Unallocated {
+        /// Host offset of the (extended L2) cluster whose subcluster is unallocated.
+        host_offset: Option<u64>,
+    },
+    /// Inside one compressed cluster.
+    Compressed {
+        /// Host offset of the compressed data.
+        host_offset: u64,
+        /// Upper bound of the compressed data's length.
+        size: u64,
+        /// Guest offset of the start of the cluster.
+        cluster_start: u64,
+    },
+}
+
+/// A qcow2 image opened for reading.
+#[derive(Debug)]
+pub struct Image<R: BlockRead> {
+    pub(crate) io: R,
+    pub(crate) header: Header,
+    pub(crate) fmt: EntryFormat,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l2_cache: TableCache,
+    /// Bytes of an L2 table cached at a time (the cluster size unless frugal).
+    pub(crate) l2_slice: u64,
+    pub(crate) data_file: Option<R>,
+    pub(crate) backing: Option<Backing<R>>,
+    pub(crate) snapshots: Vec<Snapshot>,
+    pub(crate) snapshot_table_len: u64,
+    pub(crate) bitmaps: Vec<Bitmap>,
+    pub(crate) file_len: u64,
+    pub(crate) name: String,
+    pub(crate) decompressed: Option<(u64, Vec<u8>)>,
+    pub(crate) decompressor: compress::Decompressor,
+    /// Refcount blocks a writer may cache (from the open options).
+    pub(crate) refcount_cache_blocks: usize,
+    metadata_prealloc: Option<bool>,
+}
+
+pub(crate) type Res<T, R> = Result<T, Error<<R as BlockRead>::Error>>;
+
+impl<R: BlockRead> Image<R> {
+    /// Opens a standalone image: fails if it needs a backing file (unless
+    /// `opts.no_backing`) or an external data file, since there is no opener.
+    pub fn open(io: R, opts: &OpenOptions) -> Res<Self, R> {
+        Self::open_inner(io, String::new(), None, opts, &mut Vec::new())
+    }
+
+    /// Opens an image named `name`, opening its backing chain and external
+    /// data file through `opener`. `identity` identifies the file for loop
+    /// detection.
+    pub fn open_with(
+        io: R,
+        name: &str,
+        identity: &str,
+        opener: &mut dyn Opener<R>,
+        opts: &OpenOptions,
+    ) -> Res<Self, R> {
+        let mut seen = alloc::vec![String::from(identity)];
+        Self::open_inner(io, String::from(name), Some(opener), opts, &mut seen)
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// The resolved name this image was opened under (empty for [`Image::open`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Length of the image file in bytes at open time.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The backing layer, if one was opened.
+    pub fn backing(&self) -> Option<&Backing<R>> {
+        self.backing.as_ref()
+    }
+
+    /// The backing layer, mutable.
+    pub fn backing_mut(&mut self) -> Option<&mut Backing<R>> {
+        self.backing.as_mut()
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The persistent bitmaps (empty when the extension is absent or stale).
+    pub fn bitmaps(&self) -> &[Bitmap] {
+        &self.bitmaps
+    }
+
+    /// The active L1 table.
+    pub fn l1_table(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Number of L2 tables the cache may hold.
+    pub fn l2_cache_capacity(&self) -> usize {
+        self.l2_cache.capacity()
+    }
+
+    /// Number of L2 tables held by the cache now (dirty ones included).
+    pub fn l2_cache_len(&self) -> usize {
+        self.l2_cache.len()
+    }
+
+    /// Number of L2 tables read from storage so far.
+    pub fn l2_cache_misses(&self) -> u64 {
+        self.l2_cache.misses
+    }
+
+    /// Gives the storage back.
+    pub fn into_inner(self) -> R {
+        self.io
+    }
+
+    /// Mutable access to the image file's storage.
+    pub fn io_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+
+    /// Mutable access to the external data file's storage, if any.
+    pub fn data_file_mut(&mut self) -> Option<&mut R> {
+        self.data_file.as_mut()
+    }
+
+    /// Bytes the image file occupies on its storage, when the storage can
+    /// tell (e.g. `st_blocks * 512`); `None` otherwise.
+    pub fn allocated_size(&mut self) -> Res<Option<u64>, R> {
+        self.io.allocated_size().map_err(Error::Io)
+    }
+
+    /// The image file's storage.
+    pub fn storage(&self) -> &R {
+        &self.io
+    }
+
+    /// Whether the image looks preallocated with `preallocation=metadata`
+    /// (QEMU's heuristic: clearly more clusters in use per the refcounts than
+    /// the file really occupies). Such images' data ranges are checked for
+    /// holes by [`Image::block_status`], as QEMU does.
+    pub fn metadata_preallocated(&mut self) -> Res<bool, R> {
+        if let Some(v) = self.metadata_prealloc {
+            return Ok(v);
+        }
+        let cs = self.cluster_size();
+        let v = match self.io.allocated_size().map_err(Error::Io)? {
+            None => false,
+            Some(real) => {
+                let real_clusters = real / cs;
+                let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters + 2);
+                let end = self.file_len.div_ceil(cs);
+                let mut refcounts = Refcounts::load(&mut self.io, &self.header, 1)?;
+                let mut used = 0u64;
+                let mut i = 0u64;
+                while i < end && used < threshold {
+                    if refcounts.get(&mut self.io, i)? > 0 {
+                        used += 1;
+                    }
+                    i += 1;
+                }
+                used >= threshold
+            }
+        };
+        self.metadata_prealloc = Some(v);
+        Ok(v)
+    }
+}

@@ -1,0 +1,287 @@
+//! The image opened for writing: [`WritableImage`] owns the read state
+//! (an [`Image`]) and the write state (refcounts, allocation, pending frees,
+//! dirty tables), and makes writes durable in a crash-safe order.
+//!
+//! Write order (each arrow is a flush of the storage):
+//! 1. guest data and new refcount blocks/increments are written,
+//! 2. → refcount table entries pointing at new refcount blocks,
+//! 3. → L2 tables (new or changed),
+//! 4. → L1 entries pointing at new L2 tables,
+//! 5. → refcount decrements of clusters no longer referenced,
+//!    → done.
+//!
+//! A crash anywhere leaves every durable reference pointing at a cluster
+//! whose refcount is durable and whose contents were written before it.
+
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
+use core::ops::{Deref, DerefMut};
+
+use crate::backing::Opener;
+use crate::bytes::{to_u64, to_usize};
+use crate::header::{autoclear, incompat};
+use crate::image::{Image, OpenOptions, Res};
+use crate::rctable::Refcounts;
+use crate::{BlockWrite, Error};
+
+/// A qcow2 image opened for reading and writing.
+///
+/// It reads like an [`Image`] (it dereferences to one) and adds writes,
+/// zero writes, discards, compressed writes, preallocation and
+/// [`WritableImage::flush`]. Only this type carries write state: an image
+/// opened for reading never does.
+#[derive(Debug)]
+pub struct WritableImage<R: BlockWrite> {
+    pub(crate) img: Image<R>,
+    /// Refcount table and cached refcount blocks.
+    pub(crate) refcounts: Refcounts,
+    /// First cluster index worth searching for free space.
+    pub(crate) free_hint: u64,
+    /// End of the host file as far as allocations know.
+    pub(crate) file_end: u64,
+    /// Byte ranges whose clusters lose one reference once the L2/L1
+    /// changes that dropped them are durable.
+    pub(crate) pending_frees: Vec<(u64, u64)>,
+    /// Where the next compressed cluster may be packed.
+    pub(crate) compressed_next: Option<u64>,
+    /// L1 entries changed in memory, not yet written.
+    pub(crate) dirty_l1: BTreeSet<usize>,
+    /// Guest data was written since the last flush.
+    pub(crate) data_dirty: bool,
+}
+
+impl<R: BlockWrite> Deref for WritableImage<R> {
+    type Target = Image<R>;
+    fn deref(&self) -> &Image<R> {
+        &self.img
+    }
+}
+
+impl<R: BlockWrite> DerefMut for WritableImage<R> {
+    fn deref_mut(&mut self) -> &mut Image<R> {
+        &mut self.img
+    }
+}
+
+impl<R: BlockWrite> WritableImage<R> {
+    /// Opens a standalone image for reading and writing.
+    pub fn open(io: R, opts: &OpenOptions) -> Res<Self, R> {
+        Self::new(Image::open(io, opts)?)
+    }
+
+    /// Opens an image for reading and writing, with backing files and an
+    /// external data file opened through `opener` (the data file must be
+    /// opened writable by it).
+    pub fn open_with(
+        io: R,
+        name: &str,
+        identity: &str,
+        opener: &mut dyn Opener<R>,
+        opts: &OpenOptions,
+    ) -> Res<Self, R> {
+        Self::new(Image::open_with(io, name, identity, opener, opts)?)
+    }
+
+    /// Prepares an opened image for writing, as QEMU does on a read-write
+    /// open: refuses corrupt images, rebuilds refcounts of dirty (lazy
+    /// refcount) images, and clears autoclear bits this implementation does
+    /// not maintain (unknown ones, and the bitmaps bit since writes here do
+    /// not update bitmaps).
+    pub fn new(mut img: Image<R>) -> Res<Self, R> {
+        if img.header.corrupt() {
+            return Err(Error::ReadOnly(
+                "the image is marked corrupt; repair it first",
+            ));
+        }
+        if img.header.has_data_file() && img.data_file.is_none() {
+            return Err(Error::MissingDataFile);
+        }
+        let cs = img.cluster_size();
+        if img.l2_slice != cs {
+            // Writing works on whole L2 tables: leave frugal slice mode.
+            let cap = img.l2_cache.capacity();
+            img.l2_slice = cs;
+            img.l2_cache = crate::cache::TableCache::new(cap);
+        }
+        let refcounts = Refcounts::load(&mut img.io, &img.header, img.refcount_cache_blocks)?;
+        let file_end = img.file_len;
+        let mut w = WritableImage {
+            img,
+            refcounts,
+            free_hint: 0,
+            file_end,
+            pending_frees: Vec::new(),
+            compressed_next: None,
+            dirty_l1: BTreeSet::new(),
+            data_dirty: false,
+        };
+        // Enabled ("auto") bitmaps should track every write, which this
+        // implementation does not do: mark them in use (inconsistent), as
+        // QEMU does while it has them open, before anything is written.
+        w.mark_auto_bitmaps_in_use()?;
+        let keep = autoclear::DATA_FILE_RAW | autoclear::BITMAPS;
+        let mut header_changed = false;
+        if w.img.header.autoclear_features & !keep != 0 {
+            w.img.header.autoclear_features &= keep;
+            header_changed = true;
+        }
+        if w.img.header.dirty() {
+            w.rebuild_refcounts()?;
+            w.img.header.incompatible_features &= !incompat::DIRTY;
+            header_changed = true;
+        }
+        if header_changed {
+            w.write_header_fields()?;
+        }
+        Ok(w)
+    }
+
+    /// The image, for reading (writes not yet flushed are visible to it).
+    pub fn image(&self) -> &Image<R> {
+        &self.img
+    }
+
+    /// Gives the read-only image back (call [`WritableImage::flush`] first).
+    pub fn into_image(self) -> Image<R> {
+        self.img
+    }
+
+    /// Gives the storage back (call [`WritableImage::flush`] first).
+    pub fn into_inner(self) -> R {
+        self.img.into_inner()
+    }
+
+    /// The refcount of host cluster `cluster`, including changes not yet
+    /// flushed (0 when no refcount block covers it).
+    pub fn refcount(&mut self, cluster: u64) -> Res<u64, R> {
+        self.refcounts.get(&mut self.img.io, cluster)
+    }
+
+    /// Checks the image's metadata as [`Image::check`] does, including the
+    /// clusters allocated since it was opened (call
+    /// [`WritableImage::flush`] first: the check reads what is on disk).
+    pub fn check(&mut self) -> Res<crate::CheckReport, R> {
+        let end = self.file_end;
+        self.img.check_file(end)
+    }
+
+    /// Number of refcount blocks held by the cache now.
+    pub fn refcount_cache_len(&self) -> usize {
+        self.refcounts.blocks.len()
+    }
+
+    fn mark_auto_bitmaps_in_use(&mut self) -> Res<(), R> {
+        use crate::bitmap::{decode_entry, encode_flags, FLAG_AUTO, FLAG_IN_USE};
+        let Some(ext) = self.img.header.bitmaps else {
+            return Ok(());
+        };
+        let mut dir = alloc::vec![0u8; to_usize(ext.directory_size).unwrap_or(0)];
+        self.img
+            .io
+            .read_at(ext.directory_offset, &mut dir)
+            .map_err(Error::Io)?;
+        let mut pos = 0usize;
+        let mut changed = false;
+        for _ in 0..ext.nb_bitmaps {
+            let Some((b, next)) = decode_entry(&dir, pos) else {
+                break;
+            };
+            if b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0 {
+                let (at, flags) = encode_flags(pos, b.flags | FLAG_IN_USE);
+                self.img
+                    .io
+                    .write_at(ext.directory_offset + to_u64(at), &flags)
+                    .map_err(Error::Io)?;
+                changed = true;
+            }
+            pos = next;
+        }
+        if changed {
+            self.img.io.flush().map_err(Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the feature fields of the header (v3 only; v2 has none).
+    fn write_header_fields(&mut self) -> Res<(), R> {
+        if let Some((at, bytes)) = self.img.header.encode_feature_fields() {
+            self.img.io.write_at(at, &bytes).map_err(Error::Io)?;
+            self.img.io.flush().map_err(Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Sets every refcount to the number of references found by walking the
+    /// metadata (repair of a dirty image), then makes it durable.
+    fn rebuild_refcounts(&mut self) -> Res<(), R> {
+        let counts = self.img.count_references(self.file_end)?;
+        let cb = self.img.header.cluster_bits;
+        let end = (to_u64(counts.len())).max(self.img.file_len.div_ceil(1 << cb));
+        // Raising first, then lowering, keeps every intermediate state safe.
+        for pass in 0..2 {
+            for c in 0..end {
+                let want = counts
+                    .get(to_usize(c).unwrap_or(usize::MAX))
+                    .copied()
+                    .map_or(0, u64::from);
+                let have = self.refcount(c)?;
+                let delta = i64::try_from(want).unwrap_or(i64::MAX)
+                    - i64::try_from(have).unwrap_or(i64::MAX);
+                if (pass == 0 && delta > 0) || (pass == 1 && delta < 0) {
+                    self.change_refcount(c, delta)?;
+                }
+            }
+            self.write_refcounts()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes early when dirty tables keep a cache above its budget.
+    pub(crate) fn flush_if_over_budget(&mut self) -> Res<(), R> {
+        if self.img.l2_cache.over_capacity() || self.refcounts.blocks.over_capacity() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable, in crash-safe order.
+    pub fn flush(&mut self) -> Res<(), R> {
+        if let Some(df) = self.img.data_file.as_mut() {
+            if self.data_dirty {
+                df.flush().map_err(Error::Io)?;
+            }
+        }
+        // 1-2: data and refcount increments, then table entries.
+        self.write_refcounts()?;
+        // 3: L2 tables.
+        let dirty_l2 = self.img.l2_cache.dirty_offsets();
+        if !dirty_l2.is_empty() {
+            self.img.io.flush().map_err(Error::Io)?;
+            for off in dirty_l2 {
+                if let Some(t) = self.img.l2_cache.peek(off) {
+                    let t = t.to_vec();
+                    self.img.io.write_at(off, &t).map_err(Error::Io)?;
+                }
+                self.img.l2_cache.mark_clean(off);
+            }
+        }
+        // 4: L1 entries (after the tables they point at are durable).
+        if !self.dirty_l1.is_empty() {
+            self.img.io.flush().map_err(Error::Io)?;
+            let dirty: Vec<usize> = core::mem::take(&mut self.dirty_l1).into_iter().collect();
+            let base = self.img.header.l1_table_offset;
+            for i in dirty {
+                let e = self.img.l1.get(i).copied().unwrap_or(0);
+                self.img
+                    .io
+                    .write_at(base + to_u64(i) * 8, &e.to_be_bytes())
+                    .map_err(Error::Io)?;
+            }
+        }
+        self.img.io.flush().map_err(Error::Io)?;
+        self.data_dirty = false;
+        // 5: frees, now that nothing durable refers to those clusters.
+        self.apply_pending_frees()?;
+        Ok(())
+    }
+}

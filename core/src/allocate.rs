@@ -9,9 +9,10 @@
 use alloc::vec::Vec;
 
 use crate::bytes::{put64, to_u64, to_usize};
+use crate::error::Error;
+use crate::io::BlockWrite;
 use crate::refcount;
-use crate::WritableImage;
-use crate::{BlockWrite, Error};
+use crate::writable::WritableImage;
 
 use crate::image::Res;
 

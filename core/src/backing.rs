@@ -8,7 +8,7 @@
 
 use alloc::string::String;
 
-use crate::BlockRead;
+use crate::io::BlockRead;
 
 /// Why a file is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,44 +39,37 @@ pub trait Opener<R: BlockRead> {
     fn open(&mut self, parent: &str, name: &str, role: FileRole) -> Result<Opened<R>, R::Error>;
 }
 
-/// The layer below an image: another qcow2 image or a raw file.
-#[derive(Debug)]
-pub enum Backing<R: BlockRead> {
-    /// A qcow2 backing image (with its own chain).
-    Qcow2(alloc::boxed::Box<crate::Image<R>>),
-    /// A raw backing file.
-    Raw {
-        /// The storage.
-        io: R,
-        /// Its length in bytes (its virtual size).
-        size: u64,
-        /// Its resolved name.
-        name: String,
-    },
+/// Resolves a file name `name` stored in the image whose resolved name is
+/// `parent`, as QEMU does for backing files: an absolute name (or an empty
+/// one) is kept, a relative one is joined to the parent's directory. Pure
+/// string work, shared by every host's opener.
+pub fn resolve_name(parent: &str, name: &str) -> String {
+    if name.starts_with('/') || name.is_empty() {
+        return String::from(name);
+    }
+    match parent.rfind('/') {
+        Some(i) => {
+            let mut out = String::from(&parent[..=i]);
+            out.push_str(name);
+            out
+        }
+        None => String::from(name),
+    }
 }
 
-impl<R: BlockRead> Backing<R> {
-    /// Virtual size of the backing layer.
-    pub fn size(&self) -> u64 {
-        match self {
-            Backing::Qcow2(img) => img.size(),
-            Backing::Raw { size, .. } => *size,
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::resolve_name;
 
-    /// Resolved name of the backing layer.
-    pub fn name(&self) -> &str {
-        match self {
-            Backing::Qcow2(img) => img.name(),
-            Backing::Raw { name, .. } => name,
-        }
-    }
-
-    /// Format name (`qcow2` or `raw`).
-    pub fn format(&self) -> &'static str {
-        match self {
-            Backing::Qcow2(_) => "qcow2",
-            Backing::Raw { .. } => "raw",
-        }
+    #[test]
+    fn resolves_like_qemu() {
+        assert_eq!(
+            resolve_name("/a/b/top.qcow2", "base.qcow2"),
+            "/a/b/base.qcow2"
+        );
+        assert_eq!(resolve_name("top.qcow2", "base.qcow2"), "base.qcow2");
+        assert_eq!(resolve_name("d/top.qcow2", "../base"), "d/../base");
+        assert_eq!(resolve_name("/a/top", "/abs/base"), "/abs/base");
+        assert_eq!(resolve_name("/a/top", ""), "");
     }
 }

@@ -5,7 +5,8 @@ use alloc::vec::Vec;
 use hashbrown::{HashMap, HashSet};
 
 use crate::bytes::to_usize;
-use crate::{BlockRead, Error};
+use crate::error::Error;
+use crate::io::BlockRead;
 
 /// Cached tables keyed by host offset, at most `capacity` of them.
 #[derive(Debug)]

@@ -6,10 +6,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::bytes::{be64, to_u64, to_usize};
+use crate::error::Error;
 use crate::image::Image;
+use crate::io::BlockRead;
 use crate::l2::{self, Subcluster, COPIED};
 use crate::refcount;
-use crate::{BlockRead, Error};
 
 /// Largest number of host clusters the check tracks (bounds its memory: two
 /// bytes per cluster).

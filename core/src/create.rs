@@ -5,12 +5,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::bytes::{put64, to_u64, to_usize};
+use crate::error::Error;
 use crate::error::FormatError;
 use crate::header::{
     self, autoclear, compat, default_feature_names, incompat, CompressionType, CryptMethod, Header,
 };
+use crate::io::BlockWrite;
 use crate::refcount;
-use crate::{BlockWrite, Error};
 
 /// How much of the image to allocate when creating it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

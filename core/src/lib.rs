@@ -75,11 +75,13 @@ pub mod snapshot;
 mod writable;
 mod write;
 
-pub use backing::{Backing, FileRole, Opened, Opener};
+pub use backing::{FileRole, Opened, Opener};
 pub use check::CheckReport;
 pub use create::{CreateOptions, Preallocation};
 pub use error::{Error, FormatError};
-pub use image::{Image, Mapping, OpenOptions, DEFAULT_L2_CACHE_MAX, DEFAULT_MAX_CHAIN_DEPTH};
+pub use image::{
+    Backing, Image, Mapping, OpenOptions, DEFAULT_L2_CACHE_MAX, DEFAULT_MAX_CHAIN_DEPTH,
+};
 pub use io::{BlockRead, BlockWrite, MemError};
 #[cfg(feature = "embedded-io")]
 pub use io::{EmbeddedIo, EmbeddedIoError};

@@ -1,8 +1,8 @@
 //! Block status through the backing chain, as `qemu-img map` reports it.
 
-use crate::backing::Backing;
-use crate::image::{Image, Mapping};
-use crate::{BlockRead, Error};
+use crate::error::Error;
+use crate::image::{Backing, Image, Mapping};
+use crate::io::BlockRead;
 
 /// The state of a guest range, following the chain down to the layer that
 /// defines it (the fields of `qemu-img map --output=json`).

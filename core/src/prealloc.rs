@@ -1,9 +1,11 @@
 //! Preallocation of a whole disk (`preallocation=metadata|falloc|full`).
 
 use crate::bytes::to_usize;
+use crate::error::Error;
 use crate::image::Res;
+use crate::io::BlockWrite;
 use crate::l2::{self, COPIED};
-use crate::{BlockWrite, Error, WritableImage};
+use crate::writable::WritableImage;
 
 impl<R: BlockWrite> WritableImage<R> {
     /// Preallocates the whole disk (for `preallocation=metadata|falloc|full`):

@@ -8,9 +8,10 @@ use alloc::vec::Vec;
 
 use crate::bytes::{be64, to_usize};
 use crate::cache::TableCache;
+use crate::error::Error;
 use crate::header::Header;
+use crate::io::BlockRead;
 use crate::refcount;
-use crate::{BlockRead, Error};
 
 /// The refcount table (in memory) and cached refcount blocks.
 #[derive(Debug)]

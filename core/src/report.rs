@@ -6,8 +6,9 @@ use alloc::string::String;
 use core::fmt::Write;
 
 use crate::check::CheckReport;
+use crate::image::Image;
+use crate::io::BlockRead;
 use crate::map::BlockStatus;
-use crate::{BlockRead, Image};
 
 /// A JSON object under construction.
 struct Obj {

@@ -19,10 +19,11 @@ use core::ops::{Deref, DerefMut};
 
 use crate::backing::Opener;
 use crate::bytes::{to_u64, to_usize};
+use crate::error::Error;
 use crate::header::{autoclear, incompat};
 use crate::image::{Image, OpenOptions, Res};
+use crate::io::BlockWrite;
 use crate::rctable::Refcounts;
-use crate::{BlockWrite, Error};
 
 /// A qcow2 image opened for reading and writing.
 ///
@@ -160,7 +161,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Checks the image's metadata as [`Image::check`] does, including the
     /// clusters allocated since it was opened (call
     /// [`WritableImage::flush`] first: the check reads what is on disk).
-    pub fn check(&mut self) -> Res<crate::CheckReport, R> {
+    pub fn check(&mut self) -> Res<crate::check::CheckReport, R> {
         let end = self.file_end;
         self.img.check_file(end)
     }

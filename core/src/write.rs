@@ -5,11 +5,12 @@
 use alloc::vec::Vec;
 
 use crate::bytes::{be64, put64, to_u64, to_usize};
+use crate::error::Error;
 use crate::header::CompressionType;
 use crate::image::Res;
+use crate::io::BlockWrite;
 use crate::l2::{self, Subcluster, COPIED, ZERO};
-use crate::WritableImage;
-use crate::{BlockWrite, Error};
+use crate::writable::WritableImage;
 
 /// Which kind of zeroing a range gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,7 @@ use core::fmt::Write as _;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln, nr, syscall};
 use embedded_alloc::LlffHeap as Heap;
+use qcowkit_core::backing::resolve_name;
 use qcowkit_core::{BlockRead, FileRole, Image, OpenOptions, Opened, Opener};
 use sha2::{Digest, Sha256};
 
@@ -131,13 +132,7 @@ impl Opener<HostFile> for HostOpener {
         name: &str,
         _role: FileRole,
     ) -> Result<Opened<HostFile>, HostError> {
-        let mut resolved = String::new();
-        if !name.starts_with('/') {
-            if let Some(i) = parent.rfind('/') {
-                resolved.push_str(&parent[..=i]);
-            }
-        }
-        resolved.push_str(name);
+        let resolved = resolve_name(parent, name);
         let io = HostFile::open(&resolved)?;
         Ok(Opened {
             io,

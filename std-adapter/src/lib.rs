@@ -25,6 +25,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 pub use qcowkit_core as core;
+use qcowkit_core::backing::resolve_name;
 use qcowkit_core::{
     map::raw_status, BlockRead, BlockStatus, BlockWrite, FileRole, Image, OpenOptions, Opened,
     Opener, WritableImage,
@@ -141,18 +142,6 @@ impl BlockWrite for FileIo {
     }
 }
 
-/// Joins `name` to the directory of `parent` unless it is absolute (QEMU's
-/// rule for backing file names).
-pub fn resolve_relative(parent: &str, name: &str) -> String {
-    if name.starts_with('/') || name.is_empty() {
-        return name.to_string();
-    }
-    match parent.rfind('/') {
-        Some(i) => format!("{}{}", &parent[..=i], name),
-        None => name.to_string(),
-    }
-}
-
 /// Opens backing and data files on the local file system.
 #[derive(Debug, Clone, Default)]
 pub struct FsOpener {
@@ -165,7 +154,7 @@ pub struct FsOpener {
 
 impl Opener<FileIo> for FsOpener {
     fn open(&mut self, parent: &str, name: &str, role: FileRole) -> io::Result<Opened<FileIo>> {
-        let resolved = resolve_relative(parent, name);
+        let resolved = resolve_name(parent, name);
         if self.refuse {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -334,7 +323,7 @@ pub fn create_qcow2(
     };
     opts.validate().map_err(Error::Format)?;
     if let Some(df) = &opts.data_file {
-        let df_path = PathBuf::from(resolve_relative(&name, df));
+        let df_path = PathBuf::from(resolve_name(&name, df));
         let f = FsOpenOptions::new()
             .read(true)
             .write(true)
@@ -402,17 +391,6 @@ pub fn probe(io: &mut FileIo) -> io::Result<Format> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn resolves_like_qemu() {
-        assert_eq!(
-            resolve_relative("/a/b/top.qcow2", "base.qcow2"),
-            "/a/b/base.qcow2"
-        );
-        assert_eq!(resolve_relative("top.qcow2", "base.qcow2"), "base.qcow2");
-        assert_eq!(resolve_relative("d/top.qcow2", "../base"), "d/../base");
-        assert_eq!(resolve_relative("/a/top", "/abs/base"), "/abs/base");
-    }
 
     #[test]
     fn file_reads_zeros_past_end_and_reports_holes() {

@@ -20,6 +20,7 @@
 mod storage;
 
 use js_sys::{Function, Object, Reflect, Uint8Array};
+use qcowkit_core::backing::resolve_name;
 use qcowkit_core::{
     report, CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage,
 };
@@ -39,7 +40,10 @@ struct NamedFiles {
 }
 
 impl NamedFiles {
-    fn lookup(&self, name: &str) -> Option<(String, JsValue)> {
+    /// Finds the file `name` named by the image `parent`: by the name
+    /// resolved against the parent's directory (the core's rule), then by
+    /// the name as stored, then by its last path component.
+    fn lookup(&self, parent: &str, name: &str) -> Option<(String, JsValue)> {
         if self.files.is_undefined() || self.files.is_null() {
             return None;
         }
@@ -51,22 +55,23 @@ impl NamedFiles {
             };
             (!v.is_undefined() && !v.is_null()).then_some(v)
         };
-        if let Some(v) = get(name) {
-            return Some((name.to_string(), v));
-        }
+        let resolved = resolve_name(parent, name);
         let base = name.rsplit('/').next().unwrap_or(name);
-        get(base).map(|v| (base.to_string(), v))
+        let found = [resolved.as_str(), name, base]
+            .into_iter()
+            .find_map(|key| get(key).map(|v| (key.to_string(), v)));
+        found
     }
 }
 
 impl Opener<Storage> for NamedFiles {
     fn open(
         &mut self,
-        _parent: &str,
+        parent: &str,
         name: &str,
         role: FileRole,
     ) -> Result<Opened<Storage>, StorageError> {
-        let (key, value) = self.lookup(name).ok_or_else(|| {
+        let (key, value) = self.lookup(parent, name).ok_or_else(|| {
             StorageError(format!(
                 "the image needs its {} '{name}': supply it with the image",
                 match role {

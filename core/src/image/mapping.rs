@@ -2,8 +2,9 @@
 
 use super::{Image, Mapping, Res};
 use crate::bytes::{be64, to_usize};
+use crate::error::Error;
+use crate::io::BlockRead;
 use crate::l2::{self, Subcluster};
-use crate::{BlockRead, Error};
 
 impl<R: BlockRead> Image<R> {
     /// (not looking into the backing file), for up to `max_len` bytes.

@@ -7,15 +7,16 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::backing::{Backing, Opener};
+use crate::backing::Opener;
 use crate::bitmap::Bitmap;
 use crate::cache::TableCache;
 use crate::compress;
+use crate::error::Error;
 use crate::header::Header;
+use crate::io::BlockRead;
 use crate::l2::EntryFormat;
 use crate::rctable::Refcounts;
 use crate::snapshot::Snapshot;
-use crate::{BlockRead, Error};
 
 mod mapping;
 mod open;
@@ -266,5 +267,47 @@ impl<R: BlockRead> Image<R> {
         };
         self.metadata_prealloc = Some(v);
         Ok(v)
+    }
+}
+
+/// The layer below an image: another qcow2 image or a raw file.
+#[derive(Debug)]
+pub enum Backing<R: BlockRead> {
+    /// A qcow2 backing image (with its own chain).
+    Qcow2(alloc::boxed::Box<Image<R>>),
+    /// A raw backing file.
+    Raw {
+        /// The storage.
+        io: R,
+        /// Its length in bytes (its virtual size).
+        size: u64,
+        /// Its resolved name.
+        name: String,
+    },
+}
+
+impl<R: BlockRead> Backing<R> {
+    /// Virtual size of the backing layer.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow2(img) => img.size(),
+            Backing::Raw { size, .. } => *size,
+        }
+    }
+
+    /// Resolved name of the backing layer.
+    pub fn name(&self) -> &str {
+        match self {
+            Backing::Qcow2(img) => img.name(),
+            Backing::Raw { name, .. } => name,
+        }
+    }
+
+    /// Format name (`qcow2` or `raw`).
+    pub fn format(&self) -> &'static str {
+        match self {
+            Backing::Qcow2(_) => "qcow2",
+            Backing::Raw { .. } => "raw",
+        }
     }
 }

@@ -6,16 +6,18 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::Backing;
 use super::{Image, OpenOptions, Res, DEFAULT_L2_CACHE_MAX};
-use crate::backing::{Backing, FileRole, Opener};
+use crate::backing::{FileRole, Opener};
 use crate::bitmap::{self, Bitmap};
 use crate::bytes::{be64, to_u64, to_usize};
 use crate::cache::TableCache;
 use crate::compress;
+use crate::error::Error;
 use crate::header::{CryptMethod, Header};
+use crate::io::BlockRead;
 use crate::l2::EntryFormat;
 use crate::snapshot::{self, Snapshot};
-use crate::{BlockRead, Error};
 
 impl<R: BlockRead> Image<R> {
     pub(crate) fn open_inner(

@@ -5,10 +5,10 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 
-use super::{Image, Mapping, Res};
-use crate::backing::Backing;
+use super::{Backing, Image, Mapping, Res};
 use crate::bytes::{to_u64, to_usize};
-use crate::{BlockRead, Error};
+use crate::error::Error;
+use crate::io::BlockRead;
 
 impl<R: BlockRead> Image<R> {
     /// Reads `buf.len()` guest bytes at `offset`, following the backing chain.

@@ -66,7 +66,7 @@ pub fn build(
             Some(f) => Some(Format::parse(f).ok_or(format!("Unknown backing file format '{f}'"))?),
         };
         if open_backing || !size_given {
-            let full = crate::resolve_relative(base, b);
+            let full = qcowkit_core::backing::resolve_name(base, b);
             let opts = DiskOptions {
                 format: fmt,
                 qcow2: OpenOptions {

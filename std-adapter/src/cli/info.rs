@@ -96,7 +96,7 @@ pub fn image_info(name: &str, disk: Disk) -> Value {
                 .header()
                 .backing_file
                 .as_deref()
-                .map(|b| crate::resolve_relative(name, b));
+                .map(|b| qcowkit_core::backing::resolve_name(name, b));
             let p = qcowkit_core::report::InfoParams {
                 filename: name,
                 full_backing_filename: full.as_deref(),

@@ -154,7 +154,7 @@ fn layer_name(disk: &Disk, depth: u32, external: bool) -> String {
     }
     if external {
         let df = cur.header().data_file.clone().unwrap_or_default();
-        return crate::resolve_relative(cur.name(), &df);
+        return qcowkit_core::backing::resolve_name(cur.name(), &df);
     }
     cur.name().to_string()
 }

@@ -22,6 +22,52 @@ pub fn decompress(
     Decompressor::default().decompress(kind, input, out)
 }
 
+/// One compressed cluster to decode: `input` (the compressed bytes, which
+/// may run past the end of the stream) into all of `out` (one cluster).
+#[derive(Debug)]
+pub struct Job<'a> {
+    /// The image's compression type.
+    pub kind: CompressionType,
+    /// Compressed bytes.
+    pub input: &'a [u8],
+    /// Exactly one cluster of output.
+    pub out: &'a mut [u8],
+}
+
+/// Decoders of compressed clusters, pluggable: the core ships its no_std
+/// [`Decompressor`]; a host may plug in native decoders and run
+/// [`Codec::decompress_many`] on several threads.
+pub trait Codec {
+    /// Decompresses `input` into all of `out` (one cluster).
+    fn decompress(
+        &mut self,
+        kind: CompressionType,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), DecompressError>;
+
+    /// Decompresses every job; on failure returns the index of a failed
+    /// job and why. The default decodes them one after the other.
+    fn decompress_many(&mut self, jobs: &mut [Job<'_>]) -> Result<(), (usize, DecompressError)> {
+        for (i, j) in jobs.iter_mut().enumerate() {
+            self.decompress(j.kind, j.input, j.out)
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Codec for Decompressor {
+    fn decompress(
+        &mut self,
+        kind: CompressionType,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), DecompressError> {
+        Decompressor::decompress(self, kind, input, out)
+    }
+}
+
 /// Decoder state reused across clusters (saves an allocation per cluster).
 #[derive(Default)]
 pub struct Decompressor {

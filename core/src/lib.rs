@@ -77,10 +77,12 @@ mod write;
 
 pub use backing::{FileRole, Opened, Opener};
 pub use check::CheckReport;
+pub use compress::Codec;
 pub use create::{CreateOptions, Preallocation};
 pub use error::{Error, FormatError};
 pub use image::{
-    Backing, Image, Mapping, OpenOptions, DEFAULT_L2_CACHE_MAX, DEFAULT_MAX_CHAIN_DEPTH,
+    Backing, Chunk, Extent, Image, Mapping, OpenOptions, Run, Source, DEFAULT_L2_CACHE_MAX,
+    DEFAULT_MAX_CHAIN_DEPTH,
 };
 pub use io::{BlockRead, BlockWrite, MemError};
 #[cfg(feature = "embedded-io")]

@@ -22,6 +22,9 @@ mod mapping;
 mod open;
 mod read;
 
+pub use mapping::Run;
+pub use read::{Chunk, Extent, Source};
+
 /// QEMU's default cap on the L2 cache (32 MiB).
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 * 1024 * 1024;
 /// Default limit on the depth of a backing chain.
@@ -122,6 +125,9 @@ pub struct Image<R: BlockRead> {
     /// Refcount blocks a writer may cache (from the open options).
     pub(crate) refcount_cache_blocks: usize,
     metadata_prealloc: Option<bool>,
+    /// Reused buffers of the read path.
+    extent_scratch: Vec<Extent>,
+    input_scratch: Vec<u8>,
 }
 
 pub(crate) type Res<T, R> = Result<T, Error<<R as BlockRead>::Error>>;

@@ -158,6 +158,8 @@ impl<R: BlockRead> Image<R> {
             decompressor: compress::Decompressor::default(),
             refcount_cache_blocks: rc_capacity,
             metadata_prealloc: None,
+            extent_scratch: Vec::new(),
+            input_scratch: Vec::new(),
             header,
         })
     }

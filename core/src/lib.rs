@@ -60,6 +60,7 @@ mod bytes;
 mod cache;
 pub mod check;
 pub mod compress;
+pub mod copy;
 pub mod create;
 mod error;
 pub mod header;

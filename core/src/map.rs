@@ -60,6 +60,62 @@ impl BlockStatus {
     }
 }
 
+/// How the bytes of a guest disk are stored, in bytes per category: the
+/// one definition of the allocation categories every host shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Uncompressed data in the image itself.
+    pub data: u64,
+    /// Compressed clusters.
+    pub compressed: u64,
+    /// Zero clusters recorded by the image.
+    pub zero: u64,
+    /// Read from a backing file.
+    pub backing: u64,
+    /// Not allocated anywhere (reads as zeros).
+    pub unallocated: u64,
+}
+
+impl Allocation {
+    /// Counts `len` bytes with status `s` in their category: from a backing
+    /// layer; else compressed; else data (also when flagged zero over
+    /// preallocated data); else zeros the image records; else unallocated.
+    pub fn add(&mut self, s: &BlockStatus, len: u64) {
+        let slot = if s.depth > 0 && s.present {
+            &mut self.backing
+        } else if s.compressed {
+            &mut self.compressed
+        } else if s.data {
+            &mut self.data
+        } else if s.present {
+            &mut self.zero
+        } else {
+            &mut self.unallocated
+        };
+        *slot = slot.saturating_add(len);
+    }
+
+    /// The allocation of `[start, end)`, walked with `status` (which
+    /// returns the status at an offset and its run length).
+    pub fn of<E>(
+        start: u64,
+        end: u64,
+        mut status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+    ) -> Result<Allocation, E> {
+        let mut a = Allocation::default();
+        let mut pos = start;
+        while pos < end {
+            let (st, run) = status(pos, end - pos)?;
+            if run == 0 {
+                break;
+            }
+            a.add(&st, run);
+            pos += run;
+        }
+        Ok(a)
+    }
+}
+
 /// One merged range of a map: start, length and status.
 pub type MapEntry = (u64, u64, BlockStatus);
 

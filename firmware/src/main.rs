@@ -19,10 +19,13 @@ extern crate alloc;
 use alloc::string::String;
 use core::fmt::Write as _;
 
+use alloc::vec::Vec;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln, nr, syscall};
 use embedded_alloc::LlffHeap as Heap;
 use qcowkit_core::backing::resolve_name;
+use qcowkit_core::compress::Decompressor;
+use qcowkit_core::copy::{copy, CopyOptions, Sink};
 use qcowkit_core::{BlockRead, FileRole, Image, OpenOptions, Opened, Opener};
 use sha2::{Digest, Sha256};
 
@@ -226,6 +229,29 @@ fn print_partitions<R: BlockRead>(img: &mut Image<R>) -> Result<(), qcowkit_core
     Ok(())
 }
 
+/// A copy's sink that hashes the guest bytes (zero runs included).
+struct HashSink(Sha256);
+
+impl Sink for HashSink {
+    type Error = qcowkit_core::Error<HostError>;
+
+    fn data(&mut self, _offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), Self::Error> {
+        self.0.update(&buf[..len]);
+        Ok(())
+    }
+
+    fn zeroes(&mut self, _offset: u64, len: u64) -> Result<(), Self::Error> {
+        const ZEROS: [u8; 512] = [0; 512];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64);
+            self.0.update(&ZEROS[..n as usize]);
+            left -= n;
+        }
+        Ok(())
+    }
+}
+
 fn run() -> Result<(), String> {
     let name = image_name().ok_or_else(|| String::from("no image name on the command line"))?;
     let io = HostFile::open(&name).map_err(|e| alloc::format!("{name}: {e}"))?;
@@ -237,18 +263,22 @@ fn run() -> Result<(), String> {
     let mut img = Image::open_with(io, &name, &name, &mut HostOpener, &opts)
         .map_err(|e| alloc::format!("{name}: {e}"))?;
     print_partitions(&mut img).map_err(|e| alloc::format!("{e}"))?;
-    let mut hasher = Sha256::new();
-    let mut chunk = [0u8; 4096];
+    let mut hasher = HashSink(Sha256::new());
     let first_mib = img.size().min(1 << 20);
-    let mut pos = 0;
-    while pos < first_mib {
-        let n = (first_mib - pos).min(4096) as usize;
-        img.read_at(pos, &mut chunk[..n])
-            .map_err(|e| alloc::format!("{e}"))?;
-        hasher.update(&chunk[..n]);
-        pos += n as u64;
-    }
-    let digest = hasher.finalize();
+    let opts = CopyOptions {
+        chunk: 4096,
+        align: 1,
+    };
+    copy(
+        &mut img,
+        0,
+        first_mib,
+        opts,
+        &mut Decompressor::default(),
+        &mut hasher,
+    )
+    .map_err(|e| alloc::format!("{e}"))?;
+    let digest = hasher.0.finalize();
     let mut hex = String::new();
     for b in digest {
         let _ = write!(hex, "{b:02x}");

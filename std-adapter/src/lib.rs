@@ -26,12 +26,17 @@ use std::path::{Path, PathBuf};
 
 pub use qcowkit_core as core;
 use qcowkit_core::backing::resolve_name;
+use qcowkit_core::copy::{ChunkRead, RawDisk};
 use qcowkit_core::{
     map::raw_status, BlockRead, BlockStatus, BlockWrite, FileRole, Image, OpenOptions, Opened,
     Opener, WritableImage,
 };
+use qcowkit_core::{Chunk, Codec};
 
 pub mod cli;
+mod codec;
+
+pub use codec::NativeCodec;
 
 /// A `std::fs::File` as qcow2 storage.
 #[derive(Debug)]
@@ -236,12 +241,7 @@ pub enum Disk {
     /// A qcow2 image.
     Qcow2(Box<Image<FileIo>>),
     /// A raw image.
-    Raw {
-        /// The file.
-        io: FileIo,
-        /// Its size.
-        size: u64,
-    },
+    Raw(RawDisk<FileIo>),
 }
 
 impl Disk {
@@ -258,10 +258,7 @@ impl Disk {
             None => probe(&mut io).map_err(qcowkit_core::Error::Io)?,
         };
         match format {
-            Format::Raw => {
-                let size = io.len().map_err(qcowkit_core::Error::Io)?;
-                Ok(Disk::Raw { io, size })
-            }
+            Format::Raw => Ok(Disk::Raw(RawDisk::new(io)?)),
             Format::Qcow2 => {
                 let identity = identity_of(path).map_err(open_err)?;
                 let mut opener = FsOpener {
@@ -278,7 +275,7 @@ impl Disk {
     pub fn size(&self) -> u64 {
         match self {
             Disk::Qcow2(img) => img.size(),
-            Disk::Raw { size, .. } => *size,
+            Disk::Raw(raw) => raw.size,
         }
     }
 
@@ -286,7 +283,7 @@ impl Disk {
     pub fn format(&self) -> Format {
         match self {
             Disk::Qcow2(_) => Format::Qcow2,
-            Disk::Raw { .. } => Format::Raw,
+            Disk::Raw(_) => Format::Raw,
         }
     }
 
@@ -294,7 +291,7 @@ impl Disk {
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         match self {
             Disk::Qcow2(img) => img.read_at(offset, buf),
-            Disk::Raw { io, .. } => io.read_at(offset, buf).map_err(qcowkit_core::Error::Io),
+            Disk::Raw(raw) => raw.io.read_at(offset, buf).map_err(qcowkit_core::Error::Io),
         }
     }
 
@@ -302,7 +299,31 @@ impl Disk {
     pub fn block_status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), DiskError> {
         match self {
             Disk::Qcow2(img) => img.block_status(offset, len),
-            Disk::Raw { io, .. } => raw_status(io, offset, len, 0).map_err(qcowkit_core::Error::Io),
+            Disk::Raw(raw) => {
+                raw_status(&mut raw.io, offset, len, 0).map_err(qcowkit_core::Error::Io)
+            }
+        }
+    }
+}
+
+impl ChunkRead for Disk {
+    type Error = DiskError;
+
+    fn disk_size(&self) -> u64 {
+        self.size()
+    }
+
+    fn read_chunk(
+        &mut self,
+        pos: u64,
+        max: u64,
+        align: u64,
+        buf: &mut [u8],
+        codec: &mut dyn Codec,
+    ) -> Result<Chunk, DiskError> {
+        match self {
+            Disk::Qcow2(img) => img.read_chunk(pos, max, align, buf, codec),
+            Disk::Raw(raw) => raw.read_chunk(pos, max, align, buf, codec),
         }
     }
 }
@@ -379,13 +400,11 @@ pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<WritableImage<Fi
 pub fn probe(io: &mut FileIo) -> io::Result<Format> {
     let mut magic = [0u8; 4];
     io.read_at(0, &mut magic)?;
-    Ok(
-        if u32::from_be_bytes(magic) == qcowkit_core::header::MAGIC {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        },
-    )
+    Ok(if qcowkit_core::header::Header::has_magic(&magic) {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
 }
 
 #[cfg(test)]

@@ -397,8 +397,8 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
     };
     let mut img = w.open_rec(Recording::new(initial));
     // Only the workload is recorded; whatever the open wrote is initial state.
-    let initial = img.io_mut().disk.clone();
-    img.io_mut().log.clear();
+    let initial = img.storage().disk.clone();
+    let log_base = img.storage().log.len();
 
     let size = w.size();
     let cs = w.create.cluster_size;
@@ -412,7 +412,7 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
     let mut model = initial_model.clone();
     let mut steps = Vec::new();
     for (k, &op) in w.ops.iter().enumerate() {
-        let start = img.io_mut().log.len();
+        let start = img.storage().log.len() - log_base;
         let mut changes = Vec::new();
         let res = match op {
             G::Write { off, len } => {
@@ -456,7 +456,7 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
         for (off, data) in &changes {
             model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
         }
-        let end = img.io_mut().log.len();
+        let end = img.storage().log.len() - log_base;
         steps.push(Step {
             op,
             start,
@@ -476,7 +476,7 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
             }
         }
     }
-    let log = img.io_mut().log.clone();
+    let log = img.storage().log[log_base..].to_vec();
     (
         Recorded {
             initial,
@@ -1404,9 +1404,9 @@ fn crash_refcount_table_growth_512_byte_clusters() {
         prefilled: None,
         ops,
     };
-    let (rec, mut img) = run_workload(&w);
+    let (rec, img) = run_workload(&w);
     let (off_before, used_before) = refcount_table(&rec.initial);
-    let (off_after, used_after) = refcount_table(&img.io_mut().disk);
+    let (off_after, used_after) = refcount_table(&img.storage().disk);
     assert_eq!(
         img.header().refcount_table_offset,
         off_after,

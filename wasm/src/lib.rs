@@ -21,6 +21,8 @@ mod storage;
 
 use js_sys::{Function, Object, Reflect, Uint8Array};
 use qcowkit_core::backing::resolve_name;
+use qcowkit_core::compress::Decompressor;
+use qcowkit_core::copy::{copy, CopyOptions, ImageSink, RawDisk, Sink};
 use qcowkit_core::{
     report, CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage,
 };
@@ -170,7 +172,7 @@ impl QcowImage {
 
     /// `qemu-img info --output=json` for this image (a JSON string).
     pub fn info(&mut self) -> String {
-        let actual = qcowkit_core::BlockRead::len(self.reader().io_mut()).unwrap_or(0);
+        let actual = self.reader().storage_len().unwrap_or(0);
         let full = self.reader().backing().map(|b| b.name().to_string());
         let p = report::InfoParams {
             filename: &self.name,
@@ -230,36 +232,19 @@ impl QcowImage {
     /// zeros). Never holds more than one chunk in memory.
     #[wasm_bindgen(js_name = convertToRaw)]
     pub fn convert_to_raw(&mut self, sink: &Function, chunk_size: u32) -> Result<(), JsError> {
-        let size = self.reader().size();
-        let chunk = u64::from(chunk_size.max(4096));
-        let mut buf = vec![0u8; chunk as usize];
-        let mut pos = 0;
-        while pos < size {
-            let want = (size - pos).min(chunk);
-            let (st, run) = self.reader().block_status(pos, want).map_err(js_err)?;
-            let n = run.clamp(1, want);
-            if st.reads_as_zero() {
-                sink.call3(
-                    &JsValue::NULL,
-                    &(pos as f64).into(),
-                    &JsValue::NULL,
-                    &(n as f64).into(),
-                )
-                .map_err(|e| js_err(StorageError::from(e)))?;
-            } else {
-                let b = &mut buf[..n as usize];
-                self.reader().read_at(pos, b).map_err(js_err)?;
-                sink.call3(
-                    &JsValue::NULL,
-                    &(pos as f64).into(),
-                    &Uint8Array::from(&b[..]),
-                    &(n as f64).into(),
-                )
-                .map_err(|e| js_err(StorageError::from(e)))?;
-            }
-            pos += n;
-        }
-        Ok(())
+        let chunk = chunk_size.max(4096) as usize;
+        let size = self.image().size();
+        let opts = CopyOptions { chunk, align: 1 };
+        let mut target = FnSink { sink, chunk };
+        copy(
+            self.reader(),
+            0,
+            size,
+            opts,
+            &mut Decompressor::default(),
+            &mut target,
+        )
+        .map_err(js_err)
     }
 
     /// Copies the guest contents into `target` (an OPFS handle or storage
@@ -268,26 +253,87 @@ impl QcowImage {
     pub fn convert_to_raw_storage(&mut self, target: JsValue) -> Result<(), JsError> {
         use qcowkit_core::BlockWrite;
         let mut out = Storage::from_js(target).map_err(js_err)?;
-        let size = self.reader().size();
+        let size = self.image().size();
         out.set_len(0).map_err(js_err)?;
         out.set_len(size).map_err(js_err)?;
-        let chunk = 1u64 << 20;
-        let mut buf = vec![0u8; chunk as usize];
-        let mut pos = 0;
-        while pos < size {
-            let want = (size - pos).min(chunk);
-            let (st, run) = self.reader().block_status(pos, want).map_err(js_err)?;
-            let n = run.clamp(1, want);
-            if !st.reads_as_zero() {
-                let b = &mut buf[..n as usize];
-                self.reader().read_at(pos, b).map_err(js_err)?;
-                if b.iter().any(|x| *x != 0) {
-                    out.write_at(pos, b).map_err(js_err)?;
-                }
-            }
+        let opts = CopyOptions {
+            chunk: 1 << 20,
+            align: 1,
+        };
+        copy(
+            self.reader(),
+            0,
+            size,
+            opts,
+            &mut Decompressor::default(),
+            &mut StorageSink(&mut out),
+        )
+        .map_err(js_err)?;
+        out.flush().map_err(js_err)
+    }
+}
+
+/// Errors of the converters: the core's, with the storages' error type.
+type CoreError = qcowkit_core::Error<StorageError>;
+
+/// A JS function `sink(offset, bytes | null, length)` as a copy's sink;
+/// zero runs are passed in pieces of at most `chunk` bytes.
+struct FnSink<'a> {
+    sink: &'a Function,
+    chunk: usize,
+}
+
+impl Sink for FnSink<'_> {
+    type Error = CoreError;
+
+    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CoreError> {
+        self.sink
+            .call3(
+                &JsValue::NULL,
+                &(offset as f64).into(),
+                &Uint8Array::from(&buf[..len]),
+                &(len as f64).into(),
+            )
+            .map(|_| ())
+            .map_err(|e| CoreError::Io(StorageError::from(e)))
+    }
+
+    fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), CoreError> {
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(self.chunk as u64);
+            self.sink
+                .call3(
+                    &JsValue::NULL,
+                    &(pos as f64).into(),
+                    &JsValue::NULL,
+                    &(n as f64).into(),
+                )
+                .map_err(|e| CoreError::Io(StorageError::from(e)))?;
             pos += n;
         }
-        out.flush().map_err(js_err)
+        Ok(())
+    }
+}
+
+/// A storage written as a raw image: data at its guest offset, buffers of
+/// zeros not written.
+struct StorageSink<'a>(&'a mut Storage);
+
+impl Sink for StorageSink<'_> {
+    type Error = CoreError;
+
+    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CoreError> {
+        use qcowkit_core::BlockWrite;
+        let b = &buf[..len];
+        if b.iter().any(|x| *x != 0) {
+            self.0.write_at(offset, b).map_err(CoreError::Io)?;
+        }
+        Ok(())
+    }
+
+    fn zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), CoreError> {
+        Ok(())
     }
 }
 
@@ -382,20 +428,21 @@ pub fn convert_raw_to_qcow2(
     qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
     qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
     let mut img = WritableImage::open(io, &OpenOptions::default()).map_err(js_err)?;
-    let cs = img.cluster_size();
-    let mut buf = vec![0u8; cs as usize];
-    let mut pos = 0;
-    while pos < img.size() {
-        let n = (img.size() - pos).min(cs) as usize;
-        src.read_at(pos, &mut buf[..n]).map_err(js_err)?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            if compress {
-                img.write_compressed(pos, &buf[..n]).map_err(js_err)?;
-            } else {
-                img.write_at(pos, &buf[..n]).map_err(js_err)?;
-            }
-        }
-        pos += n as u64;
-    }
+    let opts = CopyOptions {
+        chunk: 1 << 20,
+        align: img.cluster_size(),
+    };
+    let mut sink = ImageSink::new(&mut img);
+    sink.compress = compress;
+    let mut raw = RawDisk { io: src, size };
+    copy(
+        &mut raw,
+        0,
+        size,
+        opts,
+        &mut Decompressor::default(),
+        &mut sink,
+    )
+    .map_err(js_err)?;
     img.flush().map_err(js_err)
 }

@@ -223,20 +223,16 @@ impl<R: BlockRead> Image<R> {
         self.io
     }
 
-    /// Mutable access to the image file's storage.
-    pub fn io_mut(&mut self) -> &mut R {
-        &mut self.io
-    }
-
-    /// Mutable access to the external data file's storage, if any.
-    pub fn data_file_mut(&mut self) -> Option<&mut R> {
-        self.data_file.as_mut()
-    }
-
     /// Bytes the image file occupies on its storage, when the storage can
     /// tell (e.g. `st_blocks * 512`); `None` otherwise.
     pub fn allocated_size(&mut self) -> Res<Option<u64>, R> {
         self.io.allocated_size().map_err(Error::Io)
+    }
+
+    /// Length of the image file's storage now (it grows as a writer
+    /// allocates).
+    pub fn storage_len(&mut self) -> Res<u64, R> {
+        self.io.len().map_err(Error::Io)
     }
 
     /// The image file's storage.

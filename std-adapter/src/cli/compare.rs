@@ -3,7 +3,9 @@
 use clap::Parser;
 
 use super::{parse_format, progress, report};
-use crate::Disk;
+use crate::{Disk, NativeCodec};
+use qcowkit_core::copy::ChunkRead;
+use qcowkit_core::Chunk;
 
 const CHUNK: u64 = 2 * 1024 * 1024;
 
@@ -99,6 +101,52 @@ pub fn run(a: &Args) -> u8 {
     }
 }
 
+/// The chunk of a disk read last, so that each byte is read once even
+/// when the two disks' chunks end at different offsets.
+struct Ahead {
+    start: u64,
+    len: u64,
+    zero: bool,
+    buf: Vec<u8>,
+}
+
+impl Ahead {
+    fn new() -> Self {
+        Ahead {
+            start: 0,
+            len: 0,
+            zero: true,
+            buf: vec![0u8; CHUNK as usize],
+        }
+    }
+
+    /// What `disk` holds from `pos` (below `end`): `None` for a run of
+    /// zeros of the returned length, else the data.
+    fn at(
+        &mut self,
+        disk: &mut Disk,
+        pos: u64,
+        end: u64,
+        codec: &mut NativeCodec,
+    ) -> Result<(Option<&[u8]>, u64), crate::DiskError> {
+        if !(self.start..self.start + self.len).contains(&pos) {
+            (self.zero, self.len) =
+                match disk.read_chunk(pos, end - pos, 1, &mut self.buf, codec)? {
+                    Chunk::Zero(n) => (true, n),
+                    Chunk::Data(n) => (false, n as u64),
+                };
+            self.start = pos;
+        }
+        let skip = pos - self.start;
+        let len = self.len - skip;
+        if self.zero {
+            return Ok((None, len));
+        }
+        let from = skip as usize;
+        Ok((Some(&self.buf[from..from + len as usize]), len))
+    }
+}
+
 /// Compares two disks; the longer one's tail must read as zeros unless `strict`.
 pub fn compare(
     d1: &mut Disk,
@@ -112,41 +160,35 @@ pub fn compare(
     }
     let common = s1.min(s2);
     let pb = progress::bar(show, s1.max(s2));
-    let mut b1 = vec![0u8; CHUNK as usize];
-    let mut b2 = vec![0u8; CHUNK as usize];
+    let mut codec = NativeCodec::all_cores();
+    let (mut a1, mut a2) = (Ahead::new(), Ahead::new());
+    let nonzero = |b: &[u8]| b.iter().position(|x| *x != 0);
     let mut pos = 0;
     while pos < common {
-        let want = (common - pos).min(CHUNK);
-        let (st1, r1) = d1.block_status(pos, want)?;
-        let (st2, r2) = d2.block_status(pos, want)?;
-        let run = r1.min(r2).max(1).min(want);
-        let zero1 = st1.reads_as_zero();
-        let zero2 = st2.reads_as_zero();
-        if !(zero1 && zero2) {
-            let n = run as usize;
-            d1.read_at(pos, &mut b1[..n])?;
-            d2.read_at(pos, &mut b2[..n])?;
-            if let Some(i) = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y) {
-                return Ok(Outcome::MismatchAt((pos + i as u64) & !511, false));
-            }
+        let (c1, n1) = a1.at(d1, pos, common, &mut codec)?;
+        let (c2, n2) = a2.at(d2, pos, common, &mut codec)?;
+        let n = n1.min(n2);
+        let m = n as usize;
+        let differs = match (c1, c2) {
+            (None, None) => None,
+            (Some(b), None) | (None, Some(b)) => nonzero(&b[..m]),
+            (Some(x), Some(y)) => x[..m].iter().zip(&y[..m]).position(|(p, q)| p != q),
+        };
+        if let Some(i) = differs {
+            return Ok(Outcome::MismatchAt((pos + i as u64) & !511, false));
         }
-        pos += run;
+        pos += n;
         pb.set_position(pos);
     }
     // The longer image must read as zeros past the common part.
     let (longer, total) = if s1 > s2 { (d1, s1) } else { (d2, s2) };
+    let mut ahead = Ahead::new();
     while pos < total {
-        let want = (total - pos).min(CHUNK);
-        let (st, run) = longer.block_status(pos, want)?;
-        let run = run.max(1).min(want);
-        if !st.reads_as_zero() {
-            let n = run as usize;
-            longer.read_at(pos, &mut b1[..n])?;
-            if let Some(i) = b1[..n].iter().position(|x| *x != 0) {
-                return Ok(Outcome::MismatchAt((pos + i as u64) & !511, true));
-            }
+        let (c, n) = ahead.at(longer, pos, total, &mut codec)?;
+        if let Some(i) = c.and_then(nonzero) {
+            return Ok(Outcome::MismatchAt((pos + i as u64) & !511, true));
         }
-        pos += run;
+        pos += n;
         pb.set_position(pos);
     }
     pb.finish_and_clear();

@@ -6,7 +6,8 @@ use std::os::unix::fs::FileExt;
 use clap::Parser;
 
 use super::{parse_format, progress, report};
-use crate::{Disk, Format};
+use crate::{Disk, Format, NativeCodec};
+use qcowkit_core::copy::{copy, CopyOptions, ImageSink, Sink};
 
 /// Size of the copy buffer.
 pub const CHUNK: u64 = 2 * 1024 * 1024;
@@ -84,6 +85,53 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
     }
 }
 
+/// Why a copy stopped: reading the source, or writing the target.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the source failed.
+    Read(crate::DiskError),
+    /// Writing the target failed (the message).
+    Write(String),
+}
+
+impl From<crate::DiskError> for CopyError {
+    fn from(e: crate::DiskError) -> Self {
+        CopyError::Read(e)
+    }
+}
+
+/// A sink whose errors are writing errors (told apart from reading
+/// errors), showing progress.
+pub struct Writing<'a, S> {
+    /// The sink.
+    pub sink: S,
+    /// Progress (guest offsets).
+    pub pb: &'a indicatif::ProgressBar,
+}
+
+impl<S: Sink> Sink for Writing<'_, S>
+where
+    S::Error: std::fmt::Display,
+{
+    type Error = CopyError;
+
+    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CopyError> {
+        self.sink
+            .data(offset, buf, len)
+            .map_err(|e| CopyError::Write(e.to_string()))?;
+        self.pb.set_position(offset + len as u64);
+        Ok(())
+    }
+
+    fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
+        self.sink
+            .zeroes(offset, len)
+            .map_err(|e| CopyError::Write(e.to_string()))?;
+        self.pb.set_position(offset + len);
+        Ok(())
+    }
+}
+
 /// Copies the guest contents of `disk` into a new qcow2 image.
 fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
     let size = disk.size();
@@ -99,64 +147,115 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
     copts.size = size;
     let mut img = crate::create_qcow2(std::path::Path::new(&a.dest), &copts)
         .map_err(|e| (a.dest.clone(), e.to_string()))?;
-    let with_backing = a.backing.is_some();
     let cs = img.cluster_size();
-    let chunk = CHUNK.max(cs);
     let pb = progress::bar(a.progress, size);
-    let read_err = |e: crate::DiskError| ("error while reading".to_string(), e.to_string());
-    let write_err = |e: crate::DiskError| ("error while writing".to_string(), e.to_string());
-    let mut src = vec![0u8; chunk as usize];
-    let mut base = vec![0u8; chunk as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        let len = (size - pos).min(chunk);
-        let (st, run) = disk.block_status(pos, len).map_err(read_err)?;
-        // Without a backing file, ranges that read as zeros stay unallocated.
-        if st.reads_as_zero() && !with_backing && run >= cs.min(size - pos) {
-            let skip = if run == size - pos {
-                run
-            } else {
-                run - run % cs
-            };
-            if skip > 0 {
-                pos += skip;
-                pb.set_position(pos);
-                continue;
-            }
-        }
-        let n = len as usize;
-        disk.read_at(pos, &mut src[..n]).map_err(read_err)?;
-        if with_backing {
-            img.read_at(pos, &mut base[..n]).map_err(read_err)?;
-        }
-        let mut off = 0usize;
-        while off < n {
-            let end = (off + cs as usize).min(n);
-            let cluster = &src[off..end];
-            let same = if with_backing {
-                cluster == &base[off..end]
-            } else {
-                cluster.iter().all(|b| *b == 0)
-            };
-            let at = pos + off as u64;
-            if !same {
-                if cluster.iter().all(|b| *b == 0) {
-                    img.write_zeroes(at, cluster.len() as u64)
-                        .map_err(write_err)?;
-                } else if a.compress {
-                    img.write_compressed(at, cluster).map_err(write_err)?;
-                } else {
-                    img.write_at(at, cluster).map_err(write_err)?;
-                }
-            }
-            off = end;
-        }
-        pos += len;
-        pb.set_position(pos);
-    }
-    img.flush().map_err(write_err)?;
+    let mut sink = ImageSink::new(&mut img);
+    sink.compress = a.compress;
+    sink.over_backing = a.backing.is_some();
+    let opts = CopyOptions {
+        chunk: CHUNK as usize,
+        align: cs,
+    };
+    let mut target = Writing { sink, pb: &pb };
+    copy(
+        disk,
+        0,
+        size,
+        opts,
+        &mut NativeCodec::all_cores(),
+        &mut target,
+    )
+    .map_err(|e| match e {
+        CopyError::Read(e) => ("error while reading".to_string(), e.to_string()),
+        CopyError::Write(e) => ("error while writing".to_string(), e),
+    })?;
+    img.flush()
+        .map_err(|e| ("error while writing".to_string(), e.to_string()))?;
     pb.finish_and_clear();
     Ok(())
+}
+
+/// A sink writing a sparse raw file through a writer thread: full buffers
+/// go to the thread, empty ones come back.
+struct RawTarget<'a> {
+    full: std::sync::mpsc::SyncSender<(Vec<u8>, u64, usize)>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Guest offset written at target offset 0.
+    shift: u64,
+    pb: &'a indicatif::ProgressBar,
+}
+
+impl Sink for RawTarget<'_> {
+    type Error = CopyError;
+
+    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CopyError> {
+        // The writer's error is reported when it is joined.
+        let gone = || CopyError::Write("the writer stopped".into());
+        let mut spare = self.empty.recv().map_err(|_| gone())?;
+        std::mem::swap(buf, &mut spare);
+        self.full
+            .send((spare, offset - self.shift, len))
+            .map_err(|_| gone())?;
+        self.pb.set_position(offset + len as u64);
+        Ok(())
+    }
+
+    fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
+        self.pb.set_position(offset + len);
+        Ok(())
+    }
+}
+
+/// Copies the guest range `[start, end)` of `disk` into `out` (at offset
+/// `start` - `start`, i.e. from 0), leaving zero runs as holes; a writer
+/// thread writes while this one reads.
+pub fn copy_range_to_raw(
+    disk: &mut Disk,
+    start: u64,
+    end: u64,
+    out: &std::fs::File,
+    pb: &indicatif::ProgressBar,
+) -> Result<(), CopyError> {
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, u64, usize)>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT {
+        let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            for (buf, pos, len) in full_rx {
+                write_sparse(out, &buf[..len], pos)?;
+                let _ = empty_tx.send(buf);
+            }
+            Ok(())
+        });
+        let mut target = RawTarget {
+            full: full_tx,
+            empty: empty_rx,
+            shift: start,
+            pb,
+        };
+        let opts = CopyOptions {
+            chunk: CHUNK as usize,
+            align: 1,
+        };
+        let copied = copy(
+            disk,
+            start,
+            end,
+            opts,
+            &mut NativeCodec::all_cores(),
+            &mut target,
+        );
+        drop(target);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
+        match (copied, written) {
+            (_, Err(e)) => Err(CopyError::Write(e.to_string())),
+            (r, Ok(())) => r,
+        }
+    })
 }
 
 /// Copies the guest contents of `disk` into a new sparse raw file at `dest`.
@@ -165,199 +264,22 @@ pub fn copy_to_raw(
     dest: &str,
     show_progress: bool,
 ) -> Result<(), (String, String)> {
-    let out_err = |e: std::io::Error| (format!("Could not write '{dest}'"), e.to_string());
+    let out_err = |e: String| (format!("Could not write '{dest}'"), e);
     let out = FsOpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(dest)
-        .map_err(out_err)?;
+        .map_err(|e| out_err(e.to_string()))?;
     let size = disk.size();
-    out.set_len(size).map_err(out_err)?;
+    out.set_len(size).map_err(|e| out_err(e.to_string()))?;
     let pb = progress::bar(show_progress, size);
-    let read_err = |e: crate::DiskError| ("error while reading".to_string(), e.to_string());
-    // Reading and writing overlap: this thread reads guest data into
-    // buffers, a writer thread writes them (sparse) and hands them back.
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, u64)>(IN_FLIGHT);
-    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..IN_FLIGHT {
-        let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
-    }
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(|| -> std::io::Result<()> {
-            for (buf, pos) in full_rx {
-                write_sparse(&out, &buf, pos)?;
-                let _ = empty_tx.send(buf);
-            }
-            Ok(())
-        });
-        let mut result = Ok(());
-        let mut pos = 0u64;
-        while pos < size {
-            let step = disk.block_status(pos, (size - pos).min(CHUNK));
-            let (st, run) = match step {
-                Ok(v) => v,
-                Err(e) => {
-                    result = Err(read_err(e));
-                    break;
-                }
-            };
-            if run == 0 {
-                result = Err(("convert".into(), format!("no progress at offset {pos}")));
-                break;
-            }
-            let mut run = run;
-            if !st.reads_as_zero() {
-                let Ok(mut buf) = empty_rx.recv() else {
-                    break; // the writer stopped: its error is reported below
-                };
-                let mut filled = match disk {
-                    Disk::Qcow2(img) if st.compressed && st.depth == 0 => {
-                        decompress_batch(img, pos, (size - pos).min(CHUNK), &mut buf)
-                    }
-                    _ => Ok(0),
-                };
-                if matches!(filled, Ok(0)) {
-                    buf.resize(run as usize, 0);
-                    filled = disk.read_at(pos, &mut buf).map(|()| run);
-                }
-                match filled {
-                    Ok(n) => run = n,
-                    Err(e) => {
-                        result = Err(read_err(e));
-                        break;
-                    }
-                }
-                if full_tx.send((buf, pos)).is_err() {
-                    break;
-                }
-            }
-            pos += run;
-            pb.set_position(pos);
-        }
-        drop(full_tx);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
-        result.and(written.map_err(out_err))
+    copy_range_to_raw(disk, 0, size, &out, &pb).map_err(|e| match e {
+        CopyError::Read(e) => ("error while reading".to_string(), e.to_string()),
+        CopyError::Write(e) => out_err(e),
     })?;
     pb.finish_and_clear();
     // Like qemu-img convert (cache mode "unsafe" for the target), no fsync.
-    Ok(())
-}
-
-/// Reads the run of compressed clusters starting at guest `pos` (at most
-/// `max` bytes) into `buf`, decompressing them on several threads (the core
-/// says where each cluster is; this host does the parallel work). Returns
-/// the number of guest bytes filled.
-fn decompress_batch(
-    img: &mut qcowkit_core::Image<crate::FileIo>,
-    pos: u64,
-    max: u64,
-    buf: &mut Vec<u8>,
-) -> Result<u64, crate::DiskError> {
-    use qcowkit_core::{BlockRead, Mapping};
-    let kind = img.header().compression_type;
-    let cs = img.cluster_size() as usize;
-    // (host offset, skip into cluster, length, compressed bytes)
-    let mut jobs: Vec<(u64, usize, usize, Vec<u8>)> = Vec::new();
-    let mut at = pos;
-    while at < pos + max {
-        let (m, run) = img.map_shallow(at, pos + max - at)?;
-        let Mapping::Compressed {
-            host_offset,
-            size,
-            cluster_start,
-        } = m
-        else {
-            break;
-        };
-        let mut input = vec![0u8; size as usize];
-        img.io_mut()
-            .read_at(host_offset, &mut input)
-            .map_err(qcowkit_core::Error::Io)?;
-        jobs.push((
-            host_offset,
-            (at - cluster_start) as usize,
-            run as usize,
-            input,
-        ));
-        at += run;
-    }
-    let total = (at - pos) as usize;
-    buf.resize(total, 0);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    let per = jobs.len().div_ceil(threads).max(1);
-    // Split the output buffer along the jobs, one slice per job.
-    let mut slices: Vec<&mut [u8]> = Vec::with_capacity(jobs.len());
-    let mut rest: &mut [u8] = buf.as_mut_slice();
-    for j in &jobs {
-        let (head, tail) = rest.split_at_mut(j.2);
-        slices.push(head);
-        rest = tail;
-    }
-    let failed = std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        let mut job_iter = jobs.iter().zip(slices);
-        loop {
-            let group: Vec<_> = job_iter.by_ref().take(per).collect();
-            if group.is_empty() {
-                break;
-            }
-            handles.push(scope.spawn(move || {
-                let mut dec = qcowkit_core::compress::Decompressor::default();
-                let mut cluster = vec![0u8; cs];
-                for ((host, skip, len, input), out) in group {
-                    let done = if kind == qcowkit_core::header::CompressionType::Zstd {
-                        // libzstd on the host (the no_std core uses ruzstd).
-                        zstd_cluster(input, &mut cluster)
-                    } else {
-                        dec.decompress(kind, input, &mut cluster)
-                    };
-                    done.map_err(|reason| (*host, reason))?;
-                    out.copy_from_slice(&cluster[*skip..*skip + *len]);
-                }
-                Ok::<(), (u64, &'static str)>(())
-            }));
-        }
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or(Err((0, "decompression thread panicked")))
-            })
-            .find_map(Result::err)
-    });
-    if let Some((host_offset, reason)) = failed {
-        return Err(qcowkit_core::Error::Decompress {
-            host_offset,
-            reason,
-        });
-    }
-    Ok(total as u64)
-}
-
-/// Decompresses zstd frames from `input` until `out` (one cluster) is full,
-/// ignoring what follows, like QEMU; errors when the data ends early, is
-/// invalid, or makes no progress.
-fn zstd_cluster(input: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut dec = Decoder::new().map_err(|_| "cannot start the zstd decoder")?;
-    // Bound the window like the core does for hostile frames.
-    dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(23))
-        .map_err(|_| "cannot configure the zstd decoder")?;
-    let mut src = InBuffer::around(input);
-    let mut dst = OutBuffer::around(out);
-    while dst.pos() < dst.capacity() {
-        let (in_before, out_before) = (src.pos(), dst.pos());
-        dec.run(&mut src, &mut dst)
-            .map_err(|_| "invalid zstd data")?;
-        if src.pos() == in_before && dst.pos() == out_before {
-            return Err("zstd stream ends before a full cluster");
-        }
-    }
     Ok(())
 }
 

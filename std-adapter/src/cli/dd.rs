@@ -2,8 +2,10 @@
 
 use std::fs::OpenOptions as FsOpenOptions;
 
+use super::convert::{CopyError, Writing};
 use super::{open_disk, parse_size, report};
-use crate::Format;
+use crate::{Format, NativeCodec};
+use qcowkit_core::copy::{copy, CopyOptions, ImageSink};
 use qcowkit_core::OpenOptions;
 
 /// Parsed dd arguments.
@@ -139,36 +141,41 @@ pub fn run(args: &[String]) -> u8 {
             }
         }
     };
-    let chunk = a.bs.clamp(4096, 4 << 20);
-    let mut buf = vec![0u8; chunk as usize];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(chunk) as usize;
-        if let Err(e) = disk.read_at(start + done, &mut buf[..n]) {
+    let chunk = a.bs.clamp(4096, 4 << 20) as usize;
+    let copied = match &mut out {
+        Out::Raw(f) => {
+            let pb = indicatif::ProgressBar::hidden();
+            super::convert::copy_range_to_raw(&mut disk, start, end.max(start), f, &pb)
+        }
+        Out::Qcow2(img) => {
+            let cs = img.cluster_size();
+            let mut sink = ImageSink::new(img);
+            sink.shift = start;
+            let opts = CopyOptions { chunk, align: cs };
+            let pb = indicatif::ProgressBar::hidden();
+            let mut target = Writing { sink, pb: &pb };
+            copy(
+                &mut disk,
+                start,
+                end.max(start),
+                opts,
+                &mut NativeCodec::all_cores(),
+                &mut target,
+            )
+            .and_then(|()| img.flush().map_err(|e| CopyError::Write(e.to_string())))
+        }
+    };
+    match copied {
+        Ok(()) => 0,
+        Err(CopyError::Read(e)) => {
             report("error while reading", e);
-            return 1;
+            1
         }
-        let data = &buf[..n];
-        let res = match &mut out {
-            Out::Raw(f) => super::convert::write_sparse(f, data, done).map_err(|e| e.to_string()),
-            Out::Qcow2(img) if data.iter().any(|b| *b != 0) => {
-                img.write_at(done, data).map_err(|e| e.to_string())
-            }
-            Out::Qcow2(_) => Ok(()),
-        };
-        if let Err(e) = res {
+        Err(CopyError::Write(e)) => {
             report(format!("Could not write '{}'", a.output), e);
-            return 1;
-        }
-        done += n as u64;
-    }
-    if let Out::Qcow2(img) = &mut out {
-        if let Err(e) = img.flush() {
-            report(format!("Could not write '{}'", a.output), e);
-            return 1;
+            1
         }
     }
-    0
 }
 
 #[cfg(test)]

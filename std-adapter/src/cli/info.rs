@@ -86,12 +86,12 @@ pub fn run(a: &Args) -> u8 {
 /// Builds qemu-img's JSON object for one image (the core's report).
 pub fn image_info(name: &str, disk: Disk) -> Value {
     let text = match disk {
-        Disk::Raw { mut io, size } => {
-            let actual = io.allocated_size().ok().flatten().unwrap_or(0);
-            qcowkit_core::report::raw_info_json(name, size, actual)
+        Disk::Raw(mut raw) => {
+            let actual = raw.io.allocated_size().ok().flatten().unwrap_or(0);
+            qcowkit_core::report::raw_info_json(name, raw.size, actual)
         }
         Disk::Qcow2(mut img) => {
-            let actual = img.io_mut().allocated_size().ok().flatten().unwrap_or(0);
+            let actual = img.allocated_size().ok().flatten().unwrap_or(0);
             let full = img
                 .header()
                 .backing_file

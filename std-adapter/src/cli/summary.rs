@@ -6,48 +6,13 @@ use serde_json::{json, Value};
 
 use super::human;
 use crate::{Disk, DiskOptions, FileIo};
+use qcowkit_core::map::Allocation;
 use qcowkit_core::{Backing, BlockRead, Image, OpenOptions};
 
-/// Allocation statistics in bytes of the guest disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Allocation {
-    /// Uncompressed data in the image itself.
-    pub data: u64,
-    /// Compressed clusters.
-    pub compressed: u64,
-    /// Zero clusters recorded by the image.
-    pub zero: u64,
-    /// Read from a backing file.
-    pub backing: u64,
-    /// Not allocated anywhere (reads as zeros).
-    pub unallocated: u64,
-}
-
-/// Computes allocation statistics over the whole disk.
+/// Allocation statistics of the whole disk, in the core's categories.
 pub fn allocation(disk: &mut Disk) -> Result<Allocation, crate::DiskError> {
-    let mut a = Allocation::default();
     let size = disk.size();
-    let mut pos = 0;
-    while pos < size {
-        let (st, run) = disk.block_status(pos, size - pos)?;
-        if run == 0 {
-            break;
-        }
-        let slot = if st.depth > 0 && st.present {
-            &mut a.backing
-        } else if st.compressed {
-            &mut a.compressed
-        } else if st.data {
-            &mut a.data
-        } else if st.present {
-            &mut a.zero
-        } else {
-            &mut a.unallocated
-        };
-        *slot += run;
-        pos += run;
-    }
-    Ok(a)
+    Allocation::of(0, size, |pos, len| disk.block_status(pos, len))
 }
 
 fn features(img: &Image<FileIo>) -> Vec<String> {
@@ -130,10 +95,10 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
     j.insert("virtual-size".into(), json!(size));
     t += &format!("  virtual size:  {} ({} bytes)\n", human::size(size), size);
     match &mut disk {
-        Disk::Raw { io, .. } => {
+        Disk::Raw(raw) => {
             t += "  format:        raw\n";
             j.insert("format".into(), json!("raw"));
-            if let Ok(Some(a)) = io.allocated_size() {
+            if let Ok(Some(a)) = raw.io.allocated_size() {
                 t += &format!("  disk usage:    {}\n", human::size(a));
             }
         }
@@ -157,7 +122,7 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
             j.insert("cluster-size".into(), json!(h.cluster_size()));
             j.insert("refcount-bits".into(), json!(h.refcount_bits()));
             j.insert("features".into(), json!(feats));
-            if let Ok(Some(a)) = img.io_mut().allocated_size() {
+            if let Ok(Some(a)) = img.allocated_size() {
                 t += &format!("  disk usage:    {}\n", human::size(a));
             }
             // Backing chain.

@@ -127,6 +127,7 @@ pub struct Image<R: BlockRead> {
     metadata_prealloc: Option<bool>,
     /// Reused buffers of the read path.
     extent_scratch: Vec<Extent>,
+    run_scratch: Vec<Run>,
     input_scratch: Vec<u8>,
 }
 

@@ -159,6 +159,7 @@ impl<R: BlockRead> Image<R> {
             refcount_cache_blocks: rc_capacity,
             metadata_prealloc: None,
             extent_scratch: Vec::new(),
+            run_scratch: Vec::new(),
             input_scratch: Vec::new(),
             header,
         })

@@ -125,6 +125,21 @@ impl<R: BlockRead> Image<R> {
 
     fn read_all(&mut self, offset: u64, buf: &mut [u8], codec: &mut Decompressor) -> Res<(), R> {
         self.check_range(offset, to_u64(buf.len()))?;
+        // The common case first: one run of data or zeros in this image.
+        let (mapping, run) = self.map_shallow(offset, to_u64(buf.len()))?;
+        if run == to_u64(buf.len()) {
+            match mapping {
+                Mapping::Data {
+                    host_offset,
+                    external: false,
+                } => return self.io.read_at(host_offset, buf).map_err(Error::Io),
+                Mapping::Zero { .. } => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         let mut ext = core::mem::take(&mut self.extent_scratch);
         ext.clear();
         let r = self
@@ -174,9 +189,23 @@ impl<R: BlockRead> Image<R> {
         cap: usize,
         out: &mut Vec<Extent>,
     ) -> Res<(), R> {
-        let mut runs: Vec<Run> = Vec::new();
-        self.map_range_capped(offset, end - offset, cap, &mut runs)?;
-        for r in runs {
+        let mut runs = core::mem::take(&mut self.run_scratch);
+        runs.clear();
+        let walked = self.map_range_capped(offset, end - offset, cap, &mut runs);
+        let r = walked.and_then(|()| self.extents_of_runs(&runs, depth, cap, out));
+        self.run_scratch = runs;
+        r
+    }
+
+    /// [`Image::extents`] of the runs of this layer (at `depth`).
+    fn extents_of_runs(
+        &mut self,
+        runs: &[Run],
+        depth: u32,
+        cap: usize,
+        out: &mut Vec<Extent>,
+    ) -> Res<(), R> {
+        for &r in runs {
             if out.len() >= cap {
                 break;
             }

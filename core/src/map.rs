@@ -63,6 +63,7 @@ impl BlockStatus {
 /// How the bytes of a guest disk are stored, in bytes per category: the
 /// one definition of the allocation categories every host shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Allocation {
     /// Uncompressed data in the image itself.
     pub data: u64,
@@ -76,21 +77,51 @@ pub struct Allocation {
     pub unallocated: u64,
 }
 
-impl Allocation {
-    /// Counts `len` bytes with status `s` in their category: from a backing
-    /// layer; else compressed; else data (also when flagged zero over
-    /// preallocated data); else zeros the image records; else unallocated.
-    pub fn add(&mut self, s: &BlockStatus, len: u64) {
-        let slot = if s.depth > 0 && s.present {
-            &mut self.backing
+/// The allocation category of a guest range (see [`Allocation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum Category {
+    /// Uncompressed data in the image itself.
+    Data,
+    /// Compressed clusters.
+    Compressed,
+    /// Zero clusters recorded by the image.
+    Zero,
+    /// Read from a backing file.
+    Backing,
+    /// Not allocated anywhere (reads as zeros).
+    Unallocated,
+}
+
+impl Category {
+    /// The category of a range with status `s`: from a backing layer; else
+    /// compressed; else data (also when flagged zero over preallocated
+    /// data); else zeros the image records; else unallocated.
+    pub fn of(s: &BlockStatus) -> Category {
+        if s.depth > 0 && s.present {
+            Category::Backing
         } else if s.compressed {
-            &mut self.compressed
+            Category::Compressed
         } else if s.data {
-            &mut self.data
+            Category::Data
         } else if s.present {
-            &mut self.zero
+            Category::Zero
         } else {
-            &mut self.unallocated
+            Category::Unallocated
+        }
+    }
+}
+
+impl Allocation {
+    /// Counts `len` bytes with status `s` in their [`Category`].
+    pub fn add(&mut self, s: &BlockStatus, len: u64) {
+        let slot = match Category::of(s) {
+            Category::Backing => &mut self.backing,
+            Category::Compressed => &mut self.compressed,
+            Category::Data => &mut self.data,
+            Category::Zero => &mut self.zero,
+            Category::Unallocated => &mut self.unallocated,
         };
         *slot = slot.saturating_add(len);
     }

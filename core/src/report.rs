@@ -1,79 +1,20 @@
-//! Reports in qemu-img's JSON shapes (`info`, `map`, `check`), shared by
-//! every host (CLI, browser) so that they print the same keys and values.
-//! Plain string building: no serializer dependency in the core.
+//! Reports as Rust types, in the shapes of qemu-img's JSON (`info`,
+//! `map`, `check`): every host builds them the same way and serialises
+//! them its own way (with the `serde` feature, field names and order are
+//! qemu-img's: the CLI prints them with serde_json, wasm hands JavaScript
+//! objects of the same content).
 
 use alloc::string::String;
-use core::fmt::Write;
+use alloc::vec::Vec;
 
 use crate::check::CheckReport;
 use crate::image::Image;
 use crate::io::BlockRead;
 use crate::map::BlockStatus;
+use crate::snapshot::Snapshot;
 
-/// A JSON object under construction.
-struct Obj {
-    out: String,
-    first: bool,
-}
-
-fn escape(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-impl Obj {
-    fn new() -> Self {
-        Obj {
-            out: String::from("{"),
-            first: true,
-        }
-    }
-    fn key(&mut self, k: &str) {
-        if !self.first {
-            self.out.push_str(", ");
-        }
-        self.first = false;
-        escape(&mut self.out, k);
-        self.out.push_str(": ");
-    }
-    fn str(&mut self, k: &str, v: &str) -> &mut Self {
-        self.key(k);
-        escape(&mut self.out, v);
-        self
-    }
-    fn num(&mut self, k: &str, v: u64) -> &mut Self {
-        self.key(k);
-        let _ = write!(self.out, "{v}");
-        self
-    }
-    fn bool(&mut self, k: &str, v: bool) -> &mut Self {
-        self.key(k);
-        self.out.push_str(if v { "true" } else { "false" });
-        self
-    }
-    fn raw(&mut self, k: &str, json: &str) -> &mut Self {
-        self.key(k);
-        self.out.push_str(json);
-        self
-    }
-    fn finish(&mut self) -> String {
-        self.out.push('}');
-        core::mem::take(&mut self.out)
-    }
-}
+#[cfg(feature = "serde")]
+use serde::Serialize;
 
 /// Host facts `info` needs besides the image itself.
 #[derive(Debug, Clone, Copy)]
@@ -86,158 +27,310 @@ pub struct InfoParams<'a> {
     pub actual_size: u64,
 }
 
-/// `qemu-img info --output=json` of a qcow2 image (one line).
-pub fn info_json<R: BlockRead>(img: &Image<R>, p: &InfoParams<'_>) -> String {
-    let h = img.header();
-    let mut o = Obj::new();
-    if let (Some(_), Some(f)) = (&h.backing_file, &h.backing_format) {
-        o.str("backing-filename-format", f);
-    }
-    if !img.snapshots().is_empty() {
-        let mut list = String::from("[");
-        for (i, s) in img.snapshots().iter().enumerate() {
-            if i > 0 {
-                list.push_str(", ");
-            }
-            let mut so = Obj::new();
-            if let Some(ic) = s.icount.filter(|i| *i != u64::MAX) {
-                so.num("icount", ic);
-            }
-            so.num("vm-clock-nsec", s.vm_clock_nsec % 1_000_000_000)
-                .str("name", &s.name)
-                .num("date-sec", s.date_sec.into())
-                .num("date-nsec", s.date_nsec.into())
-                .num("vm-clock-sec", s.vm_clock_nsec / 1_000_000_000)
-                .str("id", &s.id)
-                .num("vm-state-size", s.vm_state_size);
-            list.push_str(&so.finish());
+/// `qemu-img info` of one image (qcow2 or raw).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct Info {
+    /// Format of the backing file, as the image records it.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub backing_filename_format: Option<String>,
+    /// Internal snapshots.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// The name the image was opened under.
+    pub filename: String,
+    /// Cluster size in bytes (qcow2 only).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub cluster_size: Option<u64>,
+    /// `qcow2` or `raw`.
+    pub format: &'static str,
+    /// Bytes the file occupies on its storage.
+    pub actual_size: u64,
+    /// qcow2 facts.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub format_specific: Option<FormatSpecific>,
+    /// The backing file name resolved by the host.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub full_backing_filename: Option<String>,
+    /// The backing file name as stored.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub backing_filename: Option<String>,
+    /// The dirty bit (lazy refcounts in use).
+    pub dirty_flag: bool,
+}
+
+/// One internal snapshot in [`Info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct SnapshotInfo {
+    /// Instruction count (record/replay), when recorded.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub icount: Option<u64>,
+    /// Guest clock, nanoseconds part.
+    pub vm_clock_nsec: u64,
+    /// Name.
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u64,
+    /// Guest clock, whole seconds.
+    pub vm_clock_sec: u64,
+    /// Unique ID string.
+    pub id: String,
+    /// Size of the saved VM state in bytes.
+    pub vm_state_size: u64,
+}
+
+impl SnapshotInfo {
+    /// The report of one snapshot.
+    pub fn of(s: &Snapshot) -> Self {
+        SnapshotInfo {
+            icount: s.icount.filter(|i| *i != u64::MAX),
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            name: s.name.clone(),
+            date_sec: s.date_sec.into(),
+            date_nsec: s.date_nsec.into(),
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            id: s.id.clone(),
+            vm_state_size: s.vm_state_size,
         }
-        list.push(']');
-        o.raw("snapshots", &list);
     }
-    o.num("virtual-size", h.size)
-        .str("filename", p.filename)
-        .num("cluster-size", h.cluster_size())
-        .str("format", "qcow2")
-        .num("actual-size", p.actual_size);
-    let mut d = Obj::new();
-    if h.version == 2 {
-        d.str("compat", "0.10")
-            .str("compression-type", h.compression_type.name())
-            .num("refcount-bits", h.refcount_bits().into());
-    } else {
-        d.str("compat", "1.1")
-            .str("compression-type", h.compression_type.name())
-            .bool("lazy-refcounts", h.lazy_refcounts());
-        if h.bitmaps.is_some() {
-            let mut list = String::from("[");
-            for (i, b) in img.bitmaps().iter().enumerate() {
-                if i > 0 {
-                    list.push_str(", ");
-                }
-                let mut flags = String::from("[");
-                for (j, f) in b.flag_names().enumerate() {
-                    if j > 0 {
-                        flags.push_str(", ");
-                    }
-                    escape(&mut flags, f);
-                }
-                flags.push(']');
-                let mut bo = Obj::new();
-                bo.raw("flags", &flags)
-                    .str("name", &b.name)
-                    .num("granularity", b.granularity());
-                list.push_str(&bo.finish());
-            }
-            list.push(']');
-            d.raw("bitmaps", &list);
+}
+
+/// `format-specific` of [`Info`]: `{ "type": "qcow2", "data": ... }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+pub struct FormatSpecific {
+    /// Always `qcow2`.
+    #[cfg_attr(feature = "serde", serde(rename = "type"))]
+    pub kind: &'static str,
+    /// The qcow2 facts.
+    pub data: Qcow2Info,
+}
+
+/// The qcow2 facts of [`Info`] (fields absent from version 2 images are
+/// `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct Qcow2Info {
+    /// `0.10` (version 2) or `1.1` (version 3).
+    pub compat: &'static str,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    /// Lazy refcounts (version 3).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub lazy_refcounts: Option<bool>,
+    /// Persistent bitmaps (version 3, when the extension is present).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub bitmaps: Option<Vec<BitmapInfo>>,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// External data file name, when recorded.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub data_file: Option<String>,
+    /// Whether the external data file is a consistent raw image.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub data_file_raw: Option<bool>,
+    /// The corrupt bit (version 3).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub corrupt: Option<bool>,
+    /// Extended L2 entries (version 3).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub extended_l2: Option<bool>,
+}
+
+/// One persistent bitmap in [`Qcow2Info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+pub struct BitmapInfo {
+    /// Flag names (`in-use`, `auto`).
+    pub flags: Vec<&'static str>,
+    /// Name.
+    pub name: String,
+    /// Granularity in bytes.
+    pub granularity: u64,
+}
+
+impl Info {
+    /// `qemu-img info` of a qcow2 image.
+    pub fn of<R: BlockRead>(img: &Image<R>, p: &InfoParams<'_>) -> Info {
+        let h = img.header();
+        let v3 = h.version != 2;
+        let data = Qcow2Info {
+            compat: if v3 { "1.1" } else { "0.10" },
+            compression_type: h.compression_type.name(),
+            lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+            bitmaps: (v3 && h.bitmaps.is_some()).then(|| {
+                img.bitmaps()
+                    .iter()
+                    .map(|b| BitmapInfo {
+                        flags: b.flag_names().collect(),
+                        name: b.name.clone(),
+                        granularity: b.granularity(),
+                    })
+                    .collect()
+            }),
+            refcount_bits: h.refcount_bits(),
+            data_file: h.data_file.clone().filter(|_| v3 && h.has_data_file()),
+            data_file_raw: (v3 && h.has_data_file()).then(|| h.data_file_raw()),
+            corrupt: v3.then(|| h.corrupt()),
+            extended_l2: v3.then(|| h.extended_l2()),
+        };
+        Info {
+            backing_filename_format: h
+                .backing_format
+                .clone()
+                .filter(|_| h.backing_file.is_some()),
+            snapshots: img.snapshots().iter().map(SnapshotInfo::of).collect(),
+            virtual_size: h.size,
+            filename: String::from(p.filename),
+            cluster_size: Some(h.cluster_size()),
+            format: "qcow2",
+            actual_size: p.actual_size,
+            format_specific: Some(FormatSpecific {
+                kind: "qcow2",
+                data,
+            }),
+            full_backing_filename: h
+                .backing_file
+                .as_deref()
+                .map(|b| String::from(p.full_backing_filename.unwrap_or(b))),
+            backing_filename: h.backing_file.clone(),
+            dirty_flag: h.dirty(),
         }
-        d.num("refcount-bits", h.refcount_bits().into());
-        if h.has_data_file() {
-            if let Some(df) = &h.data_file {
-                d.str("data-file", df);
-            }
-            d.bool("data-file-raw", h.data_file_raw());
+    }
+
+    /// `qemu-img info` of a raw image.
+    pub fn raw(filename: &str, size: u64, actual_size: u64) -> Info {
+        Info {
+            backing_filename_format: None,
+            snapshots: Vec::new(),
+            virtual_size: size,
+            filename: String::from(filename),
+            cluster_size: None,
+            format: "raw",
+            actual_size,
+            format_specific: None,
+            full_backing_filename: None,
+            backing_filename: None,
+            dirty_flag: false,
         }
-        d.bool("corrupt", h.corrupt())
-            .bool("extended-l2", h.extended_l2());
     }
-    let mut fs = Obj::new();
-    fs.str("type", "qcow2").raw("data", &d.finish());
-    o.raw("format-specific", &fs.finish());
-    if let Some(b) = &h.backing_file {
-        o.str(
-            "full-backing-filename",
-            p.full_backing_filename.unwrap_or(b),
-        );
-        o.str("backing-filename", b);
-    }
-    o.bool("dirty-flag", h.dirty());
-    o.finish()
 }
 
-/// `qemu-img info --output=json` of a raw image (one line).
-pub fn raw_info_json(filename: &str, size: u64, actual_size: u64) -> String {
-    Obj::new()
-        .num("virtual-size", size)
-        .str("filename", filename)
-        .str("format", "raw")
-        .num("actual-size", actual_size)
-        .bool("dirty-flag", false)
-        .finish()
+/// One entry of `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Layer where the state was found (0 is the image itself).
+    pub depth: u32,
+    /// Allocated at that layer.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Holds data.
+    pub data: bool,
+    /// Compressed.
+    pub compressed: bool,
+    /// Host offset of the data, when it has one.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub offset: Option<u64>,
 }
 
-/// One entry of `qemu-img map --output=json`, in qemu-img's exact syntax.
-pub fn map_entry_json(start: u64, length: u64, s: &BlockStatus) -> String {
-    let mut line = String::new();
-    let _ = write!(
-        line,
-        "{{ \"start\": {start}, \"length\": {length}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-        s.depth, s.present, s.zero, s.data, s.compressed
-    );
-    if let Some(o) = s.offset {
-        let _ = write!(line, ", \"offset\": {o}");
+impl MapEntry {
+    /// The entry of the range `[start, start + length)` with status `s`.
+    pub fn new(start: u64, length: u64, s: &BlockStatus) -> Self {
+        MapEntry {
+            start,
+            length,
+            depth: s.depth,
+            present: s.present,
+            zero: s.zero,
+            data: s.data,
+            compressed: s.compressed,
+            offset: s.offset,
+        }
     }
-    line.push('}');
-    line
 }
 
-/// `qemu-img check --output=json` (one line).
-pub fn check_json(r: &CheckReport, filename: &str) -> String {
-    let mut o = Obj::new();
-    o.num("image-end-offset", r.image_end_offset)
-        .num("compressed-clusters", r.compressed_clusters)
-        .num("total-clusters", r.total_clusters)
-        .num("check-errors", r.check_errors);
-    if r.leaks > 0 {
-        o.num("leaks", r.leaks);
-    }
-    if r.corruptions > 0 {
-        o.num("corruptions", r.corruptions);
-    }
-    o.num("allocated-clusters", r.allocated_clusters)
-        .str("filename", filename)
-        .str("format", "qcow2")
-        .num("fragmented-clusters", r.fragmented_clusters);
-    o.finish()
+/// `qemu-img check --output=json`: the counters of a [`CheckReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct CheckSummary {
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+    /// Compressed clusters in the active L1 table.
+    pub compressed_clusters: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Errors that stopped part of the check.
+    pub check_errors: u64,
+    /// Leaked clusters (absent when none).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub leaks: Option<u64>,
+    /// Corruptions (absent when none).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub corruptions: Option<u64>,
+    /// Guest clusters allocated in the active L1 table.
+    pub allocated_clusters: u64,
+    /// The name the image was opened under.
+    pub filename: String,
+    /// Always `qcow2`.
+    pub format: &'static str,
+    /// Allocated clusters not contiguous with their predecessor.
+    pub fragmented_clusters: u64,
 }
 
-#[cfg(test)]
+impl CheckSummary {
+    /// The summary of `r` for the image named `filename`.
+    pub fn of(r: &CheckReport, filename: &str) -> Self {
+        CheckSummary {
+            image_end_offset: r.image_end_offset,
+            compressed_clusters: r.compressed_clusters,
+            total_clusters: r.total_clusters,
+            check_errors: r.check_errors,
+            leaks: (r.leaks > 0).then_some(r.leaks),
+            corruptions: (r.corruptions > 0).then_some(r.corruptions),
+            allocated_clusters: r.allocated_clusters,
+            filename: String::from(filename),
+            format: "qcow2",
+            fragmented_clusters: r.fragmented_clusters,
+        }
+    }
+}
+
+#[cfg(all(test, feature = "serde"))]
 mod tests {
     use super::*;
 
     #[test]
-    fn escapes_strings() {
-        let mut s = String::new();
-        escape(&mut s, "a\"b\\c\n\u{1}é");
-        assert_eq!(s, "\"a\\\"b\\\\c\\n\\u0001é\"");
+    fn raw_info_shape() {
+        assert_eq!(
+            serde_json::to_string(&Info::raw("x.raw", 1024, 0)).unwrap(),
+            "{\"virtual-size\":1024,\"filename\":\"x.raw\",\"format\":\"raw\",\"actual-size\":0,\"dirty-flag\":false}"
+        );
     }
 
     #[test]
-    fn raw_info_shape() {
-        assert_eq!(
-            raw_info_json("x.raw", 1024, 0),
-            "{\"virtual-size\": 1024, \"filename\": \"x.raw\", \"format\": \"raw\", \"actual-size\": 0, \"dirty-flag\": false}"
-        );
+    fn check_summary_omits_zero_leaks_and_corruptions() {
+        let r = CheckReport {
+            leaks: 2,
+            total_clusters: 16,
+            ..CheckReport::default()
+        };
+        let text = serde_json::to_string(&CheckSummary::of(&r, "a.qcow2")).unwrap();
+        assert!(text.contains("\"leaks\":2"), "{text}");
+        assert!(!text.contains("corruptions"), "{text}");
     }
 }

@@ -57,13 +57,13 @@ const ops = {
   },
 
   info(id) {
-    return JSON.parse(entry(id).img.info());
+    return entry(id).img.info();
   },
 
   /** info() of the image and of each backing file below it, top first. */
   chain(id) {
     const e = entry(id);
-    const out = [JSON.parse(e.img.info())];
+    const out = [e.img.info()];
     const seen = new Set([e.name]);
     let cur = out[0];
     while (cur['backing-filename']) {
@@ -72,7 +72,7 @@ const ops = {
       seen.add(found[0]);
       const img = wasm.QcowImage.open(found[0], found[1], e.files);
       try {
-        cur = JSON.parse(img.info());
+        cur = img.info();
       } finally {
         img.free();
       }
@@ -82,11 +82,11 @@ const ops = {
   },
 
   map(id) {
-    return JSON.parse(entry(id).img.map());
+    return entry(id).img.map();
   },
 
   check(id) {
-    return JSON.parse(entry(id).img.check());
+    return entry(id).img.check();
   },
 
   read(id, offset, length) {

@@ -7,7 +7,7 @@
 //! import init, { QcowImage } from "qcowkit";
 //! await init();
 //! const img = QcowImage.open("vm.qcow2", bytesOrFileOrHandle, { "base.qcow2": baseFile });
-//! console.log(JSON.parse(img.info()));      // like `qemu-img info --output=json`
+//! console.log(img.info());                 // an object like `qemu-img info --output=json`
 //! const firstSector = img.read(0, 512);     // Uint8Array
 //! ```
 //!
@@ -23,9 +23,9 @@ use js_sys::{Function, Object, Reflect, Uint8Array};
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::compress::Decompressor;
 use qcowkit_core::copy::{copy, CopyOptions, ImageSink, RawDisk, Sink};
-use qcowkit_core::{
-    report, CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage,
-};
+use qcowkit_core::map::{merged_map, Allocation, Category};
+use qcowkit_core::report::{CheckSummary, Info, InfoParams, MapEntry};
+use qcowkit_core::{CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage};
 use wasm_bindgen::prelude::*;
 
 pub use storage::{Storage, StorageError};
@@ -170,35 +170,70 @@ impl QcowImage {
         self.image().size() as f64
     }
 
-    /// `qemu-img info --output=json` for this image (a JSON string).
-    pub fn info(&mut self) -> String {
+    /// `qemu-img info --output=json` for this image, as an object.
+    #[wasm_bindgen(unchecked_return_type = "ImageInfo")]
+    pub fn info(&mut self) -> Result<JsValue, JsError> {
         let actual = self.reader().storage_len().unwrap_or(0);
         let full = self.reader().backing().map(|b| b.name().to_string());
-        let p = report::InfoParams {
+        let p = InfoParams {
             filename: &self.name,
             full_backing_filename: full.as_deref(),
             actual_size: actual,
         };
-        report::info_json(self.image(), &p)
+        to_js(&Info::of(self.image(), &p))
     }
 
-    /// `qemu-img map --output=json` for this image (a JSON array string).
-    pub fn map(&mut self) -> Result<String, JsError> {
+    /// `qemu-img map --output=json` for this image, as an array of objects.
+    #[wasm_bindgen(unchecked_return_type = "MapEntry[]")]
+    pub fn map(&mut self) -> Result<JsValue, JsError> {
         let img = self.reader();
         let entries =
-            qcowkit_core::map::merged_map(0, img.size(), |pos, len| img.block_status(pos, len))
-                .map_err(js_err)?;
-        let lines: Vec<String> = entries
+            merged_map(0, img.size(), |pos, len| img.block_status(pos, len)).map_err(js_err)?;
+        let entries: Vec<MapEntry> = entries
             .iter()
-            .map(|(start, len, st)| report::map_entry_json(*start, *len, st))
+            .map(|(start, len, st)| MapEntry::new(*start, *len, st))
             .collect();
-        Ok(format!("[{}]", lines.join(",\n")))
+        to_js(&entries)
     }
 
-    /// `qemu-img check --output=json` (a JSON string; read-only check).
-    pub fn check(&mut self) -> Result<String, JsError> {
+    /// The guest space by allocation category (the core's one definition),
+    /// as `{ start, length, category }` ranges.
+    #[wasm_bindgen(js_name = allocationMap, unchecked_return_type = "AllocationRange[]")]
+    pub fn allocation_map(&mut self) -> Result<JsValue, JsError> {
+        let img = self.reader();
+        let entries =
+            merged_map(0, img.size(), |pos, len| img.block_status(pos, len)).map_err(js_err)?;
+        let mut ranges: Vec<AllocationRange> = Vec::new();
+        for (start, length, st) in &entries {
+            let category = Category::of(st);
+            match ranges.last_mut() {
+                Some(r) if r.category == category && r.start + r.length == *start => {
+                    r.length += length
+                }
+                _ => ranges.push(AllocationRange {
+                    start: *start,
+                    length: *length,
+                    category,
+                }),
+            }
+        }
+        to_js(&ranges)
+    }
+
+    /// Bytes of the guest disk in each allocation category.
+    #[wasm_bindgen(unchecked_return_type = "Allocation")]
+    pub fn allocation(&mut self) -> Result<JsValue, JsError> {
+        let img = self.reader();
+        let a =
+            Allocation::of(0, img.size(), |pos, len| img.block_status(pos, len)).map_err(js_err)?;
+        to_js(&a)
+    }
+
+    /// `qemu-img check --output=json` as an object (a read-only check).
+    #[wasm_bindgen(unchecked_return_type = "CheckResult")]
+    pub fn check(&mut self) -> Result<JsValue, JsError> {
         let r = self.reader().check().map_err(js_err)?;
-        Ok(report::check_json(&r, &self.name))
+        to_js(&CheckSummary::of(&r, &self.name))
     }
 
     /// Reads `length` guest bytes at `offset`.
@@ -272,6 +307,133 @@ impl QcowImage {
         out.flush().map_err(js_err)
     }
 }
+
+/// A guest range and its allocation category ([`QcowImage::allocation_map`]).
+#[derive(serde::Serialize)]
+struct AllocationRange {
+    start: u64,
+    length: u64,
+    category: Category,
+}
+
+/// A report as a plain JavaScript object: the same content `JSON.parse`
+/// gives for qemu-img's JSON (numbers beyond 2^53 lose precision there
+/// too).
+fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsError> {
+    let text = serde_json::to_string(v).map_err(js_err)?;
+    js_sys::JSON::parse(&text).map_err(|e| js_err(StorageError::from(e)))
+}
+
+/// `qemu-img info` of `storage` named `name`, without opening any file it
+/// names: `format` is `raw` when the storage is not a qcow2 image. For
+/// telling which of several files is the top of a chain.
+#[wasm_bindgen(unchecked_return_type = "ImageInfo")]
+pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
+    use qcowkit_core::BlockRead;
+    let mut io = Storage::from_js(storage).map_err(js_err)?;
+    let mut magic = [0u8; 4];
+    io.read_at(0, &mut magic).map_err(js_err)?;
+    let actual = io.len().map_err(js_err)?;
+    if !qcowkit_core::header::Header::has_magic(&magic) {
+        return to_js(&Info::raw(name, actual, actual));
+    }
+    let opts = OpenOptions {
+        no_backing: true,
+        no_data_file: true,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(io, &opts).map_err(js_err)?;
+    let full = img
+        .header()
+        .backing_file
+        .as_deref()
+        .map(|b| resolve_name(name, b));
+    let p = InfoParams {
+        filename: name,
+        full_backing_filename: full.as_deref(),
+        actual_size: actual,
+    };
+    to_js(&Info::of(&img, &p))
+}
+
+#[wasm_bindgen(typescript_custom_section)]
+const REPORT_TYPES: &'static str = r#"
+/** `qemu-img info --output=json` of one image. */
+export interface ImageInfo {
+  "backing-filename-format"?: string;
+  snapshots?: SnapshotInfo[];
+  "virtual-size": number;
+  filename: string;
+  "cluster-size"?: number;
+  format: "qcow2" | "raw";
+  "actual-size": number;
+  "format-specific"?: { type: "qcow2"; data: Qcow2Info };
+  "full-backing-filename"?: string;
+  "backing-filename"?: string;
+  "dirty-flag": boolean;
+}
+/** One internal snapshot of an image. */
+export interface SnapshotInfo {
+  icount?: number;
+  "vm-clock-nsec": number;
+  name: string;
+  "date-sec": number;
+  "date-nsec": number;
+  "vm-clock-sec": number;
+  id: string;
+  "vm-state-size": number;
+}
+/** The qcow2 facts of `qemu-img info` (absent fields: version 2 images). */
+export interface Qcow2Info {
+  compat: "0.10" | "1.1";
+  "compression-type": "zlib" | "zstd";
+  "lazy-refcounts"?: boolean;
+  bitmaps?: { flags: string[]; name: string; granularity: number }[];
+  "refcount-bits": number;
+  "data-file"?: string;
+  "data-file-raw"?: boolean;
+  corrupt?: boolean;
+  "extended-l2"?: boolean;
+}
+/** One entry of `qemu-img map --output=json`. */
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed: boolean;
+  offset?: number;
+}
+/** A guest range and its allocation category. */
+export interface AllocationRange {
+  start: number;
+  length: number;
+  category: "data" | "compressed" | "zero" | "backing" | "unallocated";
+}
+/** Bytes of the guest disk in each allocation category. */
+export interface Allocation {
+  data: number;
+  compressed: number;
+  zero: number;
+  backing: number;
+  unallocated: number;
+}
+/** `qemu-img check --output=json`. */
+export interface CheckResult {
+  "image-end-offset": number;
+  "compressed-clusters": number;
+  "total-clusters": number;
+  "check-errors": number;
+  leaks?: number;
+  corruptions?: number;
+  "allocated-clusters": number;
+  filename: string;
+  format: "qcow2";
+  "fragmented-clusters": number;
+}
+"#;
 
 /// Errors of the converters: the core's, with the storages' error type.
 type CoreError = qcowkit_core::Error<StorageError>;

@@ -3,7 +3,7 @@
 //! `FileReaderSync`. Run by `cargo test --target wasm32-unknown-unknown`
 //! with `CHROMEDRIVER` set.
 
-use js_sys::{Array, Reflect, Uint8Array, JSON};
+use js_sys::{Array, Reflect, Uint8Array};
 use qcowkit_wasm::{create_image, QcowImage};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -61,7 +61,7 @@ async fn opfs_images_are_created_written_and_converted() {
     let back = img.read(4096.0, 80000).unwrap().to_vec();
     assert!(back[..904].iter().all(|b| *b == 0));
     assert!(back[904..904 + 70000].iter().all(|b| *b == 0x5a));
-    let check = JSON::parse(&img.check().unwrap()).unwrap();
+    let check = img.check().unwrap();
     assert_eq!(get(&check, &["check-errors"]).as_f64(), Some(0.0));
     assert!(get(&check, &["corruptions"]).is_undefined());
 
@@ -82,7 +82,7 @@ fn blobs_are_read_with_file_reader_sync() {
     let parts = Array::of1(&Uint8Array::from(DEMO));
     let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
     let mut img = QcowImage::open("demo.qcow2", blob.into(), JsValue::UNDEFINED).unwrap();
-    let info = JSON::parse(&img.info()).unwrap();
+    let info = img.info().unwrap();
     assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
     let mbr = img.read(0.0, 512).unwrap().to_vec();
     assert_eq!(&mbr[510..], &[0x55, 0xaa]);

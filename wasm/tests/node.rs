@@ -1,7 +1,7 @@
 //! wasm-bindgen tests of the JS API (run in Node by `wasm-pack test --node`).
 
-use js_sys::{Function, Object, Reflect, Uint8Array, JSON};
-use qcowkit_wasm::{convert_raw_to_qcow2, create_image, create_image_bytes, QcowImage};
+use js_sys::{Function, Object, Reflect, Uint8Array};
+use qcowkit_wasm::{convert_raw_to_qcow2, create_image, create_image_bytes, inspect, QcowImage};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_test::*;
 
@@ -73,7 +73,7 @@ fn demo_image_info_map_check_and_read() {
         JsValue::UNDEFINED,
     )
     .unwrap();
-    let info = JSON::parse(&img.info()).unwrap();
+    let info = img.info().unwrap();
     assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
     assert_eq!(get(&info, &["cluster-size"]).as_f64(), Some(16384.0));
     assert_eq!(
@@ -88,13 +88,51 @@ fn demo_image_info_map_check_and_read() {
     );
     let mbr = img.read(0.0, 512).unwrap().to_vec();
     assert_eq!(&mbr[510..], &[0x55, 0xaa]);
-    let map = JSON::parse(&img.map().unwrap()).unwrap();
+    let map = img.map().unwrap();
     let entries: js_sys::Array = map.dyn_into().unwrap();
     assert!(entries.length() > 3);
     assert_eq!(get(&entries.get(0), &["compressed"]).as_bool(), Some(true));
-    let check = JSON::parse(&img.check().unwrap()).unwrap();
+    let check = img.check().unwrap();
     assert_eq!(get(&check, &["check-errors"]).as_f64(), Some(0.0));
     assert!(get(&check, &["corruptions"]).is_undefined());
+}
+
+#[wasm_bindgen_test]
+fn inspect_and_allocation_report_what_the_core_computes() {
+    let info = inspect("demo.qcow2", Uint8Array::from(DEMO).into()).unwrap();
+    assert_eq!(get(&info, &["format"]).as_string().unwrap(), "qcow2");
+    assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
+    let raw = inspect("x.raw", Uint8Array::from(&[1u8; 4096][..]).into()).unwrap();
+    assert_eq!(get(&raw, &["format"]).as_string().unwrap(), "raw");
+    assert_eq!(get(&raw, &["virtual-size"]).as_f64(), Some(4096.0));
+    assert!(inspect("bad.qcow2", Uint8Array::from(&b"QFI\xfbgarbage"[..]).into()).is_err());
+
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let totals = img.allocation().unwrap();
+    let sum: f64 = ["data", "compressed", "zero", "backing", "unallocated"]
+        .iter()
+        .map(|k| get(&totals, &[k]).as_f64().unwrap())
+        .sum();
+    assert_eq!(sum, 67108864.0);
+    assert!(get(&totals, &["compressed"]).as_f64().unwrap() > 0.0);
+    let ranges: js_sys::Array = img.allocation_map().unwrap().dyn_into().unwrap();
+    let mut covered = 0.0;
+    let mut compressed = 0.0;
+    for r in ranges.iter() {
+        assert_eq!(get(&r, &["start"]).as_f64(), Some(covered));
+        let len = get(&r, &["length"]).as_f64().unwrap();
+        if get(&r, &["category"]).as_string().unwrap() == "compressed" {
+            compressed += len;
+        }
+        covered += len;
+    }
+    assert_eq!(covered, 67108864.0);
+    assert_eq!(Some(compressed), get(&totals, &["compressed"]).as_f64());
 }
 
 #[wasm_bindgen_test]
@@ -119,7 +157,7 @@ fn create_write_and_read_back_through_a_js_storage_object() {
     assert!(back[..1000].iter().all(|b| *b == 0));
     assert!(back[1000..6000].iter().all(|b| *b == 7));
     assert!(back[6000..].iter().all(|b| *b == 0));
-    let info = JSON::parse(&again.info()).unwrap();
+    let info = again.info().unwrap();
     assert_eq!(
         get(&info, &["format-specific", "data", "extended-l2"]).as_bool(),
         Some(true)
@@ -154,7 +192,7 @@ fn backing_files_are_found_by_name() {
     let mut img = QcowImage::open("top.qcow2", top.into(), files).unwrap();
     let data = img.read(0.0, 4096).unwrap().to_vec();
     assert!(data.iter().all(|x| *x == 0x42));
-    let info = JSON::parse(&img.info()).unwrap();
+    let info = img.info().unwrap();
     assert_eq!(
         get(&info, &["backing-filename"]).as_string().unwrap(),
         "dir/base.qcow2"
@@ -219,6 +257,6 @@ fn convert_to_raw_streams_the_guest_contents() {
         back.read(0.0, 4 << 20).unwrap().to_vec(),
         raw[..(4 << 20)].to_vec()
     );
-    let check = JSON::parse(&back.check().unwrap()).unwrap();
+    let check = back.check().unwrap();
     assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
 }

@@ -2,10 +2,10 @@
 //! (0 clean, 1 check failed, 2 corruptions, 3 leaks only).
 
 use clap::Parser;
-use serde_json::Value;
 
 use super::{open_disk, parse_format, report, Output};
 use crate::Disk;
+use qcowkit_core::report::CheckSummary;
 use qcowkit_core::{CheckReport, OpenOptions};
 
 /// Arguments of `qcow2 check`.
@@ -81,9 +81,11 @@ pub fn run(a: &Args) -> u8 {
     }
     match a.output {
         Output::Json => {
-            let text = qcowkit_core::report::check_json(&r, &a.filename);
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            let summary = CheckSummary::of(&r, &a.filename);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary).unwrap_or_default()
+            );
         }
         Output::Human if !a.quiet || exit_code(&r) != 0 => print!("{}", human(&r)),
         Output::Human => {}

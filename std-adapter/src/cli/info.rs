@@ -1,10 +1,10 @@
 //! `qcow2 info`: qemu-img's keys and layout.
 
 use clap::Parser;
-use serde_json::Value;
 
 use super::{human, open_disk, parse_format, report, Output};
 use crate::{Disk, Format};
+use qcowkit_core::report::{Info, InfoParams};
 use qcowkit_core::{BlockRead, OpenOptions};
 
 /// Arguments of `qcow2 info`.
@@ -35,7 +35,7 @@ pub fn run(a: &Args) -> u8 {
             return 1;
         }
     };
-    let mut infos = Vec::new();
+    let mut infos: Vec<Info> = Vec::new();
     let mut next = Some((a.filename.clone(), format));
     while let Some((name, fmt)) = next.take() {
         let opts = OpenOptions {
@@ -50,30 +50,30 @@ pub fn run(a: &Args) -> u8 {
                 return 1;
             }
         };
-        let v = image_info(&name, disk);
+        let info = image_info(&name, disk);
         if a.backing_chain {
-            if let Some(full) = v.get("full-backing-filename").and_then(Value::as_str) {
-                let bfmt = v
-                    .get("backing-filename-format")
-                    .and_then(Value::as_str)
+            if let Some(full) = &info.full_backing_filename {
+                let bfmt = info
+                    .backing_filename_format
+                    .as_deref()
                     .and_then(Format::parse);
                 if infos.len() > qcowkit_core::DEFAULT_MAX_CHAIN_DEPTH as usize {
                     report("info", "backing chain is too deep or loops");
                     return 1;
                 }
-                next = Some((full.to_string(), bfmt));
+                next = Some((full.clone(), bfmt));
             }
         }
-        infos.push(v);
+        infos.push(info);
     }
     match a.output {
         Output::Json => {
-            let v = if a.backing_chain {
-                Value::Array(infos)
+            let text = if a.backing_chain {
+                serde_json::to_string_pretty(&infos)
             } else {
-                infos.pop().unwrap_or(Value::Null)
+                serde_json::to_string_pretty(&infos.pop())
             };
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            println!("{}", text.unwrap_or_default());
         }
         Output::Human => {
             let texts: Vec<String> = infos.iter().map(human_info).collect();
@@ -83,12 +83,12 @@ pub fn run(a: &Args) -> u8 {
     0
 }
 
-/// Builds qemu-img's JSON object for one image (the core's report).
-pub fn image_info(name: &str, disk: Disk) -> Value {
-    let text = match disk {
+/// qemu-img's info report for one image.
+pub fn image_info(name: &str, disk: Disk) -> Info {
+    match disk {
         Disk::Raw(mut raw) => {
             let actual = raw.io.allocated_size().ok().flatten().unwrap_or(0);
-            qcowkit_core::report::raw_info_json(name, raw.size, actual)
+            Info::raw(name, raw.size, actual)
         }
         Disk::Qcow2(mut img) => {
             let actual = img.allocated_size().ok().flatten().unwrap_or(0);
@@ -97,110 +97,92 @@ pub fn image_info(name: &str, disk: Disk) -> Value {
                 .backing_file
                 .as_deref()
                 .map(|b| qcowkit_core::backing::resolve_name(name, b));
-            let p = qcowkit_core::report::InfoParams {
+            let p = InfoParams {
                 filename: name,
                 full_backing_filename: full.as_deref(),
                 actual_size: actual,
             };
-            qcowkit_core::report::info_json(&img, &p)
+            Info::of(&img, &p)
         }
-    };
-    serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
 }
 
-/// Renders qemu-img's human layout from the JSON object.
-pub fn human_info(v: &Value) -> String {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
-    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+/// Renders qemu-img's human layout of an info report.
+pub fn human_info(v: &Info) -> String {
     let mut out = String::new();
-    out += &format!("image: {}\n", s("filename"));
-    out += &format!("file format: {}\n", s("format"));
+    out += &format!("image: {}\n", v.filename);
+    out += &format!("file format: {}\n", v.format);
     out += &format!(
         "virtual size: {} ({} bytes)\n",
-        human::size(n("virtual-size")),
-        n("virtual-size")
+        human::size(v.virtual_size),
+        v.virtual_size
     );
-    out += &format!("disk size: {}\n", human::size(n("actual-size")));
-    if v.get("cluster-size").is_some() {
-        out += &format!("cluster_size: {}\n", n("cluster-size"));
+    out += &format!("disk size: {}\n", human::size(v.actual_size));
+    if let Some(cs) = v.cluster_size {
+        out += &format!("cluster_size: {cs}\n");
     }
-    if v.get("backing-filename").is_some() {
-        let (b, full) = (s("backing-filename"), s("full-backing-filename"));
+    if let Some(b) = &v.backing_filename {
+        let full = v.full_backing_filename.as_deref().unwrap_or("");
         if b == full {
             out += &format!("backing file: {b}\n");
         } else {
             out += &format!("backing file: {b} (actual path: {full})\n");
         }
-        if v.get("backing-filename-format").is_some() {
-            out += &format!("backing file format: {}\n", s("backing-filename-format"));
+        if let Some(f) = &v.backing_filename_format {
+            out += &format!("backing file format: {f}\n");
         }
     }
-    if let Some(Value::Array(snaps)) = v.get("snapshots") {
+    if !v.snapshots.is_empty() {
         out += "Snapshot list:\n";
         out += &format!(
             "{:<7} {:<17} {:>7}{:>20}{:>16}{:>11}\n",
             "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
         );
-        for sn in snaps {
-            let g = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let icount = sn
-                .get("icount")
-                .and_then(Value::as_u64)
-                .map(|i| i.to_string())
-                .unwrap_or_default();
+        for sn in &v.snapshots {
             out += &format!(
                 "{:<7} {:<17} {:>7}{:>20}{:>16}{:>11}\n",
-                sn.get("id").and_then(Value::as_str).unwrap_or(""),
-                sn.get("name").and_then(Value::as_str).unwrap_or(""),
-                human::size(g("vm-state-size")),
-                human::date(g("date-sec")),
-                human::vm_clock(g("vm-clock-sec") * 1_000_000_000 + g("vm-clock-nsec")),
-                icount
+                sn.id,
+                sn.name,
+                human::size(sn.vm_state_size),
+                human::date(sn.date_sec),
+                human::vm_clock(sn.vm_clock_sec * 1_000_000_000 + sn.vm_clock_nsec),
+                sn.icount.map(|i| i.to_string()).unwrap_or_default()
             );
         }
     }
-    if let Some(data) = v
-        .pointer("/format-specific/data")
-        .and_then(Value::as_object)
-    {
+    if let Some(fs) = &v.format_specific {
+        let d = &fs.data;
         out += "Format specific information:\n";
-        for (k, val) in data {
-            let key = k.replace('-', " ");
-            match val {
-                Value::Array(items) => {
-                    out += &format!("    {key}:\n");
-                    for (i, item) in items.iter().enumerate() {
-                        out += &format!("        [{i}]:\n");
-                        if let Some(obj) = item.as_object() {
-                            for (ik, iv) in obj {
-                                match iv {
-                                    Value::Array(fl) => {
-                                        out += &format!("            {ik}:\n");
-                                        for (j, f) in fl.iter().enumerate() {
-                                            out += &format!(
-                                                "                [{j}]: {}\n",
-                                                f.as_str().unwrap_or("")
-                                            );
-                                        }
-                                    }
-                                    other => {
-                                        out += &format!("            {ik}: {}\n", plain(other))
-                                    }
-                                }
-                            }
-                        }
-                    }
+        out += &format!("    compat: {}\n", d.compat);
+        out += &format!("    compression type: {}\n", d.compression_type);
+        if let Some(l) = d.lazy_refcounts {
+            out += &format!("    lazy refcounts: {l}\n");
+        }
+        if let Some(bitmaps) = &d.bitmaps {
+            out += "    bitmaps:\n";
+            for (i, b) in bitmaps.iter().enumerate() {
+                out += &format!("        [{i}]:\n");
+                out += "            flags:\n";
+                for (j, f) in b.flags.iter().enumerate() {
+                    out += &format!("                [{j}]: {f}\n");
                 }
-                other => out += &format!("    {key}: {}\n", plain(other)),
+                out += &format!("            name: {}\n", b.name);
+                out += &format!("            granularity: {}\n", b.granularity);
             }
+        }
+        out += &format!("    refcount bits: {}\n", d.refcount_bits);
+        if let Some(df) = &d.data_file {
+            out += &format!("    data file: {df}\n");
+        }
+        if let Some(raw) = d.data_file_raw {
+            out += &format!("    data file raw: {raw}\n");
+        }
+        if let Some(c) = d.corrupt {
+            out += &format!("    corrupt: {c}\n");
+        }
+        if let Some(e) = d.extended_l2 {
+            out += &format!("    extended l2: {e}\n");
         }
     }
     out
-}
-
-fn plain(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }

@@ -4,6 +4,7 @@ use clap::Parser;
 
 use super::{parse_format, report, Output};
 use crate::Disk;
+use qcowkit_core::report::MapEntry;
 use qcowkit_core::BlockStatus;
 
 /// Arguments of `qcow2 map`.
@@ -159,7 +160,39 @@ fn layer_name(disk: &Disk, depth: u32, external: bool) -> String {
     cur.name().to_string()
 }
 
+/// qemu-img's spacing of map entries: `{ "key": value, "key": value}`.
+struct QemuLine;
+
+impl serde_json::ser::Formatter for QemuLine {
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b"{ ")
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
 /// One entry in `qemu-img map --output=json` syntax.
 pub fn json_line(e: &Entry) -> String {
-    qcowkit_core::report::map_entry_json(e.start, e.length, &e.status)
+    use serde::Serialize;
+    let entry = MapEntry::new(e.start, e.length, &e.status);
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuLine);
+    match entry.serialize(&mut ser) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }

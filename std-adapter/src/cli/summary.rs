@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::human;
 use crate::{Disk, DiskOptions, FileIo};
@@ -58,8 +58,68 @@ fn pct(part: u64, total: u64) -> String {
     format!("{:.1}%", part as f64 * 100.0 / total as f64)
 }
 
-/// Describes one image as (text, json).
-pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
+/// What `qcow2-info --json` shows of one image.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Summary {
+    /// The path given.
+    pub filename: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// `qcow2` or `raw`.
+    pub format: &'static str,
+    /// qcow2 version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Cluster size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// Refcount width in bits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refcount_bits: Option<u32>,
+    /// Features in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<String>>,
+    /// The backing chain, top first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_chain: Option<Vec<String>>,
+    /// Why the backing chain could not be opened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// External data file name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    /// Internal snapshots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotRef>>,
+    /// Persistent bitmaps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapRef>>,
+    /// Allocation statistics (when the chain could be opened).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Allocation>,
+}
+
+/// A snapshot in a [`Summary`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotRef {
+    /// Unique ID string.
+    pub id: String,
+    /// Name.
+    pub name: String,
+}
+
+/// A bitmap in a [`Summary`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BitmapRef {
+    /// Name.
+    pub name: String,
+    /// Granularity in bytes.
+    pub granularity: u64,
+}
+
+/// Describes one image as (text, summary).
+pub fn describe(path: &str) -> Result<(String, Summary), crate::DiskError> {
     let opened = Disk::open(Path::new(path), &DiskOptions::default());
     let (mut disk, backing_problem) = match opened {
         Ok(d) => (d, None),
@@ -90,14 +150,16 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
         None
     };
     let mut t = format!("{path}\n");
-    let mut j = serde_json::Map::new();
-    j.insert("filename".into(), json!(path));
-    j.insert("virtual-size".into(), json!(size));
+    let mut j = Summary {
+        filename: path.to_string(),
+        virtual_size: size,
+        ..Summary::default()
+    };
     t += &format!("  virtual size:  {} ({} bytes)\n", human::size(size), size);
     match &mut disk {
         Disk::Raw(raw) => {
             t += "  format:        raw\n";
-            j.insert("format".into(), json!("raw"));
+            j.format = "raw";
             if let Ok(Some(a)) = raw.io.allocated_size() {
                 t += &format!("  disk usage:    {}\n", human::size(a));
             }
@@ -117,11 +179,11 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
             t += &format!("  refcounts:     {}-bit\n", h.refcount_bits());
             let feats = features(img);
             t += &format!("  features:      {}\n", feats.join(", "));
-            j.insert("format".into(), json!("qcow2"));
-            j.insert("version".into(), json!(h.version));
-            j.insert("cluster-size".into(), json!(h.cluster_size()));
-            j.insert("refcount-bits".into(), json!(h.refcount_bits()));
-            j.insert("features".into(), json!(feats));
+            j.format = "qcow2";
+            j.version = Some(h.version);
+            j.cluster_size = Some(h.cluster_size());
+            j.refcount_bits = Some(h.refcount_bits());
+            j.features = Some(feats);
             if let Ok(Some(a)) = img.allocated_size() {
                 t += &format!("  disk usage:    {}\n", human::size(a));
             }
@@ -146,15 +208,15 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
                     chain.push(format!("{b} (not opened)"));
                 }
                 t += &format!("  backing chain: {}\n", chain.join(" -> "));
-                j.insert("backing-chain".into(), json!(chain));
+                j.backing_chain = Some(chain);
             }
             if let Some(p) = &backing_problem {
                 t += &format!("  problem:       {p}\n");
-                j.insert("problem".into(), json!(p));
+                j.problem = Some(p.clone());
             }
             if let Some(df) = &h.data_file {
                 t += &format!("  data file:     {df}\n");
-                j.insert("data-file".into(), json!(df));
+                j.data_file = Some(df.clone());
             }
             let snaps = img.snapshots();
             if snaps.is_empty() {
@@ -171,12 +233,14 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
                     );
                 }
             }
-            j.insert(
-                "snapshots".into(),
-                json!(snaps
+            j.snapshots = Some(
+                snaps
                     .iter()
-                    .map(|s| json!({"id": s.id, "name": s.name}))
-                    .collect::<Vec<_>>()),
+                    .map(|s| SnapshotRef {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                    })
+                    .collect(),
             );
             let bms = img.bitmaps();
             if !bms.is_empty() {
@@ -195,12 +259,13 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
                     );
                 }
             }
-            j.insert(
-                "bitmaps".into(),
-                json!(bms
-                    .iter()
-                    .map(|b| json!({"name": b.name, "granularity": b.granularity()}))
-                    .collect::<Vec<_>>()),
+            j.bitmaps = Some(
+                bms.iter()
+                    .map(|b| BitmapRef {
+                        name: b.name.clone(),
+                        granularity: b.granularity(),
+                    })
+                    .collect(),
             );
         }
     }
@@ -218,12 +283,9 @@ pub fn describe(path: &str) -> Result<(String, Value), crate::DiskError> {
             pct(a.unallocated, size),
             human::size(a.unallocated)
         );
-        j.insert(
-            "allocation".into(),
-            json!({"data": a.data, "compressed": a.compressed, "zero": a.zero, "backing": a.backing, "unallocated": a.unallocated}),
-        );
+        j.allocation = Some(a);
     }
-    Ok((t, Value::Object(j)))
+    Ok((t, j))
 }
 
 /// Runs `qcow2-info [--json] IMAGE...`.

@@ -26,6 +26,7 @@ use qcowkit_core::copy::{copy, CopyOptions, ImageSink, RawDisk, Sink};
 use qcowkit_core::map::{merged_map, Allocation, Category};
 use qcowkit_core::report::{CheckSummary, Info, InfoParams, MapEntry};
 use qcowkit_core::{CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage};
+use qcowkit_options::OptionError;
 use wasm_bindgen::prelude::*;
 
 pub use storage::{Storage, StorageError};
@@ -525,8 +526,13 @@ fn create_options(options: &JsValue) -> Result<CreateOptions, JsError> {
         } else {
             v.as_string().unwrap_or_default()
         };
-        c.set(&key, &value)
-            .map_err(|why| JsError::new(&format!("invalid option {key}={value}: {why}")))?;
+        qcowkit_options::set(&mut c, &key, &value).map_err(|e| {
+            let why = match e {
+                OptionError::InvalidValue { reason, .. } => reason,
+                _ => "unknown option",
+            };
+            JsError::new(&format!("invalid option {key}={value}: {why}"))
+        })?;
     }
     Ok(c)
 }

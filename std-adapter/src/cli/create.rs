@@ -48,7 +48,7 @@ pub fn build(
     let mut c = CreateOptions::default();
     let mut size_given = false;
     for o in options {
-        size_given |= options::apply(&mut c, o)?;
+        size_given |= options::apply(&mut c, o).map_err(|e| e.to_string())?;
     }
     if let Some(b) = backing {
         c.backing_file = Some(b.clone());

@@ -151,21 +151,5 @@ pub fn open_disk_with(
 
 /// Parses a size with an optional k/M/G/T/P/E suffix (qemu-img's rules).
 pub fn parse_size(s: &str) -> Option<u64> {
-    qcowkit_core::create::parse_size(s)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512"), Some(512));
-        assert_eq!(parse_size("64k"), Some(65536));
-        assert_eq!(parse_size("1M"), Some(1 << 20));
-        assert_eq!(parse_size("1.5G"), Some(3 << 29));
-        assert_eq!(parse_size("2T"), Some(2 << 40));
-        assert_eq!(parse_size("x"), None);
-        assert_eq!(parse_size("99999999999E"), None);
-    }
+    qcowkit_options::parse_size(s)
 }

@@ -1,47 +1,9 @@
-//! qemu-img's `-o key=value,...` creation options.
+//! qemu-img's `-o key=value,...` creation options (parsed by
+//! `qcowkit-options`) and the `Formatting ...` line `create` prints.
 
 use qcowkit_core::{CreateOptions, Preallocation};
 
-/// Splits `a=b,c=d` (a doubled comma is a literal comma, as in qemu-img).
-pub fn split(opts: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = opts.chars().peekable();
-    let mut items = Vec::new();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    for it in items.into_iter().filter(|s| !s.is_empty()) {
-        match it.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => out.push((it, "on".to_string())),
-        }
-    }
-    out
-}
-
-/// Applies `-o` options to `c`. Returns whether `size` was given.
-pub fn apply(c: &mut CreateOptions, opts: &str) -> Result<bool, String> {
-    let mut size_given = false;
-    for (k, v) in split(opts) {
-        c.set(&k, &v).map_err(|why| match why {
-            "unknown option" => format!("Invalid parameter '{k}'"),
-            why => format!("Invalid value '{v}' for '{k}': {why}"),
-        })?;
-        size_given |= k == "size";
-    }
-    Ok(size_given)
-}
+pub use qcowkit_options::{apply, split};
 
 /// The `Formatting ...` line qemu-img prints.
 pub fn describe(path: &str, c: &CreateOptions) -> String {
@@ -51,12 +13,7 @@ pub fn describe(path: &str, c: &CreateOptions) -> String {
         if c.extended_l2 { "on" } else { "off" }
     );
     if c.preallocation != Preallocation::Off {
-        let p = match c.preallocation {
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-            Preallocation::Off => "off",
-        };
+        let p = qcowkit_options::preallocation_name(c.preallocation);
         s += &format!("preallocation={p} ");
     }
     s += &format!(
@@ -92,22 +49,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_and_applies() {
-        assert_eq!(
-            split("a=1,,2,b"),
-            vec![("a".into(), "1,2".into()), ("b".into(), "on".into())]
-        );
+    fn describes_like_qemu_img() {
         let mut c = CreateOptions::default();
-        let given = apply(
-            &mut c,
-            "cluster_size=4k,compat=0.10,size=1G,extended_l2=off",
-        )
-        .unwrap();
-        assert!(given);
-        assert_eq!(c.cluster_size, 4096);
-        assert!(!c.v3);
-        assert_eq!(c.size, 1 << 30);
-        assert!(apply(&mut c, "bogus=1").is_err());
-        assert!(apply(&mut c, "extended_l2=maybe").is_err());
+        apply(&mut c, "size=1G,preallocation=metadata,compat=0.10").unwrap();
+        assert_eq!(
+            describe("a.qcow2", &c),
+            "Formatting 'a.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off preallocation=metadata compression_type=zlib size=1073741824 compat=0.10 lazy_refcounts=off refcount_bits=16"
+        );
     }
 }

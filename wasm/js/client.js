@@ -5,8 +5,10 @@
  * ```js
  * import { QcowClient } from './client.js';
  * const q = await QcowClient.start(new URL('./qcowkit_wasm.js', import.meta.url));
+ * console.log(await q.inspect(file.name, file));  // without opening backing files
  * const id = await q.open(file.name, file, { 'base.qcow2': baseFile });
  * console.log(await q.info(id));
+ * console.log(await q.allocation(id));              // bytes per allocation category
  * ```
  *
  * Every method returns a promise; failures reject with an `Error` whose
@@ -80,6 +82,21 @@ export class QcowClient {
   }
 
   /**
+   * The facts of one file, as `qemu-img info --output=json` prints them,
+   * without opening any file it names (backing or data files): `format` is
+   * `"raw"` when the file is not a qcow2 image, and a qcow2 image's backing
+   * file name is in `"backing-filename"` (absent when it has none). For
+   * telling which of several files is the top of a backing chain.
+   * Rejects with the core's message for a malformed qcow2 header.
+   * @param {string} name the file's name
+   * @param {Blob|File|Uint8Array} storage the file's contents
+   * @returns {Promise<object>} an `ImageInfo` object
+   */
+  inspect(name, storage) {
+    return this._call('inspect', [name, storage]);
+  }
+
+  /**
    * Releases an opened image.
    * @param {number} id
    * @returns {Promise<boolean>}
@@ -115,6 +132,29 @@ export class QcowClient {
    */
   map(id) {
     return this._call('map', [id]);
+  }
+
+  /**
+   * Bytes of the guest disk in each allocation category, as the core
+   * defines them: from a backing file; else compressed; else data (also a
+   * range flagged zero over preallocated data); else zero clusters the
+   * image records; else unallocated.
+   * @param {number} id
+   * @returns {Promise<{data: number, compressed: number, zero: number, backing: number, unallocated: number}>}
+   */
+  allocation(id) {
+    return this._call('allocation', [id]);
+  }
+
+  /**
+   * The guest space as consecutive ranges of one allocation category each
+   * (the categories of {@link QcowClient#allocation}), in guest order.
+   * @param {number} id
+   * @returns {Promise<{start: number, length: number,
+   *   category: 'data'|'compressed'|'zero'|'backing'|'unallocated'}[]>}
+   */
+  allocationMap(id) {
+    return this._call('allocationMap', [id]);
   }
 
   /**

@@ -47,6 +47,14 @@ const ops = {
     return id;
   },
 
+  /**
+   * inspect() of one file without opening the files it names: an info
+   * object whose format is "raw" for a non-qcow2 file.
+   */
+  inspect(name, storage) {
+    return wasm.inspect(name, storage);
+  },
+
   close(id) {
     const e = images.get(id);
     if (e) {
@@ -83,6 +91,16 @@ const ops = {
 
   map(id) {
     return entry(id).img.map();
+  },
+
+  /** Bytes per allocation category (the core's definition). */
+  allocation(id) {
+    return entry(id).img.allocation();
+  },
+
+  /** The guest space as `{ start, length, category }` ranges. */
+  allocationMap(id) {
+    return entry(id).img.allocationMap();
   },
 
   check(id) {

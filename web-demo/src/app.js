@@ -4,7 +4,10 @@ import { QcowClient } from './pkg/client.js';
 
 const $ = (id) => document.getElementById(id);
 
-/** Map categories, in legend order. */
+/**
+ * The wasm's allocation categories (allocationMap()/allocation() keys), in
+ * legend order, with how the page shows them.
+ */
 const CATEGORIES = [
   { key: 'data', label: 'Data', color: '#2a6fdb' },
   { key: 'compressed', label: 'Compressed data', color: '#9b3fd1' },
@@ -61,18 +64,18 @@ function download(blob, name) {
 
 // ---------- choosing the top image ----------
 
-/** Reads a qcow2 header's backing file name; null if not qcow2, '' if none. */
-async function backingNameOf(file) {
-  const head = new Uint8Array(await file.slice(0, 32).arrayBuffer());
-  if (head.length < 20 || head[0] !== 0x51 || head[1] !== 0x46 || head[2] !== 0x49 || head[3] !== 0xfb) {
+/**
+ * What the wasm's inspect() says of a file without opening the files it
+ * names; null when the file is not a qcow2 image or inspect() rejects it
+ * (a malformed header: opening it then shows the core's message).
+ */
+async function inspectOrNull(file) {
+  try {
+    const info = await client.inspect(file.name, file);
+    return info.format === 'qcow2' ? info : null;
+  } catch {
     return null;
   }
-  const dv = new DataView(head.buffer);
-  const off = Number(dv.getBigUint64(8));
-  const len = dv.getUint32(16);
-  if (off === 0 || len === 0 || len > 1023) return '';
-  const name = new Uint8Array(await file.slice(off, off + len).arrayBuffer());
-  return new TextDecoder().decode(name);
 }
 
 /**
@@ -80,12 +83,13 @@ async function backingNameOf(file) {
  * backing file (by name or basename); else the first file.
  */
 async function chooseTop(files) {
-  const backing = await Promise.all(files.map(backingNameOf));
+  const infos = await Promise.all(files.map(inspectOrNull));
   const named = new Set();
-  backing.forEach((b) => {
+  infos.forEach((info) => {
+    const b = info && info['backing-filename'];
     if (b) { named.add(b); named.add(b.split('/').pop()); }
   });
-  const i = files.findIndex((f, k) => backing[k] !== null && !named.has(f.name));
+  const i = files.findIndex((f, k) => infos[k] !== null && !named.has(f.name));
   return files[i >= 0 ? i : 0];
 }
 
@@ -191,20 +195,14 @@ function renderCheck(r) {
   p.className = status === 'clean' ? 'ok' : 'bad';
 }
 
-function categoryOf(e) {
-  if (!e.present) return 'unallocated';
-  if (e.depth > 0) return 'backing';
-  if (e.zero) return 'zero';
-  if (e.compressed) return 'compressed';
-  return 'data';
-}
-
 /**
- * Draws the map, each pixel standing for an equal share of the guest
- * space (row-major). A pixel takes the colour of the allocated kind
- * covering most of it, or "unallocated" if nothing in it is allocated.
+ * Draws the allocation map from the wasm's allocationMap() ranges, each
+ * pixel standing for an equal share of the guest space (row-major). A
+ * pixel takes the colour of the allocated category covering most of it, or
+ * "unallocated" if nothing in it is allocated. The legend shows the wasm's
+ * allocation() totals.
  */
-function renderMap(map, size) {
+function renderMap(ranges, allocation, size) {
   const canvas = $('map-canvas');
   const ctx = canvas.getContext('2d');
   const pixels = canvas.width * canvas.height;
@@ -212,15 +210,14 @@ function renderMap(map, size) {
   const used = Math.min(pixels, Math.ceil(size / per));
   const n = CATEGORIES.length;
   const acc = new Float64Array(used * n);
-  const totals = new Float64Array(n);
-  for (const e of map) {
-    const c = CAT_INDEX[categoryOf(e)];
-    totals[c] += e.length;
-    const end = e.start + e.length;
-    const p0 = Math.floor(e.start / per);
+  for (const r of ranges) {
+    const c = CAT_INDEX[r.category];
+    if (c === undefined) throw new Error(`unknown allocation category ${r.category}`);
+    const end = r.start + r.length;
+    const p0 = Math.floor(r.start / per);
     const p1 = Math.min(used - 1, Math.floor((end - 1) / per));
     for (let p = p0; p <= p1; p++) {
-      const lo = Math.max(e.start, p * per);
+      const lo = Math.max(r.start, p * per);
       const hi = Math.min(end, (p + 1) * per);
       if (hi > lo) acc[p * n + c] += hi - lo;
     }
@@ -241,14 +238,15 @@ function renderMap(map, size) {
     img.data.set([...color, 255], p * 4);
   }
   ctx.putImageData(img, 0, 0);
-  $('map-scale').textContent = `Each pixel: ${human(Math.ceil(per))} of guest space; ${map.length} map entries.`;
+  $('map-scale').textContent = `Each pixel: ${human(Math.ceil(per))} of guest space; ${ranges.length} allocation ranges.`;
   const legend = $('legend');
   legend.replaceChildren();
-  CATEGORIES.forEach((c, i) => {
+  for (const c of CATEGORIES) {
+    const bytes = allocation[c.key] || 0;
     const sw = el('span', { class: 'swatch', style: `background:${c.color}` });
-    legend.append(el('li', { 'data-testid': `legend-${c.key}`, 'data-bytes': String(totals[i]) },
-      sw, `${c.label}: ${human(totals[i])}`));
-  });
+    legend.append(el('li', { 'data-testid': `legend-${c.key}`, 'data-bytes': String(bytes) },
+      sw, `${c.label}: ${human(bytes)}`));
+  }
 }
 
 // ---------- actions ----------
@@ -281,7 +279,7 @@ async function openFiles(fileList) {
     delete $('check').dataset.status;
     $('result').hidden = false;
     renderChain(await client.chain(id));
-    renderMap(await client.map(id), info['virtual-size']);
+    renderMap(await client.allocationMap(id), await client.allocation(id), info['virtual-size']);
     renderCheck(await client.check(id));
     $('status').textContent = `Opened ${top.name}.`;
     $('result').dataset.ready = 'true';

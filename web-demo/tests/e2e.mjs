@@ -84,6 +84,19 @@ qemuImg('create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', path('t
 qemuIo(path('top.qcow2'), 'write -z 2M 512k');
 qemuIo(path('top.qcow2'), 'write -P 0x03 3M 64k');
 
+// Every allocation category in one image: base <- mixed, with data,
+// compressed clusters, zero clusters (over backing data) and, elsewhere,
+// guest space allocated nowhere.
+qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path('mixed.qcow2'));
+qemuIo(path('mixed.qcow2'), 'write -z 3M 1M');
+qemuIo(path('mixed.qcow2'), 'write -P 0x21 8M 1M');
+qemuIo(path('mixed.qcow2'), 'write -c -P 0x5c 16M 1M');
+const MIXED_ALLOCATION = { data: 2 ** 20, compressed: 2 ** 20, zero: 2 ** 20, backing: 3 * 2 ** 20,
+  unallocated: 64 * 2 ** 20 - 6 * 2 ** 20 };
+
+// Not a qcow2 image at all.
+writeFileSync(path('plain.raw'), Buffer.alloc(1 << 20, 0x42));
+
 // A huge sparse image: the map must aggregate ranges into pixels.
 qemuImg('create', '-q', '-f', 'qcow2', path('huge.qcow2'), '64T');
 qemuIo(path('huge.qcow2'), 'write -P 0x7 0 64k');
@@ -204,6 +217,76 @@ try {
 
   await check('convert a backing chain to raw equals qemu-img convert', async () => {
     await convertAndCompare('top.qcow2', 'chain');
+  });
+
+  await check('the top image is chosen by the wasm inspect() (raw and malformed files are skipped)', async () => {
+    await choose(['broken.qcow2', 'plain.raw', 'base.qcow2', 'mixed.qcow2']);
+    await waitOpened();
+    assert.equal(await text('image-name'), 'mixed.qcow2');
+    const names = await page.$$eval('[data-testid=chain-item]', (li) => li.map((x) => x.dataset.name));
+    assert.deepEqual(names, ['mixed.qcow2', 'base.qcow2']);
+    // The client's inspect() RPC itself, on the files the page was given.
+    const got = await page.evaluate(async () => {
+      const { QcowClient } = await import(new URL('pkg/client.js', location.href).href);
+      const q = await QcowClient.start(new URL('pkg/qcowkit_wasm.js', location.href));
+      try {
+        const files = Object.fromEntries(Array.from(document.getElementById('file-input').files)
+          .map((f) => [f.name, f]));
+        const broken = await q.inspect('broken.qcow2', files['broken.qcow2']).then(() => null, (e) => e.message);
+        return {
+          mixed: await q.inspect('mixed.qcow2', files['mixed.qcow2']),
+          base: await q.inspect('base.qcow2', files['base.qcow2']),
+          raw: await q.inspect('plain.raw', files['plain.raw']),
+          broken,
+        };
+      } finally {
+        q.terminate();
+      }
+    });
+    assert.equal(got.mixed.format, 'qcow2');
+    assert.equal(got.mixed['backing-filename'], 'base.qcow2');
+    assert.equal(got.base.format, 'qcow2');
+    assert.equal(got.base['backing-filename'], undefined);
+    assert.equal(got.raw.format, 'raw');
+    assert.equal(got.raw['virtual-size'], 1 << 20);
+    assert.ok(got.broken && got.broken.length > 0, 'inspect() rejects a malformed header');
+  });
+
+  await check('allocation statistics equal the wasm allocation() (data, compressed, zero, backing)', async () => {
+    await choose(['base.qcow2', 'mixed.qcow2']);
+    await waitOpened();
+    assert.equal(await text('image-name'), 'mixed.qcow2');
+    const shown = {};
+    for (const k of Object.keys(MIXED_ALLOCATION)) {
+      shown[k] = Number(await page.getByTestId(`legend-${k}`).getAttribute('data-bytes'));
+    }
+    const wasm = await page.evaluate(async () => {
+      const { QcowClient } = await import(new URL('pkg/client.js', location.href).href);
+      const q = await QcowClient.start(new URL('pkg/qcowkit_wasm.js', location.href));
+      try {
+        const files = Object.fromEntries(Array.from(document.getElementById('file-input').files)
+          .map((f) => [f.name, f]));
+        const id = await q.open('mixed.qcow2', files['mixed.qcow2'], { 'base.qcow2': files['base.qcow2'] });
+        return { allocation: await q.allocation(id), ranges: await q.allocationMap(id) };
+      } finally {
+        q.terminate();
+      }
+    });
+    assert.deepEqual(shown, wasm.allocation, 'legend shows allocation()');
+    // allocationMap() covers the guest space once, with the same totals.
+    const sums = Object.fromEntries(Object.keys(MIXED_ALLOCATION).map((k) => [k, 0]));
+    let pos = 0;
+    for (const r of wasm.ranges) {
+      assert.equal(r.start, pos, 'ranges are consecutive');
+      sums[r.category] += r.length;
+      pos += r.length;
+    }
+    assert.equal(pos, 64 * 2 ** 20, 'ranges cover the virtual size');
+    assert.deepEqual(sums, wasm.allocation, 'allocationMap() totals equal allocation()');
+    // What was written: the zero clusters over backing data count as zero.
+    assert.deepEqual(wasm.allocation, MIXED_ALLOCATION);
+    assert.match(await text('legend-compressed'), /1 MiB/);
+    await page.screenshot({ path: join(shots, '2b-allocation.png'), fullPage: true });
   });
 
   await check('a 64 TiB image opens and its map is drawn', async () => {

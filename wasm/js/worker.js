@@ -17,15 +17,6 @@ let wasm = null;
 const images = new Map();
 let nextImageId = 1;
 
-/** Looks a name up in `files` by exact spelling, then by basename. */
-function lookup(files, name) {
-  if (!files || !name) return undefined;
-  if (Object.prototype.hasOwnProperty.call(files, name)) return [name, files[name]];
-  const base = name.split('/').pop();
-  if (Object.prototype.hasOwnProperty.call(files, base)) return [base, files[base]];
-  return undefined;
-}
-
 function entry(id) {
   const e = images.get(id);
   if (!e) throw new Error(`no open image with id ${id}`);
@@ -70,23 +61,7 @@ const ops = {
 
   /** info() of the image and of each backing file below it, top first. */
   chain(id) {
-    const e = entry(id);
-    const out = [e.img.info()];
-    const seen = new Set([e.name]);
-    let cur = out[0];
-    while (cur['backing-filename']) {
-      const found = lookup(e.files, cur['backing-filename']);
-      if (!found || seen.has(found[0])) break;
-      seen.add(found[0]);
-      const img = wasm.QcowImage.open(found[0], found[1], e.files);
-      try {
-        cur = img.info();
-      } finally {
-        img.free();
-      }
-      out.push(cur);
-    }
-    return out;
+    return entry(id).img.chain();
   },
 
   map(id) {

@@ -17,19 +17,26 @@
 //! `write(offset, bytes)`, `size()` and `flush()` methods. Errors are thrown
 //! as JS `Error`s carrying the core's message.
 
+mod create;
+mod reports;
+mod sinks;
 mod storage;
 
-use js_sys::{Function, Object, Reflect, Uint8Array};
+use js_sys::{Function, Reflect, Uint8Array};
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::compress::Decompressor;
-use qcowkit_core::copy::{copy, CopyOptions, ImageSink, RawDisk, Sink};
+use qcowkit_core::copy::{copy, CopyOptions};
 use qcowkit_core::map::{merged_map, Allocation, Category};
-use qcowkit_core::report::{CheckSummary, Info, InfoParams, MapEntry};
-use qcowkit_core::{CreateOptions, FileRole, Image, OpenOptions, Opened, Opener, WritableImage};
-use qcowkit_options::OptionError;
+use qcowkit_core::report::{CheckSummary, Info, MapEntry};
+use qcowkit_core::{Backing, FileRole, Image, OpenOptions, Opened, Opener, WritableImage};
 use wasm_bindgen::prelude::*;
 
+pub use create::{convert_raw_to_qcow2, create_image, create_image_bytes};
+pub use reports::inspect;
 pub use storage::{Storage, StorageError};
+
+use reports::{info_of, to_js, AllocationRange};
+use sinks::{FnSink, StorageSink};
 
 fn js_err(e: impl core::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
@@ -174,14 +181,33 @@ impl QcowImage {
     /// `qemu-img info --output=json` for this image, as an object.
     #[wasm_bindgen(unchecked_return_type = "ImageInfo")]
     pub fn info(&mut self) -> Result<JsValue, JsError> {
-        let actual = self.reader().storage_len().unwrap_or(0);
-        let full = self.reader().backing().map(|b| b.name().to_string());
-        let p = InfoParams {
-            filename: &self.name,
-            full_backing_filename: full.as_deref(),
-            actual_size: actual,
-        };
-        to_js(&Info::of(self.image(), &p))
+        let name = self.name.clone();
+        to_js(&info_of(self.reader(), &name))
+    }
+
+    /// `info()` of this image and of every backing file below it, top
+    /// first (the chain opened with the image).
+    #[wasm_bindgen(unchecked_return_type = "ImageInfo[]")]
+    pub fn chain(&mut self) -> Result<JsValue, JsError> {
+        let name = self.name.clone();
+        let top = self.reader();
+        let mut out = vec![info_of(top, &name)];
+        let mut below = top.backing_mut();
+        while let Some(b) = below {
+            match b {
+                Backing::Qcow2(img) => {
+                    let n = img.name().to_string();
+                    out.push(info_of(img, &n));
+                    below = img.backing_mut();
+                }
+                Backing::Raw { io, size, name } => {
+                    let actual = qcowkit_core::BlockRead::len(io).unwrap_or(0);
+                    out.push(Info::raw(name, *size, actual));
+                    break;
+                }
+            }
+        }
+        to_js(&out)
     }
 
     /// `qemu-img map --output=json` for this image, as an array of objects.
@@ -307,310 +333,4 @@ impl QcowImage {
         .map_err(js_err)?;
         out.flush().map_err(js_err)
     }
-}
-
-/// A guest range and its allocation category ([`QcowImage::allocation_map`]).
-#[derive(serde::Serialize)]
-struct AllocationRange {
-    start: u64,
-    length: u64,
-    category: Category,
-}
-
-/// A report as a plain JavaScript object: the same content `JSON.parse`
-/// gives for qemu-img's JSON (numbers beyond 2^53 lose precision there
-/// too).
-fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsError> {
-    let text = serde_json::to_string(v).map_err(js_err)?;
-    js_sys::JSON::parse(&text).map_err(|e| js_err(StorageError::from(e)))
-}
-
-/// `qemu-img info` of `storage` named `name`, without opening any file it
-/// names: `format` is `raw` when the storage is not a qcow2 image. For
-/// telling which of several files is the top of a chain.
-#[wasm_bindgen(unchecked_return_type = "ImageInfo")]
-pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
-    use qcowkit_core::BlockRead;
-    let mut io = Storage::from_js(storage).map_err(js_err)?;
-    let mut magic = [0u8; 4];
-    io.read_at(0, &mut magic).map_err(js_err)?;
-    let actual = io.len().map_err(js_err)?;
-    if !qcowkit_core::header::Header::has_magic(&magic) {
-        return to_js(&Info::raw(name, actual, actual));
-    }
-    let opts = OpenOptions {
-        no_backing: true,
-        no_data_file: true,
-        ..OpenOptions::default()
-    };
-    let img = Image::open(io, &opts).map_err(js_err)?;
-    let full = img
-        .header()
-        .backing_file
-        .as_deref()
-        .map(|b| resolve_name(name, b));
-    let p = InfoParams {
-        filename: name,
-        full_backing_filename: full.as_deref(),
-        actual_size: actual,
-    };
-    to_js(&Info::of(&img, &p))
-}
-
-#[wasm_bindgen(typescript_custom_section)]
-const REPORT_TYPES: &'static str = r#"
-/** `qemu-img info --output=json` of one image. */
-export interface ImageInfo {
-  "backing-filename-format"?: string;
-  snapshots?: SnapshotInfo[];
-  "virtual-size": number;
-  filename: string;
-  "cluster-size"?: number;
-  format: "qcow2" | "raw";
-  "actual-size": number;
-  "format-specific"?: { type: "qcow2"; data: Qcow2Info };
-  "full-backing-filename"?: string;
-  "backing-filename"?: string;
-  "dirty-flag": boolean;
-}
-/** One internal snapshot of an image. */
-export interface SnapshotInfo {
-  icount?: number;
-  "vm-clock-nsec": number;
-  name: string;
-  "date-sec": number;
-  "date-nsec": number;
-  "vm-clock-sec": number;
-  id: string;
-  "vm-state-size": number;
-}
-/** The qcow2 facts of `qemu-img info` (absent fields: version 2 images). */
-export interface Qcow2Info {
-  compat: "0.10" | "1.1";
-  "compression-type": "zlib" | "zstd";
-  "lazy-refcounts"?: boolean;
-  bitmaps?: { flags: string[]; name: string; granularity: number }[];
-  "refcount-bits": number;
-  "data-file"?: string;
-  "data-file-raw"?: boolean;
-  corrupt?: boolean;
-  "extended-l2"?: boolean;
-}
-/** One entry of `qemu-img map --output=json`. */
-export interface MapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  compressed: boolean;
-  offset?: number;
-}
-/** A guest range and its allocation category. */
-export interface AllocationRange {
-  start: number;
-  length: number;
-  category: "data" | "compressed" | "zero" | "backing" | "unallocated";
-}
-/** Bytes of the guest disk in each allocation category. */
-export interface Allocation {
-  data: number;
-  compressed: number;
-  zero: number;
-  backing: number;
-  unallocated: number;
-}
-/** `qemu-img check --output=json`. */
-export interface CheckResult {
-  "image-end-offset": number;
-  "compressed-clusters": number;
-  "total-clusters": number;
-  "check-errors": number;
-  leaks?: number;
-  corruptions?: number;
-  "allocated-clusters": number;
-  filename: string;
-  format: "qcow2";
-  "fragmented-clusters": number;
-}
-"#;
-
-/// Errors of the converters: the core's, with the storages' error type.
-type CoreError = qcowkit_core::Error<StorageError>;
-
-/// A JS function `sink(offset, bytes | null, length)` as a copy's sink;
-/// zero runs are passed in pieces of at most `chunk` bytes.
-struct FnSink<'a> {
-    sink: &'a Function,
-    chunk: usize,
-}
-
-impl Sink for FnSink<'_> {
-    type Error = CoreError;
-
-    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CoreError> {
-        self.sink
-            .call3(
-                &JsValue::NULL,
-                &(offset as f64).into(),
-                &Uint8Array::from(&buf[..len]),
-                &(len as f64).into(),
-            )
-            .map(|_| ())
-            .map_err(|e| CoreError::Io(StorageError::from(e)))
-    }
-
-    fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), CoreError> {
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(self.chunk as u64);
-            self.sink
-                .call3(
-                    &JsValue::NULL,
-                    &(pos as f64).into(),
-                    &JsValue::NULL,
-                    &(n as f64).into(),
-                )
-                .map_err(|e| CoreError::Io(StorageError::from(e)))?;
-            pos += n;
-        }
-        Ok(())
-    }
-}
-
-/// A storage written as a raw image: data at its guest offset, buffers of
-/// zeros not written.
-struct StorageSink<'a>(&'a mut Storage);
-
-impl Sink for StorageSink<'_> {
-    type Error = CoreError;
-
-    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CoreError> {
-        use qcowkit_core::BlockWrite;
-        let b = &buf[..len];
-        if b.iter().any(|x| *x != 0) {
-            self.0.write_at(offset, b).map_err(CoreError::Io)?;
-        }
-        Ok(())
-    }
-
-    fn zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), CoreError> {
-        Ok(())
-    }
-}
-
-fn create_options(options: &JsValue) -> Result<CreateOptions, JsError> {
-    let mut c = CreateOptions::default();
-    if options.is_undefined() || options.is_null() {
-        return Ok(c);
-    }
-    let obj: &Object = options.dyn_ref().ok_or_else(|| {
-        JsError::new("options must be an object like { size: '1G', cluster_size: 65536 }")
-    })?;
-    for entry in Object::entries(obj).iter() {
-        let pair: js_sys::Array = entry.unchecked_into();
-        let key = pair.get(0).as_string().unwrap_or_default();
-        if key == "compress" {
-            continue; // a conversion flag, not a creation option
-        }
-        let v = pair.get(1);
-        let value = if let Some(b) = v.as_bool() {
-            if b {
-                "on".to_string()
-            } else {
-                "off".to_string()
-            }
-        } else if let Some(n) = v.as_f64() {
-            format!("{n}")
-        } else {
-            v.as_string().unwrap_or_default()
-        };
-        qcowkit_options::set(&mut c, &key, &value).map_err(|e| {
-            let why = match e {
-                OptionError::InvalidValue { reason, .. } => reason,
-                _ => "unknown option",
-            };
-            JsError::new(&format!("invalid option {key}={value}: {why}"))
-        })?;
-    }
-    Ok(c)
-}
-
-/// Creates a new qcow2 image in `target` (an OPFS handle or storage object)
-/// with qemu-img's option names (`size`, `cluster_size`, `extended_l2`,
-/// `compression_type`, ...).
-#[wasm_bindgen(js_name = createImage)]
-pub fn create_image(target: JsValue, options: JsValue) -> Result<(), JsError> {
-    let c = create_options(&options)?;
-    let mut io = Storage::from_js(target).map_err(js_err)?;
-    qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
-    qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
-    let mut img = WritableImage::open(io, &creating()).map_err(js_err)?;
-    img.preallocate(c.preallocation).map_err(js_err)?;
-    img.flush().map_err(js_err)
-}
-
-/// Open options while creating: the backing file is recorded, not opened.
-fn creating() -> OpenOptions {
-    OpenOptions {
-        no_backing: true,
-        ..OpenOptions::default()
-    }
-}
-
-/// Creates a new qcow2 image in memory and returns its bytes.
-#[wasm_bindgen(js_name = createImageBytes)]
-pub fn create_image_bytes(options: JsValue) -> Result<Uint8Array, JsError> {
-    let c = create_options(&options)?;
-    let mut bytes: Vec<u8> = Vec::new();
-    qcowkit_core::create::format(&mut bytes, &c).map_err(js_err)?;
-    let mut img = WritableImage::open(Storage::Memory(bytes), &creating()).map_err(js_err)?;
-    img.preallocate(c.preallocation).map_err(js_err)?;
-    img.flush().map_err(js_err)?;
-    let out = img.into_inner().into_bytes().unwrap_or_default();
-    Ok(Uint8Array::from(&out[..]))
-}
-
-/// Converts a raw disk image (`source`: any storage) into a new qcow2 image
-/// in `target` (OPFS handle or storage object), with qemu-img's creation
-/// options plus `compress: true` for compressed clusters.
-#[wasm_bindgen(js_name = convertRawToQcow2)]
-pub fn convert_raw_to_qcow2(
-    source: JsValue,
-    target: JsValue,
-    options: JsValue,
-) -> Result<(), JsError> {
-    use qcowkit_core::BlockRead;
-    let compress = !options.is_undefined()
-        && !options.is_null()
-        && Reflect::get(&options, &"compress".into())
-            .ok()
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-    let mut src = Storage::from_js(source).map_err(js_err)?;
-    let size = src.len().map_err(js_err)?;
-    let mut c = create_options(&options)?;
-    c.size = size;
-    let mut io = Storage::from_js(target).map_err(js_err)?;
-    qcowkit_core::BlockWrite::set_len(&mut io, 0).map_err(js_err)?;
-    qcowkit_core::create::format(&mut io, &c).map_err(js_err)?;
-    let mut img = WritableImage::open(io, &OpenOptions::default()).map_err(js_err)?;
-    let opts = CopyOptions {
-        chunk: 1 << 20,
-        align: img.cluster_size(),
-    };
-    let mut sink = ImageSink::new(&mut img);
-    sink.compress = compress;
-    let mut raw = RawDisk { io: src, size };
-    copy(
-        &mut raw,
-        0,
-        size,
-        opts,
-        &mut Decompressor::default(),
-        &mut sink,
-    )
-    .map_err(js_err)?;
-    img.flush().map_err(js_err)
 }

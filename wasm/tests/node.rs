@@ -197,6 +197,20 @@ fn backing_files_are_found_by_name() {
         get(&info, &["backing-filename"]).as_string().unwrap(),
         "dir/base.qcow2"
     );
+    // The chain as opened: the base was found by its basename.
+    let chain: js_sys::Array = img.chain().unwrap().dyn_into().unwrap();
+    assert_eq!(chain.length(), 2);
+    assert_eq!(
+        get(&chain.get(0), &["full-backing-filename"])
+            .as_string()
+            .unwrap(),
+        "base.qcow2"
+    );
+    assert_eq!(
+        get(&chain.get(1), &["filename"]).as_string().unwrap(),
+        "base.qcow2"
+    );
+    assert!(get(&chain.get(1), &["backing-filename"]).is_undefined());
 }
 
 #[wasm_bindgen_test]

@@ -1,0 +1,149 @@
+//! Reports as plain JavaScript objects (with TypeScript types): what the
+//! core computes, in qemu-img's JSON shapes.
+
+use qcowkit_core::backing::resolve_name;
+use qcowkit_core::map::Category;
+use qcowkit_core::report::{Info, InfoParams};
+use qcowkit_core::{Image, OpenOptions};
+use wasm_bindgen::prelude::*;
+
+use crate::{js_err, Storage, StorageError};
+
+/// A guest range and its allocation category ([`QcowImage::allocation_map`]).
+#[derive(serde::Serialize)]
+pub(crate) struct AllocationRange {
+    pub(crate) start: u64,
+    pub(crate) length: u64,
+    pub(crate) category: Category,
+}
+
+/// A report as a plain JavaScript object: the same content `JSON.parse`
+/// gives for qemu-img's JSON (numbers beyond 2^53 lose precision there
+/// too).
+pub(crate) fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsError> {
+    let text = serde_json::to_string(v).map_err(js_err)?;
+    js_sys::JSON::parse(&text).map_err(|e| js_err(StorageError::from(e)))
+}
+
+/// `qemu-img info` of `storage` named `name`, without opening any file it
+/// names: `format` is `raw` when the storage is not a qcow2 image. For
+/// telling which of several files is the top of a chain.
+#[wasm_bindgen(unchecked_return_type = "ImageInfo")]
+pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
+    use qcowkit_core::BlockRead;
+    let mut io = Storage::from_js(storage).map_err(js_err)?;
+    let mut magic = [0u8; 4];
+    io.read_at(0, &mut magic).map_err(js_err)?;
+    let actual = io.len().map_err(js_err)?;
+    if !qcowkit_core::header::Header::has_magic(&magic) {
+        return to_js(&Info::raw(name, actual, actual));
+    }
+    let opts = OpenOptions {
+        no_backing: true,
+        no_data_file: true,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(io, &opts).map_err(js_err)?;
+    let full = img
+        .header()
+        .backing_file
+        .as_deref()
+        .map(|b| resolve_name(name, b));
+    let p = InfoParams {
+        filename: name,
+        full_backing_filename: full.as_deref(),
+        actual_size: actual,
+    };
+    to_js(&Info::of(&img, &p))
+}
+
+#[wasm_bindgen(typescript_custom_section)]
+const REPORT_TYPES: &'static str = r#"
+/** `qemu-img info --output=json` of one image. */
+export interface ImageInfo {
+  "backing-filename-format"?: string;
+  snapshots?: SnapshotInfo[];
+  "virtual-size": number;
+  filename: string;
+  "cluster-size"?: number;
+  format: "qcow2" | "raw";
+  "actual-size": number;
+  "format-specific"?: { type: "qcow2"; data: Qcow2Info };
+  "full-backing-filename"?: string;
+  "backing-filename"?: string;
+  "dirty-flag": boolean;
+}
+/** One internal snapshot of an image. */
+export interface SnapshotInfo {
+  icount?: number;
+  "vm-clock-nsec": number;
+  name: string;
+  "date-sec": number;
+  "date-nsec": number;
+  "vm-clock-sec": number;
+  id: string;
+  "vm-state-size": number;
+}
+/** The qcow2 facts of `qemu-img info` (absent fields: version 2 images). */
+export interface Qcow2Info {
+  compat: "0.10" | "1.1";
+  "compression-type": "zlib" | "zstd";
+  "lazy-refcounts"?: boolean;
+  bitmaps?: { flags: string[]; name: string; granularity: number }[];
+  "refcount-bits": number;
+  "data-file"?: string;
+  "data-file-raw"?: boolean;
+  corrupt?: boolean;
+  "extended-l2"?: boolean;
+}
+/** One entry of `qemu-img map --output=json`. */
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed: boolean;
+  offset?: number;
+}
+/** A guest range and its allocation category. */
+export interface AllocationRange {
+  start: number;
+  length: number;
+  category: "data" | "compressed" | "zero" | "backing" | "unallocated";
+}
+/** Bytes of the guest disk in each allocation category. */
+export interface Allocation {
+  data: number;
+  compressed: number;
+  zero: number;
+  backing: number;
+  unallocated: number;
+}
+/** `qemu-img check --output=json`. */
+export interface CheckResult {
+  "image-end-offset": number;
+  "compressed-clusters": number;
+  "total-clusters": number;
+  "check-errors": number;
+  leaks?: number;
+  corruptions?: number;
+  "allocated-clusters": number;
+  filename: string;
+  format: "qcow2";
+  "fragmented-clusters": number;
+}
+"#;
+
+/// `info()` of an opened image named `name`.
+pub(crate) fn info_of(img: &mut Image<Storage>, name: &str) -> Info {
+    let actual = img.storage_len().unwrap_or(0);
+    let full = img.backing().map(|b| b.name().to_string());
+    let p = InfoParams {
+        filename: name,
+        full_backing_filename: full.as_deref(),
+        actual_size: actual,
+    };
+    Info::of(img, &p)
+}

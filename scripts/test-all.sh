@@ -50,13 +50,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== core builds for thumbv7em-none-eabihf (no_std + alloc)"
 cargo build -p qcowkit-core --target thumbv7em-none-eabihf --release
-cargo build -p qcowkit-core --target thumbv7em-none-eabihf --release --features embedded-io
+cargo build -p qcowkit-core --target thumbv7em-none-eabihf --release --features embedded-io,serde
+cargo build -p qcowkit-options --target thumbv7em-none-eabihf --release
 
 echo "== tests (unit, property, integration against qemu-img/qemu-io)"
 cargo nextest run --workspace --no-fail-fast
 echo "== doc tests and rustdoc (warnings are errors)"
 cargo test --workspace --doc
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p qcowkit-core -p qcowkit-std
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p qcowkit-core -p qcowkit-options -p qcowkit-std
 
 echo "== wasm bindings: fmt, clippy, tests in Node and in a Chromium worker (OPFS, Blob)"
 (

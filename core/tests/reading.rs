@@ -254,3 +254,89 @@ fn reports_and_allocation_describe_the_images() {
         }
     }
 }
+
+/// A codec that counts how clusters reach it.
+#[derive(Default)]
+struct Counting {
+    inner: Decompressor,
+    batches: usize,
+    batched_jobs: usize,
+}
+
+impl qcowkit_core::Codec for Counting {
+    fn decompress(
+        &mut self,
+        kind: qcowkit_core::header::CompressionType,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), qcowkit_core::compress::DecompressError> {
+        self.inner.decompress(kind, input, out)
+    }
+
+    fn decompress_many(
+        &mut self,
+        jobs: &mut [qcowkit_core::compress::Job<'_>],
+    ) -> Result<(), (usize, qcowkit_core::compress::DecompressError)> {
+        self.batches += 1;
+        self.batched_jobs += jobs.len();
+        for (i, j) in jobs.iter_mut().enumerate() {
+            self.inner
+                .decompress(j.kind, j.input, j.out)
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn compressed_clusters_of_a_backing_file_are_decoded_in_batches() {
+    use qcowkit_core::{create, CreateOptions, Image, OpenOptions};
+    let want = guest("zlib-4k");
+    let mut top = Vec::new();
+    let opts = CreateOptions {
+        size: want.len() as u64,
+        cluster_size: 4096,
+        backing_file: Some("zlib-4k.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        ..CreateOptions::default()
+    };
+    create::format(&mut top, &opts).unwrap();
+    let mut files = common::Files::default();
+    files.0.insert("zlib-4k.qcow2".into(), image("zlib-4k"));
+    let mut img = Image::open_with(top, "top", "top", &mut files, &OpenOptions::default()).unwrap();
+    let mut ext = Vec::new();
+    img.extents(0, img.size(), &mut ext).unwrap();
+    let compressed = ext
+        .iter()
+        .filter(|e| e.depth == 1 && matches!(e.source, Source::Compressed { .. }))
+        .count();
+    assert!(
+        compressed > 50,
+        "{compressed} compressed clusters in the backing file"
+    );
+    let mut sink = Rebuild {
+        out: vec![0xa5; want.len()],
+        chunks: Vec::new(),
+    };
+    let mut codec = Counting::default();
+    copy(
+        &mut img,
+        0,
+        want.len() as u64,
+        CopyOptions::default(),
+        &mut codec,
+        &mut sink,
+    )
+    .unwrap();
+    assert!(sink.out == want);
+    // Every compressed cluster of the backing file goes through the batched
+    // path, several per call (the fixture has a zero cluster after every
+    // four compressed ones, which ends a chunk).
+    assert_eq!(codec.batched_jobs, compressed);
+    assert!(
+        codec.batched_jobs >= 3 * codec.batches,
+        "{} clusters in {} batches",
+        codec.batched_jobs,
+        codec.batches
+    );
+}

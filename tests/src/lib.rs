@@ -1,8 +1,31 @@
 //! Helpers for the integration tests: temporary directories, running
-//! `qemu-img`/`qemu-io` and our binaries, reading JSON.
+//! `qemu-img`/`qemu-io` and our binaries, reading JSON, and the pieces the
+//! test files share:
+//!
+//! - [`qemu`]: images made and checked with qemu-img and qemu-io;
+//! - [`rng`]: small seeded generators and how randomised tests pick and
+//!   print their seeds;
+//! - [`mem`]: in-memory images and the [`Files`] opener;
+//! - [`diff`]: describing where bytes and files differ;
+//! - [`be`]: big-endian fields of a byte buffer (reading and patching).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+pub mod be;
+pub mod diff;
+pub mod mem;
+pub mod qemu;
+pub mod rng;
+
+pub use be::{get16, get32, get64, put16, put32, put64, set_bits64};
+pub use diff::{byte_diff, file_difference, first_difference, first_mismatch};
+pub use mem::{new_disk, new_image, Files};
+pub use qemu::{
+    assert_qemu_img_check, qemu_compressed, qemu_contents, qemu_create, qemu_image, qemu_img,
+    qemu_img_check, qemu_img_compare, qemu_info, qemu_io, qemu_overlay,
+};
+pub use rng::{announce_seed, env_seed, env_seed_strict, seed_or, Rng, SplitMix64, XorShift64};
 
 /// A temporary directory that lives as long as the value.
 pub struct Scratch {
@@ -48,34 +71,27 @@ pub fn ok_in(cwd: &Path, prog: &str, args: &[&str]) -> String {
     let out = run_in(cwd, prog, args);
     assert!(
         out.status.success(),
-        "{prog} {args:?} failed ({}): {}{}",
+        "{prog} {args:?} failed ({}): {}",
         out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        output_text(&out)
     );
+    stdout_of(&out)
+}
+
+/// The standard output of a finished command, as text.
+pub fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `qemu-img ARGS` in `cwd`, which must succeed.
-pub fn qemu_img(cwd: &Path, args: &[&str]) -> String {
-    ok_in(cwd, "qemu-img", args)
+/// The standard error of a finished command, as text.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `qemu-io -c CMD... IMAGE` in `cwd` (format qcow2), which must succeed
-/// and report no error.
-pub fn qemu_io(cwd: &Path, image: &str, cmds: &[&str]) -> String {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(image);
-    let out = ok_in(cwd, "qemu-io", &args);
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io {cmds:?} reported: {out}"
-    );
-    out
+/// Standard output then standard error of a finished command, as text (for
+/// failure messages).
+pub fn output_text(out: &Output) -> String {
+    format!("{}{}", stdout_of(out), stderr_of(out))
 }
 
 /// Path of one of this workspace's binaries (`qcow2`, `qcow2-info`), built

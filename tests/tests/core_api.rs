@@ -5,9 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use qcowkit_core::{
-    BlockRead, Error, FileRole, Image, Mapping, OpenOptions, Opened, Opener, WritableImage,
-};
+use qcowkit_core::{BlockRead, Error, FileRole, Image, Mapping, OpenOptions, WritableImage};
 use qcowkit_tests::*;
 
 /// A storage that counts read calls and bytes.
@@ -30,13 +28,13 @@ impl BlockRead for Counting {
 #[test]
 fn a_64_tib_image_opens_and_reads_without_loading_l2_tables() {
     let s = Scratch::new();
-    qemu_img(s.dir(), &["create", "-f", "qcow2", "big.qcow2", "64T"]);
-    qemu_io(
+    let bytes = qemu_image(
         s.dir(),
         "big.qcow2",
+        "",
+        "64T",
         &["write -P 0x11 32T 4k", "write -P 0x22 70368744173568 4k"],
     );
-    let bytes = std::fs::read(s.path("big.qcow2")).unwrap();
     let mut img = Image::open(bytes, &OpenOptions::default()).unwrap();
     assert_eq!(img.size(), 64 << 40);
     // QEMU's default: enough to cover the image, capped at 32 MiB.
@@ -62,24 +60,10 @@ fn a_64_tib_image_opens_and_reads_without_loading_l2_tables() {
 fn l2_cache_budget_is_respected() {
     let s = Scratch::new();
     // 512-byte clusters: one L2 table covers 32 KiB, so this touches 64 tables.
-    qemu_img(
-        s.dir(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "c.qcow2",
-            "2M",
-        ],
-    );
     let cmds: Vec<String> = (0..64)
         .map(|i| format!("write -P {} {} 512", i + 1, i * 32768))
         .collect();
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(s.dir(), "c.qcow2", &cmds);
-    let bytes = std::fs::read(s.path("c.qcow2")).unwrap();
+    let bytes = qemu_image(s.dir(), "c.qcow2", "cluster_size=512", "2M", &cmds);
     let opts = OpenOptions {
         l2_cache_bytes: Some(4 * 512),
         ..OpenOptions::default()
@@ -103,22 +87,16 @@ fn l2_cache_budget_is_respected() {
 #[test]
 fn contiguous_host_ranges_are_read_in_one_call() {
     let s = Scratch::new();
-    qemu_img(
+    let inner = qemu_image(
         s.dir(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "c.qcow2",
-            "8M",
-        ],
+        "c.qcow2",
+        "cluster_size=4k",
+        "8M",
+        &["write -P 0x33 0 1M"],
     );
-    qemu_io(s.dir(), "c.qcow2", &["write -P 0x33 0 1M"]);
     let calls = Rc::new(RefCell::new(Vec::new()));
     let io = Counting {
-        inner: std::fs::read(s.path("c.qcow2")).unwrap(),
+        inner,
         calls: calls.clone(),
     };
     let mut img = Image::open(io, &OpenOptions::default()).unwrap();
@@ -137,24 +115,13 @@ fn contiguous_host_ranges_are_read_in_one_call() {
 #[test]
 fn map_shallow_reports_each_kind() {
     let s = Scratch::new();
-    qemu_img(
-        s.dir(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=64k",
-            "e.qcow2",
-            "4M",
-        ],
-    );
-    qemu_io(
+    let bytes = qemu_image(
         s.dir(),
         "e.qcow2",
+        "extended_l2=on,cluster_size=64k",
+        "4M",
         &["write -P 1 0 4k", "write -z 64k 2k", "write -c -P 2 1M 64k"],
     );
-    let bytes = std::fs::read(s.path("e.qcow2")).unwrap();
     let mut img = Image::open(bytes, &OpenOptions::default()).unwrap();
     let (m, len) = img.map_shallow(0, 1 << 20).unwrap();
     assert!(
@@ -196,54 +163,13 @@ fn map_shallow_reports_each_kind() {
     assert_eq!(len, 65536);
 }
 
-/// An opener over in-memory files that records what it was asked.
-struct MemOpener {
-    files: Vec<(String, Vec<u8>)>,
-    asked: Vec<(String, String, FileRole)>,
-}
-
-impl Opener<Vec<u8>> for MemOpener {
-    fn open(
-        &mut self,
-        parent: &str,
-        name: &str,
-        role: FileRole,
-    ) -> Result<Opened<Vec<u8>>, qcowkit_core::MemError> {
-        self.asked
-            .push((parent.to_string(), name.to_string(), role));
-        let data = self
-            .files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.clone())
-            .ok_or(qcowkit_core::MemError { offset: 0, len: 0 })?;
-        Ok(Opened {
-            io: data,
-            resolved: name.to_string(),
-            identity: name.to_string(),
-        })
-    }
-}
-
 #[test]
 fn backing_files_come_from_the_opener_only() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-f", "qcow2", "base.qcow2", "1M"]);
+    qemu_create(d, "base.qcow2", "", "1M");
     qemu_io(d, "base.qcow2", &["write -P 7 0 64k"]);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qemu_overlay(d, "top.qcow2", "", ("base.qcow2", "qcow2"), None);
     let top = std::fs::read(s.path("top.qcow2")).unwrap();
     let base = std::fs::read(s.path("base.qcow2")).unwrap();
 
@@ -259,10 +185,7 @@ fn backing_files_come_from_the_opener_only() {
     img.read_at(0, &mut buf).unwrap();
     assert_eq!(buf, [0; 16]);
 
-    let mut opener = MemOpener {
-        files: vec![("base.qcow2".into(), base)],
-        asked: Vec::new(),
-    };
+    let mut opener = Files::new().with("base.qcow2", base);
     let mut img = Image::open_with(
         top,
         "top.qcow2",
@@ -290,24 +213,12 @@ fn backing_files_come_from_the_opener_only() {
 fn missing_backing_file_names_it() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-f", "qcow2", "base.qcow2", "1M"]);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qemu_create(d, "base.qcow2", "", "1M");
+    qemu_overlay(d, "top.qcow2", "", ("base.qcow2", "qcow2"), None);
     std::fs::remove_file(s.path("base.qcow2")).unwrap();
     let out = ours(d, &["convert", "-O", "raw", "top.qcow2", "out.raw"]);
     assert_eq!(code(&out), 1);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(&out);
     assert!(err.starts_with("qcow2: "), "{err}");
     assert!(err.contains("base.qcow2"), "{err}");
 }
@@ -317,20 +228,7 @@ fn no_follow_refuses_files_named_by_the_image() {
     let s = Scratch::new();
     let d = s.dir();
     std::fs::write(s.path("secret.raw"), b"top secret").unwrap();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "secret.raw",
-            "-F",
-            "raw",
-            "evil.qcow2",
-            "1M",
-        ],
-    );
+    qemu_overlay(d, "evil.qcow2", "", ("secret.raw", "raw"), Some("1M"));
     let out = ours(
         d,
         &[
@@ -343,7 +241,7 @@ fn no_follow_refuses_files_named_by_the_image() {
         ],
     );
     assert_eq!(code(&out), 1);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(&out);
     assert!(
         err.contains("secret.raw") && err.contains("disabled"),
         "{err}"
@@ -358,16 +256,11 @@ fn no_follow_refuses_files_named_by_the_image() {
 
 #[test]
 fn writing_a_huge_image_stays_within_the_cache_budget() {
-    use qcowkit_core::{create, CreateOptions};
-    let mut disk = Vec::new();
-    create::format(
-        &mut disk,
-        &CreateOptions {
-            size: 64 << 40,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
+    use qcowkit_core::CreateOptions;
+    let disk = new_disk(&CreateOptions {
+        size: 64 << 40,
+        ..CreateOptions::default()
+    });
     let opts = OpenOptions {
         l2_cache_bytes: Some(4 * 65536),
         refcount_cache_bytes: Some(2 * 65536),

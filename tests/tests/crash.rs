@@ -30,8 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use qcowkit_core::{
-    create, BlockRead, BlockWrite, CreateOptions, FileRole, Image, MemError, OpenOptions, Opened,
-    Opener, WritableImage,
+    create, BlockRead, BlockWrite, CreateOptions, Image, MemError, OpenOptions, WritableImage,
 };
 use qcowkit_tests::*;
 
@@ -71,6 +70,13 @@ impl Recording {
             disk,
             log: Vec::new(),
         }
+    }
+}
+
+/// Backing files opened through [`Files`] are recorded too.
+impl From<Vec<u8>> for Recording {
+    fn from(disk: Vec<u8>) -> Self {
+        Recording::new(disk)
     }
 }
 
@@ -145,73 +151,15 @@ fn write_bytes(disk: &mut Vec<u8>, offset: u64, data: &[u8]) {
     disk.extend_from_slice(&data[inside..]);
 }
 
-/// In-memory files handed out by name (backing files).
-#[derive(Clone, Default)]
-struct Files(Vec<(String, Vec<u8>)>);
-
-impl Files {
-    fn get(&self, name: &str) -> Result<Vec<u8>, MemError> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.clone())
-            .ok_or(MemError { offset: 0, len: 0 })
-    }
-}
-
-impl Opener<Vec<u8>> for Files {
-    fn open(&mut self, _: &str, name: &str, _: FileRole) -> Result<Opened<Vec<u8>>, MemError> {
-        Ok(Opened {
-            io: self.get(name)?,
-            resolved: name.to_string(),
-            identity: name.to_string(),
-        })
-    }
-}
-
-impl Opener<Recording> for Files {
-    fn open(&mut self, _: &str, name: &str, _: FileRole) -> Result<Opened<Recording>, MemError> {
-        Ok(Opened {
-            io: Recording::new(self.get(name)?),
-            resolved: name.to_string(),
-            identity: name.to_string(),
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Deterministic randomness
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-}
-
-fn seed_for(default: u64) -> u64 {
-    match std::env::var("CRASH_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("CRASH_SEED={s:?} is not a u64")),
-        Err(_) => default,
-    }
+/// The seed of crash test `test`: `CRASH_SEED` when set (it must be a u64),
+/// else `default`; printed.
+fn seed_for(test: &str, default: u64) -> u64 {
+    let seed = env_seed_strict("CRASH_SEED").unwrap_or(default);
+    announce_seed(test, "CRASH_SEED", seed);
+    seed
 }
 
 // ---------------------------------------------------------------------------
@@ -248,6 +196,7 @@ struct BackingFile {
     guest: Vec<u8>,
 }
 
+#[derive(Default)]
 struct Workload {
     name: &'static str,
     seed: u64,
@@ -262,8 +211,8 @@ struct Workload {
 impl Workload {
     fn files(&self) -> Files {
         match &self.backing {
-            Some(b) => Files(vec![(b.name.to_string(), b.file.clone())]),
-            None => Files::default(),
+            Some(b) => Files::new().with(b.name, b.file.clone()),
+            None => Files::new(),
         }
     }
 
@@ -300,6 +249,15 @@ impl Workload {
         self.create.size
     }
 
+    /// A scratch directory holding the backing file, for qemu-img.
+    fn scratch(&self) -> Scratch {
+        let s = Scratch::new();
+        if let Some(b) = &self.backing {
+            std::fs::write(s.path(b.name), &b.file).unwrap();
+        }
+        s
+    }
+
     /// Guest contents of the new, empty image.
     fn base_model(&self) -> Vec<u8> {
         let size = self.size() as usize;
@@ -322,7 +280,14 @@ fn step_data(k: usize, off: u64, len: u64) -> Vec<u8> {
 
 /// Random guest ops: `n` of them, ranges aligned to `align` bytes with
 /// probability 3/4, lengths up to `max_len`, a flush every few ops.
-fn random_ops(rng: &mut Rng, n: usize, size: u64, cs: u64, align: u64, compressed: bool) -> Vec<G> {
+fn random_ops(
+    rng: &mut SplitMix64,
+    n: usize,
+    size: u64,
+    cs: u64,
+    align: u64,
+    compressed: bool,
+) -> Vec<G> {
     let mut out = Vec::new();
     for _ in 0..n {
         let roll = rng.below(100);
@@ -372,17 +337,6 @@ struct Recorded {
     log: Vec<LogOp>,
     steps: Vec<Step>,
     base: Vec<u8>,
-}
-
-fn first_mismatch(got: &[u8], want: &[u8]) -> Option<String> {
-    if got == want {
-        return None;
-    }
-    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
-    Some(format!(
-        "guest byte {i:#x} reads {:#04x}, expected {:#04x}",
-        got[i], want[i]
-    ))
 }
 
 fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
@@ -489,8 +443,8 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
 }
 
 /// After the workload: flush, then the image must be clean for us and for
-/// `qemu-img check`.
-fn final_state_is_clean(w: &Workload, mut img: WritableImage<Recording>, s: &Scratch) {
+/// `qemu-img check` (run next to the backing file).
+fn final_state_is_clean(w: &Workload, mut img: WritableImage<Recording>) {
     img.flush()
         .unwrap_or_else(|e| panic!("{}: final flush: {e}", w.name));
     let disk = img.into_inner().disk;
@@ -509,21 +463,20 @@ fn final_state_is_clean(w: &Workload, mut img: WritableImage<Recording>, s: &Scr
         rep.leaks,
         rep.messages
     );
+    let s = w.scratch();
     std::fs::write(s.path("final.qcow2"), &disk).unwrap();
-    let out = run_in(
-        s.dir(),
-        "qemu-img",
-        &["check", "-f", "qcow2", "final.qcow2"],
-    );
-    assert_eq!(
-        code(&out),
-        0,
-        "{} (seed {}): qemu-img check of the final image: {}{}",
-        w.name,
-        w.seed,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = qemu_img_check(s.dir(), "final.qcow2") {
+        panic!("{} (seed {}): final image: {e}", w.name, w.seed);
+    }
+}
+
+/// Runs workload `w`, replays crashes at its flush points and `random`
+/// random log positions (see [`Limits::standard`]), and checks the image
+/// left at the end.
+fn crash_test(w: &Workload, random: usize) {
+    let (rec, img) = run_workload(w);
+    replay(w, &rec, &Limits::standard(random)).assert_clean();
+    final_state_is_clean(w, img);
 }
 
 // ---------------------------------------------------------------------------
@@ -578,8 +531,8 @@ impl<'a> QemuChecks<'a> {
             3 => self.leaky += 1,
             c => self.failures.push(format!(
                 "{what}: qemu-img check exited {c}: {}{}",
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                stdout_of(&out).trim(),
+                stderr_of(&out).trim()
             )),
         }
         let _ = std::fs::remove_file(self.dir.join(name));
@@ -663,7 +616,12 @@ fn verify_guest(got: &[u8], durable: &[u8], later: &[(&Step, usize)]) -> Result<
 }
 
 /// The log positions replayed as crash points.
-fn sample_prefixes(log: &[LogOp], rng: &mut Rng, all_below: usize, random: usize) -> Vec<usize> {
+fn sample_prefixes(
+    log: &[LogOp],
+    rng: &mut SplitMix64,
+    all_below: usize,
+    random: usize,
+) -> Vec<usize> {
     let n = log.len();
     if n < all_below {
         return (0..=n).collect();
@@ -684,7 +642,7 @@ fn sample_prefixes(log: &[LogOp], rng: &mut Rng, all_below: usize, random: usize
 }
 
 /// Sets of unflushed writes to drop (log indexes), the first one empty.
-fn drop_sets(pending: &[usize], heavy: bool, rng: &mut Rng) -> Vec<Vec<usize>> {
+fn drop_sets(pending: &[usize], heavy: bool, rng: &mut SplitMix64) -> Vec<Vec<usize>> {
     let mut v: Vec<Vec<usize>> = vec![Vec::new()];
     if pending.is_empty() {
         return v;
@@ -765,11 +723,8 @@ impl Outcome {
 
 fn replay(w: &Workload, rec: &Recorded, limits: &Limits) -> Outcome {
     let t0 = Instant::now();
-    let s = Scratch::new();
-    if let Some(b) = &w.backing {
-        std::fs::write(s.path(b.name), &b.file).unwrap();
-    }
-    let mut rng = Rng(w.seed ^ 0x5eed_c0a5);
+    let s = w.scratch();
+    let mut rng = SplitMix64(w.seed ^ 0x5eed_c0a5);
     let log = &rec.log;
     let prefixes = sample_prefixes(log, &mut rng, limits.all_below, limits.random);
     // Extra qemu-img samples: prefixes that are not right after a flush.
@@ -989,7 +944,7 @@ const MIB: u64 = 1 << 20;
 fn plain_workload(seed: u64) -> Workload {
     let cs = 65536u64;
     let size = 4 * MIB;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut ops = vec![
         G::Write { off: 0, len: cs },
         G::Write {
@@ -1055,19 +1010,17 @@ fn plain_workload(seed: u64) -> Workload {
             size,
             ..CreateOptions::default()
         },
-        open: OpenOptions::default(),
-        backing: None,
-        prefilled: None,
         ops,
+        ..Workload::default()
     }
 }
 
 #[test]
 fn crash_plain_64k_clusters() {
-    let w = plain_workload(seed_for(1));
-    let (rec, img) = run_workload(&w);
-    replay(&w, &rec, &Limits::standard(400)).assert_clean();
-    final_state_is_clean(&w, img, &Scratch::new());
+    crash_test(
+        &plain_workload(seed_for("crash_plain_64k_clusters", 1)),
+        400,
+    );
 }
 
 /// The harness itself: replaying the same workload on a storage that lets
@@ -1075,7 +1028,10 @@ fn crash_plain_64k_clusters() {
 /// not tell a correct write order from a wrong one).
 #[test]
 fn harness_catches_a_storage_that_ignores_flushes() {
-    let w = plain_workload(seed_for(1));
+    let w = plain_workload(seed_for(
+        "harness_catches_a_storage_that_ignores_flushes",
+        1,
+    ));
     let (rec, _) = run_workload(&w);
     let out = replay(
         &w,
@@ -1105,42 +1061,18 @@ fn harness_catches_a_storage_that_ignores_flushes() {
 
 /// A qcow2 backing file made by qemu-img, with its guest contents.
 fn qemu_backing(s: &Scratch, size: &str, cluster_size: &str, cmds: &[&str]) -> BackingFile {
-    qemu_img(
-        s.dir(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster_size}"),
-            "base.qcow2",
-            size,
-        ],
-    );
-    qemu_io(s.dir(), "base.qcow2", cmds);
-    qemu_img(
-        s.dir(),
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "base.qcow2",
-            "base.raw",
-        ],
-    );
+    let opts = format!("cluster_size={cluster_size}");
     BackingFile {
         name: "base.qcow2",
         format: "qcow2",
-        file: std::fs::read(s.path("base.qcow2")).unwrap(),
-        guest: std::fs::read(s.path("base.raw")).unwrap(),
+        file: qemu_image(s.dir(), "base.qcow2", &opts, size, cmds),
+        guest: qemu_contents(s.dir(), "base.qcow2"),
     }
 }
 
 #[test]
 fn crash_extended_l2_with_backing() {
-    let seed = seed_for(2);
+    let seed = seed_for("crash_extended_l2_with_backing", 2);
     let cs = 65536u64;
     let sc = cs / 32;
     let size = 4 * MIB;
@@ -1157,7 +1089,7 @@ fn crash_extended_l2_with_backing() {
             "write -z 3200k 64k",
         ],
     );
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut ops = vec![
         // One whole subcluster, no copy-on-write needed.
         G::Write { off: 0, len: sc },
@@ -1231,16 +1163,11 @@ fn crash_extended_l2_with_backing() {
             backing_format: Some(backing.format.to_string()),
             ..CreateOptions::default()
         },
-        open: OpenOptions::default(),
         backing: Some(backing),
-        prefilled: None,
         ops,
+        ..Workload::default()
     };
-    let (rec, img) = run_workload(&w);
-    replay(&w, &rec, &Limits::standard(400)).assert_clean();
-    let s2 = Scratch::new();
-    std::fs::write(s2.path("base.qcow2"), &w.backing.as_ref().unwrap().file).unwrap();
-    final_state_is_clean(&w, img, &s2);
+    crash_test(&w, 400);
 }
 
 /// An image made by qemu-img with data, compressed and zero clusters and an
@@ -1248,23 +1175,12 @@ fn crash_extended_l2_with_backing() {
 /// zero writes and discards go through copy-on-write and drop references.
 #[test]
 fn crash_on_a_qemu_image_with_a_snapshot() {
-    let seed = seed_for(5);
+    let seed = seed_for("crash_on_a_qemu_image_with_a_snapshot", 5);
     let cs = 4096u64;
     let size = 8 * MIB;
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "snap.qcow2",
-            "8M",
-        ],
-    );
+    qemu_create(d, "snap.qcow2", "cluster_size=4k", "8M");
     qemu_io(
         d,
         "snap.qcow2",
@@ -1278,23 +1194,11 @@ fn crash_on_a_qemu_image_with_a_snapshot() {
         ],
     );
     qemu_img(d, &["snapshot", "-c", "s1", "snap.qcow2"]);
-    qemu_img(
-        d,
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "snap.qcow2",
-            "snap.raw",
-        ],
-    );
     let prefilled = (
         std::fs::read(s.path("snap.qcow2")).unwrap(),
-        std::fs::read(s.path("snap.raw")).unwrap(),
+        qemu_contents(d, "snap.qcow2"),
     );
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut ops = vec![
         // Partial write into a shared cluster: L2 table and data copied.
         G::Write {
@@ -1342,33 +1246,29 @@ fn crash_on_a_qemu_image_with_a_snapshot() {
             cluster_size: cs,
             ..CreateOptions::default()
         },
-        open: OpenOptions::default(),
-        backing: None,
         prefilled: Some(prefilled),
         ops,
+        ..Workload::default()
     };
-    let (rec, img) = run_workload(&w);
-    replay(&w, &rec, &Limits::standard(400)).assert_clean();
-    final_state_is_clean(&w, img, &Scratch::new());
+    crash_test(&w, 400);
 }
 
 /// Refcount table offset and number of nonzero entries, read from the disk.
 fn refcount_table(disk: &[u8]) -> (u64, usize) {
-    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
-    let off = be64(&disk[48..56]);
-    let clusters = u32::from_be_bytes(disk[56..60].try_into().unwrap()) as u64;
-    let cs = 1u64 << u32::from_be_bytes(disk[20..24].try_into().unwrap());
+    let off = get64(disk, 48);
+    let clusters = get32(disk, 56) as u64;
+    let cs = 1u64 << get32(disk, 20);
     let table = &disk[off as usize..(off + clusters * cs) as usize];
-    let used = table.chunks_exact(8).filter(|e| be64(e) != 0).count();
+    let used = table.chunks_exact(8).filter(|e| get64(e, 0) != 0).count();
     (off, used)
 }
 
 #[test]
 fn crash_refcount_table_growth_512_byte_clusters() {
-    let seed = seed_for(3);
+    let seed = seed_for("crash_refcount_table_growth_512_byte_clusters", 3);
     let cs = 512u64;
     let size = 8 * MIB;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     // 64-bit refcounts: a refcount block covers 32 KiB and the initial
     // one-cluster table 2 MiB of the file, so ~3 MiB of scattered data
     // needs new blocks and a larger table.
@@ -1399,10 +1299,8 @@ fn crash_refcount_table_growth_512_byte_clusters() {
             refcount_bits: 64,
             ..CreateOptions::default()
         },
-        open: OpenOptions::default(),
-        backing: None,
-        prefilled: None,
         ops,
+        ..Workload::default()
     };
     let (rec, img) = run_workload(&w);
     let (off_before, used_before) = refcount_table(&rec.initial);
@@ -1421,19 +1319,19 @@ fn crash_refcount_table_growth_512_byte_clusters() {
         "the workload was meant to add refcount blocks ({used_before} -> {used_after})"
     );
     replay(&w, &rec, &Limits::standard(300)).assert_clean();
-    final_state_is_clean(&w, img, &Scratch::new());
+    final_state_is_clean(&w, img);
 }
 
 #[test]
 fn crash_v2_raw_backing_small_caches() {
-    let seed = seed_for(4);
+    let seed = seed_for("crash_v2_raw_backing_small_caches", 4);
     let cs = 4096u64;
     // Not a multiple of the cluster size: the last cluster is partial.
     let size = 8 * MIB - 1536;
     let mut raw = vec![0u8; (5 * MIB + 1234) as usize];
-    let mut r = Rng(seed ^ 0xbac);
+    let mut r = SplitMix64(seed ^ 0xbac);
     for chunk in raw.chunks_mut(512) {
-        let v = (r.next() as u8) | 1;
+        let v = (r.next_u64() as u8) | 1;
         chunk.fill(v);
     }
     let backing = BackingFile {
@@ -1442,7 +1340,7 @@ fn crash_v2_raw_backing_small_caches() {
         guest: raw.clone(),
         file: raw,
     };
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut ops = vec![
         G::Write {
             off: 100,
@@ -1496,14 +1394,10 @@ fn crash_v2_raw_backing_small_caches() {
             ..OpenOptions::default()
         },
         backing: Some(backing),
-        prefilled: None,
         ops,
+        ..Workload::default()
     };
-    let (rec, img) = run_workload(&w);
-    replay(&w, &rec, &Limits::standard(400)).assert_clean();
-    let s2 = Scratch::new();
-    std::fs::write(s2.path("base.raw"), &w.backing.as_ref().unwrap().file).unwrap();
-    final_state_is_clean(&w, img, &s2);
+    crash_test(&w, 400);
 }
 
 /// QEMU crashing with lazy refcounts leaves a dirty image whose refcounts
@@ -1519,18 +1413,8 @@ fn qemu_crash_with_lazy_refcounts_is_repaired_by_open_rw() {
         ("c4k.qcow2", "4k"),
         ("c64k.qcow2", "64k"),
     ] {
-        qemu_img(
-            d,
-            &[
-                "create",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("lazy_refcounts=on,cluster_size={cluster}"),
-                name,
-                "8M",
-            ],
-        );
+        let opts = format!("lazy_refcounts=on,cluster_size={cluster}");
+        qemu_create(d, name, &opts, "8M");
         // qemu-io's `abort` crashes it: L2 tables are flushed, refcounts
         // are not (lazy), the dirty bit stays set.
         let out = run_in(
@@ -1557,11 +1441,7 @@ fn qemu_crash_with_lazy_refcounts_is_repaired_by_open_rw() {
         assert_ne!(code(&out), 0, "qemu-io was meant to crash");
         let crashed = std::fs::read(s.path(name)).unwrap();
         assert_eq!(crashed[79] & 1, 1, "{name}: the dirty bit is set");
-        qemu_img(
-            d,
-            &["convert", "-f", "qcow2", "-O", "raw", name, "guest.raw"],
-        );
-        let mut model = std::fs::read(s.path("guest.raw")).unwrap();
+        let mut model = qemu_contents(d, name);
 
         let mut img = WritableImage::open(crashed, &OpenOptions::default())
             .unwrap_or_else(|e| panic!("{name}: open_rw of the dirty image: {e}"));
@@ -1595,31 +1475,10 @@ fn qemu_crash_with_lazy_refcounts_is_repaired_by_open_rw() {
         );
         std::fs::write(s.path("repaired.qcow2"), &disk).unwrap();
         std::fs::write(s.path("model.raw"), &model).unwrap();
-        let out = run_in(d, "qemu-img", &["check", "repaired.qcow2"]);
-        assert_eq!(
-            code(&out),
-            0,
-            "{name}: qemu-img check: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let out = run_in(
-            d,
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                "repaired.qcow2",
-                "model.raw",
-            ],
-        );
-        assert_eq!(
-            code(&out),
-            0,
-            "{name}: qemu-img compare: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        if let Err(e) = qemu_img_check(d, "repaired.qcow2")
+            .and_then(|()| qemu_img_compare(d, "repaired.qcow2", "qcow2", "model.raw", "raw"))
+        {
+            panic!("{name}: {e}");
+        }
     }
 }

@@ -81,7 +81,7 @@ fn frugal_mode_reads_the_same_bytes_with_a_tiny_heap() {
     let s = Scratch::new();
     let d = s.dir();
     // Plain, extended L2, and a backing chain, all with 64 KiB clusters.
-    qemu_img(d, &["create", "-f", "qcow2", "plain.qcow2", "8M"]);
+    qemu_create(d, "plain.qcow2", "", "8M");
     qemu_io(
         d,
         "plain.qcow2",
@@ -92,18 +92,7 @@ fn frugal_mode_reads_the_same_bytes_with_a_tiny_heap() {
             "write -P 3 8355840 32k",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "ext.qcow2",
-            "8M",
-        ],
-    );
+    qemu_create(d, "ext.qcow2", "extended_l2=on", "8M");
     qemu_io(
         d,
         "ext.qcow2",
@@ -113,19 +102,7 @@ fn frugal_mode_reads_the_same_bytes_with_a_tiny_heap() {
             "write -P 5 7M 33k",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "plain.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qemu_overlay(d, "top.qcow2", "", ("plain.qcow2", "qcow2"), None);
     qemu_io(d, "top.qcow2", &["write -P 6 50k 100k", "discard 3M 64k"]);
     for img in ["plain", "ext", "top"] {
         qemu_img(

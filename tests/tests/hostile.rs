@@ -7,11 +7,16 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use qcowkit_core::{Error, Image, OpenOptions};
 use qcowkit_std::{Disk, DiskOptions};
-use qcowkit_tests::{code, ours, qemu_img, qemu_io, run_in, Scratch};
+use qcowkit_tests::{
+    announce_seed, code, env_seed, get16, get32, get64, ours, put16, put32, put64, qemu_compressed,
+    qemu_create, qemu_image, qemu_img, qemu_overlay, run_in, set_bits64, stderr_of, stdout_of, Rng,
+    Scratch, XorShift64,
+};
 
 // Header field offsets (big-endian).
 const MAGIC: usize = 0;
@@ -52,26 +57,6 @@ const COMPRESSED: u64 = 1 << 62;
 
 /// Longest time any single hostile open/read may take.
 const QUICK: Duration = Duration::from_secs(5);
-
-fn get32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
-}
-
-fn get64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
-}
-
-fn put32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put16(b: &mut [u8], off: usize, v: u16) {
-    b[off..off + 2].copy_from_slice(&v.to_be_bytes());
-}
 
 fn to_usize(v: u64) -> usize {
     usize::try_from(v).unwrap()
@@ -184,11 +169,6 @@ fn bitmaps_ext(nb_bitmaps: u32, reserved: u32, dir_size: u64, dir_offset: u64) -
     d
 }
 
-fn set_bits64(b: &mut [u8], off: usize, bits: u64) {
-    let v = get64(b, off);
-    put64(b, off, v | bits);
-}
-
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
@@ -197,6 +177,13 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "non-string panic".to_string()
     }
+}
+
+/// Runs `f`; a panic in it fails the test with a message naming `what`
+/// and quoting the panic.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|p| panic!("{what}: panicked: {}", panic_text(&*p)))
 }
 
 /// What `Image::open` did with some bytes.
@@ -231,9 +218,7 @@ fn qemu_open(d: &Path, file: &str) -> std::process::Output {
 /// A 1 MiB image with 64 KiB clusters, 128 KiB of data at offset 0 (two
 /// data clusters in one L2 table).
 fn plain_image(d: &Path) -> Vec<u8> {
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "plain.qcow2", "1M"]);
-    qemu_io(d, "plain.qcow2", &["write -P 0x5a 0 128k"]);
-    std::fs::read(d.join("plain.qcow2")).unwrap()
+    qemu_image(d, "plain.qcow2", "", "1M", &["write -P 0x5a 0 128k"])
 }
 
 /// The plain image with one internal snapshot.
@@ -245,21 +230,13 @@ fn snapshot_image(d: &Path) -> Vec<u8> {
 
 /// A 1 MiB image with extended L2 entries and 64 KiB of data at offset 0.
 fn extl2_image(d: &Path) -> Vec<u8> {
-    qemu_img(
+    qemu_image(
         d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "extl2.qcow2",
-            "1M",
-        ],
-    );
-    qemu_io(d, "extl2.qcow2", &["write -P 0x11 0 64k"]);
-    std::fs::read(d.join("extl2.qcow2")).unwrap()
+        "extl2.qcow2",
+        "extended_l2=on",
+        "1M",
+        &["write -P 0x11 0 64k"],
+    )
 }
 
 /// Compressible but not trivial guest data.
@@ -274,13 +251,7 @@ fn compressed_image(d: &Path, ctype: &str) -> (Vec<u8>, Vec<u8>) {
     let raw = pattern(256 * 1024);
     std::fs::write(d.join("src.raw"), &raw).unwrap();
     let name = format!("c-{ctype}.qcow2");
-    let opt = format!("compression_type={ctype}");
-    qemu_img(
-        d,
-        &[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opt, "src.raw", &name,
-        ],
-    );
+    qemu_compressed(d, "src.raw", &name, &format!("compression_type={ctype}"));
     (std::fs::read(d.join(&name)).unwrap(), raw)
 }
 
@@ -658,7 +629,7 @@ fn hostile_headers_are_refused_naming_field_and_value() {
 
         // The CLI reports the same message on stderr and exits 1.
         let out = ours(d, &["info", "-f", "qcow2", &file]);
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = stderr_of(&out);
         if code(&out) != 1
             || !err.starts_with("qcow2: ")
             || !err.contains(&msg)
@@ -677,7 +648,7 @@ fn hostile_headers_are_refused_naming_field_and_value() {
             failures.push(format!(
                 "{}: qemu-io opens it ({}) but we refuse it with {msg:?}",
                 r.name,
-                String::from_utf8_lossy(&q.stdout).trim()
+                stdout_of(&q).trim()
             ));
         }
     }
@@ -738,7 +709,7 @@ fn luks_images_are_refused_naming_luks() {
     assert!(err.to_string().contains("luks"), "{err}");
 
     let out = ours(d, &["convert", "-O", "raw", "x.qcow2", "x.raw"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_of(&out);
     assert_eq!(code(&out), 1, "{stderr}");
     assert!(
         stderr.starts_with("qcow2: ") && stderr.contains("luks") && !stderr.contains("panicked"),
@@ -752,16 +723,15 @@ fn luks_images_are_refused_naming_luks() {
 /// Opens `bytes` (which must open) and reads `len` bytes at `offset`,
 /// expecting an error whose message contains every string of `want`.
 fn expect_read_error(name: &str, bytes: Vec<u8>, offset: u64, len: usize, want: &[&str]) {
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let r = no_panic(&format!("{name}: read"), || {
         let mut img = Image::open(bytes, &OpenOptions::default())
             .unwrap_or_else(|e| panic!("{name}: open failed: {e}"));
         let mut buf = vec![0u8; len];
         img.read_at(offset, &mut buf).map(|_| buf)
-    }));
+    });
     let err = match r {
-        Err(p) => panic!("{name}: read panicked: {}", panic_text(&*p)),
-        Ok(Ok(_)) => panic!("{name}: read through corrupt metadata succeeded"),
-        Ok(Err(e)) => e.to_string(),
+        Ok(_) => panic!("{name}: read through corrupt metadata succeeded"),
+        Err(e) => e.to_string(),
     };
     for w in want {
         assert!(err.contains(w), "{name}: error {err:?} lacks {w:?}");
@@ -848,18 +818,14 @@ fn garbage_compressed_clusters_are_decompression_errors() {
         b[off..end].fill(0xff);
         let file = format!("garbage-{ctype}.qcow2");
         std::fs::write(s.path(&file), &b).unwrap();
-        let r = catch_unwind(AssertUnwindSafe(|| {
+        let r = no_panic(&format!("{ctype}: decompressing garbage"), || {
             let mut img = Image::open(b, &OpenOptions::default()).unwrap();
             let mut buf = vec![0u8; cs];
             img.read_at(0, &mut buf)
-        }));
+        });
         let err = match r {
-            Err(p) => panic!(
-                "{ctype}: decompressing garbage panicked: {}",
-                panic_text(&*p)
-            ),
-            Ok(Ok(())) => panic!("{ctype}: garbage decompressed without error"),
-            Ok(Err(e)) => e,
+            Ok(()) => panic!("{ctype}: garbage decompressed without error"),
+            Err(e) => e,
         };
         assert!(
             matches!(err, Error::Decompress { host_offset, .. } if host_offset == off as u64),
@@ -872,7 +838,7 @@ fn garbage_compressed_clusters_are_decompression_errors() {
         );
 
         let out = ours(d, &["convert", "-O", "raw", &file, "garbage.raw"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr_of(&out);
         assert_eq!(code(&out), 1, "{ctype}: {stderr}");
         assert!(
             stderr.contains("decompress") && !stderr.contains("panicked"),
@@ -891,16 +857,12 @@ fn l2_table_past_end_of_file_does_not_panic() {
     put64(&mut b, g.l1_entry(0), COPIED | (1 << 40));
     std::fs::write(s.path("far-l2.qcow2"), &b).unwrap();
     let started = Instant::now();
-    let r = catch_unwind(AssertUnwindSafe(|| {
+    let (read, check) = no_panic("L2 table past EOF", || {
         let mut img = Image::open(b, &OpenOptions::default()).unwrap();
         let mut buf = vec![0x77u8; to_usize(g.size)];
         let read = img.read_at(0, &mut buf).map(|_| buf);
         (read, img.check())
-    }));
-    let (read, check) = match r {
-        Ok(v) => v,
-        Err(p) => panic!("L2 table past EOF panicked: {}", panic_text(&*p)),
-    };
+    });
     if let Ok(buf) = read {
         assert!(
             buf.iter().all(|&x| x == 0),
@@ -921,7 +883,7 @@ fn l2_table_past_end_of_file_does_not_panic() {
     }
     let out = ours(d, &["convert", "-O", "raw", "far-l2.qcow2", "far.raw"]);
     assert!(
-        matches!(code(&out), 0 | 1) && !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        matches!(code(&out), 0 | 1) && !stderr_of(&out).contains("panicked"),
         "{out:?}"
     );
 }
@@ -952,7 +914,7 @@ fn truncated_images_fail_cleanly() {
     for len in lens {
         let bytes = plain[..len].to_vec();
         let started = Instant::now();
-        let r = catch_unwind(AssertUnwindSafe(|| {
+        let r = no_panic(&format!("truncated at {len}"), || {
             let mut img = match Image::open(bytes, &OpenOptions::default()) {
                 Ok(img) => img,
                 Err(e) => return Err(e.to_string()),
@@ -961,11 +923,10 @@ fn truncated_images_fail_cleanly() {
             let read = img.read_at(0, &mut buf).map_err(|e| e.to_string());
             let check = img.check().map_err(|e| e.to_string());
             Ok((read.map(|_| buf), check))
-        }));
+        });
         match r {
-            Err(p) => panic!("truncated at {len}: panicked: {}", panic_text(&*p)),
-            Ok(Err(msg)) => assert!(!msg.is_empty()),
-            Ok(Ok((read, _check))) => {
+            Err(msg) => assert!(!msg.is_empty()),
+            Ok((read, _check)) => {
                 assert!(len >= 104, "truncated at {len}: opened");
                 // Whatever was read matches the original where the file is intact.
                 if let Ok(buf) = read {
@@ -981,7 +942,7 @@ fn truncated_images_fail_cleanly() {
     // The CLI on a 50-byte file.
     std::fs::write(s.path("short.qcow2"), &plain[..50]).unwrap();
     let out = ours(d, &["info", "-f", "qcow2", "short.qcow2"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_of(&out);
     assert_eq!(code(&out), 1, "{stderr}");
     assert!(
         stderr.starts_with("qcow2: ") && !stderr.contains("panicked"),
@@ -994,12 +955,13 @@ fn truncated_images_fail_cleanly() {
 
 fn expect_open_error(path: &Path, opts: &DiskOptions, want: &str) {
     let started = Instant::now();
-    let r = catch_unwind(AssertUnwindSafe(|| Disk::open(path, opts).map(|_| ())));
+    let r = no_panic(&path.display().to_string(), || {
+        Disk::open(path, opts).map(|_| ())
+    });
     let elapsed = started.elapsed();
     match r {
-        Err(p) => panic!("{}: panicked: {}", path.display(), panic_text(&*p)),
-        Ok(Ok(())) => panic!("{}: opened", path.display()),
-        Ok(Err(e)) => assert!(
+        Ok(()) => panic!("{}: opened", path.display()),
+        Err(e) => assert!(
             e.to_string().contains(want),
             "{}: {e} lacks {want:?}",
             path.display()
@@ -1013,7 +975,7 @@ fn backing_loops_are_errors() {
     let s = Scratch::new();
     let d = s.dir();
     // A -> A
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "self.qcow2", "1M"]);
+    qemu_create(d, "self.qcow2", "", "1M");
     qemu_img(
         d,
         &[
@@ -1027,13 +989,8 @@ fn backing_loops_are_errors() {
         ],
     );
     // B -> A -> B
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2", "1M",
-        ],
-    );
+    qemu_create(d, "a.qcow2", "", "1M");
+    qemu_overlay(d, "b.qcow2", "", ("a.qcow2", "qcow2"), Some("1M"));
     qemu_img(
         d,
         &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
@@ -1041,7 +998,7 @@ fn backing_loops_are_errors() {
 
     // C -> link -> C, where link.qcow2 is a symbolic link to C: loops are
     // found by file identity, not by name.
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "c.qcow2", "1M"]);
+    qemu_create(d, "c.qcow2", "", "1M");
     std::os::unix::fs::symlink("c.qcow2", s.path("link.qcow2")).unwrap();
     qemu_img(
         d,
@@ -1065,7 +1022,7 @@ fn backing_loops_are_errors() {
     for name in ["self.qcow2", "b.qcow2"] {
         let started = Instant::now();
         let out = ours(d, &["convert", "-O", "raw", name, "out.raw"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr_of(&out);
         assert_eq!(code(&out), 1, "{name}: {stderr}");
         assert!(
             stderr.starts_with("qcow2: ")
@@ -1076,10 +1033,7 @@ fn backing_loops_are_errors() {
         let out = ours(d, &["info", "--backing-chain", name]);
         let q = run_in(d, "qemu-img", &["info", "--backing-chain", name]);
         assert_eq!(code(&out), code(&q), "{name}: info --backing-chain");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("loop"),
-            "{name}: {out:?}"
-        );
+        assert!(stderr_of(&out).contains("loop"), "{name}: {out:?}");
         assert!(started.elapsed() < QUICK);
     }
 }
@@ -1089,23 +1043,8 @@ fn backing_chains_deeper_than_the_limit_are_errors() {
     let s = Scratch::new();
     let d = s.dir();
     let name = |i: usize| format!("c{i:03}.qcow2");
-    qemu_img(d, &["create", "-q", "-f", "qcow2", &name(0), "1M"]);
-    qemu_io(d, &name(0), &["write -P 0x42 0 4k"]);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &name(0),
-            "-F",
-            "qcow2",
-            &name(1),
-            "1M",
-        ],
-    );
+    qemu_image(d, &name(0), "", "1M", &["write -P 0x42 0 4k"]);
+    qemu_overlay(d, &name(1), "", (&name(0), "qcow2"), Some("1M"));
     let template = std::fs::read(s.path(&name(1))).unwrap();
     let bfo = to_usize(get64(&template, BACKING_FILE_OFFSET));
     assert_eq!(&template[bfo..bfo + 10], name(0).as_bytes());
@@ -1142,7 +1081,7 @@ fn backing_chains_deeper_than_the_limit_are_errors() {
         &format!("deeper than the limit of {depth}"),
     );
     let out = ours(d, &["convert", "-O", "raw", &name(depth + 2), "deep.raw"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_of(&out);
     assert_eq!(code(&out), 1, "{stderr}");
     assert!(
         stderr.contains("deeper than the limit") && !stderr.contains("panicked"),
@@ -1152,6 +1091,14 @@ fn backing_chains_deeper_than_the_limit_are_errors() {
 
 // ---------------------------------------------------------------------------
 // `qcow2 check` exit codes against `qemu-img check`.
+
+/// Writes `bytes` as `file` in `d`, then runs `qemu-img check` and `qcow2
+/// check` on it (format qcow2): (qemu-img's output, ours).
+fn both_checks(d: &Path, file: &str, bytes: &[u8]) -> (Output, Output) {
+    std::fs::write(d.join(file), bytes).unwrap();
+    let args = ["check", "-f", "qcow2", file];
+    (run_in(d, "qemu-img", &args), ours(d, &args))
+}
 
 #[test]
 fn check_exit_codes_match_qemu_img() {
@@ -1165,7 +1112,7 @@ fn check_exit_codes_match_qemu_img() {
     let data1 = get64(&plain, l2 + 8) & OFFSET_MASK;
     assert_ne!(data1, 0, "the second cluster is allocated");
     let rc0 = g.refcount_of(&plain, data0);
-    assert_eq!(u16::from_be_bytes([plain[rc0], plain[rc0 + 1]]), 1);
+    assert_eq!(get16(&plain, rc0), 1);
     let ge = Geom::of(&ext);
     let el2 = ge.l2_table(&ext, 0);
 
@@ -1240,11 +1187,8 @@ fn check_exit_codes_match_qemu_img() {
 
     let mut failures = Vec::new();
     for (name, bytes, want, like_qemu) in cases {
-        let file = format!("{name}.qcow2");
-        std::fs::write(s.path(&file), &bytes).unwrap();
-        let q = run_in(d, "qemu-img", &["check", "-f", "qcow2", &file]);
-        let o = ours(d, &["check", "-f", "qcow2", &file]);
-        let stderr = String::from_utf8_lossy(&o.stderr);
+        let (q, o) = both_checks(d, &format!("{name}.qcow2"), &bytes);
+        let stderr = stderr_of(&o);
         if stderr.contains("panicked") {
             failures.push(format!("{name}: qcow2 check panicked: {stderr}"));
         }
@@ -1252,10 +1196,10 @@ fn check_exit_codes_match_qemu_img() {
             failures.push(format!(
                 "{name}: qcow2 check exited {} (stdout {:?}, stderr {stderr:?}); qemu-img check exited {} ({:?} {:?}); expected {want}",
                 code(&o),
-                String::from_utf8_lossy(&o.stdout),
+                stdout_of(&o),
                 code(&q),
-                String::from_utf8_lossy(&q.stdout),
-                String::from_utf8_lossy(&q.stderr),
+                stdout_of(&q),
+                stderr_of(&q),
             ));
         }
     }
@@ -1290,20 +1234,14 @@ fn check_reports_broken_snapshot_l1_tables_like_qemu() {
     for (name, patch) in cases {
         let mut b = snap.clone();
         patch(&mut b);
-        let file = format!("{name}.qcow2");
-        std::fs::write(s.path(&file), &b).unwrap();
-        let q = run_in(d, "qemu-img", &["check", "-f", "qcow2", &file]);
-        let o = ours(d, &["check", "-f", "qcow2", &file]);
+        let (q, o) = both_checks(d, &format!("{name}.qcow2"), &b);
         if code(&q) != 2 || code(&o) != code(&q) {
             failures.push(format!(
                 "{name}: qemu-img check exited {} ({}), qcow2 check exited {} ({})",
                 code(&q),
-                String::from_utf8_lossy(&q.stderr)
-                    .lines()
-                    .next()
-                    .unwrap_or(""),
+                stderr_of(&q).lines().next().unwrap_or(""),
                 code(&o),
-                String::from_utf8_lossy(&o.stderr).trim()
+                stderr_of(&o).trim()
             ));
         }
     }
@@ -1318,7 +1256,7 @@ fn check_reports_broken_snapshot_l1_tables_like_qemu() {
 fn check_tolerates_tables_less_than_a_cluster_past_eof_like_qemu() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "fresh.qcow2", "1M"]);
+    qemu_create(d, "fresh.qcow2", "", "1M");
     let b = std::fs::read(s.path("fresh.qcow2")).unwrap();
     let g = Geom::of(&b);
     assert_eq!(
@@ -1326,39 +1264,19 @@ fn check_tolerates_tables_less_than_a_cluster_past_eof_like_qemu() {
         to_usize(g.l1_offset) + 8,
         "the L1 table ends the file"
     );
-    std::fs::write(s.path("cut.qcow2"), &b[..to_usize(g.l1_offset)]).unwrap();
-    let q = run_in(d, "qemu-img", &["check", "-f", "qcow2", "cut.qcow2"]);
-    let o = ours(d, &["check", "-f", "qcow2", "cut.qcow2"]);
+    let (q, o) = both_checks(d, "cut.qcow2", &b[..to_usize(g.l1_offset)]);
     assert_eq!(
         code(&o),
         code(&q),
         "qcow2 check: {} {}\nqemu-img check: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&q.stdout)
+        stdout_of(&o),
+        stderr_of(&o),
+        stdout_of(&q)
     );
 }
 
 // ---------------------------------------------------------------------------
 // Random mutations.
-
-/// xorshift64: small, seeded, good enough to pick bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// A base image for mutation and the byte ranges worth mutating.
 struct FuzzBase {
@@ -1431,17 +1349,17 @@ fn fuzz_base(name: &'static str, bytes: Vec<u8>) -> FuzzBase {
 }
 
 /// Applies one random mutation inside `region` and describes it.
-fn mutate(rng: &mut Rng, bytes: &mut [u8], region: &std::ops::Range<usize>) -> String {
-    let at = region.start + rng.below(region.len());
-    match rng.below(4) {
+fn mutate(rng: &mut XorShift64, bytes: &mut [u8], region: &std::ops::Range<usize>) -> String {
+    let at = region.start + rng.index(region.len());
+    match rng.index(4) {
         0 => {
             let old = bytes[at];
-            bytes[at] ^= 1 << rng.below(8);
+            bytes[at] ^= 1 << rng.index(8);
             format!("[{at:#x}] {old:#04x}->{:#04x}", bytes[at])
         }
         1 => {
             let old = bytes[at];
-            bytes[at] = rng.next() as u8;
+            bytes[at] = rng.next_u64() as u8;
             format!("[{at:#x}] {old:#04x}->{:#04x}", bytes[at])
         }
         2 => {
@@ -1452,9 +1370,9 @@ fn mutate(rng: &mut Rng, bytes: &mut [u8], region: &std::ops::Range<usize>) -> S
                 0x7fff_ffff,
                 0x8000_0000,
                 u32::MAX,
-                rng.next() as u32 & 0xffff,
+                rng.next_u64() as u32 & 0xffff,
             ];
-            let v = values[rng.below(values.len())];
+            let v = values[rng.index(values.len())];
             let old = get32(bytes, at);
             put32(bytes, at, v);
             format!("u32[{at:#x}] {old:#x}->{v:#x}")
@@ -1464,13 +1382,13 @@ fn mutate(rng: &mut Rng, bytes: &mut [u8], region: &std::ops::Range<usize>) -> S
             let values = [
                 0,
                 COPIED,
-                COMPRESSED | rng.next() >> 2,
+                COMPRESSED | rng.next_u64() >> 2,
                 u64::MAX,
                 i64::MAX as u64,
-                (rng.next() % (1 << 20)) << 9,
-                COPIED | ((rng.next() % 64) << 16),
+                (rng.next_u64() % (1 << 20)) << 9,
+                COPIED | ((rng.next_u64() % 64) << 16),
             ];
-            let v = values[rng.below(values.len())];
+            let v = values[rng.index(values.len())];
             let old = get64(bytes, at);
             put64(bytes, at, v);
             format!("u64[{at:#x}] {old:#x}->{v:#x}")
@@ -1497,9 +1415,7 @@ fn exercise(bytes: Vec<u8>) {
 
 #[test]
 fn random_mutations_never_panic() {
-    let seed = std::env::var("HOSTILE_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
+    let seed = env_seed("HOSTILE_SEED")
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1507,53 +1423,29 @@ fn random_mutations_never_panic() {
                 .unwrap_or(1)
         })
         .max(1);
-    println!("random_mutations_never_panic: seed {seed} (replay with HOSTILE_SEED={seed})");
+    announce_seed("random_mutations_never_panic", "HOSTILE_SEED", seed);
 
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "small.qcow2",
-            "256k",
-        ],
-    );
-    qemu_io(
+    let small = qemu_image(
         d,
         "small.qcow2",
+        "cluster_size=512",
+        "256k",
         &[
             "write -P 0x33 0 40k",
             "write -z 100k 8k",
             "write -P 0x44 200k 4k",
         ],
     );
-    let small = std::fs::read(s.path("small.qcow2")).unwrap();
     let (zlib, _) = compressed_image(d, "zlib");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=4k",
-            "v2.qcow2",
-            "1M",
-        ],
-    );
-    qemu_io(
+    let v2 = qemu_image(
         d,
         "v2.qcow2",
+        "compat=0.10,cluster_size=4k",
+        "1M",
         &["write -P 0x55 0 12k", "write -P 0x66 600k 4k"],
     );
-    let v2 = std::fs::read(s.path("v2.qcow2")).unwrap();
     let bases = [
         fuzz_base("plain", plain_image(d)),
         fuzz_base("512-byte clusters", small),
@@ -1566,15 +1458,15 @@ fn random_mutations_never_panic() {
         exercise(b.bytes.clone());
     }
 
-    let mut rng = Rng(seed);
+    let mut rng = XorShift64(seed);
     let started = Instant::now();
     let mut slowest = (Duration::ZERO, 0usize);
     for iter in 0..2000 {
         let base = &bases[iter % bases.len()];
         let mut bytes = base.bytes.clone();
         let mut mutations = Vec::new();
-        for _ in 0..1 + rng.below(3) {
-            let region = &base.regions[rng.below(base.regions.len())];
+        for _ in 0..1 + rng.index(3) {
+            let region = &base.regions[rng.index(base.regions.len())];
             mutations.push(mutate(&mut rng, &mut bytes, region));
         }
         let t = Instant::now();

@@ -7,7 +7,6 @@
 //! variant's name.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use qcowkit_tests::*;
@@ -68,22 +67,6 @@ fn wzu(off: u64, len: u64) -> String {
 /// `discard off len`.
 fn disc(off: u64, len: u64) -> String {
     format!("discard {off} {len}")
-}
-
-/// Runs qemu-io (format qcow2) with `cmds` on `img`.
-fn io(cwd: &Path, img: &str, cmds: &[String]) {
-    let v: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(cwd, img, &v);
-}
-
-/// `qemu-img create -f qcow2 [-o opts] img size`.
-fn create(cwd: &Path, img: &str, opts: &str, size: u64) {
-    let size = size.to_string();
-    if opts.is_empty() {
-        qemu_img(cwd, &["create", "-f", "qcow2", img, &size]);
-    } else {
-        qemu_img(cwd, &["create", "-f", "qcow2", "-o", opts, img, &size]);
-    }
 }
 
 /// Image geometry that decides where the varied writes land.
@@ -287,43 +270,6 @@ fn map_diffs(what: &str, q: &Value, o: &Value) -> Vec<String> {
     out
 }
 
-/// First difference between two files, read in 1 MiB pieces.
-fn file_difference(a: &Path, b: &Path) -> Option<String> {
-    let (la, lb) = (
-        std::fs::metadata(a).expect("stat").len(),
-        std::fs::metadata(b).expect("stat").len(),
-    );
-    if la != lb {
-        return Some(format!("lengths differ: {la} / {lb}"));
-    }
-    let (mut fa, mut fb) = (File::open(a).expect("open"), File::open(b).expect("open"));
-    let mut ba = vec![0u8; MIB as usize];
-    let mut bb = vec![0u8; MIB as usize];
-    let mut pos = 0u64;
-    while pos < la {
-        let n = (la - pos).min(MIB) as usize;
-        fa.read_exact(&mut ba[..n]).expect("read");
-        fb.read_exact(&mut bb[..n]).expect("read");
-        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
-            let at = pos + i as u64;
-            return Some(format!(
-                "first differing byte at offset {at}: {:#04x} / {:#04x}",
-                ba[i], bb[i]
-            ));
-        }
-        pos += n as u64;
-    }
-    None
-}
-
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).trim().to_string()
-}
-
-fn stdout_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Where and how to run both tools on one image.
 struct Target<'a> {
     /// Variant name, prefixed to every message.
@@ -357,7 +303,7 @@ impl Target<'_> {
             f.push(format!(
                 "{v}: qcow2 convert {img} failed ({}): {}",
                 o.status,
-                stderr_of(&o)
+                stderr_of(&o).trim()
             ));
         } else if let Some(d) = file_difference(&qraw, &oraw) {
             f.push(format!(
@@ -367,30 +313,19 @@ impl Target<'_> {
         let _ = std::fs::remove_file(&qraw);
         let _ = std::fs::remove_file(&oraw);
 
-        // 2. info --output=json.
-        let q = json(&qemu_img(self.qemu_cwd, &["info", "--output=json", img]));
-        let o = ours(self.ours_cwd, &["info", "--output=json", img]);
-        if o.status.success() {
-            f.extend(info_diffs(
-                &format!("{v} ({img})"),
-                &q,
-                &json(&stdout_of(&o)),
-            ));
-        } else {
-            f.push(format!("{v}: qcow2 info {img} failed: {}", stderr_of(&o)));
-        }
-
-        // 3. map --output=json.
-        let q = json(&qemu_img(self.qemu_cwd, &["map", "--output=json", img]));
-        let o = ours(self.ours_cwd, &["map", "--output=json", img]);
-        if o.status.success() {
-            f.extend(map_diffs(
-                &format!("{v} ({img})"),
-                &q,
-                &json(&stdout_of(&o)),
-            ));
-        } else {
-            f.push(format!("{v}: qcow2 map {img} failed: {}", stderr_of(&o)));
+        // 2. info --output=json, 3. map --output=json.
+        type Diffs = fn(&str, &Value, &Value) -> Vec<String>;
+        for (cmd, diffs) in [("info", info_diffs as Diffs), ("map", map_diffs)] {
+            let q = json(&qemu_img(self.qemu_cwd, &[cmd, "--output=json", img]));
+            let o = ours(self.ours_cwd, &[cmd, "--output=json", img]);
+            if o.status.success() {
+                f.extend(diffs(&format!("{v} ({img})"), &q, &json(&stdout_of(&o))));
+            } else {
+                f.push(format!(
+                    "{v}: qcow2 {cmd} {img} failed: {}",
+                    stderr_of(&o).trim()
+                ));
+            }
         }
 
         // 4. check exit codes.
@@ -402,9 +337,9 @@ impl Target<'_> {
                 code(&q),
                 code(&o),
                 stdout_of(&q).trim(),
-                stderr_of(&q),
+                stderr_of(&q).trim(),
                 stdout_of(&o).trim(),
-                stderr_of(&o)
+                stderr_of(&o).trim()
             ));
         }
         if let Some(want) = self.check {
@@ -431,17 +366,23 @@ impl Target<'_> {
     }
 }
 
-/// Compares a clean image in `s`'s directory (both tools run there).
-fn assert_clean(variant: &str, s: &Scratch, img: &str) {
+/// Compares image `img` in `d` (both tools run there, outputs go there),
+/// whose check exit code is `check` when known.
+fn assert_same_in(variant: &str, d: &Path, img: &str, check: Option<i32>) {
     Target {
         variant,
-        qemu_cwd: s.dir(),
-        ours_cwd: s.dir(),
+        qemu_cwd: d,
+        ours_cwd: d,
         img,
-        out: s.dir(),
-        check: Some(0),
+        out: d,
+        check,
     }
     .assert_same();
+}
+
+/// Compares a clean image in `s`'s directory (both tools run there).
+fn assert_clean(variant: &str, s: &Scratch, img: &str) {
+    assert_same_in(variant, s.dir(), img, Some(0));
 }
 
 /// Creates `img.qcow2` with `opts`, fills it with the layout of `shape`
@@ -450,8 +391,8 @@ fn standard(variant: &str, opts: &str, shape: Shape) {
     let s = Scratch::new();
     let d = s.dir();
     let size = shape.size();
-    create(d, "img.qcow2", opts, size);
-    io(d, "img.qcow2", &shape.cmds(size));
+    qemu_create(d, "img.qcow2", opts, size);
+    qemu_io(d, "img.qcow2", &shape.cmds(size));
     assert_clean(variant, &s, "img.qcow2");
 }
 
@@ -509,11 +450,11 @@ fn unaligned_virtual_size() {
         let s = Scratch::new();
         let d = s.dir();
         let size = 4 * MIB + 1536;
-        create(d, "img.qcow2", &format!("cluster_size={cs}"), size);
+        qemu_create(d, "img.qcow2", &format!("cluster_size={cs}"), size);
         let mut cmds = Shape::plain(cs).cmds(size);
         cmds.push(w(0x5c, size - 1536, 1536));
         cmds.push(wz(size - 1024, 512));
-        io(d, "img.qcow2", &cmds);
+        qemu_io(d, "img.qcow2", &cmds);
         assert_clean(&variant, &s, "img.qcow2");
     }
 }
@@ -597,13 +538,7 @@ const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// repeated text, pseudo-random bytes (incompressible), half zeros, a ramp.
 fn patterned_raw(len: u64) -> Vec<u8> {
     println!("patterned_raw: xorshift seed {SEED:#x}");
-    let mut x = SEED;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = XorShift64(SEED);
     let text = b"qcow2 interop test data; the quick brown fox jumps over the lazy dog. ";
     let mut v = vec![0u8; len as usize];
     for (bi, block) in v.chunks_mut(64 * KIB as usize).enumerate() {
@@ -616,7 +551,7 @@ fn patterned_raw(len: u64) -> Vec<u8> {
             }
             2 => {
                 for b in block.iter_mut() {
-                    *b = next() as u8;
+                    *b = rng.next_u64() as u8;
                 }
             }
             3 => {
@@ -633,7 +568,7 @@ fn patterned_raw(len: u64) -> Vec<u8> {
             _ => {
                 // Mostly zeros with a few scattered bytes.
                 for i in (0..block.len()).step_by(4093) {
-                    block[i] = (next() as u8) | 1;
+                    block[i] = (rng.next_u64() as u8) | 1;
                 }
             }
         }
@@ -645,21 +580,7 @@ fn whole_image_compressed(variant: &str, opts: &str, len: u64) {
     let s = Scratch::new();
     let d = s.dir();
     std::fs::write(s.path("src.raw"), patterned_raw(len)).unwrap();
-    qemu_img(
-        d,
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            opts,
-            "src.raw",
-            "img.qcow2",
-        ],
-    );
+    qemu_compressed(d, "src.raw", "img.qcow2", opts);
     assert_clean(variant, &s, "img.qcow2");
     // Our output must also equal the source itself.
     ours_ok(d, &["convert", "-O", "raw", "img.qcow2", "back.raw"]);
@@ -771,8 +692,8 @@ fn lazy_refcounts_dirty() {
     let d = s.dir();
     let shape = Shape::plain(64 * KIB);
     let size = shape.size();
-    create(d, "img.qcow2", "lazy_refcounts=on", size);
-    io(d, "img.qcow2", &shape.cmds(size)[..6]);
+    qemu_create(d, "img.qcow2", "lazy_refcounts=on", size);
+    qemu_io(d, "img.qcow2", &shape.cmds(size)[..6]);
     // qemu-io dies by SIGABRT here, leaving the dirty bit set.
     let out = run_in(
         d,
@@ -790,21 +711,13 @@ fn lazy_refcounts_dirty() {
         ],
     );
     assert!(!out.status.success(), "{variant}: qemu-io abort succeeded?");
-    let info = json(&qemu_img(d, &["info", "--output=json", "img.qcow2"]));
+    let info = qemu_info(d, "img.qcow2");
     assert_eq!(
         info["dirty-flag"],
         Value::Bool(true),
         "{variant}: qemu-img does not see the image as dirty"
     );
-    Target {
-        variant,
-        qemu_cwd: d,
-        ours_cwd: d,
-        img: "img.qcow2",
-        out: d,
-        check: None,
-    }
-    .assert_same();
+    assert_same_in(variant, d, "img.qcow2", None);
 }
 
 // ---------------------------------------------------------------------------
@@ -816,8 +729,8 @@ fn make_chain(s: &Scratch) {
     std::fs::create_dir(s.path("sub")).unwrap();
     std::fs::create_dir(s.path("other")).unwrap();
     let c = 64 * KIB;
-    create(d, "sub/base.qcow2", "", 4 * MIB);
-    io(
+    qemu_create(d, "sub/base.qcow2", "", 4 * MIB);
+    qemu_io(
         d,
         "sub/base.qcow2",
         &[
@@ -827,20 +740,8 @@ fn make_chain(s: &Scratch) {
             w(0x04, 4 * MIB - c, c),
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "sub/mid.qcow2",
-        ],
-    );
-    io(
+    qemu_overlay(d, "sub/mid.qcow2", "", ("base.qcow2", "qcow2"), None);
+    qemu_io(
         d,
         "sub/mid.qcow2",
         &[
@@ -854,22 +755,14 @@ fn make_chain(s: &Scratch) {
             w(0x13, 40 * c, c),
         ],
     );
-    qemu_img(
+    qemu_overlay(
         d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=32768",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "sub/top.qcow2",
-        ],
+        "sub/top.qcow2",
+        "cluster_size=32768",
+        ("mid.qcow2", "qcow2"),
+        None,
     );
-    io(
+    qemu_io(
         d,
         "sub/top.qcow2",
         &[
@@ -959,21 +852,9 @@ fn raw_backing_file() {
         .unwrap();
     f.set_len(4 * MIB).unwrap();
     drop(f);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "img.qcow2",
-        ],
-    );
+    qemu_overlay(d, "img.qcow2", "", ("base.raw", "raw"), None);
     let c = 64 * KIB;
-    io(
+    qemu_io(
         d,
         "img.qcow2",
         &[
@@ -993,23 +874,10 @@ fn backing_file_shorter_than_overlay() {
         let variant = format!("backing file of {base_size} bytes under a 4M overlay");
         let s = Scratch::new();
         let d = s.dir();
-        create(d, "base.qcow2", "", base_size);
-        io(d, "base.qcow2", &[w(0x51, 0, base_size)]);
-        qemu_img(
-            d,
-            &[
-                "create",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "img.qcow2",
-                "4M",
-            ],
-        );
-        io(
+        qemu_create(d, "base.qcow2", "", base_size);
+        qemu_io(d, "base.qcow2", &[w(0x51, 0, base_size)]);
+        qemu_overlay(d, "img.qcow2", "", ("base.qcow2", "qcow2"), Some("4M"));
+        qemu_io(
             d,
             "img.qcow2",
             &[
@@ -1033,8 +901,8 @@ fn backing_file_with_extended_l2() {
         let d = s.dir();
         let c = 64 * KIB;
         let sc = c / 32;
-        create(d, "base.qcow2", "extended_l2=on", 4 * MIB);
-        io(
+        qemu_create(d, "base.qcow2", "extended_l2=on", 4 * MIB);
+        qemu_io(
             d,
             "base.qcow2",
             &[
@@ -1045,13 +913,8 @@ fn backing_file_with_extended_l2() {
                 w(0x64, 5 * c + 30 * sc, 4 * sc),
             ],
         );
-        let mut args = vec!["create", "-f", "qcow2"];
-        if !overlay_opts.is_empty() {
-            args.extend(["-o", overlay_opts]);
-        }
-        args.extend(["-b", "base.qcow2", "-F", "qcow2", "img.qcow2"]);
-        qemu_img(d, &args);
-        io(
+        qemu_overlay(d, "img.qcow2", overlay_opts, ("base.qcow2", "qcow2"), None);
+        qemu_io(
             d,
             "img.qcow2",
             &[
@@ -1082,8 +945,8 @@ fn external_data_file(variant: &str, data_file: &str, raw: bool) {
     }
     let shape = Shape::plain(64 * KIB);
     let size = shape.size();
-    create(&dfdir, "img.qcow2", &opts, size);
-    io(&dfdir, "img.qcow2", &shape.cmds(size));
+    qemu_create(&dfdir, "img.qcow2", &opts, size);
+    qemu_io(&dfdir, "img.qcow2", &shape.cmds(size));
     let img = dfdir.join("img.qcow2");
     Target {
         variant,
@@ -1130,20 +993,20 @@ fn internal_snapshots() {
     let s = Scratch::new();
     let d = s.dir();
     let c = 64 * KIB;
-    create(d, "img.qcow2", "", 4 * MIB);
-    io(
+    qemu_create(d, "img.qcow2", "", 4 * MIB);
+    qemu_io(
         d,
         "img.qcow2",
         &[w(0x71, 0, 3 * c), w(0x72, 10 * c + 5, 2 * c), wz(20 * c, c)],
     );
     qemu_img(d, &["snapshot", "-c", "s1", "img.qcow2"]);
-    io(
+    qemu_io(
         d,
         "img.qcow2",
         &[w(0x73, c + 100, 200), disc(10 * c, c), w(0x74, 30 * c, c)],
     );
     qemu_img(d, &["snapshot", "-c", "s2", "img.qcow2"]);
-    io(
+    qemu_io(
         d,
         "img.qcow2",
         &[
@@ -1152,7 +1015,7 @@ fn internal_snapshots() {
             w(0x76, 4 * MIB - 512, 512),
         ],
     );
-    let q = json(&qemu_img(d, &["info", "--output=json", "img.qcow2"]));
+    let q = qemu_info(d, "img.qcow2");
     assert_eq!(
         q["snapshots"].as_array().map(Vec::len),
         Some(2),
@@ -1167,7 +1030,7 @@ fn persistent_bitmaps() {
     let variant = "persistent bitmaps (default, 128k granularity, disabled)";
     let s = Scratch::new();
     let d = s.dir();
-    create(d, "img.qcow2", "", 4 * MIB);
+    qemu_create(d, "img.qcow2", "", 4 * MIB);
     qemu_img(d, &["bitmap", "--add", "img.qcow2", "bm0"]);
     qemu_img(
         d,
@@ -1182,8 +1045,8 @@ fn persistent_bitmaps() {
     );
     qemu_img(d, &["bitmap", "--add", "--disable", "img.qcow2", "bm2"]);
     qemu_img(d, &["bitmap", "--add", "-g", "1M", "img.qcow2", "bm3"]);
-    io(d, "img.qcow2", &Shape::plain(64 * KIB).cmds(4 * MIB));
-    let q = json(&qemu_img(d, &["info", "--output=json", "img.qcow2"]));
+    qemu_io(d, "img.qcow2", &Shape::plain(64 * KIB).cmds(4 * MIB));
+    let q = qemu_info(d, "img.qcow2");
     assert_eq!(
         q.pointer("/format-specific/data/bitmaps")
             .and_then(Value::as_array)
@@ -1205,8 +1068,8 @@ fn rich_image(s: &Scratch) {
         compressed: true,
     };
     let size = shape.size();
-    create(s.dir(), "img.qcow2", "compression_type=zstd", size);
-    io(s.dir(), "img.qcow2", &shape.cmds(size));
+    qemu_create(s.dir(), "img.qcow2", "compression_type=zstd", size);
+    qemu_io(s.dir(), "img.qcow2", &shape.cmds(size));
 }
 
 fn flip_byte(path: &Path, at: u64) {
@@ -1239,7 +1102,7 @@ fn compare_diff(d: &Path, args: &[&str], want: i32) -> Option<String> {
             qo.trim(),
             code(&o),
             oo.trim(),
-            stderr_of(&o)
+            stderr_of(&o).trim()
         ));
     }
     None
@@ -1295,7 +1158,7 @@ fn compare_matches_qemu_img() {
     }
 
     // A changed qcow2 copy (written by qemu-io).
-    io(d, "copy.qcow2", &[w(0xee, 2 * MIB + 3333, 1)]);
+    qemu_io(d, "copy.qcow2", &[w(0xee, 2 * MIB + 3333, 1)]);
     f.extend(compare_diff(d, &["img.qcow2", "copy.qcow2"], 1));
     f.extend(compare_diff(d, &["copy.qcow2", "img.qcow2"], 1));
 
@@ -1359,7 +1222,7 @@ fn dd_matches_qemu_img() {
         let what = format!("dd {}", args.join(" "));
         let o = ours(d, &oargs);
         if !o.status.success() {
-            f.push(format!("{what}: ours failed: {}", stderr_of(&o)));
+            f.push(format!("{what}: ours failed: {}", stderr_of(&o).trim()));
             continue;
         }
         if skip.is_none() {
@@ -1396,79 +1259,76 @@ fn qcow2_info(cwd: &Path, args: &[&str]) -> String {
     ok_in(cwd, bin("qcow2-info").to_str().unwrap(), args)
 }
 
+/// The text of `qcow2-info IMG` in `cwd`, which must mention each of `wants`.
+fn qcow2_info_mentions(cwd: &Path, img: &str, wants: &[&str]) -> String {
+    let t = qcow2_info(cwd, &[img]);
+    for want in wants {
+        assert!(t.contains(want), "qcow2-info {img}: no {want:?} in:\n{t}");
+    }
+    t
+}
+
 #[test]
 fn qcow2_info_reports_facts() {
     let s = Scratch::new();
     let d = s.dir();
     make_chain(&s);
-    create(d, "ext.qcow2", "extended_l2=on,cluster_size=16384", 3 * MIB);
-    io(d, "ext.qcow2", &[w(0x11, 512, 512)]);
-    create(
+    qemu_create(d, "ext.qcow2", "extended_l2=on,cluster_size=16384", 3 * MIB);
+    qemu_io(d, "ext.qcow2", &[w(0x11, 512, 512)]);
+    qemu_create(
         d,
         "zstd.qcow2",
         "compression_type=zstd,cluster_size=4096",
         5 * MIB,
     );
-    io(d, "zstd.qcow2", &[wc(0x22, 0, 4096)]);
-    create(d, "v2.qcow2", "compat=0.10", 4 * MIB + 512);
-    create(d, "snap.qcow2", "", MIB);
+    qemu_io(d, "zstd.qcow2", &[wc(0x22, 0, 4096)]);
+    qemu_create(d, "v2.qcow2", "compat=0.10", 4 * MIB + 512);
+    qemu_create(d, "snap.qcow2", "", MIB);
     qemu_img(d, &["snapshot", "-c", "first", "snap.qcow2"]);
     qemu_img(d, &["bitmap", "--add", "snap.qcow2", "dirtymap"]);
 
-    let t = qcow2_info(d, &["ext.qcow2"]);
-    for want in [
-        "virtual size:  3 MiB (3145728 bytes)",
-        "cluster size:  16 KiB (16384 bytes)",
-        "extended L2",
-        "zlib compression",
-    ] {
-        assert!(
-            t.contains(want),
-            "qcow2-info ext.qcow2: no {want:?} in:\n{t}"
-        );
-    }
+    qcow2_info_mentions(
+        d,
+        "ext.qcow2",
+        &[
+            "virtual size:  3 MiB (3145728 bytes)",
+            "cluster size:  16 KiB (16384 bytes)",
+            "extended L2",
+            "zlib compression",
+        ],
+    );
 
-    let t = qcow2_info(d, &["zstd.qcow2"]);
-    for want in [
-        "virtual size:  5 MiB (5242880 bytes)",
-        "cluster size:  4 KiB (4096 bytes)",
-        "zstd compression",
-    ] {
-        assert!(
-            t.contains(want),
-            "qcow2-info zstd.qcow2: no {want:?} in:\n{t}"
-        );
-    }
+    let t = qcow2_info_mentions(
+        d,
+        "zstd.qcow2",
+        &[
+            "virtual size:  5 MiB (5242880 bytes)",
+            "cluster size:  4 KiB (4096 bytes)",
+            "zstd compression",
+        ],
+    );
     assert!(!t.contains("extended L2"), "qcow2-info zstd.qcow2:\n{t}");
 
-    let t = qcow2_info(d, &["v2.qcow2"]);
-    for want in ["4194816 bytes", "compat 0.10", "65536 bytes"] {
-        assert!(
-            t.contains(want),
-            "qcow2-info v2.qcow2: no {want:?} in:\n{t}"
-        );
-    }
-
-    let t = qcow2_info(d, &["snap.qcow2"]);
-    for want in ["first", "dirtymap", "1 MiB (1048576 bytes)"] {
-        assert!(
-            t.contains(want),
-            "qcow2-info snap.qcow2: no {want:?} in:\n{t}"
-        );
-    }
-
-    let t = qcow2_info(d, &["sub/top.qcow2"]);
-    for want in [
-        "virtual size:  4 MiB (4194304 bytes)",
-        "cluster size:  32 KiB (32768 bytes)",
-        "mid.qcow2",
-        "base.qcow2",
-    ] {
-        assert!(
-            t.contains(want),
-            "qcow2-info sub/top.qcow2: no {want:?} in:\n{t}"
-        );
-    }
+    qcow2_info_mentions(
+        d,
+        "v2.qcow2",
+        &["4194816 bytes", "compat 0.10", "65536 bytes"],
+    );
+    qcow2_info_mentions(
+        d,
+        "snap.qcow2",
+        &["first", "dirtymap", "1 MiB (1048576 bytes)"],
+    );
+    let t = qcow2_info_mentions(
+        d,
+        "sub/top.qcow2",
+        &[
+            "virtual size:  4 MiB (4194304 bytes)",
+            "cluster size:  32 KiB (32768 bytes)",
+            "mid.qcow2",
+            "base.qcow2",
+        ],
+    );
     let chain_line = t
         .lines()
         .find(|l| l.contains("backing chain"))
@@ -1526,10 +1386,10 @@ fn qcow2_info_reports_facts() {
 fn harness_detects_differences() {
     let s = Scratch::new();
     let d = s.dir();
-    create(d, "a.qcow2", "", 4 * MIB);
-    create(d, "b.qcow2", "compat=0.10,cluster_size=4096", 2 * MIB);
-    io(d, "a.qcow2", &[w(0x11, 5000, 10)]);
-    let info = |img: &str| json(&qemu_img(d, &["info", "--output=json", img]));
+    qemu_create(d, "a.qcow2", "", 4 * MIB);
+    qemu_create(d, "b.qcow2", "compat=0.10,cluster_size=4096", 2 * MIB);
+    qemu_io(d, "a.qcow2", &[w(0x11, 5000, 10)]);
+    let info = |img: &str| qemu_info(d, img);
     let diffs = info_diffs("a/b", &info("a.qcow2"), &info("b.qcow2")).join("\n");
     for key in [
         "\"virtual-size\"",
@@ -1581,7 +1441,11 @@ fn convert_options_and_raw_source() {
         "convert -f qcow2 -p (qemu-img / ours)"
     );
     let o = ours(d, &["info", "-f", "qcow2", "--output=json", "img.qcow2"]);
-    assert!(o.status.success(), "info -f qcow2: {}", stderr_of(&o));
+    assert!(
+        o.status.success(),
+        "info -f qcow2: {}",
+        stderr_of(&o).trim()
+    );
     let q = json(&qemu_img(
         d,
         &["info", "-f", "qcow2", "--output=json", "img.qcow2"],
@@ -1593,13 +1457,5 @@ fn convert_options_and_raw_source() {
     let mut raw = patterned_raw(3 * MIB);
     raw.resize(4 * MIB as usize, 0);
     std::fs::write(s.path("src.raw"), &raw).unwrap();
-    Target {
-        variant: "raw source image",
-        qemu_cwd: d,
-        ours_cwd: d,
-        img: "src.raw",
-        out: d,
-        check: None,
-    }
-    .assert_same();
+    assert_same_in("raw source image", d, "src.raw", None);
 }

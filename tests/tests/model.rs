@@ -24,9 +24,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError};
-use qcowkit_core::{
-    create, CreateOptions, FileRole, Image, MemError, OpenOptions, Opened, Opener, WritableImage,
-};
+use qcowkit_core::{create, CreateOptions, Image, OpenOptions, WritableImage};
 use qcowkit_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -54,10 +52,11 @@ fn bases() -> &'static Bases {
     static BASES: OnceLock<Bases> = OnceLock::new();
     BASES.get_or_init(|| {
         let s = Scratch::new();
-        qemu_img(s.dir(), &["create", "-f", "qcow2", "base.qcow2", "4M"]);
-        qemu_io(
+        let qcow2_file = qemu_image(
             s.dir(),
             "base.qcow2",
+            "",
+            "4M",
             &[
                 "write -P 0x11 0 300k",
                 "write -P 0x22 1M 64k",
@@ -67,25 +66,13 @@ fn bases() -> &'static Bases {
                 "write -P 0x55 4128768 65536",
             ],
         );
-        qemu_img(
-            s.dir(),
-            &[
-                "convert",
-                "-f",
-                "qcow2",
-                "-O",
-                "raw",
-                "base.qcow2",
-                "base.img",
-            ],
-        );
         let mut raw = vec![0u8; (3 * MIB + 777) as usize];
         for (i, b) in raw.iter_mut().enumerate() {
             *b = ((i / 512) as u8).wrapping_mul(29) ^ (i as u8) | 0x80;
         }
         Bases {
-            qcow2_file: std::fs::read(s.path("base.qcow2")).unwrap(),
-            qcow2_guest: std::fs::read(s.path("base.img")).unwrap(),
+            qcow2_guest: qemu_contents(s.dir(), "base.qcow2"),
+            qcow2_file,
             raw,
         }
     })
@@ -114,20 +101,12 @@ impl BackingKind {
             BackingKind::Raw => &bases().raw,
         }
     }
-}
 
-/// Hands out the backing file by name.
-struct BackingOpener(BackingKind);
-
-impl Opener<Vec<u8>> for BackingOpener {
-    fn open(&mut self, _: &str, name: &str, _: FileRole) -> Result<Opened<Vec<u8>>, MemError> {
-        match self.0.name() {
-            Some((n, _)) if n == name => Ok(Opened {
-                io: self.0.file().to_vec(),
-                resolved: name.to_string(),
-                identity: name.to_string(),
-            }),
-            _ => Err(MemError { offset: 0, len: 0 }),
+    /// An opener handing out the backing file by name.
+    fn opener(self) -> Files {
+        match self.name() {
+            Some((n, _)) => Files::new().with(n, self.file().to_vec()),
+            None => Files::new(),
         }
     }
 }
@@ -203,8 +182,7 @@ impl Setup {
         let r = if self.backing == BackingKind::None {
             WritableImage::open(disk, &opts)
         } else {
-            let mut op = BackingOpener(self.backing);
-            WritableImage::open_with(disk, "top.qcow2", "top", &mut op, &opts)
+            WritableImage::open_with(disk, "top.qcow2", "top", &mut self.backing.opener(), &opts)
         };
         r.map_err(|e| format!("open_rw: {e}"))
     }
@@ -214,8 +192,7 @@ impl Setup {
         let r = if self.backing == BackingKind::None {
             Image::open(disk, &opts)
         } else {
-            let mut op = BackingOpener(self.backing);
-            Image::open_with(disk, "top.qcow2", "top", &mut op, &opts)
+            Image::open_with(disk, "top.qcow2", "top", &mut self.backing.opener(), &opts)
         };
         r.map_err(|e| format!("open: {e}"))
     }
@@ -352,7 +329,7 @@ fn case_strategy() -> impl Strategy<Value = (Setup, Vec<Op>)> {
 // Running a case
 
 /// An image made and filled by qemu-img/qemu-io, and its guest contents.
-fn qemu_image(s: &Setup) -> (Vec<u8>, Vec<u8>) {
+fn filled_by_qemu(s: &Setup) -> (Vec<u8>, Vec<u8>) {
     let dir = Scratch::new();
     let d = dir.dir();
     let cs = s.cluster_size;
@@ -378,11 +355,7 @@ fn qemu_image(s: &Setup) -> (Vec<u8>, Vec<u8>) {
         format!("write -P 0x64 {} 5000", MIB + 300),
         format!("write -P 0x65 {} 1000", s.size - 1000),
     ];
-    qemu_io(
-        d,
-        "top.qcow2",
-        &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    qemu_io(d, "top.qcow2", &cmds);
     if s.origin == Origin::QemuSnapshot {
         qemu_img(d, &["snapshot", "-c", "s1", "top.qcow2"]);
         let cmds = [
@@ -390,27 +363,11 @@ fn qemu_image(s: &Setup) -> (Vec<u8>, Vec<u8>) {
             format!("write -z {} {cs}", 5 * cs),
             format!("write -P 0x67 {} 3000", 2 * MIB),
         ];
-        qemu_io(
-            d,
-            "top.qcow2",
-            &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        qemu_io(d, "top.qcow2", &cmds);
     }
-    qemu_img(
-        d,
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            "top.qcow2",
-            "guest.raw",
-        ],
-    );
     (
         std::fs::read(dir.path("top.qcow2")).unwrap(),
-        std::fs::read(dir.path("guest.raw")).unwrap(),
+        qemu_contents(d, "top.qcow2"),
     )
 }
 
@@ -433,7 +390,7 @@ fn run_case(s: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
                 .map_err(|e| fail(format!("create: {e}")))?;
             (disk, base.clone())
         }
-        Origin::Qemu | Origin::QemuSnapshot => qemu_image(s),
+        Origin::Qemu | Origin::QemuSnapshot => filled_by_qemu(s),
     };
     let mut img = s.open_rw(disk).map_err(fail)?;
     let mut got = vec![0u8; size];
@@ -484,11 +441,7 @@ fn run_case(s: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
         img.read_at(0, &mut got)
             .map_err(|e| at(format!("read of the whole disk: {e}")))?;
         if got != model {
-            let x = got
-                .iter()
-                .zip(&model)
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
+            let x = first_difference(&got, &model).unwrap_or(0);
             return Err(at(format!(
                 "guest byte {x:#x} (cluster {}) reads {:#04x}, model says {:#04x}",
                 x as u64 / cs,
@@ -521,41 +474,9 @@ fn run_case(s: &Setup, ops: &[Op]) -> Result<(), TestCaseError> {
     }
     std::fs::write(dir.path("top.qcow2"), &disk).unwrap();
     std::fs::write(dir.path("model.raw"), &model).unwrap();
-    let out = run_in(
-        dir.dir(),
-        "qemu-img",
-        &["check", "-f", "qcow2", "top.qcow2"],
-    );
-    if code(&out) != 0 {
-        return Err(fail(format!(
-            "qemu-img check exited {}: {}{}",
-            code(&out),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    let out = run_in(
-        dir.dir(),
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "top.qcow2",
-            "model.raw",
-        ],
-    );
-    if code(&out) != 0 {
-        return Err(fail(format!(
-            "qemu-img compare with the model exited {}: {}{}",
-            code(&out),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(())
+    qemu_img_check(dir.dir(), "top.qcow2").map_err(fail)?;
+    qemu_img_compare(dir.dir(), "top.qcow2", "qcow2", "model.raw", "raw")
+        .map_err(|e| fail(format!("with the model: {e}")))
 }
 
 fn config() -> Config {
@@ -563,16 +484,14 @@ fn config() -> Config {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
-    let seed = std::env::var("PROPTEST_RNG_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(0);
-            h.finish()
-        });
-    eprintln!("model: {cases} cases, PROPTEST_RNG_SEED={seed}");
+    let seed = env_seed("PROPTEST_RNG_SEED").unwrap_or_else(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        h.finish()
+    });
+    announce_seed("model", "PROPTEST_RNG_SEED", seed);
+    println!("model: {cases} cases");
     Config {
         cases,
         rng_seed: RngSeed::Fixed(seed),
@@ -597,21 +516,13 @@ proptest! {
 #[test]
 fn v3_512_byte_clusters_with_a_backing_file_can_be_created() {
     let s = Scratch::new();
-    qemu_img(s.dir(), &["create", "-f", "qcow2", "base.qcow2", "4M"]);
-    qemu_img(
+    qemu_create(s.dir(), "base.qcow2", "", "4M");
+    qemu_overlay(
         s.dir(),
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "qemu.qcow2",
-        ],
+        "qemu.qcow2",
+        "cluster_size=512",
+        ("base.qcow2", "qcow2"),
+        None,
     );
     let mut disk = Vec::new();
     let opts = CreateOptions {
@@ -624,8 +535,7 @@ fn v3_512_byte_clusters_with_a_backing_file_can_be_created() {
     create::format(&mut disk, &opts)
         .expect("create a v3 image with 512-byte clusters and a backing file");
     std::fs::write(s.path("ours.qcow2"), &disk).unwrap();
-    let out = run_in(s.dir(), "qemu-img", &["check", "ours.qcow2"]);
-    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_qemu_img_check(s.dir(), "ours.qcow2");
 }
 
 /// With 1-bit refcounts a host cluster cannot hold two compressed clusters
@@ -633,15 +543,12 @@ fn v3_512_byte_clusters_with_a_backing_file_can_be_created() {
 /// new host cluster instead of failing with a refcount overflow.
 #[test]
 fn compressed_writes_with_1_bit_refcounts() {
-    let mut disk = Vec::new();
-    let opts = CreateOptions {
+    let mut img = new_image(&CreateOptions {
         size: 4 * MIB,
         cluster_size: 512,
         refcount_bits: 1,
         ..CreateOptions::default()
-    };
-    create::format(&mut disk, &opts).unwrap();
-    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
+    });
     for (i, pat) in [1u8, 2, 3].into_iter().enumerate() {
         let off = i as u64 * 512;
         let stored = img
@@ -664,13 +571,10 @@ fn compressed_writes_with_1_bit_refcounts() {
 /// not the previous cluster's (decompressed data cached by host offset).
 #[test]
 fn compressed_data_at_a_reused_host_offset_reads_back() {
-    let mut disk = Vec::new();
-    let opts = CreateOptions {
+    let mut img = new_image(&CreateOptions {
         size: 4 * MIB,
         ..CreateOptions::default()
-    };
-    create::format(&mut disk, &opts).unwrap();
-    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
+    });
     let cs = 65536u64;
     assert!(img
         .write_compressed(7 * cs, &vec![0x11; cs as usize])

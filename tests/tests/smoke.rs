@@ -6,7 +6,7 @@ use qcowkit_tests::*;
 fn convert_matches_qemu_img() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-f", "qcow2", "a.qcow2", "4M"]);
+    qemu_create(d, "a.qcow2", "", "4M");
     qemu_io(
         d,
         "a.qcow2",

@@ -1,26 +1,12 @@
 //! First checks of the write path: images we create and write must pass
 //! `qemu-img check` and read back through qemu-io.
 
-use qcowkit_core::{create, CreateOptions, OpenOptions, WritableImage};
+use qcowkit_core::{CreateOptions, WritableImage};
 use qcowkit_tests::*;
 
-fn new_image(opts: &CreateOptions) -> WritableImage<Vec<u8>> {
-    let mut disk = Vec::new();
-    create::format(&mut disk, opts).unwrap();
-    WritableImage::open(disk, &OpenOptions::default()).unwrap()
-}
-
 fn save_and_check(s: &Scratch, name: &str, img: WritableImage<Vec<u8>>) {
-    let bytes = img.into_inner();
-    std::fs::write(s.path(name), bytes).unwrap();
-    let out = run_in(s.dir(), "qemu-img", &["check", name]);
-    assert_eq!(
-        code(&out),
-        0,
-        "qemu-img check {name}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    std::fs::write(s.path(name), img.into_inner()).unwrap();
+    assert_qemu_img_check(s.dir(), name);
 }
 
 #[test]

@@ -28,15 +28,6 @@ const MIB: u64 = 1024 * KIB;
 // ---------------------------------------------------------------------------
 // Small helpers
 
-/// stdout and stderr of a finished command.
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Failures of a matrix test, reported together at the end.
 #[derive(Default)]
 struct Failures(Vec<String>);
@@ -52,6 +43,14 @@ impl Failures {
         }
     }
 
+    /// Whether the command `out` came from exited 0; a failure otherwise.
+    fn ran(&mut self, ctx: &str, out: &Output) -> bool {
+        if code(out) != 0 {
+            self.add(ctx, format!("exit {}: {}", code(out), output_text(out)));
+        }
+        code(out) == 0
+    }
+
     fn finish(self) {
         assert!(
             self.0.is_empty(),
@@ -62,43 +61,6 @@ impl Failures {
     }
 }
 
-/// `qemu-img check IMG` must exit 0.
-fn check_image(cwd: &Path, img: &str) -> Result<(), String> {
-    let out = run_in(cwd, "qemu-img", &["check", img]);
-    if code(&out) == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img check {img} exited {}: {}",
-            code(&out),
-            text(&out)
-        ))
-    }
-}
-
-/// `qemu-img compare -f FA -F FB A B` must exit 0.
-fn compare_images(cwd: &Path, a: &str, fa: &str, b: &str, fb: &str) -> Result<(), String> {
-    let out = run_in(cwd, "qemu-img", &["compare", "-f", fa, "-F", fb, a, b]);
-    if code(&out) == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img compare {a} {b} exited {}: {}",
-            code(&out),
-            text(&out)
-        ))
-    }
-}
-
-/// Guest contents of a qcow2 image, through `qemu-img convert -O raw`.
-fn contents(cwd: &Path, img: &str) -> Vec<u8> {
-    let raw = format!("{img}.contents.raw");
-    qemu_img(cwd, &["convert", "-f", "qcow2", "-O", "raw", img, &raw]);
-    let bytes = std::fs::read(cwd.join(&raw)).expect("read converted image");
-    std::fs::remove_file(cwd.join(&raw)).expect("remove converted image");
-    bytes
-}
-
 /// Guest contents of an image, read by us.
 fn our_contents(path: &Path) -> Result<Vec<u8>, String> {
     let mut disk = Disk::open(path, &DiskOptions::default()).map_err(|e| format!("open: {e}"))?;
@@ -106,11 +68,6 @@ fn our_contents(path: &Path) -> Result<Vec<u8>, String> {
     disk.read_at(0, &mut buf)
         .map_err(|e| format!("read: {e}"))?;
     Ok(buf)
-}
-
-/// `qemu-img info --output=json`.
-fn info(cwd: &Path, img: &str) -> Value {
-    json(&qemu_img(cwd, &["info", "--output=json", img]))
 }
 
 /// `qemu-img map --output=json`.
@@ -132,91 +89,8 @@ fn entries_in(map: &[Value], start: u64, end: u64) -> Vec<&Value> {
         .collect()
 }
 
-/// Describes how `got` differs from `want` (None when equal).
-fn diff(got: &[u8], want: &[u8]) -> Option<String> {
-    if got == want {
-        return None;
-    }
-    let mut msg = String::new();
-    if got.len() != want.len() {
-        msg += &format!("length {} instead of {}; ", got.len(), want.len());
-    }
-    let n = got.len().min(want.len());
-    let mut runs = Vec::new();
-    let mut i = 0;
-    let mut total = 0usize;
-    while i < n {
-        if got[i] != want[i] {
-            let s = i;
-            while i < n && got[i] != want[i] {
-                i += 1;
-            }
-            total += i - s;
-            runs.push((s, i));
-        } else {
-            i += 1;
-        }
-    }
-    msg += &format!("{total} byte(s) differ in {} run(s):", runs.len());
-    for (s, e) in runs.iter().take(8) {
-        msg += &format!(" [{s}..{e}) got {:#04x} want {:#04x};", got[*s], want[*s]);
-    }
-    Some(msg)
-}
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, n)` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-
-    /// Uniform in `[lo, hi)`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
-/// The seed of a random workload: `WRITE_INTEROP_SEED` or `default`; printed.
-fn seed(name: &str, default: u64) -> u64 {
-    let s = std::env::var("WRITE_INTEROP_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    println!("{name}: seed {s} (replay with WRITE_INTEROP_SEED={s})");
-    s
-}
+/// Seeds of the random workloads: `WRITE_INTEROP_SEED` replaces them.
+const SEED_VAR: &str = "WRITE_INTEROP_SEED";
 
 /// Compressible text: numbered lines, `len` bytes starting at line `from`.
 fn text_bytes(len: usize, from: u64) -> Vec<u8> {
@@ -239,16 +113,16 @@ fn mkdir(dir: &Path) {
 
 /// Runs qemu-io on a qcow2 image with discards enabled (`-d unmap`); the
 /// commands must all succeed.
-fn qio(cwd: &Path, img: &str, cmds: &[String]) -> Result<(), String> {
+fn qio<S: AsRef<str>>(cwd: &Path, img: &str, cmds: &[S]) -> Result<(), String> {
     for chunk in cmds.chunks(200) {
         let mut args = vec!["-f", "qcow2", "-d", "unmap"];
         for c in chunk {
             args.push("-c");
-            args.push(c);
+            args.push(c.as_ref());
         }
         args.push(img);
         let out = run_in(cwd, "qemu-io", &args);
-        let t = text(&out);
+        let t = output_text(&out);
         if code(&out) != 0 || t.contains("error") || t.contains("failed") || t.contains("Error") {
             return Err(format!("qemu-io {img} exited {}: {t}", code(&out)));
         }
@@ -256,15 +130,19 @@ fn qio(cwd: &Path, img: &str, cmds: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens `path` with our write path (default options), runs `f` on the
+/// image, then flushes and closes it.
+fn write_ours(path: &Path, f: impl FnOnce(&mut WritableImage<FileIo>)) {
+    let mut img = open_qcow2_rw(path, &OpenOptions::default()).unwrap();
+    f(&mut img);
+    img.flush().unwrap();
+}
+
 /// Like [`qio`], panicking on failure.
-fn qio_ok(cwd: &Path, img: &str, cmds: &[String]) {
+fn qio_ok<S: AsRef<str> + std::fmt::Debug>(cwd: &Path, img: &str, cmds: &[S]) {
     if let Err(e) = qio(cwd, img, cmds) {
         panic!("{e}\ncommands: {cmds:?}");
     }
-}
-
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -314,7 +192,7 @@ fn fill_of(start: u64, end: u64) -> Option<Fill> {
         .map(|(_, _, f)| *f)
 }
 
-fn varied_raw(rng: &mut Rng) -> Vec<u8> {
+fn varied_raw(rng: &mut SplitMix64) -> Vec<u8> {
     let mut v = vec![0u8; RAW_SIZE as usize];
     for (s, e, f) in LAYOUT.iter().chain(PATCHES) {
         let (s, e) = (*s as usize, *e as usize);
@@ -427,16 +305,16 @@ fn create_cases() -> Vec<CreateCase> {
 
 /// Backing files for the create tests: `base.qcow2` (3 MiB, data written by
 /// qemu-io) and `base.raw` (3 MiB + 512, random).
-fn make_bases(dir: &Path, rng: &mut Rng) {
-    qemu_img(dir, &["create", "-f", "qcow2", "-q", "base.qcow2", "3M"]);
+fn make_bases(dir: &Path, rng: &mut SplitMix64) {
+    qemu_create(dir, "base.qcow2", "", "3M");
     qio_ok(
         dir,
         "base.qcow2",
-        &strs(&[
+        &[
             "write -P 0x61 0 100k",
             "write -P 0x62 1M 64k",
             "write -P 0x63 3000000 145728",
-        ]),
+        ],
     );
     std::fs::write(dir.join("base.raw"), rng.bytes((3 * MIB + 512) as usize)).unwrap();
 }
@@ -452,7 +330,7 @@ const INFO_KEYS: &[&str] = &[
 #[test]
 fn create_matches_qemu_img_for_every_option() {
     let s = Scratch::new();
-    let mut rng = Rng::new(1);
+    let mut rng = SplitMix64::new(1);
     make_bases(s.dir(), &mut rng);
     let mut f = Failures::default();
     for (i, case) in create_cases().iter().enumerate() {
@@ -464,30 +342,33 @@ fn create_matches_qemu_img_for_every_option() {
         mkdir(&qemu_dir);
         let out = ours(&ours_dir, &args);
         if code(&out) != 0 {
-            f.add(&ctx, format!("ours exited {}: {}", code(&out), text(&out)));
+            f.add(
+                &ctx,
+                format!("ours exited {}: {}", code(&out), output_text(&out)),
+            );
             continue;
         }
         let q = run_in(&qemu_dir, "qemu-img", &args);
-        assert_eq!(code(&q), 0, "{ctx}: qemu-img failed: {}", text(&q));
-        let ours_line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let qemu_line = String::from_utf8_lossy(&q.stdout).trim().to_string();
+        assert_eq!(code(&q), 0, "{ctx}: qemu-img failed: {}", output_text(&q));
+        let ours_line = stdout_of(&out).trim().to_string();
+        let qemu_line = stdout_of(&q).trim().to_string();
         if ours_line != qemu_line {
             f.add(
                 &ctx,
                 format!("Formatting line differs:\n  ours: {ours_line}\n  qemu: {qemu_line}"),
             );
         }
-        f.check(&ctx, check_image(&ours_dir, "img.qcow2"));
+        f.check(&ctx, qemu_img_check(&ours_dir, "img.qcow2"));
         if case.opts.contains("data_file") {
             // QEMU opens data files relative to its working directory, so
             // each image is read from its own directory.
-            if contents(&ours_dir, "img.qcow2") != contents(&qemu_dir, "img.qcow2") {
+            if qemu_contents(&ours_dir, "img.qcow2") != qemu_contents(&qemu_dir, "img.qcow2") {
                 f.add(&ctx, "guest contents differ from qemu-img's image");
             }
         } else {
             f.check(
                 &ctx,
-                compare_images(
+                qemu_img_compare(
                     s.dir(),
                     &format!("c{i}/o/img.qcow2"),
                     "qcow2",
@@ -496,8 +377,8 @@ fn create_matches_qemu_img_for_every_option() {
                 ),
             );
         }
-        let oi = info(&ours_dir, "img.qcow2");
-        let qi = info(&qemu_dir, "img.qcow2");
+        let oi = qemu_info(&ours_dir, "img.qcow2");
+        let qi = qemu_info(&qemu_dir, "img.qcow2");
         for k in INFO_KEYS {
             if oi[k] != qi[k] {
                 f.add(&ctx, format!("info {k}: ours {} qemu {}", oi[k], qi[k]));
@@ -545,7 +426,7 @@ fn create_matches_qemu_img_for_every_option() {
 #[test]
 fn create_refuses_what_qemu_img_refuses() {
     let s = Scratch::new();
-    let mut rng = Rng::new(2);
+    let mut rng = SplitMix64::new(2);
     make_bases(s.dir(), &mut rng);
     let cases = [
         cc("extended_l2=on,cluster_size=8k"),
@@ -574,11 +455,11 @@ fn create_refuses_what_qemu_img_refuses() {
         assert_ne!(code(&q), 0, "{ctx}: qemu-img accepted it");
         let _ = std::fs::remove_file(dir.join("img.qcow2"));
         let out = ours(&dir, &args);
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let err = stderr_of(&out);
         if code(&out) != 1 {
             f.add(
                 &ctx,
-                format!("exit {} instead of 1: {}", code(&out), text(&out)),
+                format!("exit {} instead of 1: {}", code(&out), output_text(&out)),
             );
         } else if !err.starts_with("qcow2: ") {
             f.add(&ctx, format!("no 'qcow2: ...' message: {err:?}"));
@@ -648,23 +529,25 @@ fn convert_matrix(dir: &Path, src: &str, fmt: &str, f: &mut Failures) {
         }
         args.extend([src, dst.as_str()]);
         let ctx = args.join(" ");
-        let out = ours(dir, &args);
-        if code(&out) != 0 {
-            f.add(&ctx, format!("exit {}: {}", code(&out), text(&out)));
+        if !f.ran(&ctx, &ours(dir, &args)) {
             continue;
         }
-        f.check(&ctx, check_image(dir, &dst));
-        f.check(&ctx, compare_images(dir, src, fmt, &dst, "qcow2"));
+        f.check(&ctx, qemu_img_check(dir, &dst));
+        f.check(&ctx, qemu_img_compare(dir, src, fmt, &dst, "qcow2"));
     }
 }
 
 #[test]
 fn convert_raw_source_with_every_option() {
     let s = Scratch::new();
-    let seed = seed("convert_raw_source", 11);
-    std::fs::write(s.path("src.raw"), varied_raw(&mut Rng::new(seed))).unwrap();
+    let seed = seed_or("convert_raw_source", SEED_VAR, 11);
+    std::fs::write(s.path("src.raw"), varied_raw(&mut SplitMix64::new(seed))).unwrap();
     // A size that is not a multiple of 512.
-    std::fs::write(s.path("odd.raw"), Rng::new(seed + 1).bytes(100_000 + 77)).unwrap();
+    std::fs::write(
+        s.path("odd.raw"),
+        SplitMix64::new(seed + 1).bytes(100_000 + 77),
+    )
+    .unwrap();
     let mut f = Failures::default();
     convert_matrix(s.dir(), "src.raw", "raw", &mut f);
     for args in [
@@ -689,19 +572,17 @@ fn convert_raw_source_with_every_option() {
         ],
     ] {
         let ctx = args.join(" ");
-        let out = ours(s.dir(), &args);
-        if code(&out) != 0 {
-            f.add(&ctx, format!("exit {}: {}", code(&out), text(&out)));
+        if !f.ran(&ctx, &ours(s.dir(), &args)) {
             continue;
         }
         let dst = args.last().unwrap();
-        f.check(&ctx, check_image(s.dir(), dst));
+        f.check(&ctx, qemu_img_check(s.dir(), dst));
         f.check(
             &ctx,
-            compare_images(s.dir(), "odd.raw", "raw", dst, "qcow2"),
+            qemu_img_compare(s.dir(), "odd.raw", "raw", dst, "qcow2"),
         );
         let want = std::fs::read(s.path("odd.raw")).unwrap();
-        let got = contents(s.dir(), dst);
+        let got = qemu_contents(s.dir(), dst);
         if got.len() != 100_352
             || got[..want.len()] != want[..]
             || got[want.len()..].iter().any(|b| *b != 0)
@@ -715,119 +596,87 @@ fn convert_raw_source_with_every_option() {
 /// qcow2 images made by QEMU, in `dir`: `chain.qcow2` (over `base.qcow2`),
 /// `extl2.qcow2` (extended L2 over `base.qcow2`), `comp.qcow2` (compressed
 /// clusters), `snaps.qcow2` (internal snapshots).
-fn qemu_sources(dir: &Path, rng: &mut Rng) {
-    qemu_img(dir, &["create", "-f", "qcow2", "-q", "base.qcow2", "3M"]);
+fn qemu_sources(dir: &Path, rng: &mut SplitMix64) {
+    qemu_create(dir, "base.qcow2", "", "3M");
     qio_ok(
         dir,
         "base.qcow2",
-        &strs(&[
+        &[
             "write -P 0x11 0 1M",
             "write -P 0x12 1M 512k",
             "write -P 0x13 2500000 200000",
             "write -z 200k 64k",
-        ]),
-    );
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-q",
-            "-o",
-            "cluster_size=32k",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "chain.qcow2",
-            "3M",
         ],
+    );
+    qemu_overlay(
+        dir,
+        "chain.qcow2",
+        "cluster_size=32k",
+        ("base.qcow2", "qcow2"),
+        Some("3M"),
     );
     qio_ok(
         dir,
         "chain.qcow2",
-        &strs(&[
+        &[
             "write -P 0x21 100000 5000",
             "write -z 500k 100k",
             "write -P 0x22 2M 300k",
             "write -P 0x23 3140000 5000",
             "discard 0 32k",
-        ]),
-    );
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-q",
-            "-o",
-            "extended_l2=on,cluster_size=64k",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "extl2.qcow2",
-            "3M",
         ],
+    );
+    qemu_overlay(
+        dir,
+        "extl2.qcow2",
+        "extended_l2=on,cluster_size=64k",
+        ("base.qcow2", "qcow2"),
+        Some("3M"),
     );
     qio_ok(
         dir,
         "extl2.qcow2",
-        &strs(&[
+        &[
             "write -P 0x31 0 2k",
             "write -P 0x32 6k 3k",
             "write -z 64k 4k",
             "write -P 0x33 1100k 100",
             "write -z 1200k 64k",
             "write -P 0x34 2000k 130k",
-        ]),
-    );
-    std::fs::write(dir.join("comp-src.raw"), varied_raw(rng)).unwrap();
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "comp-src.raw",
-            "comp.qcow2",
         ],
     );
+    std::fs::write(dir.join("comp-src.raw"), varied_raw(rng)).unwrap();
+    qemu_compressed(dir, "comp-src.raw", "comp.qcow2", "");
     qio_ok(
         dir,
         "comp.qcow2",
-        &strs(&["write -P 0x41 1400000 3000", "write -z 1500000 100000"]),
+        &["write -P 0x41 1400000 3000", "write -z 1500000 100000"],
     );
-    qemu_img(dir, &["create", "-f", "qcow2", "-q", "snaps.qcow2", "3M"]);
+    qemu_create(dir, "snaps.qcow2", "", "3M");
     qio_ok(
         dir,
         "snaps.qcow2",
-        &strs(&["write -P 0x51 0 1M", "write -P 0x52 2M 512k"]),
+        &["write -P 0x51 0 1M", "write -P 0x52 2M 512k"],
     );
     qemu_img(dir, &["snapshot", "-c", "s1", "snaps.qcow2"]);
     qio_ok(
         dir,
         "snaps.qcow2",
-        &strs(&["write -P 0x53 100k 200k", "write -z 2M 64k"]),
+        &["write -P 0x53 100k 200k", "write -z 2M 64k"],
     );
     qemu_img(dir, &["snapshot", "-c", "s2", "snaps.qcow2"]);
     qio_ok(
         dir,
         "snaps.qcow2",
-        &strs(&["write -P 0x54 500k 10", "discard 1M 1M"]),
+        &["write -P 0x54 500k 10", "discard 1M 1M"],
     );
 }
 
 #[test]
 fn convert_qemu_sources_with_every_option() {
     let s = Scratch::new();
-    let seed = seed("convert_qemu_sources", 12);
-    qemu_sources(s.dir(), &mut Rng::new(seed));
+    let seed = seed_or("convert_qemu_sources", SEED_VAR, 12);
+    qemu_sources(s.dir(), &mut SplitMix64::new(seed));
     let mut f = Failures::default();
     for src in ["chain.qcow2", "extl2.qcow2", "comp.qcow2", "snaps.qcow2"] {
         convert_matrix(s.dir(), src, "qcow2", &mut f);
@@ -838,8 +687,8 @@ fn convert_qemu_sources_with_every_option() {
 #[test]
 fn convert_compressed_has_compressed_clusters() {
     let s = Scratch::new();
-    let seed = seed("convert_compressed", 13);
-    std::fs::write(s.path("src.raw"), varied_raw(&mut Rng::new(seed))).unwrap();
+    let seed = seed_or("convert_compressed", SEED_VAR, 13);
+    std::fs::write(s.path("src.raw"), varied_raw(&mut SplitMix64::new(seed))).unwrap();
     let mut f = Failures::default();
     for (opts, cs) in [
         ("compression_type=zlib", 64 * KIB),
@@ -851,22 +700,20 @@ fn convert_compressed_has_compressed_clusters() {
             "convert", "-f", "raw", "-O", "qcow2", "-c", "-o", opts, "src.raw", &dst,
         ];
         let ctx = args.join(" ");
-        let out = ours(s.dir(), &args);
-        if code(&out) != 0 {
-            f.add(&ctx, format!("exit {}: {}", code(&out), text(&out)));
+        if !f.ran(&ctx, &ours(s.dir(), &args)) {
             continue;
         }
-        f.check(&ctx, check_image(s.dir(), &dst));
+        f.check(&ctx, qemu_img_check(s.dir(), &dst));
         f.check(
             &ctx,
-            compare_images(s.dir(), "src.raw", "raw", &dst, "qcow2"),
+            qemu_img_compare(s.dir(), "src.raw", "raw", &dst, "qcow2"),
         );
         let want_type = if opts.contains("zstd") {
             "zstd"
         } else {
             "zlib"
         };
-        let i = info(s.dir(), &dst);
+        let i = qemu_info(s.dir(), &dst);
         if i["format-specific"]["data"]["compression-type"] != want_type {
             f.add(
                 &ctx,
@@ -917,7 +764,7 @@ fn check_only_differences(
     f: &mut Failures,
     ctx: &str,
 ) {
-    let cs = info(dir, dst)["cluster-size"].as_u64().unwrap();
+    let cs = qemu_info(dir, dst)["cluster-size"].as_u64().unwrap();
     let m = map(dir, dst);
     let mut c = 0u64;
     let mut allocated = 0;
@@ -950,10 +797,10 @@ fn check_only_differences(
 fn convert_with_backing_writes_only_differences() {
     let s = Scratch::new();
     let d = s.dir();
-    let seed = seed("convert_backing", 14);
-    let mut rng = Rng::new(seed);
+    let seed = seed_or("convert_backing", SEED_VAR, 14);
+    let mut rng = SplitMix64::new(seed);
     qemu_sources(d, &mut rng);
-    let base_q = contents(d, "base.qcow2");
+    let base_q = qemu_contents(d, "base.qcow2");
     let base_raw = varied_raw(&mut rng);
     std::fs::write(s.path("base.raw"), &base_raw).unwrap();
     // A raw source: the raw base with a few changes.
@@ -971,8 +818,8 @@ fn convert_with_backing_writes_only_differences() {
     src2[2 * MIB as usize..(2 * MIB + 4096) as usize].fill(0x55);
     src2[0..100].fill(0);
     std::fs::write(s.path("mod2.raw"), &src2).unwrap();
-    let chain = contents(d, "chain.qcow2");
-    let extl2 = contents(d, "extl2.qcow2");
+    let chain = qemu_contents(d, "chain.qcow2");
+    let extl2 = qemu_contents(d, "extl2.qcow2");
     let cases: Vec<(Vec<&str>, &Vec<u8>, &Vec<u8>)> = vec![
         (
             vec![
@@ -1083,21 +930,19 @@ fn convert_with_backing_writes_only_differences() {
         let mut args = vec!["convert", "-O", "qcow2"];
         args.extend(&extra);
         let ctx = args.join(" ");
-        let out = ours(d, &args);
-        if code(&out) != 0 {
-            f.add(&ctx, format!("exit {}: {}", code(&out), text(&out)));
+        if !f.ran(&ctx, &ours(d, &args)) {
             continue;
         }
         let (src_name, dst) = (extra[extra.len() - 2], extra[extra.len() - 1]);
         let src_fmt = extra[1];
-        f.check(&ctx, check_image(d, dst));
-        f.check(&ctx, compare_images(d, src_name, src_fmt, dst, "qcow2"));
-        let i = info(d, dst);
+        f.check(&ctx, qemu_img_check(d, dst));
+        f.check(&ctx, qemu_img_compare(d, src_name, src_fmt, dst, "qcow2"));
+        let i = qemu_info(d, dst);
         let bf = extra[extra.iter().position(|a| *a == "-B").unwrap() + 1];
         if i["backing-filename"] != bf {
             f.add(&ctx, format!("backing-filename {}", i["backing-filename"]));
         }
-        if let Some(d2) = diff(&contents(d, dst), want) {
+        if let Some(d2) = byte_diff(&qemu_contents(d, dst), want) {
             f.add(&ctx, format!("contents: {d2}"));
         }
         check_only_differences(d, dst, want, base, &mut f, &ctx);
@@ -1167,7 +1012,7 @@ struct Geo {
 }
 
 fn geo_of(dir: &Path, img: &str) -> Geo {
-    let i = info(dir, img);
+    let i = qemu_info(dir, img);
     let cluster = i["cluster-size"].as_u64().unwrap();
     let ext = i["format-specific"]["data"]["extended-l2"] == true;
     Geo {
@@ -1177,7 +1022,7 @@ fn geo_of(dir: &Path, img: &str) -> Geo {
     }
 }
 
-fn gen_off(rng: &mut Rng, g: Geo) -> u64 {
+fn gen_off(rng: &mut SplitMix64, g: Geo) -> u64 {
     let off = match rng.below(4) {
         0 => rng.below(g.size),
         1 => rng.below(g.size / g.cluster + 1) * g.cluster,
@@ -1187,7 +1032,7 @@ fn gen_off(rng: &mut Rng, g: Geo) -> u64 {
     off.min(g.size - 1)
 }
 
-fn gen_len(rng: &mut Rng, g: Geo, off: u64) -> u64 {
+fn gen_len(rng: &mut SplitMix64, g: Geo, off: u64) -> u64 {
     let len = match rng.below(5) {
         0 => rng.range(1, 600),
         1 => g.sub * rng.range(1, 5),
@@ -1199,14 +1044,14 @@ fn gen_len(rng: &mut Rng, g: Geo, off: u64) -> u64 {
 }
 
 /// `n` random operations; qemu-io ones write patterns and do not read.
-fn gen_ops(rng: &mut Rng, g: Geo, n: usize, by_qemu: bool, compressed: bool) -> Vec<Op> {
+fn gen_ops(rng: &mut SplitMix64, g: Geo, n: usize, by_qemu: bool, compressed: bool) -> Vec<Op> {
     let mut ops = Vec::new();
     while ops.len() < n {
         let r = rng.below(100);
         let op = if r < 45 {
             let off = gen_off(rng, g);
             let len = gen_len(rng, g, off) as usize;
-            let data = if by_qemu || rng.chance(20) {
+            let data = if by_qemu || rng.chance(20, 100) {
                 vec![rng.range(1, 256) as u8; len]
             } else {
                 rng.bytes(len)
@@ -1231,11 +1076,11 @@ fn gen_ops(rng: &mut Rng, g: Geo, n: usize, by_qemu: bool, compressed: bool) -> 
             }
             let off = rng.below(g.size.div_ceil(g.cluster)) * g.cluster;
             let len = g.cluster.min(g.size - off) as usize;
-            let data = if rng.chance(70) {
+            let data = if rng.chance(70, 100) {
                 let mut d = text_bytes(len, rng.below(1000));
                 for _ in 0..8 {
                     let i = rng.below(len as u64) as usize;
-                    d[i] = rng.next() as u8;
+                    d[i] = rng.next_u64() as u8;
                 }
                 d
             } else {
@@ -1325,7 +1170,7 @@ fn apply_ours(img: &mut WritableImage<FileIo>, op: &Op, model: &Model) -> Result
             let mut buf = vec![0u8; *len as usize];
             img.read_at(*off, &mut buf).map_err(|e| format!("{e}"))?;
             let want = &model.disk[*off as usize..(off + len) as usize];
-            return match diff(&buf, want) {
+            return match byte_diff(&buf, want) {
                 None => Ok(()),
                 Some(d) => Err(format!(
                     "read back differs from the model (offsets relative to {off}): {d}"
@@ -1358,8 +1203,8 @@ fn run_qemu(dir: &Path, img: &str, ops: &[Op], model: &mut Model) -> Result<(), 
 
 /// `qemu-img check` passes and qemu reads the model's contents.
 fn verify_with_qemu(dir: &Path, img: &str, model: &Model) -> Result<(), String> {
-    check_image(dir, img)?;
-    match diff(&contents(dir, img), &model.disk) {
+    qemu_img_check(dir, img)?;
+    match byte_diff(&qemu_contents(dir, img), &model.disk) {
         None => Ok(()),
         Some(d) => Err(format!(
             "qemu-img convert -O raw differs from the model: {d}"
@@ -1369,7 +1214,7 @@ fn verify_with_qemu(dir: &Path, img: &str, model: &Model) -> Result<(), String> 
 
 /// We read the model's contents.
 fn verify_with_ours(path: &Path, model: &Model) -> Result<(), String> {
-    match diff(&our_contents(path)?, &model.disk) {
+    match byte_diff(&our_contents(path)?, &model.disk) {
         None => Ok(()),
         Some(d) => Err(format!("our reads differ from the model: {d}")),
     }
@@ -1394,7 +1239,7 @@ struct Workload {
     size: u64,
     /// Makes `base.qcow2` / `base.raw` first (the backing file's contents
     /// are returned).
-    base: Option<fn(&Path, &mut Rng) -> Vec<u8>>,
+    base: Option<fn(&Path, &mut SplitMix64) -> Vec<u8>>,
     /// Made by `qemu-img convert -c` of a varied raw file instead of create.
     from_compressed: bool,
     compressed_ops: bool,
@@ -1436,8 +1281,8 @@ impl Default for Workload {
 }
 
 /// A qcow2 base (64 KiB clusters, 3 MiB) written by qemu-io.
-fn qcow2_base(dir: &Path, rng: &mut Rng) -> Vec<u8> {
-    qemu_img(dir, &["create", "-f", "qcow2", "-q", "base.qcow2", "3M"]);
+fn qcow2_base(dir: &Path, rng: &mut SplitMix64) -> Vec<u8> {
+    qemu_create(dir, "base.qcow2", "", "3M");
     let g = geo_of(dir, "base.qcow2");
     let mut m = Model {
         disk: vec![0; g.size as usize],
@@ -1447,12 +1292,12 @@ fn qcow2_base(dir: &Path, rng: &mut Rng) -> Vec<u8> {
     };
     let ops = gen_ops(rng, g, 30, true, true);
     run_qemu(dir, "base.qcow2", &ops, &mut m).unwrap();
-    assert!(diff(&contents(dir, "base.qcow2"), &m.disk).is_none());
+    assert!(byte_diff(&qemu_contents(dir, "base.qcow2"), &m.disk).is_none());
     m.disk
 }
 
 /// A raw base (3 MiB - 4 KiB: shorter than the overlays) with varied data.
-fn raw_base(dir: &Path, rng: &mut Rng) -> Vec<u8> {
+fn raw_base(dir: &Path, rng: &mut SplitMix64) -> Vec<u8> {
     let mut v = varied_raw(rng);
     v.truncate((3 * MIB - 4 * KIB) as usize);
     std::fs::write(dir.join("base.raw"), &v).unwrap();
@@ -1514,8 +1359,8 @@ fn minimize(
 fn run_workload(w: &Workload) {
     let s = Scratch::new();
     let d = s.dir();
-    let seed = seed(w.name, w.seed);
-    let mut rng = Rng::new(seed);
+    let seed = seed_or(w.name, SEED_VAR, w.seed);
+    let mut rng = SplitMix64::new(seed);
     let backing = w.base.map(|b| b(d, &mut rng)).unwrap_or_default();
     let img = "img.qcow2";
     if w.from_compressed {
@@ -1539,7 +1384,7 @@ fn run_workload(w: &Workload) {
         qemu_img(d, &args);
     }
     let g = geo_of(d, img);
-    let v3 = info(d, img)["format-specific"]["data"]["compat"] == "1.1";
+    let v3 = qemu_info(d, img)["format-specific"]["data"]["compat"] == "1.1";
     let mut model = Model {
         disk: if w.from_compressed {
             std::fs::read(s.path("src.raw")).unwrap()
@@ -1563,7 +1408,7 @@ fn run_workload(w: &Workload) {
             Step::Qemu => {
                 ops = gen_ops(&mut rng, g, w.ops_per_step, true, w.compressed_ops);
                 run_qemu(d, img, &ops, &mut model)
-                    .and_then(|()| check_image(d, img))
+                    .and_then(|()| qemu_img_check(d, img))
                     .and_then(|()| verify_with_ours(&path, &model))
             }
             Step::Ours => {
@@ -1876,29 +1721,28 @@ fn workload_lazy_refcounts() {
 fn qemu_writes_then_we_write_then_qemu_reads() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-f", "qcow2", "-q", "img.qcow2", "4M"]);
+    qemu_create(d, "img.qcow2", "", "4M");
     qio_ok(
         d,
         "img.qcow2",
-        &strs(&[
+        &[
             "write -P 0x11 0 200k",
             "write -P 0x22 1M 100000",
             "write -P 0x33 3M 64k",
-        ]),
+        ],
     );
-    let mut img = open_qcow2_rw(&s.path("img.qcow2"), &OpenOptions::default()).unwrap();
-    img.write_at(100_000, &[0x44; 150_000]).unwrap(); // over qemu's data and past it
-    img.write_at(1_000_000, &[0x55; 100]).unwrap(); // unaligned, partly before 1M
-    img.write_zeroes(1_050_000, 10_000).unwrap();
-    img.discard(3 * MIB, 64 * KIB).unwrap();
-    img.write_at(4 * MIB - 10, &[0x66; 10]).unwrap();
-    img.flush().unwrap();
-    drop(img);
-    check_image(d, "img.qcow2").unwrap();
+    write_ours(&s.path("img.qcow2"), |img| {
+        img.write_at(100_000, &[0x44; 150_000]).unwrap(); // over qemu's data and past it
+        img.write_at(1_000_000, &[0x55; 100]).unwrap(); // unaligned, partly before 1M
+        img.write_zeroes(1_050_000, 10_000).unwrap();
+        img.discard(3 * MIB, 64 * KIB).unwrap();
+        img.write_at(4 * MIB - 10, &[0x66; 10]).unwrap();
+    });
+    assert_qemu_img_check(d, "img.qcow2");
     qio_ok(
         d,
         "img.qcow2",
-        &strs(&[
+        &[
             "read -P 0x11 0 100000",
             "read -P 0x44 100000 150000",
             "read -P 0 250000 750000",
@@ -1909,7 +1753,7 @@ fn qemu_writes_then_we_write_then_qemu_reads() {
             "read -P 0x22 1060000 88576",
             "read -P 0 3M 64k",
             "read -P 0x66 4194294 10",
-        ]),
+        ],
     );
     // The same through qemu-img convert.
     let mut want = vec![0u8; 4 * MIB as usize];
@@ -1919,14 +1763,14 @@ fn qemu_writes_then_we_write_then_qemu_reads() {
     want[1_000_000..1_000_100].fill(0x55);
     want[1_050_000..1_060_000].fill(0);
     want[4 * MIB as usize - 10..].fill(0x66);
-    assert_eq!(diff(&contents(d, "img.qcow2"), &want), None);
+    assert_eq!(byte_diff(&qemu_contents(d, "img.qcow2"), &want), None);
 }
 
 #[test]
 fn we_write_then_qemu_writes_then_we_read() {
     let s = Scratch::new();
     let d = s.dir();
-    let out = ours(
+    ours_ok(
         d,
         &[
             "create",
@@ -1938,43 +1782,40 @@ fn we_write_then_qemu_writes_then_we_read() {
             "2M",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
     let mut want = vec![0u8; 2 * MIB as usize];
-    let mut img = open_qcow2_rw(&s.path("img.qcow2"), &OpenOptions::default()).unwrap();
-    let data = Rng::new(5).bytes(300_000);
-    img.write_at(1234, &data).unwrap();
-    want[1234..301_234].copy_from_slice(&data);
-    img.write_at(MIB, &[7; 8192]).unwrap();
-    want[MIB as usize..MIB as usize + 8192].fill(7);
-    img.flush().unwrap();
-    drop(img);
-    check_image(d, "img.qcow2").unwrap();
+    write_ours(&s.path("img.qcow2"), |img| {
+        let data = SplitMix64::new(5).bytes(300_000);
+        img.write_at(1234, &data).unwrap();
+        want[1234..301_234].copy_from_slice(&data);
+        img.write_at(MIB, &[7; 8192]).unwrap();
+        want[MIB as usize..MIB as usize + 8192].fill(7);
+    });
+    assert_qemu_img_check(d, "img.qcow2");
     qio_ok(
         d,
         "img.qcow2",
-        &strs(&[
+        &[
             "write -P 0x99 100000 5000",
             "write -z 200000 50000",
             "discard 1M 4k",
             "write -P 0x98 2093056 4096",
-        ]),
+        ],
     );
     want[100_000..105_000].fill(0x99);
     want[200_000..250_000].fill(0);
     want[MIB as usize..MIB as usize + 4096].fill(0);
     want[2_093_056..].fill(0x98);
     assert_eq!(
-        diff(&our_contents(&s.path("img.qcow2")).unwrap(), &want),
+        byte_diff(&our_contents(&s.path("img.qcow2")).unwrap(), &want),
         None
     );
     // And we keep writing on what qemu wrote.
-    let mut img = open_qcow2_rw(&s.path("img.qcow2"), &OpenOptions::default()).unwrap();
-    img.write_at(102_000, &[0x12; 10_000]).unwrap();
-    want[102_000..112_000].fill(0x12);
-    img.flush().unwrap();
-    drop(img);
-    check_image(d, "img.qcow2").unwrap();
-    assert_eq!(diff(&contents(d, "img.qcow2"), &want), None);
+    write_ours(&s.path("img.qcow2"), |img| {
+        img.write_at(102_000, &[0x12; 10_000]).unwrap();
+        want[102_000..112_000].fill(0x12);
+    });
+    assert_qemu_img_check(d, "img.qcow2");
+    assert_eq!(byte_diff(&qemu_contents(d, "img.qcow2"), &want), None);
 }
 
 // ---------------------------------------------------------------------------
@@ -1984,7 +1825,7 @@ fn we_write_then_qemu_writes_then_we_read() {
 fn overlays_we_create_work_in_qemu() {
     let s = Scratch::new();
     let d = s.dir();
-    let mut rng = Rng::new(seed("overlays_ours", 21));
+    let mut rng = SplitMix64::new(seed_or("overlays_ours", SEED_VAR, 21));
     let base_q = qcow2_base(d, &mut rng);
     let base_r = raw_base(d, &mut rng);
     mkdir(&s.path("sub"));
@@ -2031,13 +1872,11 @@ fn overlays_we_create_work_in_qemu() {
         let mut args = vec!["create", "-f", "qcow2"];
         args.extend(extra);
         let ctx = args.join(" ");
-        let out = ours(d, &args);
-        if code(&out) != 0 {
-            f.add(&ctx, format!("exit {}: {}", code(&out), text(&out)));
+        if !f.ran(&ctx, &ours(d, &args)) {
             continue;
         }
-        f.check(&ctx, check_image(d, top));
-        let i = info(d, top);
+        f.check(&ctx, qemu_img_check(d, top));
+        let i = qemu_info(d, top);
         if i["virtual-size"].as_u64() != Some(base.len().div_ceil(512) as u64 * 512) {
             f.add(
                 &ctx,
@@ -2051,30 +1890,30 @@ fn overlays_we_create_work_in_qemu() {
         // qemu reads the backing data through the overlay.
         let mut want: Vec<u8> = base.clone();
         want.resize(i["virtual-size"].as_u64().unwrap() as usize, 0);
-        if let Some(e) = diff(&contents(d, top), &want) {
+        if let Some(e) = byte_diff(&qemu_contents(d, top), &want) {
             f.add(&ctx, format!("qemu reads before writing: {e}"));
         }
         // qemu writes into it.
         let r = qio(
             d,
             top,
-            &strs(&[
+            &[
                 "write -P 0x71 1000 3000",
                 "write -P 0x72 64k 64k",
                 "write -z 1M 10000",
-            ]),
+            ],
         );
         f.check(&ctx, r);
         want[1000..4000].fill(0x71);
         want[64 * 1024..128 * 1024].fill(0x72);
         want[MIB as usize..MIB as usize + 10_000].fill(0);
-        f.check(&ctx, check_image(d, top));
-        if let Some(e) = diff(&contents(d, top), &want) {
+        f.check(&ctx, qemu_img_check(d, top));
+        if let Some(e) = byte_diff(&qemu_contents(d, top), &want) {
             f.add(&ctx, format!("qemu reads after qemu writes: {e}"));
         }
         match our_contents(&s.path(top)) {
             Ok(got) => {
-                if let Some(e) = diff(&got, &want) {
+                if let Some(e) = byte_diff(&got, &want) {
                     f.add(&ctx, format!("our reads after qemu writes: {e}"));
                 }
             }
@@ -2094,14 +1933,14 @@ fn overlays_we_create_work_in_qemu() {
         let bytes = if base_fmt == "raw" {
             std::fs::read(s.path(base_name)).unwrap()
         } else {
-            contents(d, base_name)
+            qemu_contents(d, base_name)
         };
         if bytes != *base {
             f.add(&ctx, "the backing file changed");
         }
     }
     // A chain of our overlays: base <- top1 (above) <- mid <- leaf.
-    let out = ours(
+    ours_ok(
         d,
         &[
             "create",
@@ -2114,8 +1953,7 @@ fn overlays_we_create_work_in_qemu() {
             "mid.qcow2",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    let out = ours(
+    ours_ok(
         d,
         &[
             "create",
@@ -2130,24 +1968,21 @@ fn overlays_we_create_work_in_qemu() {
             "leaf.qcow2",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    let mut img = open_qcow2_rw(&s.path("mid.qcow2"), &OpenOptions::default()).unwrap();
-    img.write_at(2000, &[0x81; 100]).unwrap();
-    img.flush().unwrap();
-    drop(img);
-    let mut img = open_qcow2_rw(&s.path("leaf.qcow2"), &OpenOptions::default()).unwrap();
-    img.write_at(2050, &[0x82; 1000]).unwrap();
-    img.flush().unwrap();
-    drop(img);
-    f.check("chain", check_image(d, "mid.qcow2"));
-    f.check("chain", check_image(d, "leaf.qcow2"));
+    write_ours(&s.path("mid.qcow2"), |img| {
+        img.write_at(2000, &[0x81; 100]).unwrap();
+    });
+    write_ours(&s.path("leaf.qcow2"), |img| {
+        img.write_at(2050, &[0x82; 1000]).unwrap();
+    });
+    f.check("chain", qemu_img_check(d, "mid.qcow2"));
+    f.check("chain", qemu_img_check(d, "leaf.qcow2"));
     let mut want = base_q.clone();
     want[1000..4000].fill(0x71);
     want[64 * 1024..128 * 1024].fill(0x72);
     want[MIB as usize..MIB as usize + 10_000].fill(0);
     want[2000..2100].fill(0x81);
     want[2050..3050].fill(0x82);
-    if let Some(e) = diff(&contents(d, "leaf.qcow2"), &want) {
+    if let Some(e) = byte_diff(&qemu_contents(d, "leaf.qcow2"), &want) {
         f.add("chain", format!("qemu reads of leaf.qcow2: {e}"));
     }
     f.check(
@@ -2155,12 +1990,12 @@ fn overlays_we_create_work_in_qemu() {
         qio(
             d,
             "leaf.qcow2",
-            &strs(&[
+            &[
                 "read -P 0x71 1000 1000",
                 "read -P 0x81 2000 50",
                 "read -P 0x82 2050 1000",
                 "read -P 0x71 3050 950",
-            ]),
+            ],
         ),
     );
     f.finish();
@@ -2170,7 +2005,7 @@ fn overlays_we_create_work_in_qemu() {
 fn overlays_qemu_creates_work_in_ours() {
     let s = Scratch::new();
     let d = s.dir();
-    let mut rng = Rng::new(seed("overlays_qemu", 22));
+    let mut rng = SplitMix64::new(seed_or("overlays_qemu", SEED_VAR, 22));
     let base_q = qcow2_base(d, &mut rng);
     let base_r = raw_base(d, &mut rng);
     let mut f = Failures::default();
@@ -2210,7 +2045,7 @@ fn overlays_qemu_creates_work_in_ours() {
         args.push(&top);
         qemu_img(d, &args);
         let ctx = args.join(" ");
-        let size = info(d, &top)["virtual-size"].as_u64().unwrap() as usize;
+        let size = qemu_info(d, &top)["virtual-size"].as_u64().unwrap() as usize;
         let mut want = base.to_vec();
         want.resize(size, 0);
         // Partial-cluster writes: the rest of the cluster comes from the base.
@@ -2239,8 +2074,8 @@ fn overlays_qemu_creates_work_in_ours() {
             want[*off as usize..*off as usize + data.len()].copy_from_slice(data);
         }
         want[2 * MIB as usize + 100..2 * MIB as usize + 5100].fill(0);
-        f.check(&ctx, check_image(d, &top));
-        if let Some(e) = diff(&contents(d, &top), &want) {
+        f.check(&ctx, qemu_img_check(d, &top));
+        if let Some(e) = byte_diff(&qemu_contents(d, &top), &want) {
             f.add(&ctx, format!("qemu reads: {e}"));
         }
         let r = qio(
@@ -2265,8 +2100,8 @@ fn overlays_qemu_creates_work_in_ours() {
 fn dd_to_qcow2_matches_qemu_img_dd() {
     let s = Scratch::new();
     let d = s.dir();
-    let seed = seed("dd", 31);
-    let mut rng = Rng::new(seed);
+    let seed = seed_or("dd", SEED_VAR, 31);
+    let mut rng = SplitMix64::new(seed);
     std::fs::write(s.path("src.raw"), varied_raw(&mut rng)).unwrap();
     qemu_sources(d, &mut rng);
     let mut f = Failures::default();
@@ -2297,17 +2132,15 @@ fn dd_to_qcow2_matches_qemu_img_dd() {
             let mut qemu_args = a.clone();
             qemu_args.push(&oq);
             qemu_img(d, &qemu_args);
-            let out = ours(d, &ours_args);
-            if code(&out) != 0 {
-                f.add(&ctx, format!("exit {}: {}", code(&out), text(&out)));
+            if !f.ran(&ctx, &ours(d, &ours_args)) {
                 continue;
             }
-            f.check(&ctx, check_image(d, &ours_out));
+            f.check(&ctx, qemu_img_check(d, &ours_out));
             f.check(
                 &ctx,
-                compare_images(d, &ours_out, "qcow2", &qemu_out, "qcow2"),
+                qemu_img_compare(d, &ours_out, "qcow2", &qemu_out, "qcow2"),
             );
-            let (oi, qi) = (info(d, &ours_out), info(d, &qemu_out));
+            let (oi, qi) = (qemu_info(d, &ours_out), qemu_info(d, &qemu_out));
             if oi["virtual-size"] != qi["virtual-size"] {
                 f.add(
                     &ctx,
@@ -2331,9 +2164,9 @@ fn bench_writes_leave_valid_images() {
     let d = s.dir();
     let mut f = Failures::default();
     // Sequential, with a wrap at the end of the disk.
-    qemu_img(d, &["create", "-f", "qcow2", "-q", "seq.qcow2", "4M"]);
-    qio_ok(d, "seq.qcow2", &strs(&["write -P 0x11 0 4M"]));
-    let out = ours(
+    qemu_create(d, "seq.qcow2", "", "4M");
+    qio_ok(d, "seq.qcow2", &["write -P 0x11 0 4M"]);
+    ours_ok(
         d,
         &[
             "bench",
@@ -2351,8 +2184,7 @@ fn bench_writes_leave_valid_images() {
             "seq.qcow2",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    f.check("sequential", check_image(d, "seq.qcow2"));
+    f.check("sequential", qemu_img_check(d, "seq.qcow2"));
     let mut want = vec![0x11u8; 4 * MIB as usize];
     let mut written = Vec::new();
     let mut pos = 3 * MIB;
@@ -2376,31 +2208,22 @@ fn bench_writes_leave_valid_images() {
         qio(
             d,
             "seq.qcow2",
-            &strs(&["read -P 0x11 0 3M", "read -P 0x11 3149824 20480"]),
+            &["read -P 0x11 0 3M", "read -P 0x11 3149824 20480"],
         ),
     );
-    if let Some(e) = diff(&contents(d, "seq.qcow2"), &want) {
+    if let Some(e) = byte_diff(&qemu_contents(d, "seq.qcow2"), &want) {
         f.add("sequential", e);
     }
 
     // Random offsets, seed 7, unaligned request size over a backing file.
-    qemu_img(d, &["create", "-f", "qcow2", "-q", "base.qcow2", "2M"]);
-    qio_ok(d, "base.qcow2", &strs(&["write -P 0x22 0 2M"]));
-    qemu_img(
+    qemu_create(d, "base.qcow2", "", "2M");
+    qio_ok(d, "base.qcow2", &["write -P 0x22 0 2M"]);
+    qemu_overlay(
         d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-q",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "rnd.qcow2",
-        ],
+        "rnd.qcow2",
+        "cluster_size=4k",
+        ("base.qcow2", "qcow2"),
+        None,
     );
     let out = ours(
         d,
@@ -2418,9 +2241,13 @@ fn bench_writes_leave_valid_images() {
             "rnd.qcow2",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    assert!(text(&out).contains("seed 7"), "{}", text(&out));
-    f.check("random", check_image(d, "rnd.qcow2"));
+    assert_eq!(code(&out), 0, "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("seed 7"),
+        "{}",
+        output_text(&out)
+    );
+    f.check("random", qemu_img_check(d, "rnd.qcow2"));
     // The offsets come from the generator bench documents (xorshift64*).
     let mut rng = qcowkit_std::cli::bench::Rng::new(7);
     let slots = 2 * MIB / 3000;
@@ -2432,12 +2259,12 @@ fn bench_writes_leave_valid_images() {
         cmds.push(format!("read -P 90 {at} 3000"));
     }
     f.check("random", qio(d, "rnd.qcow2", &cmds));
-    if let Some(e) = diff(&contents(d, "rnd.qcow2"), &want) {
+    if let Some(e) = byte_diff(&qemu_contents(d, "rnd.qcow2"), &want) {
         f.add("random", e);
     }
     // Independently of the generator: every 3000-byte slot is all base or
     // all pattern.
-    let got = contents(d, "rnd.qcow2");
+    let got = qemu_contents(d, "rnd.qcow2");
     let mut hits = 0;
     for slot in got.chunks(3000) {
         if slot.iter().all(|b| *b == 90) {
@@ -2452,7 +2279,7 @@ fn bench_writes_leave_valid_images() {
     }
 
     // Random 64k requests on an image we create.
-    let out = ours(
+    ours_ok(
         d,
         &[
             "create",
@@ -2464,8 +2291,7 @@ fn bench_writes_leave_valid_images() {
             "3M",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    let out = ours(
+    ours_ok(
         d,
         &[
             "bench",
@@ -2481,8 +2307,7 @@ fn bench_writes_leave_valid_images() {
             "r2.qcow2",
         ],
     );
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    f.check("random 64k", check_image(d, "r2.qcow2"));
+    f.check("random 64k", qemu_img_check(d, "r2.qcow2"));
     let mut rng = qcowkit_std::cli::bench::Rng::new(7);
     let mut cmds = Vec::new();
     for _ in 0..40 {
@@ -2500,7 +2325,7 @@ fn bench_writes_leave_valid_images() {
 fn compressed_cluster_at_reused_host_offset() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-f", "qcow2", "-q", "img.qcow2", "1M"]);
+    qemu_create(d, "img.qcow2", "", "1M");
     let cs = 64 * KIB as usize;
     let mut want = vec![0u8; MIB as usize];
     let t1 = text_bytes(cs, 0);
@@ -2518,14 +2343,14 @@ fn compressed_cluster_at_reused_host_offset() {
     want[4 * cs..5 * cs].copy_from_slice(&t2);
     let mut back = vec![0u8; cs];
     img.read_at(4 * cs as u64, &mut back).unwrap();
-    let read_diff = diff(&back, &want[4 * cs..5 * cs]);
+    let read_diff = byte_diff(&back, &want[4 * cs..5 * cs]);
     // A partial write into cluster 4 copies the rest of it.
     img.write_at(4 * cs as u64 + 100, &[2; 10]).unwrap();
     want[4 * cs + 100..4 * cs + 110].fill(2);
     img.flush().unwrap();
     drop(img);
-    check_image(d, "img.qcow2").unwrap();
-    let disk_diff = diff(&contents(d, "img.qcow2"), &want);
+    assert_qemu_img_check(d, "img.qcow2");
+    let disk_diff = byte_diff(&qemu_contents(d, "img.qcow2"), &want);
     assert!(
         read_diff.is_none() && disk_diff.is_none(),
         "our read of the new compressed cluster: {read_diff:?}\n\
@@ -2544,27 +2369,23 @@ fn compressed_writes_with_narrow_refcounts() {
         let s = Scratch::new();
         let d = s.dir();
         let o = format!("refcount_bits={rb},cluster_size=4k");
-        qemu_img(
-            d,
-            &["create", "-f", "qcow2", "-q", "-o", &o, "img.qcow2", "1M"],
-        );
+        qemu_create(d, "img.qcow2", &o, "1M");
         let cs = 4096usize;
         let mut want = vec![0u8; MIB as usize];
-        let mut img = open_qcow2_rw(&s.path("img.qcow2"), &OpenOptions::default()).unwrap();
-        for i in 0..8 {
-            let t = text_bytes(cs, i as u64 * 100);
-            match img.write_compressed((i * cs) as u64, &t) {
-                Ok(_) => want[i * cs..(i + 1) * cs].copy_from_slice(&t),
-                Err(e) => {
-                    f.add(&ctx, format!("write_compressed of cluster {i}: {e}"));
-                    break;
+        write_ours(&s.path("img.qcow2"), |img| {
+            for i in 0..8 {
+                let t = text_bytes(cs, i as u64 * 100);
+                match img.write_compressed((i * cs) as u64, &t) {
+                    Ok(_) => want[i * cs..(i + 1) * cs].copy_from_slice(&t),
+                    Err(e) => {
+                        f.add(&ctx, format!("write_compressed of cluster {i}: {e}"));
+                        break;
+                    }
                 }
             }
-        }
-        img.flush().unwrap();
-        drop(img);
-        f.check(&ctx, check_image(d, "img.qcow2"));
-        if let Some(e) = diff(&contents(d, "img.qcow2"), &want) {
+        });
+        f.check(&ctx, qemu_img_check(d, "img.qcow2"));
+        if let Some(e) = byte_diff(&qemu_contents(d, "img.qcow2"), &want) {
             f.add(&ctx, e);
         }
     }
@@ -2577,19 +2398,7 @@ fn compressed_writes_with_narrow_refcounts() {
 fn dirty_lazy_refcounts_image_from_qemu() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-q",
-            "-o",
-            "lazy_refcounts=on,cluster_size=4k",
-            "img.qcow2",
-            "2M",
-        ],
-    );
+    qemu_create(d, "img.qcow2", "lazy_refcounts=on,cluster_size=4k", "2M");
     let out = run_in(
         d,
         "qemu-io",
@@ -2605,23 +2414,27 @@ fn dirty_lazy_refcounts_image_from_qemu() {
             "img.qcow2",
         ],
     );
-    assert_ne!(code(&out), 0, "qemu-io was not killed: {}", text(&out));
-    let i = info(d, "img.qcow2");
+    assert_ne!(
+        code(&out),
+        0,
+        "qemu-io was not killed: {}",
+        output_text(&out)
+    );
+    let i = qemu_info(d, "img.qcow2");
     assert_eq!(
         i["dirty-flag"], true,
         "qemu-io did not leave the image dirty: {i}"
     );
-    let mut img = open_qcow2_rw(&s.path("img.qcow2"), &OpenOptions::default()).unwrap();
-    img.write_at(50_000, &[0x33; 100_000]).unwrap();
-    img.flush().unwrap();
-    drop(img);
+    write_ours(&s.path("img.qcow2"), |img| {
+        img.write_at(50_000, &[0x33; 100_000]).unwrap();
+    });
     let mut want = vec![0u8; 2 * MIB as usize];
     want[..100 * 1024].fill(0x31);
     want[MIB as usize..MIB as usize + 10 * 1024].fill(0x32);
     want[50_000..150_000].fill(0x33);
-    check_image(d, "img.qcow2").unwrap();
-    assert_eq!(info(d, "img.qcow2")["dirty-flag"], false);
-    assert_eq!(diff(&contents(d, "img.qcow2"), &want), None);
+    assert_qemu_img_check(d, "img.qcow2");
+    assert_eq!(qemu_info(d, "img.qcow2")["dirty-flag"], false);
+    assert_eq!(byte_diff(&qemu_contents(d, "img.qcow2"), &want), None);
 }
 
 /// Persistent bitmaps made by qemu-img: after our writes the image passes
@@ -2631,26 +2444,25 @@ fn dirty_lazy_refcounts_image_from_qemu() {
 fn image_with_bitmaps_from_qemu() {
     let s = Scratch::new();
     let d = s.dir();
-    qemu_img(d, &["create", "-f", "qcow2", "-q", "img.qcow2", "2M"]);
-    qio_ok(d, "img.qcow2", &strs(&["write -P 0x41 0 64k"]));
+    qemu_create(d, "img.qcow2", "", "2M");
+    qio_ok(d, "img.qcow2", &["write -P 0x41 0 64k"]);
     qemu_img(d, &["bitmap", "--add", "img.qcow2", "b0"]);
-    qio_ok(d, "img.qcow2", &strs(&["write -P 0x42 64k 64k"]));
-    let mut img = open_qcow2_rw(&s.path("img.qcow2"), &OpenOptions::default()).unwrap();
-    img.write_at(MIB, &[0x43; 4096]).unwrap();
-    img.flush().unwrap();
-    drop(img);
-    check_image(d, "img.qcow2").unwrap();
+    qio_ok(d, "img.qcow2", &["write -P 0x42 64k 64k"]);
+    write_ours(&s.path("img.qcow2"), |img| {
+        img.write_at(MIB, &[0x43; 4096]).unwrap();
+    });
+    assert_qemu_img_check(d, "img.qcow2");
     let mut want = vec![0u8; 2 * MIB as usize];
     want[..64 * 1024].fill(0x41);
     want[64 * 1024..128 * 1024].fill(0x42);
     want[MIB as usize..MIB as usize + 4096].fill(0x43);
-    assert_eq!(diff(&contents(d, "img.qcow2"), &want), None);
+    assert_eq!(byte_diff(&qemu_contents(d, "img.qcow2"), &want), None);
     // qemu can still write to it and add bitmaps.
-    qio_ok(d, "img.qcow2", &strs(&["write -P 0x44 1536k 4k"]));
+    qio_ok(d, "img.qcow2", &["write -P 0x44 1536k 4k"]);
     qemu_img(d, &["bitmap", "--add", "img.qcow2", "b1"]);
-    check_image(d, "img.qcow2").unwrap();
+    assert_qemu_img_check(d, "img.qcow2");
     // b0 was not updated by our write: QEMU must not trust it.
-    let i = info(d, "img.qcow2");
+    let i = qemu_info(d, "img.qcow2");
     let bitmaps = i["format-specific"]["data"]["bitmaps"]
         .as_array()
         .unwrap()

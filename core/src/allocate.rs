@@ -15,6 +15,7 @@ use crate::refcount;
 use crate::writable::WritableImage;
 
 use crate::image::Res;
+use crate::overlap;
 
 impl<R: BlockWrite> WritableImage<R> {
     fn per_block(&self) -> u64 {
@@ -93,6 +94,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 self.ensure_refcount_block(candidate)?;
                 continue;
             }
+            self.metadata.insert(block_off, cs, overlap::REFCOUNT_BLOCK);
             self.refcounts.blocks.insert_dirty(block_off, data);
             if let Some(e) = self.refcounts.table.get_mut(ti) {
                 *e = block_off;
@@ -121,7 +123,11 @@ impl<R: BlockWrite> WritableImage<R> {
             if c >= limit {
                 return Err(Error::Unsupported("host file would exceed 2^56 bytes"));
             }
-            if self.refcount(c)? == 0 {
+            // Never cluster 0, never a cluster holding metadata, whatever
+            // the refcounts on disk say.
+            let cs = 1u64 << self.img.header.cluster_bits;
+            let free = c != 0 && self.metadata.kinds(c * cs, cs) == 0 && self.refcount(c)? == 0;
+            if free {
                 if run == 0 {
                     start = c;
                 }
@@ -267,17 +273,20 @@ impl<R: BlockWrite> WritableImage<R> {
                 refcount::set(data, self.img.header.refcount_order, c % per_block, 1);
             }
         }
+        // The new blocks and table are metadata from now on.
+        for (off, _) in &block_data {
+            self.metadata.insert(*off, cs, overlap::REFCOUNT_BLOCK);
+        }
+        self.metadata
+            .insert(table_start * cs, table_bytes, overlap::REFCOUNT_TABLE);
         for (off, d) in &block_data {
-            self.img.io.write_at(*off, d).map_err(Error::Io)?;
+            self.put(*off, d, overlap::REFCOUNT_BLOCK)?;
         }
         let mut raw = alloc::vec![0u8; to_usize(table_bytes).unwrap_or(0)];
         for (i, e) in table.iter().enumerate() {
             put64(&mut raw, i * 8, *e);
         }
-        self.img
-            .io
-            .write_at(table_start * cs, &raw)
-            .map_err(Error::Io)?;
+        self.put(table_start * cs, &raw, overlap::REFCOUNT_TABLE)?;
         self.write_refcount_blocks()?;
         self.img.io.flush().map_err(Error::Io)?;
         // Switch the header to the new table (one sector-sized write).
@@ -287,9 +296,11 @@ impl<R: BlockWrite> WritableImage<R> {
         switched.refcount_table_offset = table_start * cs;
         switched.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
         let (at, fields) = switched.encode_refcount_table_fields();
-        self.img.io.write_at(at, &fields).map_err(Error::Io)?;
+        self.put(at, &fields, overlap::HEADER)?;
         self.img.io.flush().map_err(Error::Io)?;
         self.img.header = switched;
+        self.metadata
+            .remove(old_offset, old_clusters * cs, overlap::REFCOUNT_TABLE);
         self.refcounts.table = table;
         self.refcounts.table_offset = self.img.header.refcount_table_offset;
         self.refcounts.dirty_entries.clear();
@@ -310,7 +321,7 @@ impl<R: BlockWrite> WritableImage<R> {
         for off in self.refcounts.blocks.dirty_offsets() {
             if let Some(d) = self.refcounts.blocks.peek(off) {
                 let d = d.to_vec();
-                self.img.io.write_at(off, &d).map_err(Error::Io)?;
+                self.put(off, &d, overlap::REFCOUNT_BLOCK)?;
             }
             self.refcounts.blocks.mark_clean(off);
         }
@@ -333,10 +344,11 @@ impl<R: BlockWrite> WritableImage<R> {
             let base = self.img.header.refcount_table_offset;
             for i in dirty {
                 let e = self.refcounts.entry(to_u64(i));
-                self.img
-                    .io
-                    .write_at(base + to_u64(i) * 8, &e.to_be_bytes())
-                    .map_err(Error::Io)?;
+                self.put(
+                    base + to_u64(i) * 8,
+                    &e.to_be_bytes(),
+                    overlap::REFCOUNT_TABLE,
+                )?;
             }
             self.img.io.flush().map_err(Error::Io)?;
         }

@@ -88,6 +88,22 @@ pub enum Error<E> {
     /// An invariant of this implementation failed (a bug, not a property of
     /// the image).
     Internal(&'static str),
+    /// A write was refused because it would land on metadata it was not
+    /// meant for (a corrupted pointer); the image is marked corrupt, as
+    /// QEMU does.
+    MetadataOverlap {
+        /// The structure the write would have overwritten (QEMU's name).
+        structure: &'static str,
+        /// Host offset of the refused write.
+        offset: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The image names itself as its external data file.
+    NamesItself {
+        /// The name stored in the image.
+        name: String,
+    },
 }
 
 impl<E> Error<E> {
@@ -152,6 +168,17 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::Unsupported(what) => write!(f, "unsupported: {what}"),
             Error::ReadOnly(why) => write!(f, "image is read-only: {why}"),
             Error::Internal(what) => write!(f, "internal error: {what}"),
+            Error::MetadataOverlap {
+                structure,
+                offset,
+                len,
+            } => write!(
+                f,
+                "preventing invalid write on metadata (overlaps with {structure}): {len} bytes at host offset {offset:#x}; the image is marked corrupt"
+            ),
+            Error::NamesItself { name } => {
+                write!(f, "the image names itself ('{name}') as its data file")
+            }
         }
     }
 }

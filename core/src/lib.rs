@@ -68,6 +68,7 @@ mod image;
 mod io;
 pub mod l2;
 pub mod map;
+pub mod overlap;
 mod prealloc;
 mod rctable;
 pub mod refcount;

@@ -15,6 +15,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// through. `Full` writes zeros into the data clusters; `Falloc`
     /// reserves them with [`BlockWrite::preallocate`].
     pub fn preallocate(&mut self, mode: crate::create::Preallocation) -> Res<(), R> {
+        self.require_intact()?;
         use crate::create::Preallocation;
         if mode == Preallocation::Off {
             return Ok(());
@@ -62,6 +63,9 @@ impl<R: BlockWrite> WritableImage<R> {
                         }
                     }
                     Preallocation::Falloc => {
+                        if !self.img.fmt.data_file {
+                            self.guard(host, data_len, 0)?;
+                        }
                         let io = if self.img.fmt.data_file {
                             self.img.data_file.as_mut().ok_or(Error::MissingDataFile)?
                         } else {

@@ -22,8 +22,11 @@ use crate::bytes::{to_u64, to_usize};
 use crate::error::Error;
 use crate::header::{autoclear, incompat};
 use crate::image::{Image, OpenOptions, Res};
-use crate::io::BlockWrite;
+use crate::io::{BlockRead, BlockWrite};
+use crate::l2;
+use crate::overlap::{self, MetadataMap};
 use crate::rctable::Refcounts;
+use crate::refcount;
 
 /// A qcow2 image opened for reading and writing.
 ///
@@ -49,6 +52,67 @@ pub struct WritableImage<R: BlockWrite> {
     pub(crate) dirty_l1: BTreeSet<usize>,
     /// Guest data was written since the last flush.
     pub(crate) data_dirty: bool,
+    /// Where the image's metadata is; every write is checked against it.
+    pub(crate) metadata: MetadataMap,
+    /// A write was refused as an overlap: nothing more is written.
+    pub(crate) corrupt: bool,
+}
+
+/// The metadata of `img` as QEMU's overlap checks see it: header, active
+/// L1 and L2 tables, refcount table and blocks, snapshot table and
+/// inactive L1 tables, bitmap directory, encryption header.
+fn metadata_of<R: BlockRead>(img: &Image<R>, refcounts: &Refcounts) -> MetadataMap {
+    let h = &img.header;
+    let cs = h.cluster_size();
+    let mut m = MetadataMap::new();
+    m.insert(0, cs, overlap::HEADER);
+    m.insert(
+        h.l1_table_offset,
+        u64::from(h.l1_size) * 8,
+        overlap::ACTIVE_L1,
+    );
+    for &e in &img.l1 {
+        let off = l2::l1_offset(e);
+        if off != 0 {
+            m.insert(off, cs, overlap::ACTIVE_L2);
+        }
+    }
+    m.insert(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        overlap::REFCOUNT_TABLE,
+    );
+    for &e in &refcounts.table {
+        let off = refcount::table_entry_offset(e);
+        if off != 0 {
+            m.insert(off, cs, overlap::REFCOUNT_BLOCK);
+        }
+    }
+    if h.nb_snapshots > 0 {
+        m.insert(
+            h.snapshots_offset,
+            img.snapshot_table_len,
+            overlap::SNAPSHOT_TABLE,
+        );
+    }
+    for s in &img.snapshots {
+        m.insert(
+            s.l1_table_offset,
+            u64::from(s.l1_size) * 8,
+            overlap::INACTIVE_L1,
+        );
+    }
+    if let Some(b) = h.bitmaps {
+        m.insert(
+            b.directory_offset,
+            b.directory_size,
+            overlap::BITMAP_DIRECTORY,
+        );
+    }
+    if let Some(c) = h.crypto {
+        m.insert(c.offset, c.length, overlap::CRYPTO_HEADER);
+    }
+    m
 }
 
 impl<R: BlockWrite> Deref for WritableImage<R> {
@@ -105,6 +169,7 @@ impl<R: BlockWrite> WritableImage<R> {
             img.l2_cache = crate::cache::TableCache::new(cap);
         }
         let refcounts = Refcounts::load(&mut img.io, &img.header, img.refcount_cache_blocks)?;
+        let metadata = metadata_of(&img, &refcounts);
         let file_end = img.file_len;
         let mut w = WritableImage {
             img,
@@ -115,6 +180,8 @@ impl<R: BlockWrite> WritableImage<R> {
             compressed_next: None,
             dirty_l1: BTreeSet::new(),
             data_dirty: false,
+            metadata,
+            corrupt: false,
         };
         // Enabled ("auto") bitmaps should track every write, which this
         // implementation does not do: mark them in use (inconsistent), as
@@ -189,10 +256,11 @@ impl<R: BlockWrite> WritableImage<R> {
             };
             if b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0 {
                 let (at, flags) = encode_flags(pos, b.flags | FLAG_IN_USE);
-                self.img
-                    .io
-                    .write_at(ext.directory_offset + to_u64(at), &flags)
-                    .map_err(Error::Io)?;
+                self.put(
+                    ext.directory_offset + to_u64(at),
+                    &flags,
+                    overlap::BITMAP_DIRECTORY,
+                )?;
                 changed = true;
             }
             pos = next;
@@ -206,10 +274,65 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Rewrites the feature fields of the header (v3 only; v2 has none).
     fn write_header_fields(&mut self) -> Res<(), R> {
         if let Some((at, bytes)) = self.img.header.encode_feature_fields() {
-            self.img.io.write_at(at, &bytes).map_err(Error::Io)?;
+            self.put(at, &bytes, overlap::HEADER)?;
             self.img.io.flush().map_err(Error::Io)?;
         }
         Ok(())
+    }
+
+    /// Refuses every write once an overlap was refused (the image is then
+    /// marked corrupt).
+    pub(crate) fn require_intact(&self) -> Res<(), R> {
+        if self.corrupt {
+            Err(Error::ReadOnly(
+                "the image is marked corrupt; repair it first",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether a write was refused because it would have overwritten
+    /// metadata (the image is then marked corrupt and refuses all writes).
+    pub fn is_corrupt(&self) -> bool {
+        self.corrupt
+    }
+
+    /// Refuses a write of `len` bytes at host `offset` of the image file
+    /// that would land on metadata other than `allowed` kinds: marks the
+    /// image corrupt (as QEMU does) and returns the overlap.
+    pub(crate) fn guard(&mut self, offset: u64, len: u64, allowed: u16) -> Res<(), R> {
+        self.require_intact()?;
+        let hit = self.metadata.kinds(offset, len) & !allowed;
+        if hit == 0 {
+            return Ok(());
+        }
+        self.mark_corrupt();
+        Err(Error::MetadataOverlap {
+            structure: overlap::name(hit),
+            offset,
+            len,
+        })
+    }
+
+    /// Writes `bytes` at host `offset` of the image file after checking
+    /// that only metadata of the `allowed` kinds is there.
+    pub(crate) fn put(&mut self, offset: u64, bytes: &[u8], allowed: u16) -> Res<(), R> {
+        self.guard(offset, to_u64(bytes.len()), allowed)?;
+        self.img.io.write_at(offset, bytes).map_err(Error::Io)
+    }
+
+    /// Sets the corrupt bit (version 3; version 2 images have no feature
+    /// bits, so they are only refused for the rest of this session) and
+    /// refuses every further write.
+    fn mark_corrupt(&mut self) {
+        self.corrupt = true;
+        self.img.header.incompatible_features |= incompat::CORRUPT;
+        if let Some((at, bytes)) = self.img.header.encode_feature_fields() {
+            // Best effort: the overlap is reported either way.
+            let _ = self.img.io.write_at(at, &bytes);
+            let _ = self.img.io.flush();
+        }
     }
 
     /// Sets every refcount to the number of references found by walking the
@@ -247,6 +370,7 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Makes everything written so far durable, in crash-safe order.
     pub fn flush(&mut self) -> Res<(), R> {
+        self.require_intact()?;
         if let Some(df) = self.img.data_file.as_mut() {
             if self.data_dirty {
                 df.flush().map_err(Error::Io)?;
@@ -261,7 +385,7 @@ impl<R: BlockWrite> WritableImage<R> {
             for off in dirty_l2 {
                 if let Some(t) = self.img.l2_cache.peek(off) {
                     let t = t.to_vec();
-                    self.img.io.write_at(off, &t).map_err(Error::Io)?;
+                    self.put(off, &t, overlap::ACTIVE_L2)?;
                 }
                 self.img.l2_cache.mark_clean(off);
             }
@@ -273,10 +397,7 @@ impl<R: BlockWrite> WritableImage<R> {
             let base = self.img.header.l1_table_offset;
             for i in dirty {
                 let e = self.img.l1.get(i).copied().unwrap_or(0);
-                self.img
-                    .io
-                    .write_at(base + to_u64(i) * 8, &e.to_be_bytes())
-                    .map_err(Error::Io)?;
+                self.put(base + to_u64(i) * 8, &e.to_be_bytes(), overlap::ACTIVE_L1)?;
             }
         }
         self.img.io.flush().map_err(Error::Io)?;

@@ -10,6 +10,7 @@ use crate::header::CompressionType;
 use crate::image::Res;
 use crate::io::BlockWrite;
 use crate::l2::{self, Subcluster, COPIED, ZERO};
+use crate::overlap;
 use crate::writable::WritableImage;
 
 /// Which kind of zeroing a range gets.
@@ -32,6 +33,7 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Res<(), R> {
+        self.require_intact()?;
         self.check_range(offset, to_u64(buf.len()))?;
         let cs = self.cluster_size();
         let mut done = 0usize;
@@ -59,6 +61,7 @@ impl<R: BlockWrite> WritableImage<R> {
     }
 
     fn zero_range(&mut self, offset: u64, len: u64, kind: ZeroKind) -> Res<(), R> {
+        self.require_intact()?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size();
         let size = self.img.header.size;
@@ -105,6 +108,10 @@ impl<R: BlockWrite> WritableImage<R> {
                 l2_off,
             ));
         }
+        if l2_off != 0 {
+            // Modified in place only if it is nothing but an L2 table.
+            self.guard(l2_off, cs, overlap::ACTIVE_L2)?;
+        }
         if l2_off != 0 && l1e & COPIED != 0 {
             return Ok(l2_off);
         }
@@ -125,8 +132,11 @@ impl<R: BlockWrite> WritableImage<R> {
                 .get(&mut self.img.io, l2_off, cs)?
                 .to_vec();
             self.pending_frees.push((l2_off, cs));
+            // Only the snapshot's (inactive) table from now on.
+            self.metadata.remove(l2_off, cs, overlap::ACTIVE_L2);
             t
         };
+        self.metadata.insert(new, cs, overlap::ACTIVE_L2);
         self.img.l2_cache.insert_dirty(new, contents);
         self.img.l1[idx] = new | COPIED;
         self.dirty_l1.insert(idx);
@@ -201,14 +211,19 @@ impl<R: BlockWrite> WritableImage<R> {
         match self.img.fmt.subcluster(entry, bitmap, 0) {
             Ok(Subcluster::Compressed(d)) => {
                 let start = d.offset & !511;
-                self.pending_frees.push((start, d.offset + d.size - start));
+                let len = d.offset + d.size - start;
+                // Metadata is never freed as if it were guest data.
+                self.guard(start, len, 0)?;
+                self.pending_frees.push((start, len));
             }
             Ok(
                 Subcluster::Normal { host }
                 | Subcluster::ZeroAlloc { host }
                 | Subcluster::UnallocatedAlloc { host },
             ) => {
-                self.pending_frees.push((host, self.cluster_size()));
+                let cs = self.cluster_size();
+                self.guard(host, cs, 0)?;
+                self.pending_frees.push((host, cs));
             }
             Ok(_) => {}
             Err(e) => return Err(Error::corrupt(e.what(), offset, e.value())),
@@ -230,12 +245,12 @@ impl<R: BlockWrite> WritableImage<R> {
         self.data_dirty = true;
         // Host space may be reused: a cached decompressed cluster is stale.
         self.img.invalidate_decompressed();
-        let io = if self.img.fmt.data_file {
-            self.img.data_file.as_mut().ok_or(Error::MissingDataFile)?
-        } else {
-            &mut self.img.io
-        };
-        io.write_at(host, data).map_err(Error::Io)
+        if self.img.fmt.data_file {
+            let df = self.img.data_file.as_mut().ok_or(Error::MissingDataFile)?;
+            return df.write_at(host, data).map_err(Error::Io);
+        }
+        // Guest data never lands on metadata, whatever a pointer says.
+        self.put(host, data, 0)
     }
 
     /// The guest view of `[pos, pos + len)` with `data` laid over `[at, at + data.len())`.
@@ -415,6 +430,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// (shorter only for the last cluster of the disk). Returns whether the
     /// cluster was stored compressed.
     pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Res<bool, R> {
+        self.require_intact()?;
         let cs = self.cluster_size();
         if offset % cs != 0 || to_u64(data.len()) > cs || data.is_empty() {
             return Err(Error::Unsupported(

@@ -98,6 +98,11 @@ impl<R: BlockRead> Image<R> {
                     name: df_name.clone(),
                     source,
                 })?;
+            // A data file that is this image (or another image of its
+            // chain) would have guest data written over metadata.
+            if seen.contains(&opened.identity) {
+                return Err(Error::NamesItself { name: df_name });
+            }
             Some(opened.io)
         } else {
             None

@@ -126,7 +126,11 @@ impl<R: BlockWrite> WritableImage<R> {
             // Never cluster 0, never a cluster holding metadata, whatever
             // the refcounts on disk say.
             let cs = 1u64 << self.img.header.cluster_bits;
-            let free = c != 0 && self.metadata.kinds(c * cs, cs) == 0 && self.refcount(c)? == 0;
+            let referenced = self.rebuilding.as_ref().is_some_and(|r| r.get(c) > 0);
+            let free = c != 0
+                && !referenced
+                && self.metadata.kinds(c * cs, cs) == 0
+                && self.refcount(c)? == 0;
             if free {
                 if run == 0 {
                     start = c;

@@ -39,8 +39,12 @@ pub struct CheckReport {
     pub messages: Vec<String>,
 }
 
-struct Refs {
+/// References to every host cluster of the file, counted exactly: 16 bits
+/// per cluster, larger counts kept aside (any refcount width holds them).
+#[derive(Debug)]
+pub(crate) struct Refs {
     counts: Vec<u16>,
+    big: alloc::collections::BTreeMap<u64, u64>,
     cluster_bits: u32,
     file_len: u64,
 }
@@ -69,7 +73,7 @@ impl<R: BlockRead> Image<R> {
         let mut highest: Option<u64> = None;
         for i in 0..file_clusters {
             let on_disk = disk_rc.get(&mut self.io, i).map_err(Error::Io)?;
-            let computed = u64::from(refs.counts[to_usize(i).unwrap_or(0)]);
+            let computed = refs.get(i);
             if on_disk > 0 || computed > 0 {
                 highest = Some(i);
             }
@@ -100,10 +104,10 @@ impl<R: BlockRead> Image<R> {
     /// refcounts of a dirty image).
     /// `file_len` is the end of the file as the caller knows it (a writer
     /// may have allocated past the length seen at open).
-    pub(crate) fn count_references(&mut self, file_len: u64) -> Result<Vec<u16>, Error<R::Error>> {
+    pub(crate) fn count_references(&mut self, file_len: u64) -> Result<Refs, Error<R::Error>> {
         let mut rep = CheckReport::default();
         let (refs, _) = self.walk_references(&mut rep, file_len)?;
-        Ok(refs.counts)
+        Ok(refs)
     }
 
     /// Walks all metadata counting references; returns the counts and the
@@ -124,6 +128,7 @@ impl<R: BlockRead> Image<R> {
         // the end of the file (a partial last cluster).
         let mut refs = Refs {
             counts: alloc::vec![0u16; to_usize(file_clusters + 1).unwrap_or(0)],
+            big: alloc::collections::BTreeMap::new(),
             cluster_bits: cb,
             file_len,
         };
@@ -453,6 +458,21 @@ impl OnDiskRefcounts {
 }
 
 impl Refs {
+    /// Number of clusters counted.
+    pub(crate) fn clusters(&self) -> u64 {
+        to_u64(self.counts.len())
+    }
+
+    /// The references to cluster `c`.
+    pub(crate) fn get(&self, c: u64) -> u64 {
+        match self.big.get(&c) {
+            Some(n) => *n,
+            None => to_usize(c)
+                .and_then(|i| self.counts.get(i))
+                .map_or(0, |n| u64::from(*n)),
+        }
+    }
+
     /// Counts one reference to every cluster overlapping `[offset, offset + len)`.
     fn inc(&mut self, rep: &mut CheckReport, offset: u64, len: u64) {
         if len == 0 {
@@ -470,7 +490,10 @@ impl Refs {
         let last = (end - 1) >> self.cluster_bits;
         for c in first..=last {
             match to_usize(c).and_then(|i| self.counts.get_mut(i)) {
-                Some(n) => *n = n.saturating_add(1),
+                Some(n) if *n == u16::MAX => {
+                    *self.big.entry(c).or_insert(u64::from(u16::MAX)) += 1;
+                }
+                Some(n) => *n += 1,
                 None => {
                     rep.corruptions += 1;
                     rep.messages.push(format!(
@@ -482,5 +505,27 @@ impl Refs {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_count_past_16_bits() {
+        let mut refs = Refs {
+            counts: alloc::vec![0u16; 4],
+            big: alloc::collections::BTreeMap::new(),
+            cluster_bits: 9,
+            file_len: 2048,
+        };
+        let mut rep = CheckReport::default();
+        for _ in 0..70_000 {
+            refs.inc(&mut rep, 512, 512);
+        }
+        refs.inc(&mut rep, 0, 1024);
+        assert_eq!((refs.get(0), refs.get(1), refs.get(2)), (1, 70_001, 0));
+        assert_eq!(rep.corruptions, 0);
     }
 }

@@ -56,6 +56,8 @@ pub struct WritableImage<R: BlockWrite> {
     pub(crate) metadata: MetadataMap,
     /// A write was refused as an overlap: nothing more is written.
     pub(crate) corrupt: bool,
+    /// While a dirty image's refcounts are rebuilt: the references counted.
+    pub(crate) rebuilding: Option<crate::check::Refs>,
 }
 
 /// The metadata of `img` as QEMU's overlap checks see it: header, active
@@ -182,6 +184,7 @@ impl<R: BlockWrite> WritableImage<R> {
             data_dirty: false,
             metadata,
             corrupt: false,
+            rebuilding: None,
         };
         // Enabled ("auto") bitmaps should track every write, which this
         // implementation does not do: mark them in use (inconsistent), as
@@ -338,26 +341,47 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Sets every refcount to the number of references found by walking the
     /// metadata (repair of a dirty image), then makes it durable.
     fn rebuild_refcounts(&mut self) -> Res<(), R> {
-        let counts = self.img.count_references(self.file_end)?;
+        let refs = self.img.count_references(self.file_end)?;
         let cb = self.img.header.cluster_bits;
-        let end = (to_u64(counts.len())).max(self.img.file_len.div_ceil(1 << cb));
+        let cs = 1u64 << cb;
+        let end = refs.clusters().max(self.img.file_len.div_ceil(cs));
+        // While the refcounts on disk are wrong, referenced clusters are not
+        // free: new refcount blocks must not land on them.
+        self.rebuilding = Some(refs);
         // Raising first, then lowering, keeps every intermediate state safe.
+        let mut result = Ok(());
         for pass in 0..2 {
             for c in 0..end {
-                let want = counts
-                    .get(to_usize(c).unwrap_or(usize::MAX))
-                    .copied()
-                    .map_or(0, u64::from);
-                let have = self.refcount(c)?;
+                let counted = self.rebuilding.as_ref().map_or(0, |r| r.get(c));
+                // Refcount blocks (and tables) created by this rebuild were
+                // not there when counting: they hold one reference.
+                let own = self.metadata.kinds(c * cs, cs)
+                    & (overlap::REFCOUNT_BLOCK | overlap::REFCOUNT_TABLE)
+                    != 0;
+                let want = if own { counted.max(1) } else { counted };
+                let have = match self.refcount(c) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                };
                 let delta = i64::try_from(want).unwrap_or(i64::MAX)
                     - i64::try_from(have).unwrap_or(i64::MAX);
                 if (pass == 0 && delta > 0) || (pass == 1 && delta < 0) {
-                    self.change_refcount(c, delta)?;
+                    if let Err(e) = self.change_refcount(c, delta) {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
-            self.write_refcounts()?;
+            result = result.and_then(|()| self.write_refcounts());
+            if result.is_err() {
+                break;
+            }
         }
-        Ok(())
+        self.rebuilding = None;
+        result
     }
 
     /// Flushes early when dirty tables keep a cache above its budget.

@@ -24,6 +24,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use lock::Access;
 pub use qcowkit_core as core;
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::copy::{ChunkRead, RawDisk};
@@ -35,6 +36,7 @@ use qcowkit_core::{Chunk, Codec};
 
 pub mod cli;
 mod codec;
+pub mod lock;
 
 pub use codec::NativeCodec;
 
@@ -155,6 +157,9 @@ pub struct FsOpener {
     pub writable: bool,
     /// Refuse every file an image names (for untrusted images).
     pub refuse: bool,
+    /// Take no locks (qemu-img's `-U`): read files other processes may be
+    /// writing.
+    pub force_share: bool,
 }
 
 impl Opener<FileIo> for FsOpener {
@@ -173,11 +178,16 @@ impl Opener<FileIo> for FsOpener {
             ));
         }
         let path = PathBuf::from(&resolved);
-        let io = if self.writable && role == FileRole::DataFile {
+        let write = self.writable && role == FileRole::DataFile;
+        let io = if write {
             FileIo::open_rw(&path)?
         } else {
             FileIo::open(&path)?
         };
+        if !self.force_share {
+            let access = if write { Access::Write } else { Access::Read };
+            lock::lock(io.file(), access)?;
+        }
         let identity = identity_of(&path)?;
         Ok(Opened {
             io,
@@ -233,6 +243,9 @@ pub struct DiskOptions {
     pub qcow2: OpenOptions,
     /// Refuse to open backing and data files the image names.
     pub no_follow: bool,
+    /// Take no locks (qemu-img's `-U`): inspect images other processes
+    /// may be writing.
+    pub force_share: bool,
 }
 
 /// A disk image opened by path: qcow2 (with its chain) or raw.
@@ -253,6 +266,9 @@ impl Disk {
             source,
         };
         let mut io = FileIo::open(path).map_err(open_err)?;
+        if !opts.force_share {
+            lock::lock(io.file(), Access::Read).map_err(open_err)?;
+        }
         let format = match opts.format {
             Some(f) => f,
             None => probe(&mut io).map_err(qcowkit_core::Error::Io)?,
@@ -264,6 +280,7 @@ impl Disk {
                 let mut opener = FsOpener {
                     writable: false,
                     refuse: opts.no_follow,
+                    force_share: opts.force_share,
                 };
                 let img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
                 Ok(Disk::Qcow2(Box::new(img)))
@@ -368,11 +385,13 @@ pub fn create_qcow2(
         .open(path)
         .map_err(open_err)?;
     let mut io = FileIo::new(file);
+    lock::lock(io.file(), Access::Write).map_err(open_err)?;
     qcowkit_core::create::format(&mut io, opts)?;
     let identity = identity_of(path).map_err(open_err)?;
     let mut opener = FsOpener {
         writable: true,
         refuse: false,
+        force_share: false,
     };
     let mut img =
         WritableImage::open_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
@@ -388,10 +407,12 @@ pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<WritableImage<Fi
         source,
     };
     let io = FileIo::open_rw(path).map_err(open_err)?;
+    lock::lock(io.file(), Access::Write).map_err(open_err)?;
     let identity = identity_of(path).map_err(open_err)?;
     let mut opener = FsOpener {
         writable: true,
         refuse: false,
+        force_share: false,
     };
     WritableImage::open_with(io, &name, &identity, &mut opener, opts)
 }

@@ -55,6 +55,7 @@ fn frugal_read(s: &Scratch, image: &str, expected: &str, slice: u64) -> (usize, 
             ..OpenOptions::default()
         },
         no_follow: false,
+        force_share: false,
     };
     let base = reset_peak();
     let mut disk = Disk::open(&path, &opts).unwrap();

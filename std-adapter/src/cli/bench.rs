@@ -46,6 +46,10 @@ pub struct Args {
     /// Seed of `--random` (printed, so a run can be repeated).
     #[arg(long = "seed")]
     pub seed: Option<u64>,
+    /// Read without taking locks (qemu-img's force-share), e.g. an image
+    /// another process is writing; not with `-w`.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Quiet: print only the results.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
@@ -93,6 +97,9 @@ fn bench(a: &Args) -> Result<(), String> {
         None => size,
     };
     let fmt = parse_format(&a.format)?;
+    if a.write && a.force_share {
+        return Err("force-share (-U) can only be used for reading".into());
+    }
     let mut img = if a.write {
         let is_qcow2 = match fmt {
             Some(f) => f == Format::Qcow2,
@@ -114,6 +121,7 @@ fn bench(a: &Args) -> Result<(), String> {
             format: fmt,
             qcow2: OpenOptions::default(),
             no_follow: false,
+            force_share: a.force_share,
         };
         Target::Ro(
             Disk::open(Path::new(&a.filename), &opts)

@@ -55,7 +55,7 @@ pub fn run(a: &Args) -> u8 {
         check_mode: true,
         ..OpenOptions::default()
     };
-    let disk = match open_disk(&a.filename, fmt, opts) {
+    let disk = match open_disk(&a.filename, fmt, opts, a.force_share) {
         Ok(d) => d,
         Err(e) => {
             report(format!("Could not open '{}'", a.filename), e);

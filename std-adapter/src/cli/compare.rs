@@ -64,7 +64,7 @@ pub fn run(a: &Args) -> u8 {
     let open = |name: &str, f: &Option<String>| -> Result<Disk, String> {
         let fmt = parse_format(f)?;
         let opts = super::cache_options(&a.l2_cache_size)?;
-        super::open_disk_with(name, fmt, opts, a.no_follow)
+        super::open_disk_with(name, fmt, opts, a.no_follow, a.force_share)
             .map_err(|e| format!("Could not open '{name}': {e}"))
     };
     let disks = open(&a.image1, &a.format1).and_then(|d1| Ok((d1, open(&a.image2, &a.format2)?)));

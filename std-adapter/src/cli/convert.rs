@@ -77,7 +77,7 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
         ));
     }
     let opts = super::cache_options(&a.l2_cache_size).map_err(|e| ("convert".to_string(), e))?;
-    let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.no_follow)
+    let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.no_follow, a.force_share)
         .map_err(|e| (format!("Could not open '{}'", a.source), e.to_string()))?;
     match out_fmt {
         Format::Raw => copy_to_raw(&mut disk, &a.dest, a.progress),

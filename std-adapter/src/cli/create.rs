@@ -74,6 +74,7 @@ pub fn build(
                     ..OpenOptions::default()
                 },
                 no_follow: false,
+                force_share: false,
             };
             let disk = Disk::open(Path::new(&full), &opts)
                 .map_err(|e| format!("Could not open backing file '{full}': {e}"))?;

@@ -86,7 +86,7 @@ pub fn run(args: &[String]) -> u8 {
             return 1;
         }
     };
-    let mut disk = match open_disk(&a.input, a.format, OpenOptions::default()) {
+    let mut disk = match open_disk(&a.input, a.format, OpenOptions::default(), false) {
         Ok(d) => d,
         Err(e) => {
             report(format!("Could not open '{}'", a.input), e);

@@ -43,7 +43,7 @@ pub fn run(a: &Args) -> u8 {
             no_data_file: true,
             ..OpenOptions::default()
         };
-        let disk = match open_disk(&name, fmt, opts) {
+        let disk = match open_disk(&name, fmt, opts, a.force_share) {
             Ok(d) => d,
             Err(e) => {
                 report(format!("Could not open '{name}'"), e);

@@ -75,7 +75,7 @@ pub fn run(a: &Args) -> u8 {
             return 1;
         }
     };
-    let mut disk = match super::open_disk_with(&a.filename, fmt, opts, a.no_follow) {
+    let mut disk = match super::open_disk_with(&a.filename, fmt, opts, a.no_follow, a.force_share) {
         Ok(d) => d,
         Err(e) => {
             report(format!("Could not open '{}'", a.filename), e);

@@ -128,16 +128,19 @@ pub fn open_disk(
     path: &str,
     format: Option<Format>,
     opts: qcowkit_core::OpenOptions,
+    force_share: bool,
 ) -> Result<Disk, DiskError> {
-    open_disk_with(path, format, opts, false)
+    open_disk_with(path, format, opts, false, force_share)
 }
 
-/// Like [`open_disk`], optionally refusing files the image names (`--no-follow`).
+/// Like [`open_disk`], optionally refusing files the image names
+/// (`--no-follow`); `force_share` (`-U`) takes no locks.
 pub fn open_disk_with(
     path: &str,
     format: Option<Format>,
     opts: qcowkit_core::OpenOptions,
     no_follow: bool,
+    force_share: bool,
 ) -> Result<Disk, DiskError> {
     Disk::open(
         Path::new(path),
@@ -145,6 +148,7 @@ pub fn open_disk_with(
             format,
             qcow2: opts,
             no_follow,
+            force_share,
         },
     )
 }

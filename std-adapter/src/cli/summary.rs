@@ -119,8 +119,12 @@ pub struct BitmapRef {
 }
 
 /// Describes one image as (text, summary).
-pub fn describe(path: &str) -> Result<(String, Summary), crate::DiskError> {
-    let opened = Disk::open(Path::new(path), &DiskOptions::default());
+pub fn describe(path: &str, force_share: bool) -> Result<(String, Summary), crate::DiskError> {
+    let opts = DiskOptions {
+        force_share,
+        ..DiskOptions::default()
+    };
+    let opened = Disk::open(Path::new(path), &opts);
     let (mut disk, backing_problem) = match opened {
         Ok(d) => (d, None),
         Err(
@@ -138,6 +142,7 @@ pub fn describe(path: &str) -> Result<(String, Summary), crate::DiskError> {
                     ..OpenOptions::default()
                 },
                 no_follow: true,
+                force_share,
             };
             (Disk::open(Path::new(path), &opts)?, Some(e.to_string()))
         }
@@ -291,12 +296,14 @@ pub fn describe(path: &str) -> Result<(String, Summary), crate::DiskError> {
 /// Runs `qcow2-info [--json] IMAGE...`.
 pub fn run(args: impl IntoIterator<Item = String>) -> u8 {
     let mut json_out = false;
+    let mut force_share = false;
     let mut paths = Vec::new();
     for a in args {
         match a.as_str() {
             "--json" => json_out = true,
+            "-U" | "--force-share" => force_share = true,
             "-h" | "--help" => {
-                println!("usage: qcow2-info [--json] IMAGE...\n\nA friendly summary of qcow2 and raw disk images.");
+                println!("usage: qcow2-info [--json] [-U] IMAGE...\n\nA friendly summary of qcow2 and raw disk images.\n-U, --force-share: read images other processes are writing (no locks).");
                 return 0;
             }
             "-V" | "--version" => {
@@ -314,7 +321,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> u8 {
     let mut texts = Vec::new();
     let mut values = Vec::new();
     for p in &paths {
-        match describe(p) {
+        match describe(p, force_share) {
             Ok((t, v)) => {
                 texts.push(t);
                 values.push(v);

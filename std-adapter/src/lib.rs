@@ -149,14 +149,121 @@ impl BlockWrite for FileIo {
     }
 }
 
+/// Which files named by an image (backing files, external data files) an
+/// opener opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Follow {
+    /// Any name, as QEMU does. The default: images made or kept by their
+    /// owner name their backing files by absolute or relative paths (as
+    /// qemu-img writes them), and qemu-img follows them all.
+    #[default]
+    Any,
+    /// Only relative names that stay inside the naming image's directory
+    /// (no absolute names, no `..` or symbolic-link escapes): for images
+    /// from elsewhere that bring their chain with them.
+    Inside,
+    /// None: for untrusted images (`--no-follow`).
+    None,
+}
+
+/// Checks that `policy` allows opening `name`, named by the image
+/// `parent` as its `role` file; returns the resolved path.
+pub fn check_follow(
+    policy: Follow,
+    parent: &str,
+    name: &str,
+    role: FileRole,
+) -> io::Result<PathBuf> {
+    let resolved = resolve_name(parent, name);
+    let what = match role {
+        FileRole::Backing => "backing file",
+        FileRole::DataFile => "data file",
+    };
+    let refuse = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the image names {what} '{resolved}', and {why}"),
+        )
+    };
+    match policy {
+        Follow::Any => {}
+        Follow::None => return Err(refuse("following files named by images is disabled")),
+        Follow::Inside => {
+            if name.starts_with('/') {
+                return Err(refuse(
+                    "only relative names inside its directory are followed",
+                ));
+            }
+            let dir = match Path::new(parent).parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let dir = std::fs::canonicalize(dir)?;
+            let target = std::fs::canonicalize(&resolved)?;
+            if !target.starts_with(&dir) {
+                return Err(refuse("it is outside the image's directory"));
+            }
+        }
+    }
+    if let Ok(m) = std::fs::metadata(&resolved) {
+        if !m.file_type().is_file() {
+            return Err(not_regular(Path::new(&resolved)));
+        }
+    }
+    Ok(PathBuf::from(resolved))
+}
+
+/// Opens an image given by the user without blocking: regular files and
+/// block devices are images; a FIFO or socket is refused.
+fn open_top(path: &Path) -> io::Result<FileIo> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = FsOpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_fifo() || kind.is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{}' is a FIFO or socket, not an image", path.display()),
+        ));
+    }
+    Ok(FileIo::new(file))
+}
+
+/// Opens a file an image names without blocking (a FIFO would block a
+/// plain open) and refuses anything but a regular file.
+fn open_named(path: &Path, write: bool) -> io::Result<FileIo> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(not_regular(path));
+    }
+    Ok(FileIo::new(file))
+}
+
+fn not_regular(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "'{}' is not a regular file (a device, FIFO or socket named by an image is refused)",
+            path.display()
+        ),
+    )
+}
+
 /// Opens backing and data files on the local file system.
 #[derive(Debug, Clone, Default)]
 pub struct FsOpener {
     /// Open external data files read-write (backing files are always
     /// opened read-only).
     pub writable: bool,
-    /// Refuse every file an image names (for untrusted images).
-    pub refuse: bool,
+    /// Which named files to open (default: any, like QEMU).
+    pub follow: Follow,
     /// Take no locks (qemu-img's `-U`): read files other processes may be
     /// writing.
     pub force_share: bool,
@@ -164,26 +271,9 @@ pub struct FsOpener {
 
 impl Opener<FileIo> for FsOpener {
     fn open(&mut self, parent: &str, name: &str, role: FileRole) -> io::Result<Opened<FileIo>> {
-        let resolved = resolve_name(parent, name);
-        if self.refuse {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "the image names {} '{resolved}', and following files named by images is disabled",
-                    match role {
-                        FileRole::Backing => "backing file",
-                        FileRole::DataFile => "data file",
-                    }
-                ),
-            ));
-        }
-        let path = PathBuf::from(&resolved);
+        let path = check_follow(self.follow, parent, name, role)?;
         let write = self.writable && role == FileRole::DataFile;
-        let io = if write {
-            FileIo::open_rw(&path)?
-        } else {
-            FileIo::open(&path)?
-        };
+        let io = open_named(&path, write)?;
         if !self.force_share {
             let access = if write { Access::Write } else { Access::Read };
             lock::lock(io.file(), access)?;
@@ -191,7 +281,7 @@ impl Opener<FileIo> for FsOpener {
         let identity = identity_of(&path)?;
         Ok(Opened {
             io,
-            resolved,
+            resolved: path.to_string_lossy().into_owned(),
             identity,
         })
     }
@@ -241,8 +331,8 @@ pub struct DiskOptions {
     pub format: Option<Format>,
     /// Options passed to the qcow2 core.
     pub qcow2: OpenOptions,
-    /// Refuse to open backing and data files the image names.
-    pub no_follow: bool,
+    /// Which files named by the image to open.
+    pub follow: Follow,
     /// Take no locks (qemu-img's `-U`): inspect images other processes
     /// may be writing.
     pub force_share: bool,
@@ -265,7 +355,7 @@ impl Disk {
             name: name.clone(),
             source,
         };
-        let mut io = FileIo::open(path).map_err(open_err)?;
+        let mut io = open_top(path).map_err(open_err)?;
         if !opts.force_share {
             lock::lock(io.file(), Access::Read).map_err(open_err)?;
         }
@@ -279,7 +369,7 @@ impl Disk {
                 let identity = identity_of(path).map_err(open_err)?;
                 let mut opener = FsOpener {
                     writable: false,
-                    refuse: opts.no_follow,
+                    follow: opts.follow,
                     force_share: opts.force_share,
                 };
                 let img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
@@ -390,7 +480,7 @@ pub fn create_qcow2(
     let identity = identity_of(path).map_err(open_err)?;
     let mut opener = FsOpener {
         writable: true,
-        refuse: false,
+        follow: Follow::Any,
         force_share: false,
     };
     let mut img =
@@ -399,8 +489,18 @@ pub fn create_qcow2(
     Ok(img)
 }
 
-/// Opens an existing qcow2 image for writing (its data file writable too).
+/// Opens an existing qcow2 image for writing (its data file writable too),
+/// following any file it names.
 pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<WritableImage<FileIo>, DiskError> {
+    open_qcow2_rw_following(path, opts, Follow::Any)
+}
+
+/// [`open_qcow2_rw`], opening the files the image names as `follow` allows.
+pub fn open_qcow2_rw_following(
+    path: &Path,
+    opts: &OpenOptions,
+    follow: Follow,
+) -> Result<WritableImage<FileIo>, DiskError> {
     let name = path.to_string_lossy().into_owned();
     let open_err = |source| qcowkit_core::Error::Open {
         name: name.clone(),
@@ -411,7 +511,7 @@ pub fn open_qcow2_rw(path: &Path, opts: &OpenOptions) -> Result<WritableImage<Fi
     let identity = identity_of(path).map_err(open_err)?;
     let mut opener = FsOpener {
         writable: true,
-        refuse: false,
+        follow,
         force_share: false,
     };
     WritableImage::open_with(io, &name, &identity, &mut opener, opts)

@@ -54,7 +54,7 @@ fn frugal_read(s: &Scratch, image: &str, expected: &str, slice: u64) -> (usize, 
             refcount_cache_bytes: Some(0),
             ..OpenOptions::default()
         },
-        no_follow: false,
+        follow: qcowkit_std::Follow::Any,
         force_share: false,
     };
     let base = reset_peak();

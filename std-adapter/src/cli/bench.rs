@@ -50,6 +50,9 @@ pub struct Args {
     /// another process is writing; not with `-w`.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Which files named by the image to open.
+    #[command(flatten)]
+    pub files: super::FollowArgs,
     /// Quiet: print only the results.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
@@ -113,14 +116,18 @@ fn bench(a: &Args) -> Result<(), String> {
             return Err("write benchmarks need a qcow2 image".into());
         }
         Target::Rw(Box::new(
-            crate::open_qcow2_rw(Path::new(&a.filename), &OpenOptions::default())
-                .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
+            crate::open_qcow2_rw_following(
+                Path::new(&a.filename),
+                &OpenOptions::default(),
+                a.files.policy(),
+            )
+            .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
         ))
     } else {
         let opts = DiskOptions {
             format: fmt,
             qcow2: OpenOptions::default(),
-            no_follow: false,
+            follow: a.files.policy(),
             force_share: a.force_share,
         };
         Target::Ro(

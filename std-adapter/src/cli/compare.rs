@@ -33,9 +33,9 @@ pub struct Args {
     /// L2 cache size in bytes (suffixes k, M, G).
     #[arg(long = "l2-cache-size")]
     pub l2_cache_size: Option<String>,
-    /// Refuse to open backing and data files the image names (for untrusted images).
-    #[arg(long = "no-follow")]
-    pub no_follow: bool,
+    /// Which files named by the image to open.
+    #[command(flatten)]
+    pub files: super::FollowArgs,
     /// First image.
     pub image1: String,
     /// Second image.
@@ -64,7 +64,7 @@ pub fn run(a: &Args) -> u8 {
     let open = |name: &str, f: &Option<String>| -> Result<Disk, String> {
         let fmt = parse_format(f)?;
         let opts = super::cache_options(&a.l2_cache_size)?;
-        super::open_disk_with(name, fmt, opts, a.no_follow, a.force_share)
+        super::open_disk_with(name, fmt, opts, a.files.policy(), a.force_share)
             .map_err(|e| format!("Could not open '{name}': {e}"))
     };
     let disks = open(&a.image1, &a.format1).and_then(|d1| Ok((d1, open(&a.image2, &a.format2)?)));

@@ -44,9 +44,9 @@ pub struct Args {
     /// L2 cache size in bytes (suffixes k, M, G).
     #[arg(long = "l2-cache-size")]
     pub l2_cache_size: Option<String>,
-    /// Refuse to open backing and data files the image names (for untrusted images).
-    #[arg(long = "no-follow")]
-    pub no_follow: bool,
+    /// Which files named by the image to open.
+    #[command(flatten)]
+    pub files: super::FollowArgs,
     /// Source image.
     pub source: String,
     /// Destination file.
@@ -77,7 +77,7 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
         ));
     }
     let opts = super::cache_options(&a.l2_cache_size).map_err(|e| ("convert".to_string(), e))?;
-    let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.no_follow, a.force_share)
+    let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.files.policy(), a.force_share)
         .map_err(|e| (format!("Could not open '{}'", a.source), e.to_string()))?;
     match out_fmt {
         Format::Raw => copy_to_raw(&mut disk, &a.dest, a.progress),

@@ -73,7 +73,7 @@ pub fn build(
                     no_backing: false,
                     ..OpenOptions::default()
                 },
-                no_follow: false,
+                follow: crate::Follow::Any,
                 force_share: false,
             };
             let disk = Disk::open(Path::new(&full), &opts)

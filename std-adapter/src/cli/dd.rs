@@ -3,7 +3,7 @@
 use std::fs::OpenOptions as FsOpenOptions;
 
 use super::convert::{CopyError, Writing};
-use super::{open_disk, parse_size, report};
+use super::{parse_size, report};
 use crate::{Format, NativeCodec};
 use qcowkit_core::copy::{copy, CopyOptions, ImageSink};
 use qcowkit_core::OpenOptions;
@@ -25,6 +25,9 @@ pub struct DdArgs {
     pub format: Option<Format>,
     /// Output format (raw unless `-O qcow2`).
     pub output_format: Format,
+    /// Which files named by the input image to open (`--no-follow`,
+    /// `--follow=any|inside|none`).
+    pub follow: crate::Follow,
 }
 
 /// Parses `if= of= bs= count= skip=` and `-f FMT` / `-O FMT`.
@@ -36,8 +39,22 @@ pub fn parse(args: &[String]) -> Result<DdArgs, String> {
     let mut skip = 0u64;
     let mut format = None;
     let mut output_format = Format::Raw;
+    let mut follow = crate::Follow::Any;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--no-follow" {
+            follow = crate::Follow::None;
+            continue;
+        }
+        if let Some(p) = a.strip_prefix("--follow=") {
+            follow = match p {
+                "any" => crate::Follow::Any,
+                "inside" => crate::Follow::Inside,
+                "none" => crate::Follow::None,
+                _ => return Err(format!("invalid --follow policy '{p}' (any, inside, none)")),
+            };
+            continue;
+        }
         if a == "-f" || a == "-O" {
             let v = it.next().ok_or(format!("option {a} needs a value"))?;
             let f = Format::parse(v).ok_or(format!("Unknown file format '{v}'"))?;
@@ -74,6 +91,7 @@ pub fn parse(args: &[String]) -> Result<DdArgs, String> {
         skip,
         format,
         output_format,
+        follow,
     })
 }
 
@@ -86,7 +104,8 @@ pub fn run(args: &[String]) -> u8 {
             return 1;
         }
     };
-    let mut disk = match open_disk(&a.input, a.format, OpenOptions::default(), false) {
+    let opened = super::open_disk_with(&a.input, a.format, OpenOptions::default(), a.follow, false);
+    let mut disk = match opened {
         Ok(d) => d,
         Err(e) => {
             report(format!("Could not open '{}'", a.input), e);
@@ -205,7 +224,11 @@ mod tests {
         assert!(parse(&s(&["if=a"])).is_err());
         assert!(parse(&s(&["if=a", "of=b", "bs=0"])).is_err());
         assert!(parse(&s(&["if=a", "of=b", "foo=1"])).is_err());
-        let q = parse(&s(&["-O", "qcow2", "if=a", "of=b"])).unwrap();
+        let q = parse(&s(&["-O", "qcow2", "if=a", "of=b", "--no-follow"])).unwrap();
         assert_eq!(q.output_format, Format::Qcow2);
+        assert_eq!(q.follow, crate::Follow::None);
+        let i = parse(&s(&["if=a", "of=b", "--follow=inside"])).unwrap();
+        assert_eq!(i.follow, crate::Follow::Inside);
+        assert!(parse(&s(&["if=a", "of=b", "--follow=maybe"])).is_err());
     }
 }

@@ -19,9 +19,12 @@ pub struct Args {
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     pub backing_chain: bool,
-    /// Accepted for qemu-img compatibility (images are always opened read-only).
+    /// Read without taking locks (an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Which backing files `--backing-chain` opens.
+    #[command(flatten)]
+    pub files: super::FollowArgs,
     /// The image.
     pub filename: String,
 }
@@ -52,7 +55,7 @@ pub fn run(a: &Args) -> u8 {
         };
         let info = image_info(&name, disk);
         if a.backing_chain {
-            if let Some(full) = &info.full_backing_filename {
+            if let Some(stored) = &info.backing_filename {
                 let bfmt = info
                     .backing_filename_format
                     .as_deref()
@@ -61,7 +64,14 @@ pub fn run(a: &Args) -> u8 {
                     report("info", "backing chain is too deep or loops");
                     return 1;
                 }
-                next = Some((full.clone(), bfmt));
+                let role = qcowkit_core::FileRole::Backing;
+                match crate::check_follow(a.files.policy(), &name, stored, role) {
+                    Ok(path) => next = Some((path.to_string_lossy().into_owned(), bfmt)),
+                    Err(e) => {
+                        report(format!("Could not open '{name}''s backing file"), e);
+                        return 1;
+                    }
+                }
             }
         }
         infos.push(info);

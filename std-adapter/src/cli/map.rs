@@ -28,9 +28,9 @@ pub struct Args {
     /// L2 cache size in bytes (suffixes k, M, G).
     #[arg(long = "l2-cache-size")]
     pub l2_cache_size: Option<String>,
-    /// Refuse to open backing and data files the image names (for untrusted images).
-    #[arg(long = "no-follow")]
-    pub no_follow: bool,
+    /// Which files named by the image to open.
+    #[command(flatten)]
+    pub files: super::FollowArgs,
     /// The image.
     pub filename: String,
 }
@@ -75,13 +75,14 @@ pub fn run(a: &Args) -> u8 {
             return 1;
         }
     };
-    let mut disk = match super::open_disk_with(&a.filename, fmt, opts, a.no_follow, a.force_share) {
-        Ok(d) => d,
-        Err(e) => {
-            report(format!("Could not open '{}'", a.filename), e);
-            return 1;
-        }
-    };
+    let mut disk =
+        match super::open_disk_with(&a.filename, fmt, opts, a.files.policy(), a.force_share) {
+            Ok(d) => d,
+            Err(e) => {
+                report(format!("Could not open '{}'", a.filename), e);
+                return 1;
+            }
+        };
     let size = disk.size();
     let parse = |s: &Option<String>, default: u64| match s {
         None => Some(default),

@@ -61,10 +61,36 @@ pub enum Command {
     Check(check::Args),
     /// Copy guest data out of an image (dd-style `key=value` arguments).
     Dd {
-        /// Arguments: `if=IMAGE of=OUT [bs=N] [count=N] [skip=N] [-f FMT] [-O FMT]`.
+        /// Arguments: `if=IMAGE of=OUT [bs=N] [count=N] [skip=N] [-f FMT] [-O FMT]
+        /// [--no-follow | --follow=any|inside|none]`.
         #[arg(allow_hyphen_values = true, num_args = 0..)]
         args: Vec<String>,
     },
+}
+
+/// Which files named by an image to open (`--no-follow`, `--follow`).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct FollowArgs {
+    /// Refuse to open backing and data files the image names (for
+    /// untrusted images); the same as `--follow none`.
+    #[arg(long = "no-follow")]
+    pub no_follow: bool,
+    /// Which files named by the image to open: `any` (the default, like
+    /// qemu-img), `inside` (relative names inside the image's directory) or
+    /// `none`.
+    #[arg(long = "follow", value_enum)]
+    pub follow: Option<crate::Follow>,
+}
+
+impl FollowArgs {
+    /// The policy asked for.
+    pub fn policy(&self) -> crate::Follow {
+        if self.no_follow {
+            crate::Follow::None
+        } else {
+            self.follow.unwrap_or_default()
+        }
+    }
 }
 
 /// Prints `qcow2: <what>: <why>` on stderr.
@@ -130,16 +156,16 @@ pub fn open_disk(
     opts: qcowkit_core::OpenOptions,
     force_share: bool,
 ) -> Result<Disk, DiskError> {
-    open_disk_with(path, format, opts, false, force_share)
+    open_disk_with(path, format, opts, crate::Follow::Any, force_share)
 }
 
-/// Like [`open_disk`], optionally refusing files the image names
-/// (`--no-follow`); `force_share` (`-U`) takes no locks.
+/// Like [`open_disk`], opening the files the image names as `follow`
+/// allows; `force_share` (`-U`) takes no locks.
 pub fn open_disk_with(
     path: &str,
     format: Option<Format>,
     opts: qcowkit_core::OpenOptions,
-    no_follow: bool,
+    follow: crate::Follow,
     force_share: bool,
 ) -> Result<Disk, DiskError> {
     Disk::open(
@@ -147,7 +173,7 @@ pub fn open_disk_with(
         &DiskOptions {
             format,
             qcow2: opts,
-            no_follow,
+            follow,
             force_share,
         },
     )

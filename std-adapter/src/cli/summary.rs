@@ -119,9 +119,14 @@ pub struct BitmapRef {
 }
 
 /// Describes one image as (text, summary).
-pub fn describe(path: &str, force_share: bool) -> Result<(String, Summary), crate::DiskError> {
+pub fn describe(
+    path: &str,
+    force_share: bool,
+    follow: crate::Follow,
+) -> Result<(String, Summary), crate::DiskError> {
     let opts = DiskOptions {
         force_share,
+        follow,
         ..DiskOptions::default()
     };
     let opened = Disk::open(Path::new(path), &opts);
@@ -141,7 +146,7 @@ pub fn describe(path: &str, force_share: bool) -> Result<(String, Summary), crat
                     no_data_file: true,
                     ..OpenOptions::default()
                 },
-                no_follow: true,
+                follow: crate::Follow::None,
                 force_share,
             };
             (Disk::open(Path::new(path), &opts)?, Some(e.to_string()))
@@ -297,13 +302,15 @@ pub fn describe(path: &str, force_share: bool) -> Result<(String, Summary), crat
 pub fn run(args: impl IntoIterator<Item = String>) -> u8 {
     let mut json_out = false;
     let mut force_share = false;
+    let mut follow = crate::Follow::Any;
     let mut paths = Vec::new();
     for a in args {
         match a.as_str() {
             "--json" => json_out = true,
             "-U" | "--force-share" => force_share = true,
+            "--no-follow" => follow = crate::Follow::None,
             "-h" | "--help" => {
-                println!("usage: qcow2-info [--json] [-U] IMAGE...\n\nA friendly summary of qcow2 and raw disk images.\n-U, --force-share: read images other processes are writing (no locks).");
+                println!("usage: qcow2-info [--json] [-U] [--no-follow] IMAGE...\n\nA friendly summary of qcow2 and raw disk images.\n-U, --force-share: read images other processes are writing (no locks).\n--no-follow: open no file an image names (backing or data files).");
                 return 0;
             }
             "-V" | "--version" => {
@@ -321,7 +328,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> u8 {
     let mut texts = Vec::new();
     let mut values = Vec::new();
     for p in &paths {
-        match describe(p, force_share) {
+        match describe(p, force_share, follow) {
             Ok((t, v)) => {
                 texts.push(t);
                 values.push(v);

@@ -202,6 +202,12 @@ impl<R: BlockWrite> WritableImage<R> {
     /// table and the refcount blocks describing it are written past the end
     /// of the image, made durable, and only then does the header point at it.
     fn grow_refcount_table(&mut self, needed: usize) -> Res<(), R> {
+        // The limit first: a hostile index must not drive the sizing loop.
+        if to_u64(needed).saturating_add(1).saturating_mul(8)
+            > crate::header::MAX_REFCOUNT_TABLE_BYTES
+        {
+            return Err(Error::Unsupported("refcount table would exceed 8 MiB"));
+        }
         // Dirty blocks the new table will point at must be durable first.
         self.write_refcounts()?;
         let cs = self.cluster_size();

@@ -35,8 +35,26 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// End of the last cluster in use.
     pub image_end_offset: u64,
-    /// One line per problem, in qemu-img's wording.
+    /// One line per problem, in qemu-img's wording (at most
+    /// [`MAX_CHECK_MESSAGES`]; the counters stay exact).
     pub messages: Vec<String>,
+    /// Problems found beyond [`MAX_CHECK_MESSAGES`], not kept as lines.
+    pub omitted_messages: u64,
+}
+
+/// Most problem lines a [`CheckReport`] keeps (bounds its memory on
+/// hostile images; the counters stay exact).
+pub const MAX_CHECK_MESSAGES: usize = 10_000;
+
+impl CheckReport {
+    /// Records one problem line (or counts it once the cap is reached).
+    pub fn note(&mut self, line: String) {
+        if self.messages.len() < MAX_CHECK_MESSAGES {
+            self.messages.push(line);
+        } else {
+            self.omitted_messages = self.omitted_messages.saturating_add(1);
+        }
+    }
 }
 
 /// References to every host cluster of the file, counted exactly: 16 bits
@@ -83,7 +101,7 @@ impl<R: BlockRead> Image<R> {
                 } else {
                     "Leaked"
                 };
-                rep.messages.push(format!(
+                rep.note(format!(
                     "{kind} cluster {i} refcount={on_disk} reference={computed}"
                 ));
                 if on_disk < computed {
@@ -148,7 +166,7 @@ impl<R: BlockRead> Image<R> {
         for s in &snaps {
             if s.l1_table_offset % cs != 0 {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned; snapshot table entry corrupted",
                     s.id, s.name, s.l1_table_offset
                 ));
@@ -156,7 +174,7 @@ impl<R: BlockRead> Image<R> {
             }
             if u64::from(s.l1_size) * 8 > crate::header::MAX_L1_BYTES {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR snapshot {} ({}) L1 table is too large ({} entries); snapshot table entry corrupted",
                     s.id, s.name, s.l1_size
                 ));
@@ -166,8 +184,7 @@ impl<R: BlockRead> Image<R> {
             let mut raw = alloc::vec![0u8; n * 8];
             if let Err(e) = self.io.read_at(s.l1_table_offset, &mut raw) {
                 rep.check_errors += 1;
-                rep.messages
-                    .push(format!("ERROR reading snapshot L1 table: {e}"));
+                rep.note(format!("ERROR reading snapshot L1 table: {e}"));
                 continue;
             }
             let sl1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
@@ -187,23 +204,31 @@ impl<R: BlockRead> Image<R> {
             for b in self.bitmaps().to_vec() {
                 if b.table_offset % cs != 0 {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
+                    rep.note(format!(
                         "ERROR bitmap '{}' table offset {:#x} is not cluster aligned",
                         b.name, b.table_offset
                     ));
                     continue;
                 }
-                let n = to_usize(b.table_size.into()).unwrap_or(0).min(1 << 22);
-                let mut raw = alloc::vec![0u8; n * 8];
-                self.io
-                    .read_at(b.table_offset, &mut raw)
-                    .map_err(Error::Io)?;
-                refs.inc(rep, b.table_offset, to_u64(n) * 8);
-                for c in raw.chunks_exact(8) {
-                    let off = be64(c, 0) & l2::OFFSET_MASK;
-                    if off != 0 {
-                        refs.inc(rep, off, cs);
+                // The whole table is counted; its entries are read (in
+                // pieces) only as far as the file holds them.
+                let bytes = u64::from(b.table_size) * 8;
+                refs.inc(rep, b.table_offset, bytes);
+                let readable = file_len.saturating_sub(b.table_offset).min(bytes);
+                let mut raw = alloc::vec![0u8; to_usize(readable.min(64 << 10)).unwrap_or(0)];
+                let mut done = 0u64;
+                while done < readable {
+                    let n = to_usize((readable - done).min(to_u64(raw.len()))).unwrap_or(0);
+                    self.io
+                        .read_at(b.table_offset + done, &mut raw[..n])
+                        .map_err(Error::Io)?;
+                    for c in raw[..n].chunks_exact(8) {
+                        let off = be64(c, 0) & l2::OFFSET_MASK;
+                        if off != 0 {
+                            refs.inc(rep, off, cs);
+                        }
                     }
+                    done += to_u64(n);
                 }
             }
         }
@@ -225,7 +250,7 @@ impl<R: BlockRead> Image<R> {
             }
             if off % cs != 0 {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 blocks.push(0);
@@ -233,8 +258,7 @@ impl<R: BlockRead> Image<R> {
             }
             if off >> cb >= file_clusters {
                 rep.corruptions += 1;
-                rep.messages
-                    .push(format!("ERROR refcount block {i} is outside image"));
+                rep.note(format!("ERROR refcount block {i} is outside image"));
                 blocks.push(0);
                 continue;
             }
@@ -265,13 +289,13 @@ impl<R: BlockRead> Image<R> {
             }
             if l2::l1_reserved(e) != 0 {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR found L1 entry with reserved bits set: {e:x}"
                 ));
             }
             if l2_off % cs != 0 {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
                 continue;
@@ -279,7 +303,7 @@ impl<R: BlockRead> Image<R> {
             refs.inc(rep, l2_off, cs);
             if let Err(err) = self.io.read_at(l2_off, &mut table) {
                 rep.check_errors += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR reading L2 table at {l2_off:#x} (L1 index {i}): {err}"
                 ));
                 continue;
@@ -294,7 +318,7 @@ impl<R: BlockRead> Image<R> {
                 };
                 if l2::l2_reserved(entry, fmt.extended) != 0 {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
+                    rep.note(format!(
                         "ERROR found l2 entry with reserved bits set: {entry:x}"
                     ));
                 }
@@ -302,14 +326,14 @@ impl<R: BlockRead> Image<R> {
                     Ok(s) => s,
                     Err(l2::EntryError::Unaligned(off)) => {
                         rep.corruptions += 1;
-                        rep.messages.push(format!(
+                        rep.note(format!(
                             "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
                         ));
                         continue;
                     }
                     Err(err) => {
                         rep.corruptions += 1;
-                        rep.messages.push(format!(
+                        rep.note(format!(
                             "ERROR invalid cluster entry: {} ({:#x})",
                             err.what(),
                             err.value()
@@ -321,13 +345,13 @@ impl<R: BlockRead> Image<R> {
                     Subcluster::Compressed(d) => {
                         if fmt.extended && bitmap != 0 {
                             rep.corruptions += 1;
-                            rep.messages.push(format!(
+                            rep.note(format!(
                                 "ERROR compressed cluster {d:?} has a non-zero subcluster bitmap {bitmap:x}"
                             ));
                         }
                         if fmt.data_file {
                             rep.corruptions += 1;
-                            rep.messages.push(String::from(
+                            rep.note(String::from(
                                 "ERROR compressed cluster in an image with an external data file",
                             ));
                             continue;
@@ -382,7 +406,7 @@ impl<R: BlockRead> Image<R> {
             let rc = refcount_of(&mut self.io, l2_off).map_err(Error::Io)?;
             if (rc == 1) != (e & COPIED != 0) {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                rep.note(format!(
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
             }
@@ -406,7 +430,7 @@ impl<R: BlockRead> Image<R> {
                 let rc = refcount_of(&mut self.io, host).map_err(Error::Io)?;
                 if (rc == 1) != (entry & COPIED != 0) {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
+                    rep.note(format!(
                         "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
                     ));
                 }
@@ -481,7 +505,7 @@ impl Refs {
         let end = offset.saturating_add(len);
         if end.saturating_sub(self.file_len) >= 1u64 << self.cluster_bits {
             rep.corruptions += 1;
-            rep.messages.push(format!(
+            rep.note(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}"
             ));
             return;
@@ -496,7 +520,7 @@ impl Refs {
                 Some(n) => *n += 1,
                 None => {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
+                    rep.note(format!(
                         "ERROR cluster {c} (offset {:#x}) is beyond the end of the image file",
                         c << self.cluster_bits
                     ));

@@ -163,16 +163,22 @@ impl BlockWrite for Vec<u8> {
         let start = usize::try_from(offset).map_err(|_| err)?;
         let end = start.checked_add(buf.len()).ok_or(err)?;
         if end > Vec::len(self) {
+            // Growing past what memory holds is an error, not an abort.
+            self.try_reserve(end - Vec::len(self)).map_err(|_| err)?;
             self.resize(end, 0);
         }
         self[start..end].copy_from_slice(buf);
         Ok(())
     }
     fn set_len(&mut self, len: u64) -> Result<(), MemError> {
-        let n = usize::try_from(len).map_err(|_| MemError {
+        let err = MemError {
             offset: len,
             len: 0,
-        })?;
+        };
+        let n = usize::try_from(len).map_err(|_| err)?;
+        if n > Vec::len(self) {
+            self.try_reserve(n - Vec::len(self)).map_err(|_| err)?;
+        }
         self.resize(n, 0);
         Ok(())
     }
@@ -302,5 +308,8 @@ mod tests {
         v.write_at(4, &[7, 8]).unwrap();
         assert_eq!(v, [0, 0, 0, 0, 7, 8]);
         assert!(v.write_at(u64::MAX, &[1]).is_err());
+        // More than memory can hold: an error, not an abort.
+        assert!(v.write_at(1 << 62, &[1]).is_err());
+        assert!(BlockWrite::set_len(&mut v, 1 << 62).is_err());
     }
 }

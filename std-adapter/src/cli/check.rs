@@ -79,6 +79,9 @@ pub fn run(a: &Args) -> u8 {
     for m in &r.messages {
         eprintln!("{m}");
     }
+    if r.omitted_messages > 0 {
+        eprintln!("... and {} more problems", r.omitted_messages);
+    }
     match a.output {
         Output::Json => {
             let summary = CheckSummary::of(&r, &a.filename);

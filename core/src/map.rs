@@ -156,22 +156,47 @@ pub type MapEntry = (u64, u64, BlockStatus);
 pub fn merged_map<E>(
     start: u64,
     end: u64,
-    mut status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+    status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
 ) -> Result<alloc::vec::Vec<MapEntry>, E> {
     let mut out: alloc::vec::Vec<MapEntry> = alloc::vec::Vec::new();
+    for_each_merged(start, end, status, |e| {
+        out.push(e);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Like [`merged_map`], handing each merged range to `emit` as soon as it
+/// is complete: memory does not grow with the map (the CLI prints as it
+/// goes).
+pub fn for_each_merged<E>(
+    start: u64,
+    end: u64,
+    mut status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+    mut emit: impl FnMut(MapEntry) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut cur: Option<MapEntry> = None;
     let mut pos = start;
     while pos < end {
         let (st, run) = status(pos, end - pos)?;
         if run == 0 {
             break;
         }
-        match out.last_mut() {
+        match &mut cur {
             Some((_, len, last)) if last.continues(*len, &st) => *len += run,
-            _ => out.push((pos, run, st)),
+            _ => {
+                if let Some(done) = cur.take() {
+                    emit(done)?;
+                }
+                cur = Some((pos, run, st));
+            }
         }
         pos += run;
     }
-    Ok(out)
+    match cur {
+        Some(done) => emit(done),
+        None => Ok(()),
+    }
 }
 
 /// Block status of a raw file at `depth`: data or hole (via

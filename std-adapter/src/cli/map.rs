@@ -1,5 +1,7 @@
 //! `qcow2 map`: the allocation map, as `qemu-img map` prints it.
 
+use std::io::Write;
+
 use clap::Parser;
 
 use super::{parse_format, report, Output};
@@ -46,19 +48,6 @@ pub struct Entry {
     pub status: BlockStatus,
 }
 
-/// Collects the merged map of `[start, end)`.
-pub fn collect(disk: &mut Disk, start: u64, end: u64) -> Result<Vec<Entry>, crate::DiskError> {
-    let merged = qcowkit_core::map::merged_map(start, end, |pos, len| disk.block_status(pos, len))?;
-    Ok(merged
-        .into_iter()
-        .map(|(start, length, status)| Entry {
-            start,
-            length,
-            status,
-        })
-        .collect())
-}
-
 /// Runs `qcow2 map`.
 pub fn run(a: &Args) -> u8 {
     let fmt = match parse_format(&a.format) {
@@ -93,44 +82,122 @@ pub fn run(a: &Args) -> u8 {
         return 1;
     };
     let end = start.saturating_add(len).min(size);
-    let entries = match collect(&mut disk, start.min(size), end) {
-        Ok(e) => e,
-        Err(e) => {
-            report("map", e);
-            return 1;
-        }
-    };
-    match a.output {
-        Output::Json => {
-            let lines: Vec<String> = entries.iter().map(json_line).collect();
-            println!("[{}]", lines.join(",\n"));
-            0
-        }
-        Output::Human => {
-            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-            for e in &entries {
-                let s = &e.status;
-                if s.data && s.offset.is_none() {
-                    report(
-                        "map",
-                        "File contains external, encrypted or compressed clusters.",
-                    );
-                    return 1;
-                }
-                if s.data && !s.zero {
-                    let file = layer_name(&disk, s.depth, s.external);
-                    println!(
-                        "{:<16}{:<16}{:<16}{}",
-                        hex(e.start),
-                        hex(e.length),
-                        hex(s.offset.unwrap_or(0)),
-                        file
-                    );
-                }
+    // Printed as the map is walked, like qemu-img (memory stays flat).
+    let names = layer_names(&disk);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut first = true;
+    let human = a.output == Output::Human;
+    if human {
+        let _ = writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        );
+    }
+    let walked = qcowkit_core::map::for_each_merged(
+        start.min(size),
+        end,
+        |pos, len| disk.block_status(pos, len).map_err(Stop::Disk),
+        |(start, length, status)| {
+            let e = Entry {
+                start,
+                length,
+                status,
+            };
+            if !human {
+                let sep = if first { "[" } else { ",\n" };
+                first = false;
+                return write!(out, "{sep}{}", json_line(&e)).map_err(Stop::Out);
             }
-            0
+            let s = &e.status;
+            if s.data && s.offset.is_none() {
+                return Err(Stop::Compressed);
+            }
+            if s.data && !s.zero {
+                let file = names.name(s.depth, s.external);
+                writeln!(
+                    out,
+                    "{:<16}{:<16}{:<16}{}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(s.offset.unwrap_or(0)),
+                    file
+                )
+                .map_err(Stop::Out)?;
+            }
+            Ok(())
+        },
+    );
+    if !human && walked.is_ok() {
+        let _ = writeln!(out, "{}]", if first { "[" } else { "" });
+    }
+    let _ = out.flush();
+    match walked {
+        Ok(()) => 0,
+        Err(Stop::Compressed) => {
+            report(
+                "map",
+                "File contains external, encrypted or compressed clusters.",
+            );
+            1
+        }
+        Err(Stop::Disk(e)) => {
+            report("map", e);
+            1
+        }
+        Err(Stop::Out(e)) => {
+            report("map", e);
+            1
         }
     }
+}
+
+/// Why printing the map stopped.
+enum Stop {
+    Disk(crate::DiskError),
+    Compressed,
+    Out(std::io::Error),
+}
+
+/// The file names of a chain's layers, for the human map.
+struct LayerNames {
+    /// (image name, its external data file resolved) per depth; a raw
+    /// backing file last.
+    layers: Vec<(String, String)>,
+}
+
+impl LayerNames {
+    fn name(&self, depth: u32, external: bool) -> &str {
+        match self.layers.get(depth as usize) {
+            Some((_, df)) if external => df,
+            Some((n, _)) => n,
+            None => "",
+        }
+    }
+}
+
+fn layer_names(disk: &Disk) -> LayerNames {
+    let mut layers = Vec::new();
+    let Disk::Qcow2(img) = disk else {
+        return LayerNames { layers };
+    };
+    let mut cur: &qcowkit_core::Image<crate::FileIo> = img;
+    loop {
+        let df = cur.header().data_file.clone().unwrap_or_default();
+        layers.push((
+            cur.name().to_string(),
+            qcowkit_core::backing::resolve_name(cur.name(), &df),
+        ));
+        match cur.backing() {
+            Some(qcowkit_core::Backing::Qcow2(b)) => cur = b,
+            Some(b @ qcowkit_core::Backing::Raw { .. }) => {
+                layers.push((b.name().to_string(), String::new()));
+                break;
+            }
+            None => break,
+        }
+    }
+    LayerNames { layers }
 }
 
 /// `%#x` (no prefix for zero), like qemu-img.
@@ -140,25 +207,6 @@ fn hex(v: u64) -> String {
     } else {
         format!("{v:#x}")
     }
-}
-
-fn layer_name(disk: &Disk, depth: u32, external: bool) -> String {
-    let Disk::Qcow2(img) = disk else {
-        return String::new();
-    };
-    let mut cur: &qcowkit_core::Image<crate::FileIo> = img;
-    for _ in 0..depth {
-        match cur.backing() {
-            Some(qcowkit_core::Backing::Qcow2(b)) => cur = b,
-            Some(b @ qcowkit_core::Backing::Raw { .. }) => return b.name().to_string(),
-            None => break,
-        }
-    }
-    if external {
-        let df = cur.header().data_file.clone().unwrap_or_default();
-        return qcowkit_core::backing::resolve_name(cur.name(), &df);
-    }
-    cur.name().to_string()
 }
 
 /// qemu-img's spacing of map entries: `{ "key": value, "key": value}`.

@@ -23,6 +23,8 @@ pub struct InfoParams<'a> {
     pub filename: &'a str,
     /// The backing file name resolved by the host's opener policy.
     pub full_backing_filename: Option<&'a str>,
+    /// The external data file name resolved by the host's opener policy.
+    pub full_data_filename: Option<&'a str>,
     /// Bytes the image file occupies on its storage.
     pub actual_size: u64,
 }
@@ -60,6 +62,22 @@ pub struct Info {
     pub backing_filename: Option<String>,
     /// The dirty bit (lazy refcounts in use).
     pub dirty_flag: bool,
+    /// The files this image names that opening it would open (not a
+    /// qemu-img key; absent when it names none).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+    pub files_to_open: Vec<NamedFile>,
+}
+
+/// A file an image names (see [`Info::files_to_open`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+pub struct NamedFile {
+    /// `backing` or `data-file`.
+    pub role: &'static str,
+    /// The name as the image stores it.
+    pub name: String,
+    /// The name the host would open (resolved by its opener's rules).
+    pub path: String,
 }
 
 /// One internal snapshot in [`Info`].
@@ -203,6 +221,7 @@ impl Info {
                 .map(|b| String::from(p.full_backing_filename.unwrap_or(b))),
             backing_filename: h.backing_file.clone(),
             dirty_flag: h.dirty(),
+            files_to_open: files_to_open(h, p),
         }
     }
 
@@ -220,8 +239,29 @@ impl Info {
             full_backing_filename: None,
             backing_filename: None,
             dirty_flag: false,
+            files_to_open: Vec::new(),
         }
     }
+}
+
+/// The backing and data files `h` names, with the host's resolution.
+fn files_to_open(h: &crate::header::Header, p: &InfoParams<'_>) -> Vec<NamedFile> {
+    let mut out = Vec::new();
+    if let Some(b) = &h.backing_file {
+        out.push(NamedFile {
+            role: "backing",
+            name: b.clone(),
+            path: String::from(p.full_backing_filename.unwrap_or(b)),
+        });
+    }
+    if let Some(d) = h.data_file.as_ref().filter(|_| h.has_data_file()) {
+        out.push(NamedFile {
+            role: "data-file",
+            name: d.clone(),
+            path: String::from(p.full_data_filename.unwrap_or(d)),
+        });
+    }
+    out
 }
 
 /// One entry of `qemu-img map --output=json`.

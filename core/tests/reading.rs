@@ -222,11 +222,15 @@ fn reports_and_allocation_describe_the_images() {
     let p = |name| InfoParams {
         filename: name,
         full_backing_filename: None,
+        full_data_filename: None,
         actual_size: 0,
     };
     let img = open("top-4k", image("top-4k"));
     let info = Info::of(&img, &p("top-4k"));
     assert_eq!(info.backing_filename.as_deref(), Some("base-4k.qcow2"));
+    assert_eq!(info.files_to_open.len(), 1);
+    assert_eq!(info.files_to_open[0].role, "backing");
+    assert_eq!(info.files_to_open[0].path, "base-4k.qcow2");
     assert_eq!(info.backing_filename_format.as_deref(), Some("qcow2"));
     assert_eq!(info.cluster_size, Some(4096));
     let v2 = Info::of(&open("v2-4k", image("v2-4k")), &p("v2-4k"));

@@ -139,3 +139,22 @@ fn a_fifo_named_by_an_image_is_refused_without_blocking() {
         );
     }
 }
+
+#[test]
+fn info_json_says_which_files_a_chain_would_open() {
+    let s = Scratch::new();
+    let d = s.dir();
+    std::fs::create_dir_all(d.join("vm")).unwrap();
+    qemu_create(d, "vm/base.qcow2", "", "1M");
+    qemu_overlay(d, "vm/top.qcow2", "", ("base.qcow2", "qcow2"), None);
+    qemu_create(d, "vm/df.qcow2", "data_file=df.raw", "1M");
+    let top = json(&ours_ok(d, &["info", "--output=json", "vm/top.qcow2"]));
+    assert_eq!(top["files-to-open"][0]["role"], "backing");
+    assert_eq!(top["files-to-open"][0]["name"], "base.qcow2");
+    assert_eq!(top["files-to-open"][0]["path"], "vm/base.qcow2");
+    let df = json(&ours_ok(d, &["info", "--output=json", "vm/df.qcow2"]));
+    assert_eq!(df["files-to-open"][0]["role"], "data-file");
+    assert_eq!(df["files-to-open"][0]["path"], "vm/df.raw");
+    let base = json(&ours_ok(d, &["info", "--output=json", "vm/base.qcow2"]));
+    assert!(base.get("files-to-open").is_none(), "{base}");
+}

@@ -107,8 +107,8 @@ pub struct QcowImage {
 
 /// An image opened for reading only, or for reading and writing.
 enum Access {
-    Read(Image<Storage>),
-    Write(WritableImage<Storage>),
+    Read(Box<Image<Storage>>),
+    Write(Box<WritableImage<Storage>>),
 }
 
 impl QcowImage {
@@ -149,7 +149,7 @@ impl QcowImage {
         let img = Image::open_with(io, name, name, &mut opener, &OpenOptions::default())
             .map_err(js_err)?;
         Ok(QcowImage {
-            img: Access::Read(img),
+            img: Access::Read(Box::new(img)),
             name: name.to_string(),
         })
     }
@@ -167,7 +167,7 @@ impl QcowImage {
         let img = WritableImage::open_with(io, name, name, &mut opener, &OpenOptions::default())
             .map_err(js_err)?;
         Ok(QcowImage {
-            img: Access::Write(img),
+            img: Access::Write(Box::new(img)),
             name: name.to_string(),
         })
     }

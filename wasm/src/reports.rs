@@ -49,9 +49,15 @@ pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
         .backing_file
         .as_deref()
         .map(|b| resolve_name(name, b));
+    let data = img
+        .header()
+        .data_file
+        .as_deref()
+        .map(|d| resolve_name(name, d));
     let p = InfoParams {
         filename: name,
         full_backing_filename: full.as_deref(),
+        full_data_filename: data.as_deref(),
         actual_size: actual,
     };
     to_js(&Info::of(&img, &p))
@@ -72,6 +78,8 @@ export interface ImageInfo {
   "full-backing-filename"?: string;
   "backing-filename"?: string;
   "dirty-flag": boolean;
+  /** The files this image names that opening it would open (not a qemu-img key). */
+  "files-to-open"?: { role: "backing" | "data-file"; name: string; path: string }[];
 }
 /** One internal snapshot of an image. */
 export interface SnapshotInfo {
@@ -140,9 +148,15 @@ export interface CheckResult {
 pub(crate) fn info_of(img: &mut Image<Storage>, name: &str) -> Info {
     let actual = img.storage_len().unwrap_or(0);
     let full = img.backing().map(|b| b.name().to_string());
+    let data = img
+        .header()
+        .data_file
+        .as_deref()
+        .map(|d| resolve_name(name, d));
     let p = InfoParams {
         filename: name,
         full_backing_filename: full.as_deref(),
+        full_data_filename: data.as_deref(),
         actual_size: actual,
     };
     Info::of(img, &p)

@@ -107,9 +107,15 @@ pub fn image_info(name: &str, disk: Disk) -> Info {
                 .backing_file
                 .as_deref()
                 .map(|b| qcowkit_core::backing::resolve_name(name, b));
+            let data = img
+                .header()
+                .data_file
+                .as_deref()
+                .map(|d| qcowkit_core::backing::resolve_name(name, d));
             let p = InfoParams {
                 filename: name,
                 full_backing_filename: full.as_deref(),
+                full_data_filename: data.as_deref(),
                 actual_size: actual,
             };
             Info::of(&img, &p)

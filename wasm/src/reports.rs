@@ -43,24 +43,8 @@ pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
         no_data_file: true,
         ..OpenOptions::default()
     };
-    let img = Image::open(io, &opts).map_err(js_err)?;
-    let full = img
-        .header()
-        .backing_file
-        .as_deref()
-        .map(|b| resolve_name(name, b));
-    let data = img
-        .header()
-        .data_file
-        .as_deref()
-        .map(|d| resolve_name(name, d));
-    let p = InfoParams {
-        filename: name,
-        full_backing_filename: full.as_deref(),
-        full_data_filename: data.as_deref(),
-        actual_size: actual,
-    };
-    to_js(&Info::of(&img, &p))
+    let mut img = Image::open(io, &opts).map_err(js_err)?;
+    to_js(&info_of(&mut img, name))
 }
 
 #[wasm_bindgen(typescript_custom_section)]

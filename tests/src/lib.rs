@@ -25,7 +25,7 @@ pub use qemu::{
     assert_qemu_img_check, qemu_compressed, qemu_contents, qemu_create, qemu_image, qemu_img,
     qemu_img_check, qemu_img_compare, qemu_info, qemu_io, qemu_overlay,
 };
-pub use rng::{announce_seed, env_seed, env_seed_strict, seed_or, Rng, SplitMix64, XorShift64};
+pub use rng::{announce_seed, env_seed, seed_or, Rng, SplitMix64, XorShift64};
 
 /// A temporary directory that lives as long as the value.
 pub struct Scratch {

@@ -80,15 +80,10 @@ impl Rng for XorShift64 {
     }
 }
 
-/// The seed in the environment variable `var`: None when it is unset or
-/// not a u64.
+/// The seed in the environment variable `var`: None when it is unset; a
+/// value that is not a u64 (white space around it is allowed) panics, so a
+/// mistyped seed never silently runs another one.
 pub fn env_seed(var: &str) -> Option<u64> {
-    std::env::var(var).ok().and_then(|v| v.parse().ok())
-}
-
-/// Like [`env_seed`], but a value that is not a u64 (white space around it
-/// is allowed) panics instead of being ignored.
-pub fn env_seed_strict(var: &str) -> Option<u64> {
     let v = std::env::var(var).ok()?;
     Some(
         v.trim()

@@ -274,3 +274,39 @@ fn convert_to_raw_streams_the_guest_contents() {
     let check = back.check().unwrap();
     assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
 }
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[wasm_bindgen_test]
+fn writes_over_metadata_are_refused_and_mark_the_image_corrupt() {
+    let storage = memStorage(JsValue::UNDEFINED);
+    create_image(storage.clone(), options(&[("size", "1M".into())])).unwrap();
+    let mut img = QcowImage::open_writable("x.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    img.write(0.0, &[0x11; 4096]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    // Point guest cluster 0 at the L1 table ("owned": COPIED).
+    let mut bytes = storage_bytes(&storage);
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | l1 as u64).to_be_bytes());
+    let l1_before = bytes[l1..l1 + 512].to_vec();
+    let damaged = memStorage(Uint8Array::from(&bytes[..]).into());
+    let mut img = QcowImage::open_writable("x.qcow2", damaged.clone(), JsValue::UNDEFINED).unwrap();
+    let err = img.write(0.0, &[0x5a; 4096]).err().unwrap();
+    let msg = get(&JsValue::from(err), &["message"]).as_string().unwrap();
+    assert!(msg.contains("invalid write on metadata"), "{msg}");
+    assert!(msg.contains("active L1 table"), "{msg}");
+    drop(img);
+    let after = storage_bytes(&damaged);
+    assert_eq!(
+        &after[l1..l1 + 512],
+        &l1_before[..],
+        "the L1 table is unchanged"
+    );
+    assert_eq!(be64(&after, 72) & 2, 2, "the corrupt bit is set");
+    // Marked corrupt: opening for writing is refused from now on.
+    assert!(QcowImage::open_writable("x.qcow2", damaged, JsValue::UNDEFINED).is_err());
+}

@@ -95,6 +95,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 continue;
             }
             self.metadata.insert(block_off, cs, overlap::REFCOUNT_BLOCK);
+            self.reserve(block_off, cs, overlap::REFCOUNT_BLOCK)?;
             self.refcounts.blocks.insert_dirty(block_off, data);
             if let Some(e) = self.refcounts.table.get_mut(ti) {
                 *e = block_off;

@@ -325,6 +325,15 @@ impl<R: BlockWrite> WritableImage<R> {
         self.img.io.write_at(offset, bytes).map_err(Error::Io)
     }
 
+    /// Reserves the space of a metadata structure of `allowed` kind placed
+    /// at host `offset` (written only at the next flush), so that a full
+    /// disk fails the allocation, not the flush that makes completed
+    /// writes durable.
+    pub(crate) fn reserve(&mut self, offset: u64, len: u64, allowed: u16) -> Res<(), R> {
+        self.guard(offset, len, allowed)?;
+        self.img.io.preallocate(offset, len).map_err(Error::Io)
+    }
+
     /// Sets the corrupt bit (version 3; version 2 images have no feature
     /// bits, so they are only refused for the rest of this session) and
     /// refuses every further write.

@@ -137,6 +137,7 @@ impl<R: BlockWrite> WritableImage<R> {
             t
         };
         self.metadata.insert(new, cs, overlap::ACTIVE_L2);
+        self.reserve(new, cs, overlap::ACTIVE_L2)?;
         self.img.l2_cache.insert_dirty(new, contents);
         self.img.l1[idx] = new | COPIED;
         self.dirty_l1.insert(idx);

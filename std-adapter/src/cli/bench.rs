@@ -175,9 +175,19 @@ fn bench(a: &Args) -> Result<(), String> {
             pos += step;
             p
         };
-        img.io(at, &mut buf, a.write).map_err(|e| e.to_string())?;
-        if a.write && a.flush_interval > 0 && (i + 1) % a.flush_interval == 0 {
-            img.flush().map_err(|e| e.to_string())?;
+        let step = img.io(at, &mut buf, a.write).and_then(|()| {
+            if a.write && a.flush_interval > 0 && (i + 1) % a.flush_interval == 0 {
+                img.flush()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = step {
+            // Close cleanly, as QEMU does: what completed is made durable
+            // (in the crash-safe order; a failing flush leaves at worst
+            // leaked clusters).
+            let _ = img.flush();
+            return Err(e.to_string());
         }
     }
     img.flush().map_err(|e| e.to_string())?;

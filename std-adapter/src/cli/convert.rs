@@ -157,7 +157,7 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
         align: cs,
     };
     let mut target = Writing { sink, pb: &pb };
-    copy(
+    let copied = copy(
         disk,
         0,
         size,
@@ -168,9 +168,13 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
     .map_err(|e| match e {
         CopyError::Read(e) => ("error while reading".to_string(), e.to_string()),
         CopyError::Write(e) => ("error while writing".to_string(), e),
-    })?;
-    img.flush()
-        .map_err(|e| ("error while writing".to_string(), e.to_string()))?;
+    });
+    // Flushed either way: on an error, what was written stays durable and
+    // referenced (closing cleanly, as QEMU does).
+    let flushed = img
+        .flush()
+        .map_err(|e| ("error while writing".to_string(), e.to_string()));
+    copied.and(flushed)?;
     pb.finish_and_clear();
     Ok(())
 }

@@ -173,15 +173,18 @@ pub fn run(args: &[String]) -> u8 {
             let opts = CopyOptions { chunk, align: cs };
             let pb = indicatif::ProgressBar::hidden();
             let mut target = Writing { sink, pb: &pb };
-            copy(
+            let copied = copy(
                 &mut disk,
                 start,
                 end.max(start),
                 opts,
                 &mut NativeCodec::all_cores(),
                 &mut target,
-            )
-            .and_then(|()| img.flush().map_err(|e| CopyError::Write(e.to_string())))
+            );
+            // Flushed either way: on an error, what was written stays
+            // durable and referenced (closing cleanly, as QEMU does).
+            let flushed = img.flush().map_err(|e| CopyError::Write(e.to_string()));
+            copied.and(flushed)
         }
     };
     match copied {

@@ -564,6 +564,15 @@ fn compressed_writes_with_1_bit_refcounts() {
     assert!(back[1024..].iter().all(|b| *b == 3));
     let rep = img.check().unwrap();
     assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+    // qemu-img is the judge too.
+    let s = Scratch::new();
+    std::fs::write(s.path("c1.qcow2"), img.into_inner()).unwrap();
+    assert_qemu_img_check(s.dir(), "c1.qcow2");
+    qemu_io(
+        s.dir(),
+        "c1.qcow2",
+        &["read -P 1 0 512", "read -P 2 512 512", "read -P 3 1024 512"],
+    );
 }
 
 /// A compressed cluster is freed (discard + flush) and a new compressed

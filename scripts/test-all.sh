@@ -64,9 +64,10 @@ echo "== wasm bindings: fmt, clippy, tests in Node and in a Chromium worker (OPF
   cd wasm
   cargo fmt -- --check
   cargo clippy --target wasm32-unknown-unknown --all-targets -- -D warnings
+  # Bounded: a hung browser or Node fails the run instead of hanging it.
   CHROMEDRIVER=$(command -v chromedriver) \
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-    cargo test --target wasm32-unknown-unknown
+    timeout 1200 cargo test --target wasm32-unknown-unknown
 )
 
 echo "== firmware: fmt, clippy, and the Cortex-M4 program under qemu-system-arm on qemu-img images"
@@ -82,7 +83,7 @@ echo "== web demo: build (npm ci && npm run build) and end-to-end tests in Chrom
   cd web-demo
   npm ci --no-audit --no-fund
   npm run build
-  node tests/e2e.mjs
+  timeout 600 node tests/e2e.mjs
 )
 
 echo "== all tests passed"

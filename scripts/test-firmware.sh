@@ -61,7 +61,7 @@ run() {
   qemu-img convert -O raw "$image" ref.raw
   expect_size=$(stat -c %s ref.raw)
   expect_sha=$(head -c 1048576 ref.raw | sha256sum | cut -d' ' -f1)
-  if ! out=$(timeout 300 "$root/scripts/firmware-demo.sh" "$@" "$work/$image" 2>&1); then
+  if ! out=$(timeout 900 "$root/scripts/firmware-demo.sh" "$@" "$work/$image" 2>&1); then
     echo "FAIL $image $*: firmware exited non-zero:"; echo "$out"; fail=1; return
   fi
   if ! grep -qx "virtual-size: $expect_size" <<<"$out" \
@@ -78,7 +78,7 @@ run zstd.qcow2
 run chain/top.qcow2
 # A malformed image: non-zero exit with the error printed.
 head -c 104 plain.qcow2 > bad.qcow2; printf '\x00\x00\x00\x1f' | dd of=bad.qcow2 bs=1 seek=20 conv=notrunc 2>/dev/null
-if out=$(timeout 300 "$root/scripts/firmware-demo.sh" "$work/bad.qcow2" 2>&1) || ! grep -q "error: .*cluster_bits 31" <<<"$out"; then
+if out=$(timeout 900 "$root/scripts/firmware-demo.sh" "$work/bad.qcow2" 2>&1) || ! grep -q "error: .*cluster_bits 31" <<<"$out"; then
   echo "FAIL bad.qcow2: expected an error exit naming cluster_bits; got:"; echo "$out"; fail=1
 else
   echo "ok bad.qcow2 refused: $(grep error <<<"$out")"

@@ -23,6 +23,15 @@ if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   echo "== adding target thumbv7em-none-eabihf"
   rustup target add thumbv7em-none-eabihf
 fi
+# 32-bit: the core's tests and the hostile-image tests also run on i686.
+if ! rustup target list --installed | grep -qx i686-unknown-linux-gnu; then
+  echo "== adding target i686-unknown-linux-gnu"
+  rustup target add i686-unknown-linux-gnu
+fi
+if ! echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /dev/null 2>/dev/null; then
+  echo "== installing gcc-multilib (32-bit C runtime for i686 tests)"
+  apt-get update -qq && apt-get install -y -qq gcc-multilib
+fi
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   echo "== adding target wasm32-unknown-unknown"
   rustup target add wasm32-unknown-unknown
@@ -55,6 +64,11 @@ cargo build -p qcowkit-options --target thumbv7em-none-eabihf --release
 
 echo "== tests (unit, property, integration against qemu-img/qemu-io)"
 cargo nextest run --workspace --no-fail-fast
+echo "== 32-bit (i686): the core's tests, the hostile-image tests and the fuzz corpus"
+cargo build -q -p qcowkit-std --bins --target i686-unknown-linux-gnu
+cargo test -q -p qcowkit-core --target i686-unknown-linux-gnu
+cargo test -q -p qcowkit-tests --target i686-unknown-linux-gnu --test hostile --test fuzz_replay
+
 echo "== doc tests and rustdoc (warnings are errors)"
 cargo test --workspace --doc
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p qcowkit-core -p qcowkit-options -p qcowkit-std

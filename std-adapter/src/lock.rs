@@ -14,9 +14,9 @@ use nix::fcntl::{fcntl, FcntlArg};
 use nix::libc;
 
 /// First byte of the "permission held" locks.
-const PERM_BASE: i64 = 100;
+const PERM_BASE: libc::off_t = 100;
 /// First byte of the "permission not shared" locks.
-const SHARED_BASE: i64 = 200;
+const SHARED_BASE: libc::off_t = 200;
 
 /// QEMU's block permissions, in bit order.
 const PERMS: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
@@ -51,7 +51,7 @@ impl Access {
     }
 }
 
-fn flock(kind: i16, byte: i64) -> libc::flock {
+fn flock(kind: i16, byte: libc::off_t) -> libc::flock {
     libc::flock {
         l_type: kind,
         l_whence: libc::SEEK_SET as i16,
@@ -62,7 +62,7 @@ fn flock(kind: i16, byte: i64) -> libc::flock {
 }
 
 /// Whether another open file description holds a lock on `byte`.
-fn held_elsewhere(file: &File, byte: i64) -> io::Result<bool> {
+fn held_elsewhere(file: &File, byte: libc::off_t) -> io::Result<bool> {
     let mut l = flock(libc::F_WRLCK as i16, byte);
     fcntl(file, FcntlArg::F_OFD_GETLK(&mut l)).map_err(io::Error::from)?;
     Ok(l.l_type != libc::F_UNLCK as i16)
@@ -81,7 +81,7 @@ pub fn lock(file: &File, access: Access) -> io::Result<()> {
     let (perm, shared) = access.perms();
     for (i, name) in PERMS.iter().enumerate() {
         let bit = 1u32 << i;
-        let i = i as i64;
+        let i = i as libc::off_t;
         if perm & bit != 0 && held_elsewhere(file, SHARED_BASE + i)? {
             return Err(conflict(format!("Failed to get \"{name}\" lock")));
         }
@@ -91,7 +91,7 @@ pub fn lock(file: &File, access: Access) -> io::Result<()> {
     }
     for (i, _) in PERMS.iter().enumerate() {
         let bit = 1u32 << i;
-        let i = i as i64;
+        let i = i as libc::off_t;
         if perm & bit != 0 {
             fcntl(
                 file,
@@ -113,7 +113,7 @@ pub fn lock(file: &File, access: Access) -> io::Result<()> {
 /// Whether another open file description holds any of QEMU's lock bytes
 /// on `file` (the image is in use by QEMU or one of our tools).
 pub fn in_use(file: &File) -> io::Result<bool> {
-    for i in 0..PERMS.len() as i64 {
+    for i in 0..PERMS.len() as libc::off_t {
         if held_elsewhere(file, PERM_BASE + i)? || held_elsewhere(file, SHARED_BASE + i)? {
             return Ok(true);
         }

@@ -13,6 +13,16 @@ secs=${1:-60}
 cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --version 0.13.2 --locked
 cargo +nightly fuzz build -O
 targets=(open_read open_check open_map open_write)
+# Seeds: the core's qemu-img images (for open_write after a 64-byte script).
+seeds() {
+  for f in ../core/tests/data/*.qcow2.zst; do
+    n=$(basename "$f" .qcow2.zst)
+    for t in open_read open_check open_map; do cp "$f" "corpus/$t/seed-$n.zst"; done
+    { yes "$n" | tr -d '\n' | head -c 64; zstd -q -d -c "$f"; } \
+      | zstd -q -19 -o "corpus/open_write/seed-$n.zst" -f
+  done
+}
+seeds
 for t in "${targets[@]}"; do
   mkdir -p "work/$t" "corpus/$t"
   for z in corpus/"$t"/*.zst; do
@@ -40,8 +50,10 @@ for t in "${targets[@]}"; do
     zstd -q -19 "$f" -o "packed/$t/$(basename "$f").zst"
   done
   rm -f corpus/"$t"/*.zst
-  cp packed/"$t"/seed-*.zst corpus/"$t"/ 2>/dev/null || true
-  ls -S -r packed/"$t" | grep -v '^seed-' | head -n "${KEEP:-150}" \
+  ls -S -r packed/"$t" | head -n "${KEEP:-150}" \
     | while read -r f; do cp "packed/$t/$f" "corpus/$t/"; done
+done
+seeds
+for t in "${targets[@]}"; do
   echo "$t: $(ls work/"$t" | wc -l) inputs, $(ls corpus/"$t" | wc -l) committed ($(du -sh corpus/"$t" | cut -f1))"
 done

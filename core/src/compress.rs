@@ -49,12 +49,23 @@ pub trait Codec {
     /// Decompresses every job; on failure returns the index of a failed
     /// job and why. The default decodes them one after the other.
     fn decompress_many(&mut self, jobs: &mut [Job<'_>]) -> Result<(), (usize, DecompressError)> {
-        for (i, j) in jobs.iter_mut().enumerate() {
-            self.decompress(j.kind, j.input, j.out)
-                .map_err(|e| (i, e))?;
-        }
-        Ok(())
+        decompress_in_turn(self, jobs)
     }
+}
+
+/// Decodes `jobs` one after the other with `codec` (what
+/// [`Codec::decompress_many`] does unless a codec spreads the work); on
+/// failure, the index of the failed job and why.
+pub fn decompress_in_turn<C: Codec + ?Sized>(
+    codec: &mut C,
+    jobs: &mut [Job<'_>],
+) -> Result<(), (usize, DecompressError)> {
+    for (i, j) in jobs.iter_mut().enumerate() {
+        codec
+            .decompress(j.kind, j.input, j.out)
+            .map_err(|e| (i, e))?;
+    }
+    Ok(())
 }
 
 impl Codec for Decompressor {

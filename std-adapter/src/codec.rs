@@ -1,7 +1,7 @@
 //! [`NativeCodec`]: the core's [`Codec`] with native decoders (libzstd for
 //! zstd clusters) and the clusters of a chunk decoded on several threads.
 
-use qcowkit_core::compress::{Codec, DecompressError, Decompressor, Job};
+use qcowkit_core::compress::{decompress_in_turn, Codec, DecompressError, Decompressor, Job};
 use qcowkit_core::header::CompressionType;
 
 /// Decodes compressed clusters with libzstd (zstd) and the core's inflate
@@ -62,10 +62,7 @@ impl Codec for NativeCodec {
 
     fn decompress_many(&mut self, jobs: &mut [Job<'_>]) -> Result<(), (usize, DecompressError)> {
         if self.threads == 1 || jobs.len() < 2 {
-            for (i, j) in jobs.iter_mut().enumerate() {
-                decode(&mut self.zlib, j.kind, j.input, j.out).map_err(|e| (i, e))?;
-            }
-            return Ok(());
+            return decompress_in_turn(self, jobs);
         }
         let per = jobs.len().div_ceil(self.threads);
         std::thread::scope(|scope| {
@@ -74,12 +71,8 @@ impl Codec for NativeCodec {
                 .enumerate()
                 .map(|(g, group)| {
                     scope.spawn(move || {
-                        let mut zlib = Decompressor::default();
-                        for (i, j) in group.iter_mut().enumerate() {
-                            decode(&mut zlib, j.kind, j.input, j.out)
-                                .map_err(|e| (g * per + i, e))?;
-                        }
-                        Ok(())
+                        decompress_in_turn(&mut NativeCodec::new(1), group)
+                            .map_err(|(i, e)| (g * per + i, e))
                     })
                 })
                 .collect();

@@ -6,19 +6,24 @@
 # new inputs are packed back. Crashes land in fuzz/artifacts/TARGET: add
 # each as a regression (fuzz/regressions/TARGET) with its fix. Not part of
 # the test suite.
-#   scripts/fuzz.sh [SECONDS]      (KEEP=N: committed inputs per target)
+#   scripts/fuzz.sh [SECONDS]      (KEEP=N: committed inputs per target;
+#                                   TARGETS="a b": only those; JOBS=1: one
+#                                   target at a time instead of two)
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --version 0.13.2 --locked
 cargo +nightly fuzz build -O
-targets=(open_read open_check open_map open_write)
+read -r -a targets <<<"${TARGETS:-open_read open_check open_map open_write}"
+jobs=${JOBS:-2}
 # Seeds: the core's qemu-img images (for open_write after a 64-byte script).
 seeds() {
   for f in ../core/tests/data/*.qcow2.zst; do
     n=$(basename "$f" .qcow2.zst)
     for t in open_read open_check open_map; do cp "$f" "corpus/$t/seed-$n.zst"; done
-    { yes "$n" | tr -d '\n' | head -c 64; zstd -q -d -c "$f"; } \
+    script=$n
+    while [ ${#script} -lt 64 ]; do script+=$n; done
+    { printf %s "${script:0:64}"; zstd -q -d -c "$f"; } \
       | zstd -q -19 -o "corpus/open_write/seed-$n.zst" -f
   done
 }
@@ -36,9 +41,9 @@ run() {
     -rss_limit_mb=2048 -timeout=10 -max_len=65536 -print_final_stats=1 2>&1 \
     | grep -E "stat::number_of_executed_units|ERROR|panicked|SUMMARY" | sed "s/^/$1: /"
 }
-for ((i = 0; i < ${#targets[@]}; i += 2)); do
+for ((i = 0; i < ${#targets[@]}; i += jobs)); do
   run "${targets[i]}" &
-  if [ -n "${targets[i+1]:-}" ]; then run "${targets[i+1]}" & fi
+  if [ "$jobs" -gt 1 ] && [ -n "${targets[i+1]:-}" ]; then run "${targets[i+1]}" & fi
   wait
 done
 for t in "${targets[@]}"; do

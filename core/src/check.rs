@@ -57,6 +57,40 @@ impl CheckReport {
     }
 }
 
+/// The report being built, and where problem lines go as they are found:
+/// into the report (capped) or to the caller of [`Image::check_with`].
+pub(crate) struct Findings<'a> {
+    report: CheckReport,
+    sink: Option<&'a mut dyn FnMut(&str)>,
+}
+
+impl<'a> Findings<'a> {
+    fn new(report: CheckReport, sink: Option<&'a mut dyn FnMut(&str)>) -> Self {
+        Findings { report, sink }
+    }
+
+    /// Records one problem line: streamed to the sink, or kept (capped).
+    fn note(&mut self, line: String) {
+        match &mut self.sink {
+            Some(sink) => sink(&line),
+            None => self.report.note(line),
+        }
+    }
+}
+
+impl core::ops::Deref for Findings<'_> {
+    type Target = CheckReport;
+    fn deref(&self) -> &CheckReport {
+        &self.report
+    }
+}
+
+impl core::ops::DerefMut for Findings<'_> {
+    fn deref_mut(&mut self) -> &mut CheckReport {
+        &mut self.report
+    }
+}
+
 /// References to every host cluster of the file, counted exactly: 16 bits
 /// per cluster, larger counts kept aside (any refcount width holds them).
 #[derive(Debug)]
@@ -68,21 +102,55 @@ pub(crate) struct Refs {
 }
 
 impl<R: BlockRead> Image<R> {
-    /// Checks the image's metadata; reads everything, writes nothing.
+    /// Checks the image's metadata; reads everything, writes nothing. The
+    /// report keeps the first [`MAX_CHECK_MESSAGES`] problem lines.
     pub fn check(&mut self) -> Result<CheckReport, Error<R::Error>> {
         let file_len = self.file_len;
-        self.check_file(file_len)
+        self.check_file(file_len, None)
+    }
+
+    /// [`Image::check`], handing each problem line to `on_problem` as it is
+    /// found instead of keeping it: memory stays bounded however many
+    /// problems a damaged image has, and a host can print them as they
+    /// come. The returned report's counters are exact; its `messages` are
+    /// empty.
+    ///
+    /// ```
+    /// # use qcowkit_core::{create, CreateOptions, Image, OpenOptions};
+    /// let mut disk = Vec::new();
+    /// let opts = CreateOptions {
+    ///     size: 1 << 20,
+    ///     ..CreateOptions::default()
+    /// };
+    /// create::format(&mut disk, &opts)?;
+    /// let mut img = Image::open(disk, &OpenOptions::default())?;
+    /// let mut lines = 0;
+    /// let report = img.check_with(&mut |_line| lines += 1)?;
+    /// assert_eq!((report.corruptions, report.leaks, lines), (0, 0, 0));
+    /// # Ok::<(), Box<dyn core::error::Error>>(())
+    /// ```
+    pub fn check_with(
+        &mut self,
+        on_problem: &mut dyn FnMut(&str),
+    ) -> Result<CheckReport, Error<R::Error>> {
+        let file_len = self.file_len;
+        self.check_file(file_len, Some(on_problem))
     }
 
     /// [`Image::check`] of a file at least `file_len` bytes long (a writer
     /// may have allocated beyond the length seen at open).
-    pub(crate) fn check_file(&mut self, file_len: u64) -> Result<CheckReport, Error<R::Error>> {
+    pub(crate) fn check_file(
+        &mut self,
+        file_len: u64,
+        sink: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<CheckReport, Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
-        let mut rep = CheckReport {
+        let report = CheckReport {
             total_clusters: self.header.size.div_ceil(cs),
             ..CheckReport::default()
         };
+        let mut rep = Findings::new(report, sink);
         let (refs, blocks) = self.walk_references(&mut rep, file_len)?;
         let file_clusters = to_u64(refs.counts.len());
 
@@ -115,7 +183,7 @@ impl<R: BlockRead> Image<R> {
 
         // COPIED flags of the active tables against on-disk refcounts.
         self.check_copied(&mut rep, &mut disk_rc)?;
-        Ok(rep)
+        Ok(rep.report)
     }
 
     /// Counts the references to every host cluster (used to rebuild the
@@ -123,7 +191,7 @@ impl<R: BlockRead> Image<R> {
     /// `file_len` is the end of the file as the caller knows it (a writer
     /// may have allocated past the length seen at open).
     pub(crate) fn count_references(&mut self, file_len: u64) -> Result<Refs, Error<R::Error>> {
-        let mut rep = CheckReport::default();
+        let mut rep = Findings::new(CheckReport::default(), None);
         let (refs, _) = self.walk_references(&mut rep, file_len)?;
         Ok(refs)
     }
@@ -132,7 +200,7 @@ impl<R: BlockRead> Image<R> {
     /// refcount block offsets (0 for missing or invalid ones).
     fn walk_references(
         &mut self,
-        rep: &mut CheckReport,
+        rep: &mut Findings<'_>,
         file_len: u64,
     ) -> Result<(Refs, Vec<u64>), Error<R::Error>> {
         let cb = self.header.cluster_bits;
@@ -158,7 +226,8 @@ impl<R: BlockRead> Image<R> {
         // Active L1 and its tables, with fragmentation statistics.
         let l1 = self.l1.clone();
         refs.inc(rep, self.header.l1_table_offset, to_u64(l1.len()) * 8);
-        self.check_l1(rep, &mut refs, &l1, true)?;
+        let mut table = Vec::new();
+        self.check_l1(rep, &mut refs, &l1, true, &mut table)?;
 
         // Snapshots.
         let snaps = self.snapshots().to_vec();
@@ -180,16 +249,19 @@ impl<R: BlockRead> Image<R> {
                 ));
                 continue;
             }
-            let n = to_usize(s.l1_size.into()).unwrap_or(0);
-            let mut raw = alloc::vec![0u8; n * 8];
+            // The whole table is counted; its entries are read only as far
+            // as the file holds them (beyond it they would read as zeros).
+            let bytes = u64::from(s.l1_size) * 8;
+            let readable = file_len.saturating_sub(s.l1_table_offset).min(bytes);
+            let mut raw = alloc::vec![0u8; to_usize(readable).unwrap_or(0)];
             if let Err(e) = self.io.read_at(s.l1_table_offset, &mut raw) {
                 rep.check_errors += 1;
                 rep.note(format!("ERROR reading snapshot L1 table: {e}"));
                 continue;
             }
             let sl1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-            refs.inc(rep, s.l1_table_offset, to_u64(n) * 8);
-            self.check_l1(rep, &mut refs, &sl1, false)?;
+            refs.inc(rep, s.l1_table_offset, bytes);
+            self.check_l1(rep, &mut refs, &sl1, false, &mut table)?;
         }
         if self.header.nb_snapshots > 0 {
             refs.inc(rep, self.header.snapshots_offset, table_len);
@@ -271,17 +343,21 @@ impl<R: BlockRead> Image<R> {
 
     fn check_l1(
         &mut self,
-        rep: &mut CheckReport,
+        rep: &mut Findings<'_>,
         refs: &mut Refs,
         l1: &[u64],
         active: bool,
+        table: &mut Vec<u8>,
     ) -> Result<(), Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
         let fmt = self.fmt;
         let entry_size = fmt.entry_size();
         let mut next_contiguous = 0u64;
-        let mut table = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+        // One cluster buffer for every L1 table walked (a hostile image may
+        // list tens of thousands of empty snapshot tables).
+        table.resize(to_usize(cs).unwrap_or(0), 0);
+        let table = table.as_mut_slice();
         for (i, &e) in l1.iter().enumerate() {
             let l2_off = l2::l1_offset(e);
             if l2_off == 0 {
@@ -301,7 +377,7 @@ impl<R: BlockRead> Image<R> {
                 continue;
             }
             refs.inc(rep, l2_off, cs);
-            if let Err(err) = self.io.read_at(l2_off, &mut table) {
+            if let Err(err) = self.io.read_at(l2_off, table) {
                 rep.check_errors += 1;
                 rep.note(format!(
                     "ERROR reading L2 table at {l2_off:#x} (L1 index {i}): {err}"
@@ -310,12 +386,8 @@ impl<R: BlockRead> Image<R> {
             }
             for j in 0..table.len() / entry_size {
                 let at = j * entry_size;
-                let entry = be64(&table, at);
-                let bitmap = if fmt.extended {
-                    be64(&table, at + 8)
-                } else {
-                    0
-                };
+                let entry = be64(table, at);
+                let bitmap = if fmt.extended { be64(table, at + 8) } else { 0 };
                 if l2::l2_reserved(entry, fmt.extended) != 0 {
                     rep.corruptions += 1;
                     rep.note(format!(
@@ -388,7 +460,7 @@ impl<R: BlockRead> Image<R> {
 
     fn check_copied(
         &mut self,
-        rep: &mut CheckReport,
+        rep: &mut Findings<'_>,
         disk_rc: &mut OnDiskRefcounts,
     ) -> Result<(), Error<R::Error>> {
         let cb = self.header.cluster_bits;
@@ -498,7 +570,7 @@ impl Refs {
     }
 
     /// Counts one reference to every cluster overlapping `[offset, offset + len)`.
-    fn inc(&mut self, rep: &mut CheckReport, offset: u64, len: u64) {
+    fn inc(&mut self, rep: &mut Findings<'_>, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
@@ -544,7 +616,7 @@ mod tests {
             cluster_bits: 9,
             file_len: 2048,
         };
-        let mut rep = CheckReport::default();
+        let mut rep = Findings::new(CheckReport::default(), None);
         for _ in 0..70_000 {
             refs.inc(&mut rep, 512, 512);
         }

@@ -172,9 +172,41 @@ pub fn merged_map<E>(
 pub fn for_each_merged<E>(
     start: u64,
     end: u64,
-    mut status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+    status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
     mut emit: impl FnMut(MapEntry) -> Result<(), E>,
 ) -> Result<(), E> {
+    walk_merged(start, end, status, |e| emit(e).map(|()| true)).map(|_| ())
+}
+
+/// One page of [`merged_map`]: at most `max_entries` merged ranges from
+/// `start`, and the offset the next page starts at (`None` once `end` is
+/// reached). Pages end on range boundaries, so the pages of a disk,
+/// joined, are exactly its map; a host with a fixed memory budget (the
+/// wasm package) hands the map out this way.
+pub fn merged_page<E>(
+    start: u64,
+    end: u64,
+    max_entries: usize,
+    status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+) -> Result<(alloc::vec::Vec<MapEntry>, Option<u64>), E> {
+    let max_entries = max_entries.max(1);
+    let mut out: alloc::vec::Vec<MapEntry> = alloc::vec::Vec::new();
+    let next = walk_merged(start, end, status, |e| {
+        out.push(e);
+        Ok(out.len() < max_entries)
+    })?;
+    Ok((out, next))
+}
+
+/// Merges the runs of `[start, end)`, handing each complete range to
+/// `emit`, which says whether to go on. Returns where it stopped early
+/// (the end of the last range emitted), or `None` when it reached `end`.
+fn walk_merged<E>(
+    start: u64,
+    end: u64,
+    mut status: impl FnMut(u64, u64) -> Result<(BlockStatus, u64), E>,
+    mut emit: impl FnMut(MapEntry) -> Result<bool, E>,
+) -> Result<Option<u64>, E> {
     let mut cur: Option<MapEntry> = None;
     let mut pos = start;
     while pos < end {
@@ -186,17 +218,20 @@ pub fn for_each_merged<E>(
             Some((_, len, last)) if last.continues(*len, &st) => *len += run,
             _ => {
                 if let Some(done) = cur.take() {
-                    emit(done)?;
+                    let done_end = done.0 + done.1;
+                    if !emit(done)? {
+                        return Ok(Some(done_end));
+                    }
                 }
                 cur = Some((pos, run, st));
             }
         }
         pos += run;
     }
-    match cur {
-        Some(done) => emit(done),
-        None => Ok(()),
+    if let Some(done) = cur {
+        emit(done)?;
     }
+    Ok(None)
 }
 
 /// Block status of a raw file at `depth`: data or hole (via

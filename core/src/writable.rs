@@ -233,7 +233,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// [`WritableImage::flush`] first: the check reads what is on disk).
     pub fn check(&mut self) -> Res<crate::check::CheckReport, R> {
         let end = self.file_end;
-        self.img.check_file(end)
+        self.img.check_file(end, None)
     }
 
     /// Number of refcount blocks held by the cache now.

@@ -6,7 +6,7 @@ mod common;
 use common::{files, guest, image, open, Rng, FIXTURES};
 use qcowkit_core::compress::Decompressor;
 use qcowkit_core::copy::{copy, ChunkRead, CopyOptions, RawDisk, Sink};
-use qcowkit_core::map::{merged_map, Allocation};
+use qcowkit_core::map::{merged_map, merged_page, Allocation};
 use qcowkit_core::report::{Info, InfoParams};
 use qcowkit_core::{BlockRead, Chunk, Extent, MemError, Source};
 
@@ -250,6 +250,24 @@ fn reports_and_allocation_describe_the_images() {
         assert_eq!(total, size, "{name}: {a:?}");
         let map = merged_map(0, size, |pos, len| img.block_status(pos, len)).unwrap();
         assert_eq!(map.iter().map(|e| e.1).sum::<u64>(), size, "{name}");
+        // Pages of any size, joined, are the map.
+        assert!(map.len() > 1, "{name}: a map of one range pages trivially");
+        for max in [1, 2, 3, map.len()] {
+            let (mut joined, mut at, mut pages) = (Vec::new(), Some(0), 0);
+            while let Some(start) = at {
+                let (page, next) =
+                    merged_page(start, size, max, |pos, len| img.block_status(pos, len)).unwrap();
+                assert!(
+                    !page.is_empty() && page.len() <= max,
+                    "{name}: page of {max}"
+                );
+                joined.extend(page);
+                at = next;
+                pages += 1;
+            }
+            assert_eq!(joined, map, "{name}: pages of {max}");
+            assert_eq!(pages, map.len().div_ceil(max), "{name}: pages of {max}");
+        }
         match *name {
             "zlib-4k" | "zstd-4k" => assert!(a.compressed > 0, "{name}: {a:?}"),
             "top-4k" => assert!(a.backing > 0 && a.zero > 0 && a.data > 0, "{name}: {a:?}"),

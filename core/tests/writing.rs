@@ -191,3 +191,53 @@ fn preallocated_images_map_every_cluster() {
         assert!(back.iter().all(|b| *b == 0), "{mode:?}");
     }
 }
+
+#[test]
+fn check_counts_every_problem_and_streams_every_line() {
+    // Two L2 tables (64 KiB clusters, 8192 entries each) filled with
+    // entries that have reserved bits set: 16,384 problems, more than a
+    // report keeps.
+    let mut disk = Vec::new();
+    let opts = CreateOptions {
+        size: 1 << 30,
+        ..CreateOptions::default()
+    };
+    create::format(&mut disk, &opts).unwrap();
+    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
+    img.write_at(0, &[1; 512]).unwrap();
+    img.write_at(512 << 20, &[2; 512]).unwrap();
+    img.flush().unwrap();
+    let mut disk = img.into_inner();
+    let be64 = |d: &[u8], at: usize| u64::from_be_bytes(d[at..at + 8].try_into().unwrap());
+    let l1 = be64(&disk, 40) as usize;
+    for i in 0..2 {
+        let l2 = (be64(&disk, l1 + 8 * i) & 0x00ff_ffff_ffff_fe00) as usize;
+        for e in 0..8192 {
+            disk[l2 + 8 * e..l2 + 8 * e + 8].copy_from_slice(&2u64.to_be_bytes());
+        }
+    }
+    let mut img = Image::open(disk, &OpenOptions::default()).unwrap();
+    let kept = img.check().unwrap();
+    // The two data clusters are no longer referenced: two leaks.
+    assert_eq!((kept.corruptions, kept.leaks), (16_384, 2));
+    let max = qcowkit_core::check::MAX_CHECK_MESSAGES;
+    assert_eq!(kept.messages.len(), max);
+    assert_eq!(kept.omitted_messages, 16_386 - max as u64);
+    assert!(
+        kept.messages[0].contains("reserved bits set: 2"),
+        "{}",
+        kept.messages[0]
+    );
+
+    let mut lines = Vec::new();
+    let streamed = img.check_with(&mut |l| lines.push(l.to_string())).unwrap();
+    assert_eq!((streamed.corruptions, streamed.leaks), (16_384, 2));
+    assert!(streamed.messages.is_empty() && streamed.omitted_messages == 0);
+    assert_eq!(lines.len(), 16_386);
+    assert_eq!(lines[..max], kept.messages[..]);
+    assert!(
+        lines[16_385].starts_with("Leaked cluster"),
+        "{}",
+        lines[16_385]
+    );
+}

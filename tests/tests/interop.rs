@@ -1459,3 +1459,35 @@ fn convert_options_and_raw_source() {
     std::fs::write(s.path("src.raw"), &raw).unwrap();
     assert_same_in("raw source image", d, "src.raw", None);
 }
+
+/// A check that finds more problems than a report keeps prints every one
+/// of them, as qemu-img does (the CLI streams them), and the same summary.
+#[test]
+fn check_prints_every_problem_like_qemu_img() {
+    let s = Scratch::new();
+    let d = s.dir();
+    // Two L2 tables (64 KiB clusters) whose 16,384 entries all have a
+    // reserved bit set; the two data clusters become leaks.
+    let mut b = qemu_image(
+        d,
+        "many.qcow2",
+        "",
+        "1G",
+        &["write 0 512", "write 512M 512"],
+    );
+    let l1 = get64(&b, 40) as usize;
+    for i in 0..2 {
+        let l2 = (get64(&b, l1 + 8 * i) & 0x00ff_ffff_ffff_fe00) as usize;
+        for e in 0..8192 {
+            put64(&mut b, l2 + 8 * e, 2);
+        }
+    }
+    std::fs::write(s.path("many.qcow2"), &b).unwrap();
+    let q = run_in(d, "qemu-img", &["check", "many.qcow2"]);
+    let o = ours(d, &["check", "many.qcow2"]);
+    assert_eq!((code(&o), code(&q)), (2, 2));
+    let lines = stderr_of(&o).lines().count();
+    assert_eq!(lines, 16_386, "every problem printed");
+    assert_eq!(stderr_of(&o), stderr_of(&q));
+    assert_eq!(stdout_of(&o), stdout_of(&q));
+}

@@ -26,7 +26,7 @@ use js_sys::{Function, Reflect, Uint8Array};
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::compress::Decompressor;
 use qcowkit_core::copy::{copy, CopyOptions};
-use qcowkit_core::map::{merged_map, Allocation, Category};
+use qcowkit_core::map::{merged_map, merged_page, Allocation, Category};
 use qcowkit_core::report::{CheckSummary, Info, MapEntry};
 use qcowkit_core::{Backing, FileRole, Image, OpenOptions, Opened, Opener, WritableImage};
 use wasm_bindgen::prelude::*;
@@ -35,7 +35,7 @@ pub use create::{convert_raw_to_qcow2, create_image, create_image_bytes};
 pub use reports::inspect;
 pub use storage::{Storage, StorageError};
 
-use reports::{info_of, to_js, AllocationRange};
+use reports::{info_of, offset_arg, to_js, AllocationRange, MapPage};
 use sinks::{FnSink, StorageSink};
 
 fn js_err(e: impl core::fmt::Display) -> JsError {
@@ -223,6 +223,36 @@ impl QcowImage {
         to_js(&entries)
     }
 
+    /// One page of [`QcowImage::map`]: at most `maxEntries` entries from
+    /// guest offset `start`, and `next`, the offset of the next page (or
+    /// `null` after the last). Memory stays bounded whatever the image.
+    ///
+    /// ```js
+    /// for (let at = 0; at !== null; ) {
+    ///   const page = img.mapPage(at, 1000);
+    ///   page.entries.forEach(show);
+    ///   at = page.next;
+    /// }
+    /// ```
+    #[wasm_bindgen(js_name = mapPage, unchecked_return_type = "MapPage")]
+    pub fn map_page(
+        &mut self,
+        start: f64,
+        #[wasm_bindgen(js_name = maxEntries)] max_entries: u32,
+    ) -> Result<JsValue, JsError> {
+        let img = self.reader();
+        let start = offset_arg("start", start)?.min(img.size());
+        let (entries, next) = merged_page(start, img.size(), max_entries as usize, |pos, len| {
+            img.block_status(pos, len)
+        })
+        .map_err(js_err)?;
+        let entries = entries
+            .iter()
+            .map(|(start, len, st)| MapEntry::new(*start, *len, st))
+            .collect();
+        to_js(&MapPage { entries, next })
+    }
+
     /// The guest space by allocation category (the core's one definition),
     /// as `{ start, length, category }` ranges.
     #[wasm_bindgen(js_name = allocationMap, unchecked_return_type = "AllocationRange[]")]
@@ -257,9 +287,37 @@ impl QcowImage {
     }
 
     /// `qemu-img check --output=json` as an object (a read-only check).
+    /// `onProblem`, when given, is called with each problem line as it is
+    /// found (`qemu-img check` prints them on stderr); the counts in the
+    /// result are exact either way.
     #[wasm_bindgen(unchecked_return_type = "CheckResult")]
-    pub fn check(&mut self) -> Result<JsValue, JsError> {
-        let r = self.reader().check().map_err(js_err)?;
+    pub fn check(
+        &mut self,
+        #[wasm_bindgen(js_name = onProblem, unchecked_param_type = "(line: string) => void")]
+        on_problem: Option<Function>,
+    ) -> Result<JsValue, JsError> {
+        let img = self.reader();
+        let r = match on_problem {
+            Some(f) => {
+                let mut thrown = None;
+                let r = img.check_with(&mut |line| {
+                    if thrown.is_none() {
+                        if let Err(e) = f.call1(&JsValue::NULL, &JsValue::from_str(line)) {
+                            thrown = Some(e);
+                        }
+                    }
+                });
+                if let Some(e) = thrown {
+                    return Err(JsError::new(&format!(
+                        "onProblem threw: {}",
+                        e.as_string().unwrap_or_else(|| format!("{e:?}"))
+                    )));
+                }
+                r
+            }
+            None => img.check(),
+        }
+        .map_err(js_err)?;
         to_js(&CheckSummary::of(&r, &self.name))
     }
 
@@ -267,7 +325,7 @@ impl QcowImage {
     pub fn read(&mut self, offset: f64, length: u32) -> Result<Uint8Array, JsError> {
         let mut buf = vec![0u8; length as usize];
         self.reader()
-            .read_at(offset as u64, &mut buf)
+            .read_at(offset_arg("offset", offset)?, &mut buf)
             .map_err(js_err)?;
         Ok(Uint8Array::from(&buf[..]))
     }
@@ -275,7 +333,7 @@ impl QcowImage {
     /// Writes `bytes` at guest `offset` (image opened writable).
     pub fn write(&mut self, offset: f64, bytes: &[u8]) -> Result<(), JsError> {
         self.writer()?
-            .write_at(offset as u64, bytes)
+            .write_at(offset_arg("offset", offset)?, bytes)
             .map_err(js_err)
     }
 

@@ -3,7 +3,7 @@
 
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::map::Category;
-use qcowkit_core::report::{Info, InfoParams};
+use qcowkit_core::report::{Info, InfoParams, MapEntry};
 use qcowkit_core::{Image, OpenOptions};
 use wasm_bindgen::prelude::*;
 
@@ -20,6 +20,26 @@ pub(crate) struct AllocationRange {
 /// A report as a plain JavaScript object: the same content `JSON.parse`
 /// gives for qemu-img's JSON (numbers beyond 2^53 lose precision there
 /// too).
+/// One page of a map (`QcowImage.mapPage`).
+#[derive(serde::Serialize)]
+pub(crate) struct MapPage {
+    pub entries: Vec<MapEntry>,
+    pub next: Option<u64>,
+}
+
+/// A guest offset or length given by JavaScript as a number: a finite,
+/// whole, non-negative number no larger than 2^53 (beyond that numbers are
+/// not exact).
+pub(crate) fn offset_arg(name: &str, v: f64) -> Result<u64, JsError> {
+    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_992.0 {
+        Ok(v as u64)
+    } else {
+        Err(JsError::new(&format!(
+            "{name} must be a whole number from 0 to 2^53, not {v}"
+        )))
+    }
+}
+
 pub(crate) fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsError> {
     let text = serde_json::to_string(v).map_err(js_err)?;
     js_sys::JSON::parse(&text).map_err(|e| js_err(StorageError::from(e)))
@@ -98,6 +118,11 @@ export interface MapEntry {
   data: boolean;
   compressed: boolean;
   offset?: number;
+}
+/** One page of the map: `next` is where the next page starts, `null` after the last. */
+export interface MapPage {
+  entries: MapEntry[];
+  next: number | null;
 }
 /** A guest range and its allocation category. */
 export interface AllocationRange {

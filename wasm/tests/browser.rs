@@ -61,7 +61,7 @@ async fn opfs_images_are_created_written_and_converted() {
     let back = img.read(4096.0, 80000).unwrap().to_vec();
     assert!(back[..904].iter().all(|b| *b == 0));
     assert!(back[904..904 + 70000].iter().all(|b| *b == 0x5a));
-    let check = img.check().unwrap();
+    let check = img.check(None).unwrap();
     assert_eq!(get(&check, &["check-errors"]).as_f64(), Some(0.0));
     assert!(get(&check, &["corruptions"]).is_undefined());
 

@@ -92,7 +92,7 @@ fn demo_image_info_map_check_and_read() {
     let entries: js_sys::Array = map.dyn_into().unwrap();
     assert!(entries.length() > 3);
     assert_eq!(get(&entries.get(0), &["compressed"]).as_bool(), Some(true));
-    let check = img.check().unwrap();
+    let check = img.check(None).unwrap();
     assert_eq!(get(&check, &["check-errors"]).as_f64(), Some(0.0));
     assert!(get(&check, &["corruptions"]).is_undefined());
 }
@@ -271,7 +271,7 @@ fn convert_to_raw_streams_the_guest_contents() {
         back.read(0.0, 4 << 20).unwrap().to_vec(),
         raw[..(4 << 20)].to_vec()
     );
-    let check = back.check().unwrap();
+    let check = back.check(None).unwrap();
     assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
 }
 
@@ -309,4 +309,87 @@ fn writes_over_metadata_are_refused_and_mark_the_image_corrupt() {
     assert_eq!(be64(&after, 72) & 2, 2, "the corrupt bit is set");
     // Marked corrupt: opening for writing is refused from now on.
     assert!(QcowImage::open_writable("x.qcow2", damaged, JsValue::UNDEFINED).is_err());
+}
+
+#[wasm_bindgen(inline_js = r#"
+export function lines() {
+  const got = [];
+  const f = (line) => { got.push(line); };
+  f.got = got;
+  return f;
+}
+export function thrower() { return () => { throw new Error("stop"); }; }
+export function json(v) { return JSON.stringify(v); }
+"#)]
+extern "C" {
+    fn lines() -> Function;
+    fn thrower() -> Function;
+    fn json(v: &JsValue) -> String;
+}
+
+#[wasm_bindgen_test]
+fn map_pages_join_to_the_map_and_check_streams_its_problems() {
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let whole: js_sys::Array = img.map().unwrap().dyn_into().unwrap();
+    for max in [1u32, 2, 5] {
+        let joined = js_sys::Array::new();
+        let mut at = Some(0.0);
+        let mut pages = 0;
+        while let Some(start) = at {
+            let page = img.map_page(start, max).unwrap();
+            let entries: js_sys::Array = get(&page, &["entries"]).dyn_into().unwrap();
+            assert!(entries.length() >= 1 && entries.length() <= max);
+            for e in entries.iter() {
+                joined.push(&e);
+            }
+            at = get(&page, &["next"]).as_f64();
+            pages += 1;
+        }
+        assert_eq!(json(&joined), json(&whole), "pages of {max}");
+        assert_eq!(pages, whole.length().div_ceil(max));
+    }
+    let err = img.map_page(-1.0, 10).err().unwrap();
+    let msg: JsValue = err.into();
+    assert!(get(&msg, &["message"])
+        .as_string()
+        .unwrap()
+        .contains("start must be a whole number"));
+
+    // One leak: the header cluster's refcount raised from 1 to 2.
+    let mut bytes = DEMO.to_vec();
+    let be = |b: &[u8], at: usize, n: usize| {
+        b[at..at + n]
+            .iter()
+            .fold(0u64, |a, x| a << 8 | u64::from(*x))
+    };
+    assert_eq!(be(&bytes, 96, 4), 4, "16-bit refcounts");
+    let table = be(&bytes, 48, 8) as usize;
+    let block = (be(&bytes, table, 8) & !511) as usize;
+    assert_eq!(be(&bytes, block, 2), 1);
+    bytes[block + 1] = 2;
+    let mut img = QcowImage::open(
+        "leak.qcow2",
+        Uint8Array::from(&bytes[..]).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let f = lines();
+    let check = img.check(Some(f.clone())).unwrap();
+    assert_eq!(get(&check, &["leaks"]).as_f64(), Some(1.0));
+    let got: js_sys::Array = get(&f, &["got"]).dyn_into().unwrap();
+    assert_eq!(got.length(), 1);
+    assert_eq!(
+        got.get(0).as_string().unwrap(),
+        "Leaked cluster 0 refcount=2 reference=1"
+    );
+    let err: JsValue = img.check(Some(thrower())).err().unwrap().into();
+    assert!(get(&err, &["message"])
+        .as_string()
+        .unwrap()
+        .contains("onProblem threw"));
 }

@@ -69,19 +69,15 @@ pub fn run(a: &Args) -> u8 {
             return 63;
         }
     };
-    let r = match img.check() {
+    // Problems are printed as they are found (like qemu-img), so memory
+    // stays bounded however damaged the image is.
+    let r = match img.check_with(&mut |line| eprintln!("{line}")) {
         Ok(r) => r,
         Err(e) => {
             report("check", e);
             return 1;
         }
     };
-    for m in &r.messages {
-        eprintln!("{m}");
-    }
-    if r.omitted_messages > 0 {
-        eprintln!("... and {} more problems", r.omitted_messages);
-    }
     match a.output {
         Output::Json => {
             let summary = CheckSummary::of(&r, &a.filename);

@@ -1,13 +1,50 @@
 //! Replays the fuzz corpus (fuzz/corpus, zstd-compressed or plain) and the
 //! regression inputs of bugs the fuzzers found (fuzz/regressions) through
-//! the same harnesses the cargo-fuzz targets run: none may panic.
+//! the same harnesses the cargo-fuzz targets run: none may panic, and each
+//! input's heap use is bounded (a counting allocator): its peak growth, and
+//! the bytes it allocates in all (which bounds the work of zero-filling
+//! buffers sized by hostile fields).
 
 #[allow(dead_code)]
 #[path = "../../fuzz/harness.rs"]
 mod harness;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts bytes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
+        PEAK.fetch_max(now, Ordering::SeqCst);
+        TOTAL.fetch_add(layout.size(), Ordering::SeqCst);
+        // SAFETY: same layout contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Most heap one input may hold at once: the harnesses' storage limit
+/// (64 MiB, for the write target's growing image, plus its copy while a
+/// `Vec` grows) and caches of a few hundred KiB.
+const PEAK_BUDGET: usize = 160 << 20;
+/// Most bytes one input may allocate in all.
+const TOTAL_BUDGET: usize = 256 << 20;
 
 fn inputs(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -33,18 +70,36 @@ fn inputs(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The counters are global: replays run one at a time (`cargo test` runs
+/// tests on threads of one process).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn replay(target: &str, run: fn(&[u8])) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut n = 0;
+    let mut most = (0, 0);
     for sub in ["corpus", "regressions"] {
         for (name, bytes) in inputs(&root.join(sub).join(target)) {
+            let base = CURRENT.load(Ordering::SeqCst);
+            PEAK.store(base, Ordering::SeqCst);
+            let total = TOTAL.load(Ordering::SeqCst);
             let r = std::panic::catch_unwind(|| run(&bytes));
             assert!(r.is_ok(), "{target}: {name} panicked");
+            let peak = PEAK.load(Ordering::SeqCst) - base;
+            let all = TOTAL.load(Ordering::SeqCst) - total;
+            assert!(peak <= PEAK_BUDGET, "{target}: {name} held {peak} bytes at once");
+            assert!(all <= TOTAL_BUDGET, "{target}: {name} allocated {all} bytes in all");
+            most = (most.0.max(peak), most.1.max(all));
             n += 1;
         }
     }
     assert!(n > 0, "{target}: no corpus");
-    println!("{target}: {n} inputs replayed");
+    println!(
+        "{target}: {n} inputs replayed; most heap held at once {} KiB, most allocated by one input {} KiB",
+        most.0 >> 10,
+        most.1 >> 10
+    );
 }
 
 #[test]

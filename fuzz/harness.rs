@@ -3,6 +3,8 @@
 //! bytes, must never panic, hang or allocate without bound, and checks what
 //! it can (the writer never touches the header's fixed fields).
 
+use std::collections::BTreeMap;
+
 use qcowkit_core::compress::Decompressor;
 use qcowkit_core::copy::{copy, CopyOptions, Sink};
 use qcowkit_core::map::merged_map;
@@ -146,45 +148,178 @@ fn fixed_fields(storage: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What the guest disk should hold after a script, cluster by cluster,
+/// for the clusters the script touched (read from the original image on
+/// first touch).
+struct Model<'a> {
+    orig: Image<&'a [u8]>,
+    cs: u64,
+    size: u64,
+    clusters: BTreeMap<u64, Vec<u8>>,
+}
+
+impl<'a> Model<'a> {
+    fn new(image: &'a [u8], cs: u64, size: u64) -> Option<Self> {
+        let orig = Image::open(image, &options()).ok()?;
+        Some(Model {
+            orig,
+            cs,
+            size,
+            clusters: BTreeMap::new(),
+        })
+    }
+
+    /// The model of cluster `c` (None when the original cannot be read).
+    fn cluster(&mut self, c: u64) -> Option<&mut Vec<u8>> {
+        if !self.clusters.contains_key(&c) {
+            let start = c * self.cs;
+            let mut buf = vec![0u8; (self.cs.min(self.size - start)) as usize];
+            self.orig.read_at(start, &mut buf).ok()?;
+            self.clusters.insert(c, buf);
+        }
+        self.clusters.get_mut(&c)
+    }
+
+    /// Applies `f(cluster_bytes, from, to, whole)` to every cluster piece
+    /// of `[at, at + len)`; false when an original cluster cannot be read.
+    fn apply(&mut self, at: u64, len: u64, mut f: impl FnMut(&mut [u8], bool)) -> bool {
+        let mut pos = at;
+        while pos < at + len {
+            let c = pos / self.cs;
+            let start = c * self.cs;
+            let end = (start + self.cs).min(self.size);
+            let n = end.min(at + len) - pos;
+            let whole = pos == start && n == end - start;
+            let Some(buf) = self.cluster(c) else {
+                return false;
+            };
+            let from = (pos - start) as usize;
+            f(&mut buf[from..from + n as usize], whole);
+            pos += n;
+        }
+        true
+    }
+}
+
 /// Open for writing, then run a script of writes, zero writes, discards,
 /// compressed writes and flushes. The first 64 bytes of `data` are the
 /// script (4 bytes an operation), the rest the image.
-pub fn open_write(data: &[u8]) {
+///
+/// On any image: the header's fixed fields never change. On an image whose
+/// check finds no corruption: no write is refused as an overlap, and after
+/// the script the image reopens, checks without corruption, reads back
+/// what the script wrote (a byte model of every cluster it touched), and
+/// the start and end of the disk are unchanged elsewhere. Returns whether
+/// that model was checked (the script ran through on a clean image).
+pub fn open_write(data: &[u8]) -> bool {
     if data.len() < 64 {
-        return;
+        return false;
     }
     let (script, image) = data.split_at(64);
     let Ok(mut img) = WritableImage::open(Bounded(image.to_vec()), &options()) else {
-        return;
+        return false;
     };
     let fixed = fixed_fields(&img.storage().0);
     let size = img.size();
     if size == 0 {
-        return;
+        return false;
     }
     let cs = img.cluster_size();
+    let clean = matches!(img.check(), Ok(r) if r.corruptions == 0 && r.check_errors == 0);
+    // The image as the writer's open left it (a dirty image was rebuilt).
+    let opened = img.storage().0.clone();
+    let mut model = if clean {
+        Model::new(&opened, cs, size)
+    } else {
+        None
+    };
+    let mut failed = false;
     for op in script.chunks_exact(4) {
         let at = (u64::from(u16::from_be_bytes([op[1], op[2]])) * 4096) % size;
         let len = (u64::from(op[3]) * 512 + 1).min(size - at);
-        let r = match op[0] % 6 {
-            0 | 1 => img.write_at(at, &vec![op[3] | 1; len as usize]),
-            2 => img.write_zeroes(at, len),
-            3 => img.discard(at, len),
+        let (r, range) = match op[0] % 6 {
+            0 | 1 => {
+                let fill = op[3] | 1;
+                let r = img.write_at(at, &vec![fill; len as usize]);
+                (r, Some((at, len, 0u8, fill)))
+            }
+            2 => (img.write_zeroes(at, len), Some((at, len, 1, 0))),
+            3 => (img.discard(at, len), Some((at, len, 2, 0))),
             4 => {
                 let start = at - at % cs;
-                let n = cs.min(size - start) as usize;
-                img.write_compressed(start, &vec![op[3]; n]).map(|_| ())
+                let n = cs.min(size - start);
+                let r = img.write_compressed(start, &vec![op[3]; n as usize]);
+                (r.map(|_| ()), Some((start, n, 0, op[3])))
             }
-            _ => img.flush(),
+            _ => (img.flush(), None),
         };
         assert!(
             fixed_fields(&img.storage().0) == fixed,
             "a write changed the header's fixed fields"
         );
+        if let Err(e) = &r {
+            assert!(
+                !(clean && matches!(e, qcowkit_core::Error::MetadataOverlap { .. })),
+                "a write into an image that checks clean was refused: {e}"
+            );
+        }
+        if let (Some(m), Some((at, len, kind, fill))) = (&mut model, range) {
+            let known = r.is_ok()
+                && m.apply(at, len, |b, whole| match kind {
+                    0 => b.fill(fill),
+                    1 => b.fill(0),
+                    _ if whole => b.fill(0),
+                    _ => {}
+                });
+            if !known {
+                // What a failed operation left is not known.
+                model = None;
+            }
+        }
         if r.is_err() {
+            failed = true;
             break;
         }
     }
-    let _ = img.flush();
+    let flushed = img.flush();
     assert!(fixed_fields(&img.storage().0) == fixed);
+    let (Some(mut m), false, Ok(())) = (model, failed, flushed) else {
+        return false;
+    };
+    let after = img.into_inner().0;
+    let mut back = Image::open(&after[..], &options())
+        .unwrap_or_else(|e| panic!("an image that checked clean no longer opens: {e}"));
+    let r = back.check().expect("check after the script");
+    assert!(
+        r.corruptions == 0 && r.check_errors == 0,
+        "an image that checked clean has {} corruptions now: {:?}",
+        r.corruptions,
+        r.messages
+    );
+    let mut buf = Vec::new();
+    for (&c, want) in &m.clusters {
+        buf.resize(want.len(), 0);
+        back.read_at(c * cs, &mut buf).expect("read back");
+        assert!(
+            buf == *want,
+            "guest cluster {c} does not read back as written"
+        );
+    }
+    for (start, len) in windows(size) {
+        let mut pos = start;
+        while pos < start + len {
+            let c = pos / cs;
+            let n = ((c + 1) * cs).min(start + len) - pos;
+            if !m.clusters.contains_key(&c) {
+                let mut want = vec![0u8; n as usize];
+                buf.resize(n as usize, 0);
+                if m.orig.read_at(pos, &mut want).is_ok() {
+                    back.read_at(pos, &mut buf).expect("read back");
+                    assert!(buf == want, "untouched guest cluster {c} changed");
+                }
+            }
+            pos += n;
+        }
+    }
+    true
 }

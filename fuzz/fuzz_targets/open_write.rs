@@ -5,4 +5,6 @@
 #[path = "../harness.rs"]
 mod harness;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::open_write(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    harness::open_write(data);
+});

@@ -92,6 +92,10 @@ echo "== firmware: fmt, clippy, and the Cortex-M4 program under qemu-system-arm 
 )
 scripts/test-firmware.sh
 
+echo "== wasm package: built (wasm/build.sh), and qemu-img judging what it writes (Node)"
+bash wasm/build.sh
+timeout 300 node wasm/tests/judge.mjs
+
 echo "== web demo: build (npm ci && npm run build) and end-to-end tests in Chromium (Playwright)"
 (
   cd web-demo

@@ -3,7 +3,8 @@
 # qemu-img (plain, extended L2, a backing chain, zstd-compressed), are read by
 # the firmware under qemu-system-arm; its output must match what the host
 # computes from `qemu-img convert -O raw`. The plain image also runs with the
-# firmware's heap capped at 16 KiB (frugal mode).
+# firmware's heap capped at 16 KiB (frugal mode), and a 2 TiB image whose L1
+# table does not fit that heap must be refused with an error.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
@@ -82,5 +83,15 @@ if out=$(timeout 900 "$root/scripts/firmware-demo.sh" "$work/bad.qcow2" 2>&1) ||
   echo "FAIL bad.qcow2: expected an error exit naming cluster_bits; got:"; echo "$out"; fail=1
 else
   echo "ok bad.qcow2 refused: $(grep error <<<"$out")"
+fi
+# An image whose L1 table (32 KiB for 2 TiB) is larger than the small heap:
+# an error naming the table, not an allocation abort.
+qemu-img create -q -f qcow2 big.qcow2 2T
+if out=$(timeout 900 "$root/scripts/firmware-demo.sh" --small-heap "$work/big.qcow2" 2>&1) \
+   || ! grep -q "error: .*cannot allocate 32768 bytes for the L1 table" <<<"$out" \
+   || grep -q "panic" <<<"$out"; then
+  echo "FAIL big.qcow2 --small-heap: expected an error exit naming the L1 table; got:"; echo "$out"; fail=1
+else
+  echo "ok big.qcow2 --small-heap refused: $(grep error <<<"$out")"
 fi
 exit $fail

@@ -151,6 +151,11 @@ impl TableCache {
         }
         let len = to_usize(size).ok_or(Error::field("table size", size, "too large"))?;
         let mut buf = self.evict_one().unwrap_or_default();
+        buf.clear();
+        buf.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+            what: "a metadata table",
+            bytes: size,
+        })?;
         buf.resize(len, 0);
         io.read_at(offset, &mut buf).map_err(Error::Io)?;
         self.misses = self.misses.wrapping_add(1);

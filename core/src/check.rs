@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 
 use crate::bytes::{be64, to_u64, to_usize};
 use crate::error::Error;
+use crate::heap;
 use crate::image::Image;
 use crate::io::BlockRead;
 use crate::l2::{self, Subcluster, COPIED};
@@ -213,7 +214,7 @@ impl<R: BlockRead> Image<R> {
         // One extra slot: QEMU tolerates references less than a cluster past
         // the end of the file (a partial last cluster).
         let mut refs = Refs {
-            counts: alloc::vec![0u16; to_usize(file_clusters + 1).unwrap_or(0)],
+            counts: heap::zeroed(file_clusters + 1, "the check's reference counts")?,
             big: alloc::collections::BTreeMap::new(),
             cluster_bits: cb,
             file_len,
@@ -253,13 +254,13 @@ impl<R: BlockRead> Image<R> {
             // as the file holds them (beyond it they would read as zeros).
             let bytes = u64::from(s.l1_size) * 8;
             let readable = file_len.saturating_sub(s.l1_table_offset).min(bytes);
-            let mut raw = alloc::vec![0u8; to_usize(readable).unwrap_or(0)];
+            let mut raw = heap::zeroed(readable, "a snapshot's L1 table")?;
             if let Err(e) = self.io.read_at(s.l1_table_offset, &mut raw) {
                 rep.check_errors += 1;
                 rep.note(format!("ERROR reading snapshot L1 table: {e}"));
                 continue;
             }
-            let sl1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+            let sl1 = heap::entries(&raw, "a snapshot's L1 table")?;
             refs.inc(rep, s.l1_table_offset, bytes);
             self.check_l1(rep, &mut refs, &sl1, false, &mut table)?;
         }
@@ -309,9 +310,9 @@ impl<R: BlockRead> Image<R> {
         let rt_off = self.header.refcount_table_offset;
         let rt_len = u64::from(self.header.refcount_table_clusters) * cs;
         refs.inc(rep, rt_off, rt_len);
-        let mut rt_raw = alloc::vec![0u8; to_usize(rt_len).unwrap_or(0)];
+        let mut rt_raw = heap::zeroed(rt_len, "the refcount table")?;
         self.io.read_at(rt_off, &mut rt_raw).map_err(Error::Io)?;
-        let rt: Vec<u64> = rt_raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let rt = heap::entries(&rt_raw, "the refcount table")?;
         drop(rt_raw);
         let mut blocks: Vec<u64> = Vec::with_capacity(rt.len());
         for (i, e) in rt.iter().enumerate() {

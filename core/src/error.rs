@@ -104,6 +104,14 @@ pub enum Error<E> {
         /// The name stored in the image.
         name: String,
     },
+    /// The heap could not hold a buffer the image needs (on a small heap,
+    /// e.g. firmware, a table larger than the memory available).
+    OutOfMemory {
+        /// What the buffer was for.
+        what: &'static str,
+        /// Its size in bytes.
+        bytes: u64,
+    },
 }
 
 impl<E> Error<E> {
@@ -178,6 +186,9 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             ),
             Error::NamesItself { name } => {
                 write!(f, "the image names itself ('{name}') as its data file")
+            }
+            Error::OutOfMemory { what, bytes } => {
+                write!(f, "cannot allocate {bytes} bytes for {what}")
             }
         }
     }

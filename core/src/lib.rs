@@ -64,6 +64,7 @@ pub mod copy;
 pub mod create;
 mod error;
 pub mod header;
+mod heap;
 mod image;
 mod io;
 pub mod l2;

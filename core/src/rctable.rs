@@ -6,10 +6,11 @@
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
-use crate::bytes::{be64, to_usize};
+use crate::bytes::to_usize;
 use crate::cache::TableCache;
 use crate::error::Error;
 use crate::header::Header;
+use crate::heap;
 use crate::io::BlockRead;
 use crate::refcount;
 
@@ -37,11 +38,11 @@ impl Refcounts {
         blocks: usize,
     ) -> Result<Self, Error<R::Error>> {
         let len = u64::from(h.refcount_table_clusters) * h.cluster_size();
-        let mut raw = alloc::vec![0u8; to_usize(len).unwrap_or(0)];
+        let mut raw = heap::zeroed(len, "the refcount table")?;
         io.read_at(h.refcount_table_offset, &mut raw)
             .map_err(Error::Io)?;
         Ok(Refcounts {
-            table: raw.chunks_exact(8).map(|c| be64(c, 0)).collect(),
+            table: heap::entries(&raw, "the refcount table")?,
             table_offset: h.refcount_table_offset,
             blocks: TableCache::new(blocks),
             dirty_entries: BTreeSet::new(),

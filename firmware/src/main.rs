@@ -113,9 +113,15 @@ impl BlockRead for HostFile {
         }
         // SAFETY: SYS_READ writes at most `n` bytes into `buf`, which is
         // at least `n` bytes long and borrowed mutably for the call.
+        // It returns the number of bytes NOT read: anything but 0 is an
+        // error (the length was checked above, so a short read means the
+        // file changed or the host failed).
         let left = unsafe { syscall!(READ, self.fd, buf.as_mut_ptr(), n) };
         if left > n {
             return Err(HostError("read failed", offset));
+        }
+        if left != 0 {
+            return Err(HostError("short read", offset));
         }
         Ok(())
     }

@@ -10,11 +10,12 @@ use super::Backing;
 use super::{Image, OpenOptions, Res, DEFAULT_L2_CACHE_MAX};
 use crate::backing::{FileRole, Opener};
 use crate::bitmap::{self, Bitmap};
-use crate::bytes::{be64, to_u64, to_usize};
+use crate::bytes::{to_u64, to_usize};
 use crate::cache::TableCache;
 use crate::compress;
 use crate::error::Error;
 use crate::header::{CryptMethod, Header};
+use crate::heap;
 use crate::io::BlockRead;
 use crate::l2::EntryFormat;
 use crate::snapshot::{self, Snapshot};
@@ -34,10 +35,10 @@ impl<R: BlockRead> Image<R> {
         let cluster_size = 1u64 << cluster_bits;
         // Read a small prefix first (frugal heaps); the whole first cluster
         // only when the extensions or the backing name reach beyond it.
-        let mut buf = alloc::vec![0u8; to_usize(cluster_size.min(4096)).unwrap_or(0)];
+        let mut buf = heap::zeroed(cluster_size.min(4096), "the image header")?;
         io.read_at(0, &mut buf).map_err(Error::Io)?;
         if !Header::fits_in(&buf) && to_u64(buf.len()) < cluster_size {
-            buf = alloc::vec![0u8; to_usize(cluster_size).unwrap_or(0)];
+            buf = heap::zeroed(cluster_size, "the image header")?;
             io.read_at(0, &mut buf).map_err(Error::Io)?;
         }
         let header = Header::parse(&buf)?;
@@ -61,11 +62,10 @@ impl<R: BlockRead> Image<R> {
         };
 
         // L1 table (size validated against QEMU's 32 MiB limit).
-        let l1_len = to_usize(header.l1_size.into()).unwrap_or(0);
-        let mut raw = alloc::vec![0u8; l1_len * 8];
+        let mut raw = heap::zeroed(u64::from(header.l1_size) * 8, "the L1 table")?;
         io.read_at(header.l1_table_offset, &mut raw)
             .map_err(Error::Io)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let l1 = heap::entries(&raw, "the L1 table")?;
         drop(raw);
 
         let l2_cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
@@ -245,8 +245,7 @@ fn read_bitmaps<R: BlockRead>(io: &mut R, h: &Header) -> Res<Vec<Bitmap>, R> {
     let Some(ext) = h.bitmaps else {
         return Ok(Vec::new());
     };
-    let len = to_usize(ext.directory_size).unwrap_or(0);
-    let mut dir = alloc::vec![0u8; len];
+    let mut dir = heap::zeroed(ext.directory_size, "the bitmap directory")?;
     io.read_at(ext.directory_offset, &mut dir)
         .map_err(Error::Io)?;
     let mut out = Vec::new();

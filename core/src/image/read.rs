@@ -11,6 +11,7 @@ use super::{Backing, Image, Mapping, Res, Run};
 use crate::bytes::{to_u64, to_usize};
 use crate::compress::{Codec, Decompressor, Job};
 use crate::error::Error;
+use crate::heap;
 use crate::io::BlockRead;
 
 /// Where the bytes of an [`Extent`] come from.
@@ -528,17 +529,14 @@ impl<R: BlockRead> Image<R> {
     ) -> Res<&[u8], R> {
         let hit = matches!(&self.decompressed, Some((o, _)) if *o == host_offset);
         if !hit {
-            let cluster_size = to_usize(self.cluster_size()).unwrap_or(0);
-            let mut input = alloc::vec![0u8; to_usize(size).unwrap_or(0)];
+            let cluster_size = self.cluster_size();
+            let mut input = heap::zeroed(size, "a compressed cluster")?;
             self.io
                 .read_at(host_offset, &mut input)
                 .map_err(Error::Io)?;
             let mut out = match self.decompressed.take() {
-                Some((_, mut b)) => {
-                    b.resize(cluster_size, 0);
-                    b
-                }
-                None => alloc::vec![0u8; cluster_size],
+                Some((_, b)) if to_u64(b.len()) == cluster_size => b,
+                _ => heap::zeroed(cluster_size, "a decompressed cluster")?,
             };
             codec
                 .decompress(self.header.compression_type, &input, &mut out)

@@ -63,6 +63,14 @@ cargo build -p qcowkit-core --target thumbv7em-none-eabihf --release --features 
 cargo build -p qcowkit-options --target thumbv7em-none-eabihf --release
 
 echo "== tests (unit, property, integration against qemu-img/qemu-io)"
+# Randomised tests take a new seed each run (printed here and by each test;
+# set the variable to replay a run).
+random_seed() { od -An -N8 -tu8 /dev/urandom | tr -d ' '; }
+export CRASH_SEED=${CRASH_SEED:-$(random_seed)}
+export HOSTILE_SEED=${HOSTILE_SEED:-$(random_seed)}
+export FUZZ_SCRIPT_SEED=${FUZZ_SCRIPT_SEED:-$(random_seed)}
+export QCOWKIT_SEED=${QCOWKIT_SEED:-$(random_seed)}
+echo "seeds: CRASH_SEED=$CRASH_SEED HOSTILE_SEED=$HOSTILE_SEED FUZZ_SCRIPT_SEED=$FUZZ_SCRIPT_SEED QCOWKIT_SEED=$QCOWKIT_SEED"
 cargo nextest run --workspace --no-fail-fast
 echo "== 32-bit (i686): the core's tests, the hostile-image tests and the fuzz corpus"
 cargo build -q -p qcowkit-std --bins --target i686-unknown-linux-gnu

@@ -91,10 +91,14 @@ impl Rng {
     /// A generator from the `QCOWKIT_SEED` environment variable, or `default`;
     /// prints the seed so that a failure can be replayed.
     pub fn seeded(test: &str, default: u64) -> Rng {
-        let seed = std::env::var("QCOWKIT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(default);
+        // A value that does not parse is an error, not a silent fallback.
+        let seed = match std::env::var("QCOWKIT_SEED") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("QCOWKIT_SEED={s:?} is not a u64")),
+            Err(_) => default,
+        };
         println!("{test}: seed {seed} (set QCOWKIT_SEED to replay)");
         Rng(seed.max(1))
     }

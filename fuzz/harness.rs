@@ -100,16 +100,38 @@ pub fn open_map(data: &[u8]) {
     }
 }
 
-/// A byte vector that refuses to grow past [`MAX_STORAGE`].
-struct Bounded(Vec<u8>);
+/// A byte vector that refuses to grow past [`MAX_STORAGE`], and watches
+/// for guest data landing on metadata: while a guest write of `fill` bytes
+/// runs, a storage write made only of that byte must not touch any of
+/// `ranges` (the metadata the harness found on disk before the operation).
+struct Bounded {
+    data: Vec<u8>,
+    watch: std::cell::RefCell<Watch>,
+}
+
+#[derive(Default)]
+struct Watch {
+    fill: Option<u8>,
+    ranges: Vec<(u64, u64, &'static str)>,
+    hit: Option<String>,
+}
+
+impl Bounded {
+    fn new(data: Vec<u8>) -> Self {
+        Bounded {
+            data,
+            watch: Default::default(),
+        }
+    }
+}
 
 impl BlockRead for Bounded {
     type Error = MemError;
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        BlockRead::read_at(&mut self.0, offset, buf)
+        BlockRead::read_at(&mut self.data, offset, buf)
     }
     fn len(&mut self) -> Result<u64, MemError> {
-        Ok(self.0.len() as u64)
+        Ok(self.data.len() as u64)
     }
 }
 
@@ -123,7 +145,22 @@ impl BlockWrite for Bounded {
         if end > MAX_STORAGE as u64 {
             return Err(err);
         }
-        BlockWrite::write_at(&mut self.0, offset, buf)
+        let w = self.watch.get_mut();
+        if let Some(fill) = w.fill {
+            if w.hit.is_none() && !buf.is_empty() && buf.iter().all(|b| *b == fill) {
+                if let Some((at, len, what)) = w
+                    .ranges
+                    .iter()
+                    .find(|(at, len, _)| offset < at.saturating_add(*len) && *at < end)
+                {
+                    w.hit = Some(format!(
+                        "guest data ({} bytes of {fill:#x}) written at {offset:#x} over the {what} at {at:#x}+{len:#x}",
+                        buf.len()
+                    ));
+                }
+            }
+        }
+        BlockWrite::write_at(&mut self.data, offset, buf)
     }
     fn set_len(&mut self, len: u64) -> Result<(), MemError> {
         if len > MAX_STORAGE as u64 {
@@ -132,11 +169,66 @@ impl BlockWrite for Bounded {
                 len: 0,
             });
         }
-        BlockWrite::set_len(&mut self.0, len)
+        BlockWrite::set_len(&mut self.data, len)
     }
     fn flush(&mut self) -> Result<(), MemError> {
         Ok(())
     }
+}
+
+/// The metadata of the image in `b`, found by the harness's own reading
+/// of the on-disk pointers (independent of the writer's bookkeeping): the
+/// header cluster, the active and snapshot L1 tables and the L2 tables
+/// they point to, the refcount table and blocks, the snapshot table.
+/// Entries are read only as far as the file holds them.
+fn metadata_ranges(b: &[u8]) -> Vec<(u64, u64, &'static str)> {
+    let be = |at: u64, n: usize| -> u64 {
+        let at = at as usize;
+        b.get(at..at.saturating_add(n))
+            .map_or(0, |s| s.iter().fold(0u64, |a, x| a << 8 | u64::from(*x)))
+    };
+    let cluster_bits = be(20, 4);
+    if !(9..=21).contains(&cluster_bits) {
+        return Vec::new();
+    }
+    let cs = 1u64 << cluster_bits;
+    let file = b.len() as u64;
+    let mask = 0x00ff_ffff_ffff_fe00u64;
+    let mut out = vec![(0, cs, "header")];
+    let tables = |out: &mut Vec<(u64, u64, &'static str)>, l1: u64, entries: u64, what| {
+        out.push((l1, entries.saturating_mul(8), what));
+        let n = entries.min(file.saturating_sub(l1) / 8);
+        for i in 0..n {
+            let l2 = be(l1 + 8 * i, 8) & mask;
+            if l2 != 0 {
+                out.push((l2, cs, "L2 table"));
+            }
+        }
+    };
+    tables(&mut out, be(40, 8), be(36, 4), "active L1 table");
+    let (rt, rt_clusters) = (be(48, 8), be(56, 4));
+    out.push((rt, rt_clusters.saturating_mul(cs), "refcount table"));
+    let n = (rt_clusters.saturating_mul(cs) / 8).min(file.saturating_sub(rt) / 8);
+    for i in 0..n {
+        let block = be(rt + 8 * i, 8) & !(cs - 1);
+        if block != 0 {
+            out.push((block, cs, "refcount block"));
+        }
+    }
+    let (nb, mut at) = (be(60, 4), be(64, 8));
+    let start = at;
+    for _ in 0..nb.min(file / 40) {
+        if at.saturating_add(40) > file {
+            break;
+        }
+        tables(&mut out, be(at, 8), be(at + 8, 4), "snapshot L1 table");
+        let len = 40 + be(at + 36, 4) + be(at + 12, 2) + be(at + 14, 2);
+        at = at.saturating_add(len.div_ceil(8) * 8);
+    }
+    if nb > 0 {
+        out.push((start, at - start, "snapshot table"));
+    }
+    out
 }
 
 /// The header fields no write may change: magic, version, backing file
@@ -205,7 +297,9 @@ impl<'a> Model<'a> {
 /// compressed writes and flushes. The first 64 bytes of `data` are the
 /// script (4 bytes an operation), the rest the image.
 ///
-/// On any image: the header's fixed fields never change. On an image whose
+/// On any image: the header's fixed fields never change, and guest data
+/// never lands on metadata the harness finds on disk (see [`Bounded`]).
+/// On an image whose
 /// check finds no corruption: no write is refused as an overlap, and after
 /// the script the image reopens, checks without corruption, reads back
 /// what the script wrote (a byte model of every cluster it touched), and
@@ -216,10 +310,10 @@ pub fn open_write(data: &[u8]) -> bool {
         return false;
     }
     let (script, image) = data.split_at(64);
-    let Ok(mut img) = WritableImage::open(Bounded(image.to_vec()), &options()) else {
+    let Ok(mut img) = WritableImage::open(Bounded::new(image.to_vec()), &options()) else {
         return false;
     };
-    let fixed = fixed_fields(&img.storage().0);
+    let fixed = fixed_fields(&img.storage().data);
     let size = img.size();
     if size == 0 {
         return false;
@@ -227,7 +321,7 @@ pub fn open_write(data: &[u8]) -> bool {
     let cs = img.cluster_size();
     let clean = matches!(img.check(), Ok(r) if r.corruptions == 0 && r.check_errors == 0);
     // The image as the writer's open left it (a dirty image was rebuilt).
-    let opened = img.storage().0.clone();
+    let opened = img.storage().data.clone();
     let mut model = if clean {
         Model::new(&opened, cs, size)
     } else {
@@ -240,7 +334,17 @@ pub fn open_write(data: &[u8]) -> bool {
         let (r, range) = match op[0] % 6 {
             0 | 1 => {
                 let fill = op[3] | 1;
+                let ranges = metadata_ranges(&img.storage().data);
+                *img.storage().watch.borrow_mut() = Watch {
+                    fill: Some(fill),
+                    ranges,
+                    hit: None,
+                };
                 let r = img.write_at(at, &vec![fill; len as usize]);
+                let watch = img.storage().watch.take();
+                if let Some(hit) = watch.hit {
+                    panic!("{hit}");
+                }
                 (r, Some((at, len, 0u8, fill)))
             }
             2 => (img.write_zeroes(at, len), Some((at, len, 1, 0))),
@@ -254,7 +358,7 @@ pub fn open_write(data: &[u8]) -> bool {
             _ => (img.flush(), None),
         };
         assert!(
-            fixed_fields(&img.storage().0) == fixed,
+            fixed_fields(&img.storage().data) == fixed,
             "a write changed the header's fixed fields"
         );
         if let Err(e) = &r {
@@ -282,11 +386,11 @@ pub fn open_write(data: &[u8]) -> bool {
         }
     }
     let flushed = img.flush();
-    assert!(fixed_fields(&img.storage().0) == fixed);
+    assert!(fixed_fields(&img.storage().data) == fixed);
     let (Some(mut m), false, Ok(())) = (model, failed, flushed) else {
         return false;
     };
-    let after = img.into_inner().0;
+    let after = img.into_inner().data;
     let mut back = Image::open(&after[..], &options())
         .unwrap_or_else(|e| panic!("an image that checked clean no longer opens: {e}"));
     let r = back.check().expect("check after the script");

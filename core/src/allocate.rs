@@ -131,6 +131,7 @@ impl<R: BlockWrite> WritableImage<R> {
             let free = c != 0
                 && !referenced
                 && self.metadata.kinds(c * cs, cs) == 0
+                && self.pending_map.kinds(c * cs, cs) == 0
                 && self.refcount(c)? == 0;
             if free {
                 if run == 0 {
@@ -322,7 +323,7 @@ impl<R: BlockWrite> WritableImage<R> {
         self.file_end = self.file_end.max(end * cs);
         // The old table's clusters are free once the header switch is durable.
         if old_offset != 0 && old_clusters > 0 {
-            self.pending_frees.push((old_offset, old_clusters * cs));
+            self.defer_free(old_offset, old_clusters * cs);
         }
         Ok(())
     }
@@ -366,9 +367,18 @@ impl<R: BlockWrite> WritableImage<R> {
         Ok(())
     }
 
+    /// Drops one reference to the clusters of `[offset, offset + len)` at
+    /// the next flush, once the entries that held it are durably gone;
+    /// until then they are not handed out again.
+    pub(crate) fn defer_free(&mut self, offset: u64, len: u64) {
+        self.pending_frees.push((offset, len));
+        self.pending_map.insert(offset, len, 1);
+    }
+
     /// Applies the pending frees (after the references are durably gone).
     pub(crate) fn apply_pending_frees(&mut self) -> Res<(), R> {
         let frees = core::mem::take(&mut self.pending_frees);
+        self.pending_map = crate::overlap::MetadataMap::new();
         if frees.is_empty() {
             return Ok(());
         }
@@ -379,6 +389,12 @@ impl<R: BlockWrite> WritableImage<R> {
                 continue;
             }
             for c in off >> cb..=(off + len - 1) >> cb {
+                if self.refcount(c)? == 0 {
+                    // A damaged image whose refcount already reads 0: the
+                    // cluster is unreferenced now, which is all a free
+                    // does (QEMU reports the underflow and goes on too).
+                    continue;
+                }
                 self.change_refcount(c, -1)?;
                 if self.refcount(c)? == 0 {
                     self.img.l2_cache.forget(c << cb);

@@ -46,6 +46,10 @@ pub struct WritableImage<R: BlockWrite> {
     /// Byte ranges whose clusters lose one reference once the L2/L1
     /// changes that dropped them are durable.
     pub(crate) pending_frees: Vec<(u64, u64)>,
+    /// The same ranges as a map: still referenced on disk until the next
+    /// flush, so never handed out before it (even where a damaged image's
+    /// refcounts already read 0).
+    pub(crate) pending_map: MetadataMap,
     /// Where the next compressed cluster may be packed.
     pub(crate) compressed_next: Option<u64>,
     /// L1 entries changed in memory, not yet written.
@@ -179,6 +183,7 @@ impl<R: BlockWrite> WritableImage<R> {
             free_hint: 0,
             file_end,
             pending_frees: Vec::new(),
+            pending_map: MetadataMap::new(),
             compressed_next: None,
             dirty_l1: BTreeSet::new(),
             data_dirty: false,

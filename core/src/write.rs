@@ -131,7 +131,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 .l2_cache
                 .get(&mut self.img.io, l2_off, cs)?
                 .to_vec();
-            self.pending_frees.push((l2_off, cs));
+            self.defer_free(l2_off, cs);
             // Only the snapshot's (inactive) table from now on.
             self.metadata.remove(l2_off, cs, overlap::ACTIVE_L2);
             t
@@ -215,7 +215,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 let len = d.offset + d.size - start;
                 // Metadata is never freed as if it were guest data.
                 self.guard(start, len, 0)?;
-                self.pending_frees.push((start, len));
+                self.defer_free(start, len);
             }
             Ok(
                 Subcluster::Normal { host }
@@ -224,7 +224,7 @@ impl<R: BlockWrite> WritableImage<R> {
             ) => {
                 let cs = self.cluster_size();
                 self.guard(host, cs, 0)?;
-                self.pending_frees.push((host, cs));
+                self.defer_free(host, cs);
             }
             Ok(_) => {}
             Err(e) => return Err(Error::corrupt(e.what(), offset, e.value())),

@@ -241,3 +241,56 @@ fn check_counts_every_problem_and_streams_every_line() {
         lines[16_385]
     );
 }
+
+#[test]
+fn a_table_left_by_copy_on_write_is_not_reused_before_the_flush() {
+    // Found by the fuzzer: an L1 entry without the COPIED flag whose L2
+    // table has refcount 0 (the fuzzer's image had no refcount block). A
+    // write copies the table; the old one is still what the L1 table on
+    // disk points to until the flush, so guest data must not be placed
+    // there before it.
+    let cs = 4096usize;
+    let mut disk = Vec::new();
+    let opts = CreateOptions {
+        size: 4 << 20,
+        cluster_size: cs as u64,
+        ..CreateOptions::default()
+    };
+    create::format(&mut disk, &opts).unwrap();
+    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
+    // Two L2 tables (2 MiB each); then a free cluster below the second.
+    img.write_at(0, &[1; 4096]).unwrap();
+    img.write_at(2 << 20, &[2; 4096]).unwrap();
+    img.flush().unwrap();
+    img.discard(0, 4096).unwrap();
+    img.flush().unwrap();
+    let mut disk = img.into_inner();
+    let be64 = |d: &[u8], at: usize| u64::from_be_bytes(d[at..at + 8].try_into().unwrap());
+    let l1 = be64(&disk, 40) as usize;
+    let l2 = (be64(&disk, l1 + 8) & 0x00ff_ffff_ffff_fe00) as usize;
+    disk[l1 + 8..l1 + 16].copy_from_slice(&(l2 as u64).to_be_bytes()); // no COPIED flag
+    let block = be64(&disk, be64(&disk, 48) as usize) as usize;
+    let entry = block + 2 * (l2 / cs);
+    assert_eq!(disk[entry..entry + 2], [0, 1]);
+    disk[entry..entry + 2].fill(0); // the table's refcount reads 0
+    let old_table = disk[l2..l2 + cs].to_vec();
+
+    let mut img = WritableImage::open(disk, &OpenOptions::default()).unwrap();
+    img.write_at((2 << 20) + 4096, &[3; 4096]).unwrap();
+    img.write_at((2 << 20) + 8192, &[4; 4096]).unwrap();
+    let before_flush = img.storage()[l2..l2 + cs].to_vec();
+    assert!(
+        before_flush == old_table,
+        "the old L2 table was overwritten before the flush"
+    );
+    img.flush().unwrap();
+    let mut back = Image::open(img.into_inner(), &OpenOptions::default()).unwrap();
+    let mut buf = vec![0u8; 3 * cs];
+    back.read_at(2 << 20, &mut buf).unwrap();
+    for (i, want) in [2u8, 3, 4].iter().enumerate() {
+        assert!(
+            buf[i * cs..(i + 1) * cs].iter().all(|b| b == want),
+            "cluster {i}"
+        );
+    }
+}

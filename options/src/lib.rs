@@ -65,48 +65,82 @@ impl fmt::Display for OptionError {
 
 impl core::error::Error for OptionError {}
 
-/// Parses a size with an optional `k`/`M`/`G`/`T`/`P`/`E` suffix (powers of
-/// 1024) or `b` (bytes), like qemu-img; decimal fractions are accepted when
-/// the result is a whole number of bytes.
+/// Parses a size the way qemu-img does (QEMU's `qemu_strtosz`): a decimal
+/// number with an optional `b`/`k`/`M`/`G`/`T`/`P`/`E` suffix (bytes and
+/// powers of 1024, either case), or `0x` hexadecimal without a suffix. A
+/// decimal fraction needs a suffix other than `b` and is rounded to the
+/// nearest byte (`1.5k` is 1536, `12.345M` 12944671). Leading whitespace
+/// and a `+` sign are accepted; anything after the suffix is not.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return None,
-            };
-            (&s[..i], m)
+    let s = s.trim_start();
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
         }
-        _ => (s, 1),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult);
+        return u64::from_str_radix(hex, 16).ok();
     }
-    // "1.5G": whole part and fraction, in integer arithmetic.
-    let (whole, frac) = num.split_once('.')?;
-    if frac.is_empty() || frac.len() > 18 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    let digits = |t: &str| t.bytes().take_while(u8::is_ascii_digit).count();
+    let whole_len = digits(s);
+    let (whole, rest) = s.split_at(whole_len);
+    let (frac, rest) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let n = digits(r);
+            (Some(&r[..n]), &r[n..])
+        }
+        None => (None, rest),
+    };
+    if whole.is_empty() && frac.is_none_or(str::is_empty) {
         return None;
     }
-    let whole: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().ok()?
+    let mult: u64 = match rest {
+        "" | "b" | "B" => 1,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        "t" | "T" => 1 << 40,
+        "p" | "P" => 1 << 50,
+        "e" | "E" => 1 << 60,
+        _ => return None,
     };
-    let frac_num: u128 = frac.parse().ok()?;
-    let denom: u128 = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
-    let frac_bytes = frac_num.checked_mul(u128::from(mult))?;
-    if frac_bytes % denom != 0 {
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let value = whole.checked_mul(mult)?;
+    let Some(frac) = frac else {
+        return Some(value);
+    };
+    if mult == 1 {
+        return None; // a fraction of a byte
+    }
+    // The fraction times the multiplier, rounded; digits beyond the 20th
+    // cannot change the result for multipliers up to 2^60.
+    let frac = &frac[..frac.len().min(20)];
+    if frac.is_empty() {
+        return Some(value);
+    }
+    let num: u128 = frac.parse().ok()?;
+    let denom = 10u128.pow(u32::try_from(frac.len()).ok()?);
+    let scaled = (num * u128::from(mult) + denom / 2) / denom;
+    value.checked_add(u64::try_from(scaled).ok()?)
+}
+
+/// Parses a number the way qemu-img's `strtoul` with base 0 does (e.g.
+/// `--pattern`): decimal, `0x` hexadecimal or `0` octal, no suffix.
+pub fn parse_number(s: &str) -> Option<u64> {
+    let s = s.trim_start();
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        if hex.is_empty() {
+            return None;
+        }
+        return u64::from_str_radix(hex, 16).ok();
+    }
+    if s.len() > 1 && s.starts_with('0') {
+        return u64::from_str_radix(&s[1..], 8).ok();
+    }
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let frac_bytes = u64::try_from(frac_bytes / denom).ok()?;
-    whole.checked_mul(mult)?.checked_add(frac_bytes)
+    s.parse().ok()
 }
 
 /// Splits `a=b,c=d` into pairs (a doubled comma is a literal comma, as in
@@ -248,6 +282,40 @@ mod tests {
         assert_eq!(parse_size("1.5G"), Some(3 << 29));
         assert_eq!(parse_size("0.5k"), Some(512));
         assert_eq!(parse_size("0.3"), None);
+        // qemu-img's answers (qemu-img create, 10.0).
+        for (text, want) in [
+            ("0x100000", Some(1 << 20)),
+            ("0X100000", Some(1 << 20)),
+            ("1.0001k", Some(1024)),
+            ("12.345M", Some(12_944_671)),
+            ("08k", Some(8192)),
+            (" 64k", Some(65536)),
+            ("+5k", Some(5120)),
+            ("1.k", Some(1024)),
+            (".5k", Some(512)),
+            ("5B", Some(5)),
+            ("1e3", None),
+            ("0x10k", None),
+            ("64kB", None),
+            ("64k ", None),
+            ("0x", None),
+            ("-1", None),
+            ("1.5", None),
+            ("1.5b", None),
+            ("0x1.8", None),
+            ("0b11", None),
+            (".k", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_size(text), want, "{text:?}");
+        }
+        assert_eq!(parse_number("0xa5"), Some(165));
+        assert_eq!(parse_number("0245"), Some(165));
+        assert_eq!(parse_number("165"), Some(165));
+        assert_eq!(parse_number("0"), Some(0));
+        assert_eq!(parse_number("09"), None);
+        assert_eq!(parse_number("0x"), None);
+        assert_eq!(parse_number("5k"), None);
         assert_eq!(parse_size("2T"), Some(2 << 40));
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_size("99999999999E"), None);

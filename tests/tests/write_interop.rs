@@ -2532,3 +2532,113 @@ fn image_with_bitmaps_from_qemu() {
         "b0 looks consistent after writes that did not update it: {b0}"
     );
 }
+
+/// Numbers are read as qemu-img reads them: sizes with suffixes, fractions
+/// (rounded), hexadecimal; `--pattern` in decimal, hex or octal; the same
+/// refusals and exit codes.
+#[test]
+fn numbers_are_read_as_qemu_img_reads_them() {
+    let s = Scratch::new();
+    let d = s.dir();
+    let mut f = Failures::default();
+    for size in [
+        "0x100000",
+        "12.345M",
+        "1.0001k",
+        "1000",
+        "08k",
+        "+5k",
+        ".5k",
+        "1.k",
+        "5B",
+        "64kB",
+        "0x10k",
+        "1e3",
+        "1.5",
+        "64k ",
+        "16E",
+        "8E",
+        "18446744073709551615",
+    ] {
+        let args = ["create", "-f", "qcow2", "img.qcow2", size];
+        let (o, q) = (ours(d, &args), run_in(d, "qemu-img", &args));
+        let ctx = format!("create {size:?}");
+        if code(&o) != code(&q) {
+            f.add(&ctx, format!("exit {} (qemu-img: {})", code(&o), code(&q)));
+        } else if code(&q) == 0 && stdout_of(&o) != stdout_of(&q) {
+            f.add(
+                &ctx,
+                format!("{} (qemu-img: {})", stdout_of(&o), stdout_of(&q)),
+            );
+        }
+        let _ = std::fs::remove_file(s.path("img.qcow2"));
+    }
+    // The same byte through each notation, written by both benches.
+    qemu_create(d, "base.qcow2", "", "1M");
+    for (i, pattern) in ["0xa5", "0245", "165"].iter().enumerate() {
+        for tool in ["qcow2", "qemu-img"] {
+            let name = format!("{tool}-{i}.qcow2");
+            std::fs::copy(s.path("base.qcow2"), s.path(&name)).unwrap();
+            let args = [
+                "bench",
+                "-w",
+                "-c",
+                "4",
+                "-d",
+                "1",
+                "-s",
+                "0x1000",
+                "-S",
+                "8k",
+                &format!("--pattern={pattern}"),
+                &name,
+            ];
+            let out = if tool == "qcow2" {
+                ours(d, &args)
+            } else {
+                run_in(d, "qemu-img", &args)
+            };
+            assert_eq!(code(&out), 0, "{tool} {pattern}: {}", output_text(&out));
+        }
+        f.check(
+            pattern,
+            qio(
+                d,
+                &format!("qcow2-{i}.qcow2"),
+                &["read -P 165 0 4k", "read -P 165 24k 4k"],
+            ),
+        );
+        f.check(
+            pattern,
+            qemu_img_compare(
+                d,
+                &format!("qcow2-{i}.qcow2"),
+                "qcow2",
+                &format!("qemu-img-{i}.qcow2"),
+                "qcow2",
+            ),
+        );
+    }
+    for bad in ["256", "abc", "0x"] {
+        let args = [
+            "bench",
+            "-w",
+            "-c",
+            "1",
+            &format!("--pattern={bad}"),
+            "base.qcow2",
+        ];
+        let (o, q) = (ours(d, &args), run_in(d, "qemu-img", &args));
+        assert_eq!((code(&o), code(&q)), (1, 1), "--pattern={bad}");
+        let want = stderr_of(&q)
+            .trim()
+            .trim_start_matches("qemu-img: ")
+            .to_string();
+        assert!(
+            stderr_of(&o).contains(&want),
+            "--pattern={bad}: {}",
+            stderr_of(&o)
+        );
+    }
+    f.finish();
+}

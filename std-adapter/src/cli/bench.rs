@@ -36,9 +36,10 @@ pub struct Args {
     /// Write instead of read.
     #[arg(short = 'w', long = "write")]
     pub write: bool,
-    /// Byte written by write requests.
+    /// Byte written by write requests (decimal, 0x hexadecimal or 0 octal,
+    /// as qemu-img takes it).
     #[arg(long = "pattern", default_value = "0")]
-    pub pattern: u8,
+    pub pattern: String,
     /// Flush after every N requests (writes only; 0: never).
     #[arg(long = "flush-interval", default_value = "0")]
     pub flush_interval: u64,
@@ -100,6 +101,11 @@ fn bench(a: &Args) -> Result<(), String> {
     let step = match &a.step {
         Some(s) => parse_size(s).ok_or("invalid step size")?,
         None => size,
+    };
+    let pattern = match qcowkit_options::parse_number(&a.pattern) {
+        None => return Err(format!("Invalid pattern byte specified: '{}'.", a.pattern)),
+        Some(p) => u8::try_from(p)
+            .map_err(|_| "Invalid pattern byte specified. Must be between 0 and 255.")?,
     };
     let fmt = parse_format(&a.format)?;
     // qemu-img's refusals, in its order.
@@ -169,7 +175,7 @@ fn bench(a: &Args) -> Result<(), String> {
             );
         }
     }
-    let mut buf = vec![a.pattern; size as usize];
+    let mut buf = vec![pattern; size as usize];
     let slots = disk_size / size;
     let mut pos = offset;
     let start = Instant::now();

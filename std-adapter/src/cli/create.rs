@@ -58,6 +58,12 @@ pub fn build(
     }
     if let Some(s) = size {
         c.size = parse_size(s).ok_or(format!("Invalid image size specified: '{s}'"))?;
+        if c.size > i64::MAX as u64 {
+            return Err(format!(
+                "Invalid image size specified. Must be between 0 and {}.",
+                i64::MAX
+            ));
+        }
         size_given = true;
     }
     if let Some(b) = &c.backing_file {

@@ -19,7 +19,7 @@ pub fn describe(path: &str, c: &CreateOptions) -> String {
     s += &format!(
         "compression_type={} size={}",
         c.compression_type.name(),
-        c.rounded_size().unwrap_or(c.size)
+        c.size
     );
     if !c.v3 {
         s += " compat=0.10";

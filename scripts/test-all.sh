@@ -13,6 +13,11 @@ if ! need qemu-img || ! need qemu-io; then
   echo "== installing qemu-utils"
   apt-get update -qq && apt-get install -y -qq qemu-utils
 fi
+# strace: tests count the syncs and O_DIRECT opens of the CLI's cache modes.
+if ! need strace; then
+  echo "== installing strace"
+  apt-get update -qq && apt-get install -y -qq strace
+fi
 # Headless Chromium and its driver for the wasm tests in a browser worker.
 if ! need chromium || ! need chromedriver; then
   echo "== installing chromium and chromium-driver"

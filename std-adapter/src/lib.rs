@@ -19,9 +19,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::OpenOptions as FsOpenOptions;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use lock::Access;
@@ -29,125 +29,18 @@ pub use qcowkit_core as core;
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::copy::{ChunkRead, RawDisk};
 use qcowkit_core::{
-    map::raw_status, BlockRead, BlockStatus, BlockWrite, FileRole, Image, OpenOptions, Opened,
-    Opener, WritableImage,
+    map::raw_status, BlockRead, BlockStatus, FileRole, Image, OpenOptions, Opened, Opener,
+    WritableImage,
 };
 use qcowkit_core::{Chunk, Codec};
 
 pub mod cli;
 mod codec;
+mod fileio;
 pub mod lock;
 
 pub use codec::NativeCodec;
-
-/// A `std::fs::File` as qcow2 storage.
-#[derive(Debug)]
-pub struct FileIo {
-    file: File,
-}
-
-impl FileIo {
-    /// Wraps an open file.
-    pub fn new(file: File) -> Self {
-        FileIo { file }
-    }
-
-    /// Opens `path` read-only.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        Ok(FileIo::new(File::open(path)?))
-    }
-
-    /// Opens `path` for reading and writing.
-    pub fn open_rw(path: &Path) -> io::Result<Self> {
-        Ok(FileIo::new(
-            FsOpenOptions::new().read(true).write(true).open(path)?,
-        ))
-    }
-
-    /// The underlying file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-}
-
-impl BlockRead for FileIo {
-    type Error = io::Error;
-
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset
-                .checked_add(done as u64)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
-            match self.file.read_at(&mut buf[done..], pos) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    fn len(&mut self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
-    }
-
-    fn allocation(&mut self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
-        use rustix::fs::{seek, SeekFrom};
-        let size = self.file.metadata()?.len();
-        if offset >= size {
-            return Ok(Some((false, len)));
-        }
-        let end = offset.saturating_add(len).min(size);
-        let data = match seek(&self.file, SeekFrom::Data(offset)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => size,
-            Err(_) => return Ok(None),
-        };
-        if data > offset {
-            return Ok(Some((false, data.min(end) - offset)));
-        }
-        let hole = match seek(&self.file, SeekFrom::Hole(offset)) {
-            Ok(h) => h,
-            Err(_) => return Ok(None),
-        };
-        Ok(Some((true, hole.min(end).max(offset + 1) - offset)))
-    }
-
-    fn allocated_size(&mut self) -> io::Result<Option<u64>> {
-        Ok(Some(self.file.metadata()?.blocks() * 512))
-    }
-}
-
-impl BlockWrite for FileIo {
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-    fn preallocate(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
-            Ok(()) => Ok(()),
-            // File systems without fallocate: extending is the fallback.
-            Err(_) => {
-                let end = offset.saturating_add(len);
-                if end > self.file.metadata()?.len() {
-                    self.file.set_len(end)?;
-                }
-                Ok(())
-            }
-        }
-    }
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
+pub use fileio::{CacheMode, FileIo};
 
 /// Which files named by an image (backing files, external data files) an
 /// opener opens.
@@ -215,11 +108,11 @@ pub fn check_follow(
 
 /// Opens an image given by the user without blocking: regular files and
 /// block devices are images; a FIFO or socket is refused.
-fn open_top(path: &Path) -> io::Result<FileIo> {
+fn open_top(path: &Path, cache: CacheMode) -> io::Result<FileIo> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let file = FsOpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
+        .custom_flags(nix::libc::O_NONBLOCK | cache.read_flags())
         .open(path)?;
     let kind = file.metadata()?.file_type();
     if kind.is_fifo() || kind.is_socket() {
@@ -228,22 +121,27 @@ fn open_top(path: &Path) -> io::Result<FileIo> {
             format!("'{}' is a FIFO or socket, not an image", path.display()),
         ));
     }
-    Ok(FileIo::new(file))
+    Ok(FileIo::with_cache(file, cache))
 }
 
 /// Opens a file an image names without blocking (a FIFO would block a
 /// plain open) and refuses anything but a regular file.
-fn open_named(path: &Path, write: bool) -> io::Result<FileIo> {
+fn open_named(path: &Path, write: bool, cache: CacheMode) -> io::Result<FileIo> {
     use std::os::unix::fs::OpenOptionsExt;
+    let flags = if write {
+        cache.flags()
+    } else {
+        cache.read_flags()
+    };
     let file = FsOpenOptions::new()
         .read(true)
         .write(write)
-        .custom_flags(nix::libc::O_NONBLOCK)
+        .custom_flags(nix::libc::O_NONBLOCK | flags)
         .open(path)?;
     if !file.metadata()?.file_type().is_file() {
         return Err(not_regular(path));
     }
-    Ok(FileIo::new(file))
+    Ok(FileIo::with_cache(file, cache))
 }
 
 fn not_regular(path: &Path) -> io::Error {
@@ -267,13 +165,16 @@ pub struct FsOpener {
     /// Take no locks (qemu-img's `-U`): read files other processes may be
     /// writing.
     pub force_share: bool,
+    /// Cache mode of the files opened (as qemu-img's `-t`/`-T` apply to a
+    /// whole chain).
+    pub cache: CacheMode,
 }
 
 impl Opener<FileIo> for FsOpener {
     fn open(&mut self, parent: &str, name: &str, role: FileRole) -> io::Result<Opened<FileIo>> {
         let path = check_follow(self.follow, parent, name, role)?;
         let write = self.writable && role == FileRole::DataFile;
-        let io = open_named(&path, write)?;
+        let io = open_named(&path, write, self.cache)?;
         if !self.force_share {
             let access = if write { Access::Write } else { Access::Read };
             lock::lock(io.file(), access)?;
@@ -350,12 +251,22 @@ pub enum Disk {
 impl Disk {
     /// Opens `path` with `opts`, following backing files relative to it.
     pub fn open(path: &Path, opts: &DiskOptions) -> Result<Disk, DiskError> {
+        Disk::open_with_cache(path, opts, CacheMode::Writeback)
+    }
+
+    /// [`Disk::open`] with every file of the chain read in cache mode
+    /// `cache` (`none`: `O_DIRECT`).
+    pub fn open_with_cache(
+        path: &Path,
+        opts: &DiskOptions,
+        cache: CacheMode,
+    ) -> Result<Disk, DiskError> {
         let name = path.to_string_lossy().into_owned();
         let open_err = |source| qcowkit_core::Error::Open {
             name: name.clone(),
             source,
         };
-        let mut io = open_top(path).map_err(open_err)?;
+        let mut io = open_top(path, cache).map_err(open_err)?;
         if !opts.force_share {
             lock::lock(io.file(), Access::Read).map_err(open_err)?;
         }
@@ -371,6 +282,7 @@ impl Disk {
                     writable: false,
                     follow: opts.follow,
                     force_share: opts.force_share,
+                    cache,
                 };
                 let img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
                 Ok(Disk::Qcow2(Box::new(img)))
@@ -443,6 +355,16 @@ pub fn create_qcow2(
     path: &Path,
     opts: &qcowkit_core::CreateOptions,
 ) -> Result<WritableImage<FileIo>, DiskError> {
+    create_qcow2_with(path, opts, CacheMode::Writeback)
+}
+
+/// [`create_qcow2`] with the image file (not its data file) written in
+/// cache mode `cache`.
+pub fn create_qcow2_with(
+    path: &Path,
+    opts: &qcowkit_core::CreateOptions,
+    cache: CacheMode,
+) -> Result<WritableImage<FileIo>, DiskError> {
     use qcowkit_core::Error;
     let name = path.to_string_lossy().into_owned();
     let open_err = |source| Error::Open {
@@ -467,14 +389,13 @@ pub fn create_qcow2(
                 .map_err(Error::Io)?;
         }
     }
-    let file = FsOpenOptions::new()
-        .read(true)
-        .write(true)
+    let file = cache
+        .open_options()
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(open_err)?;
-    let mut io = FileIo::new(file);
+    let mut io = FileIo::with_cache(file, cache);
     lock::lock(io.file(), Access::Write).map_err(open_err)?;
     qcowkit_core::create::format(&mut io, opts)?;
     let identity = identity_of(path).map_err(open_err)?;
@@ -482,6 +403,7 @@ pub fn create_qcow2(
         writable: true,
         follow: Follow::Any,
         force_share: false,
+        cache: CacheMode::Writeback,
     };
     let mut img =
         WritableImage::open_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
@@ -501,18 +423,29 @@ pub fn open_qcow2_rw_following(
     opts: &OpenOptions,
     follow: Follow,
 ) -> Result<WritableImage<FileIo>, DiskError> {
+    open_qcow2_rw_with(path, opts, follow, CacheMode::Writeback)
+}
+
+/// [`open_qcow2_rw_following`] with the image file in cache mode `cache`.
+pub fn open_qcow2_rw_with(
+    path: &Path,
+    opts: &OpenOptions,
+    follow: Follow,
+    cache: CacheMode,
+) -> Result<WritableImage<FileIo>, DiskError> {
     let name = path.to_string_lossy().into_owned();
     let open_err = |source| qcowkit_core::Error::Open {
         name: name.clone(),
         source,
     };
-    let io = FileIo::open_rw(path).map_err(open_err)?;
+    let io = FileIo::open_rw_with(path, cache).map_err(open_err)?;
     lock::lock(io.file(), Access::Write).map_err(open_err)?;
     let identity = identity_of(path).map_err(open_err)?;
     let mut opener = FsOpener {
         writable: true,
         follow,
         force_share: false,
+        cache,
     };
     WritableImage::open_with(io, &name, &identity, &mut opener, opts)
 }
@@ -526,28 +459,4 @@ pub fn probe(io: &mut FileIo) -> io::Result<Format> {
     } else {
         Format::Raw
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_reads_zeros_past_end_and_reports_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        std::fs::write(&p, [1u8, 2, 3]).unwrap();
-        let mut f = FileIo::open(&p).unwrap();
-        let mut buf = [9u8; 6];
-        f.read_at(1, &mut buf).unwrap();
-        assert_eq!(buf, [2, 3, 0, 0, 0, 0]);
-        let sparse = dir.path().join("s");
-        let file = File::create(&sparse).unwrap();
-        file.set_len(1 << 20).unwrap();
-        file.write_all_at(&[1; 4096], 1 << 19).unwrap();
-        let mut s = FileIo::new(file);
-        let (data, run) = s.allocation(0, 1 << 20).unwrap().unwrap();
-        assert!(!data);
-        assert!(run > 0 && run <= 1 << 19);
-    }
 }

@@ -2642,3 +2642,128 @@ fn numbers_are_read_as_qemu_img_reads_them() {
     }
     f.finish();
 }
+
+/// Runs our `qcow2` with `args` under strace (the test script installs it)
+/// and returns the trace of its opens and syncs.
+fn traced(d: &Path, args: &[&str]) -> String {
+    let bin = bin("qcow2");
+    let mut all = vec![
+        "-f",
+        "-e",
+        "trace=openat,fsync,fdatasync",
+        "-o",
+        "trace.txt",
+    ];
+    all.push(bin.to_str().unwrap());
+    all.extend_from_slice(args);
+    let out = run_in(d, "strace", &all);
+    assert_eq!(code(&out), 0, "strace {args:?}: {}", output_text(&out));
+    std::fs::read_to_string(d.join("trace.txt")).unwrap()
+}
+
+/// `convert -t` takes qemu-img's cache modes: the default (`unsafe`, like
+/// qemu-img) never syncs, `writeback` syncs, `none`/`off` and
+/// `directsync` open the target with O_DIRECT; every mode writes the same
+/// image, and `bench -t` and dd follow suit.
+#[test]
+fn cache_modes_are_qemu_img_s() {
+    let s = Scratch::new();
+    let d = s.dir();
+    qemu_image(
+        d,
+        "src.qcow2",
+        "",
+        "64M",
+        &[
+            "write -P 0x33 0 10M",
+            "write -P 0x44 33M 3M",
+            "write -P 0x55 63M 1000k",
+        ],
+    );
+    let mut f = Failures::default();
+    for mode in [
+        None,
+        Some("unsafe"),
+        Some("writeback"),
+        Some("none"),
+        Some("off"),
+        Some("directsync"),
+        Some("writethrough"),
+    ] {
+        for fmt in ["raw", "qcow2"] {
+            let out = format!("out-{}.{fmt}", mode.unwrap_or("default"));
+            let mut args = vec!["convert", "-O", fmt];
+            if let Some(m) = mode {
+                args.extend(["-t", m]);
+            }
+            args.extend(["src.qcow2", &out]);
+            let trace = traced(d, &args);
+            let ctx = format!("convert -O {fmt} -t {mode:?}");
+            let syncs = trace.matches("fdatasync(").count() + trace.matches("fsync(").count();
+            let direct = trace
+                .lines()
+                .any(|l| l.contains(&out) && l.contains("O_DIRECT"));
+            let m = mode.unwrap_or("unsafe");
+            let want_syncs = m != "unsafe";
+            let want_direct = matches!(m, "none" | "off" | "directsync");
+            if (syncs > 0) != want_syncs || direct != want_direct {
+                f.add(&ctx, format!("{syncs} syncs, O_DIRECT {direct}"));
+            }
+            f.check(&ctx, qemu_img_compare(d, "src.qcow2", "qcow2", &out, fmt));
+            if fmt == "qcow2" {
+                f.check(&ctx, qemu_img_check(d, &out));
+            }
+        }
+    }
+    // An unknown mode is refused.
+    let bad = ours(
+        d,
+        &["convert", "-O", "raw", "-t", "fast", "src.qcow2", "x.raw"],
+    );
+    assert_ne!(code(&bad), 0);
+    // bench -t none writes through O_DIRECT; the default syncs.
+    qemu_create(d, "b.qcow2", "", "4M");
+    for (mode, want_direct) in [("none", true), ("writeback", false)] {
+        let trace = traced(
+            d,
+            &[
+                "bench",
+                "-w",
+                "-c",
+                "8",
+                "-t",
+                mode,
+                "--pattern=7",
+                "b.qcow2",
+            ],
+        );
+        let direct = trace
+            .lines()
+            .any(|l| l.contains("b.qcow2") && l.contains("O_DIRECT"));
+        if direct != want_direct || !trace.contains("fdatasync(") {
+            f.add(
+                &format!("bench -t {mode}"),
+                format!("O_DIRECT {direct}:\n{trace}"),
+            );
+        }
+        f.check(&format!("bench -t {mode}"), qemu_img_check(d, "b.qcow2"));
+        f.check(
+            &format!("bench -t {mode}"),
+            qio(d, "b.qcow2", &["read -P 7 0 32k"]),
+        );
+    }
+    // dd syncs its target once, when complete.
+    for fmt in ["raw", "qcow2"] {
+        let of = format!("of=dd.{fmt}");
+        let trace = traced(d, &["dd", "-O", fmt, "if=src.qcow2", &of, "bs=1M"]);
+        let syncs = trace.matches("fdatasync(").count();
+        if syncs != 1 {
+            f.add(&format!("dd -O {fmt}"), format!("{syncs} syncs"));
+        }
+        f.check(
+            &format!("dd -O {fmt}"),
+            qemu_img_compare(d, "src.qcow2", "qcow2", &format!("dd.{fmt}"), fmt),
+        );
+    }
+    f.finish();
+}

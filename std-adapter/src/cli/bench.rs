@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::Parser;
 
 use super::{parse_format, parse_size, report};
-use crate::{Disk, DiskOptions, Format};
+use crate::{CacheMode, Disk, DiskOptions, Format};
 use qcowkit_core::OpenOptions;
 
 /// Arguments of `qcow2 bench`.
@@ -16,6 +16,10 @@ pub struct Args {
     /// Image format; probed when omitted.
     #[arg(short = 'f')]
     pub format: Option<String>,
+    /// Cache mode of the image (as qemu-img bench: `writeback` by
+    /// default; `none` bypasses the page cache, `unsafe` never syncs).
+    #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
+    pub cache: CacheMode,
     /// Number of I/O requests.
     #[arg(short = 'c', long = "count", default_value = "75000")]
     pub count: u64,
@@ -131,10 +135,11 @@ fn bench(a: &Args) -> Result<(), String> {
             return Err("write benchmarks need a qcow2 image".into());
         }
         Target::Rw(Box::new(
-            crate::open_qcow2_rw_following(
+            crate::open_qcow2_rw_with(
                 Path::new(&a.filename),
                 &OpenOptions::default(),
                 a.files.policy(),
+                a.cache,
             )
             .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
         ))
@@ -146,7 +151,7 @@ fn bench(a: &Args) -> Result<(), String> {
             force_share: a.force_share,
         };
         Target::Ro(
-            Disk::open(Path::new(&a.filename), &opts)
+            Disk::open_with_cache(Path::new(&a.filename), &opts, a.cache)
                 .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
         )
     };

@@ -1,10 +1,8 @@
 //! `qcow2 dd`: qemu-img dd's `key=value` syntax, copying guest data to a raw file.
 
-use std::fs::OpenOptions as FsOpenOptions;
-
 use super::convert::{CopyError, Writing};
 use super::{parse_size, report};
-use crate::{Format, NativeCodec};
+use crate::{CacheMode, Format, NativeCodec};
 use qcowkit_core::copy::{copy, CopyOptions, ImageSink};
 use qcowkit_core::OpenOptions;
 
@@ -123,35 +121,25 @@ pub fn run(args: &[String]) -> u8 {
     let len = end.saturating_sub(start);
     let out_len = len.div_ceil(512) * 512;
     enum Out {
-        Raw(std::fs::File),
+        Raw(crate::FileIo),
         Qcow2(Box<qcowkit_core::WritableImage<crate::FileIo>>),
     }
+    // Written without intermediate syncs (the target is of no use until
+    // complete), then synced once when done, as qemu-img dd's close does.
     let mut out = match a.output_format {
-        Format::Raw => {
-            let f = match FsOpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&a.output)
-            {
-                Ok(f) => f,
-                Err(e) => {
-                    report(format!("Could not open '{}'", a.output), e);
-                    return 1;
-                }
-            };
-            if let Err(e) = f.set_len(out_len) {
-                report(format!("Could not write '{}'", a.output), e);
+        Format::Raw => match super::convert::create_raw(&a.output, out_len, CacheMode::Unsafe) {
+            Ok(f) => Out::Raw(f),
+            Err(e) => {
+                report(format!("Could not open '{}'", a.output), e);
                 return 1;
             }
-            Out::Raw(f)
-        }
+        },
         Format::Qcow2 => {
             let c = qcowkit_core::CreateOptions {
                 size: out_len,
                 ..qcowkit_core::CreateOptions::default()
             };
-            match crate::create_qcow2(std::path::Path::new(&a.output), &c) {
+            match crate::create_qcow2_with(std::path::Path::new(&a.output), &c, CacheMode::Unsafe) {
                 Ok(img) => Out::Qcow2(Box::new(img)),
                 Err(e) => {
                     report(format!("Could not create '{}'", a.output), e);
@@ -164,7 +152,13 @@ pub fn run(args: &[String]) -> u8 {
     let copied = match &mut out {
         Out::Raw(f) => {
             let pb = indicatif::ProgressBar::hidden();
-            super::convert::copy_range_to_raw(&mut disk, start, end.max(start), f, &pb)
+            super::convert::copy_range_to_raw(&mut disk, start, end.max(start), f, &pb).and_then(
+                |()| {
+                    f.file()
+                        .sync_data()
+                        .map_err(|e| CopyError::Write(e.to_string()))
+                },
+            )
         }
         Out::Qcow2(img) => {
             let cs = img.cluster_size();
@@ -183,7 +177,10 @@ pub fn run(args: &[String]) -> u8 {
             );
             // Flushed either way: on an error, what was written stays
             // durable and referenced (closing cleanly, as QEMU does).
-            let flushed = img.flush().map_err(|e| CopyError::Write(e.to_string()));
+            let flushed = img
+                .flush()
+                .and_then(|()| super::convert::sync_target(img).map_err(qcowkit_core::Error::Io))
+                .map_err(|e| CopyError::Write(e.to_string()));
             copied.and(flushed)
         }
     };

@@ -63,6 +63,22 @@ pub trait BlockWrite: BlockRead {
         }
         Ok(())
     }
+
+    /// Makes `[offset, offset + len)` read as zeros, extending the storage
+    /// when needed. The default writes zeros, 64 KiB at a time; storage that
+    /// can zero cheaply (a file system's `fallocate`, extending a sparse
+    /// file) overrides it.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        const CHUNK: u64 = 64 * 1024;
+        let zeros = alloc::vec![0u8; len.min(CHUNK) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_at(offset.saturating_add(done), &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 impl<T: BlockRead + ?Sized> BlockRead for &mut T {
@@ -93,6 +109,9 @@ impl<T: BlockWrite + ?Sized> BlockWrite for &mut T {
     }
     fn preallocate(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
         (**self).preallocate(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        (**self).write_zeroes(offset, len)
     }
 }
 

@@ -254,6 +254,19 @@ impl<R: BlockWrite> WritableImage<R> {
         self.put(host, data, 0)
     }
 
+    /// Makes host `[host, host + len)` of guest data read as zeros, as
+    /// cheaply as the storage can (see [`BlockWrite::write_zeroes`]).
+    fn zero_data(&mut self, host: u64, len: u64) -> Res<(), R> {
+        self.data_dirty = true;
+        self.img.invalidate_decompressed();
+        if self.img.fmt.data_file {
+            let df = self.img.data_file.as_mut().ok_or(Error::MissingDataFile)?;
+            return df.write_zeroes(host, len).map_err(Error::Io);
+        }
+        self.guard(host, len, 0)?;
+        self.img.io.write_zeroes(host, len).map_err(Error::Io)
+    }
+
     /// The guest view of `[pos, pos + len)` with `data` laid over `[at, at + data.len())`.
     fn merged(&mut self, pos: u64, len: u64, at: u64, data: &[u8]) -> Res<Vec<u8>, R> {
         let mut buf = alloc::vec![0u8; to_usize(len).unwrap_or(0)];
@@ -301,13 +314,28 @@ impl<R: BlockWrite> WritableImage<R> {
                 }
                 _ => {
                     // Whole new cluster (or rewrite of a zero-flagged one):
-                    // the guest view with the new data laid over it.
-                    let buf = self.merged(cstart, cend - cstart, pos, data)?;
+                    // the guest view with the new data laid over it. When
+                    // that view is zeros, the storage zeroes the cluster
+                    // (one cheap call) and only the data is written.
+                    let zeros = match sub {
+                        Subcluster::Zero | Subcluster::ZeroAlloc { .. } => true,
+                        Subcluster::Unallocated => {
+                            self.backing().is_none() && self.img.header.backing_file.is_none()
+                        }
+                        _ => false,
+                    };
+                    let whole = n == cend - cstart;
                     let host = match sub {
                         Subcluster::ZeroAlloc { host } if owned => host,
                         _ => self.alloc_data_cluster(cstart)?,
                     };
-                    self.write_data(host, &buf)?;
+                    if zeros && !whole {
+                        self.zero_data(host, cend - cstart)?;
+                        self.write_data(host + (pos - cstart), data)?;
+                    } else {
+                        let buf = self.merged(cstart, cend - cstart, pos, data)?;
+                        self.write_data(host, &buf)?;
+                    }
                     if host_of(sub) != Some(host) {
                         self.release(entry, bitmap, pos)?;
                     }

@@ -293,6 +293,48 @@ impl BlockWrite for FileIo {
         self.file.set_len(len)
     }
 
+    /// Beyond the end of the file, extends it (a hole reads as zeros);
+    /// inside it, `fallocate(FALLOC_FL_ZERO_RANGE)`, falling back to
+    /// punching a hole and then to writing zeros.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        let file_len = self.file.metadata()?.len();
+        let inside = end.min(file_len).saturating_sub(offset);
+        if inside > 0 {
+            let keep = FallocateFlags::KEEP_SIZE;
+            let zeroed = fallocate(
+                &self.file,
+                FallocateFlags::ZERO_RANGE | keep,
+                offset,
+                inside,
+            )
+            .or_else(|_| {
+                fallocate(
+                    &self.file,
+                    FallocateFlags::PUNCH_HOLE | keep,
+                    offset,
+                    inside,
+                )
+            });
+            if zeroed.is_err() {
+                let zeros = vec![0u8; inside.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < inside {
+                    let n = (inside - done).min(zeros.len() as u64) as usize;
+                    self.write_at(offset + done, &zeros[..n])?;
+                    done += n as u64;
+                }
+            }
+        }
+        if end > file_len {
+            self.file.set_len(end)?;
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         if self.cache.syncs() {
             self.file.sync_data()
@@ -373,6 +415,22 @@ mod tests {
             assert_eq!(&tail[..3], &model[model.len() - 3..], "{mode:?}");
             assert_eq!(&tail[3..], &[0; 4], "{mode:?}");
             assert_eq!(std::fs::read(&p).unwrap(), model, "{mode:?}: the file");
+        }
+    }
+
+    #[test]
+    fn zeroes_inside_the_file_and_beyond_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [CacheMode::Writeback, CacheMode::None] {
+            let p = dir.path().join(format!("z{mode:?}"));
+            std::fs::write(&p, vec![7u8; 100_000]).unwrap();
+            let mut f = FileIo::open_rw_with(&p, mode).unwrap();
+            f.write_zeroes(5000, 70_000).unwrap();
+            f.write_zeroes(90_000, 30_000).unwrap();
+            let mut want = vec![7u8; 120_000];
+            want[5000..75_000].fill(0);
+            want[90_000..].fill(0);
+            assert_eq!(std::fs::read(&p).unwrap(), want, "{mode:?}");
         }
     }
 }

@@ -232,9 +232,11 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
     }
 
     /// Writes one target cluster (or the disk's last, partial one) at
-    /// target offset `at` unless it is what the target reads already.
-    fn cluster(&mut self, at: u64, data: &[u8]) -> Result<(), Error<W::Error>> {
-        let zero = data.iter().all(|b| *b == 0);
+    /// target offset `at` unless it is what the target reads already;
+    /// returns true when it is to be written plainly, which the caller
+    /// does (merging neighbours into one write).
+    fn cluster(&mut self, at: u64, data: &[u8]) -> Result<bool, Error<W::Error>> {
+        let zero = is_zero(data);
         let same = if self.over_backing {
             self.base.resize(data.len(), 0);
             self.img.read_at(at, &mut self.base)?;
@@ -243,15 +245,34 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
             zero
         };
         if same {
-            Ok(())
+            Ok(false)
         } else if zero {
-            self.img.write_zeroes(at, to_u64(data.len()))
+            self.img.write_zeroes(at, to_u64(data.len()))?;
+            Ok(false)
         } else if self.compress && self.whole_cluster(at, data.len()) {
-            self.img.write_compressed(at, data).map(|_| ())
+            self.img.write_compressed(at, data)?;
+            Ok(false)
         } else {
-            self.img.write_at(at, data)
+            Ok(true)
         }
     }
+}
+
+/// Whether `b` is all zeros, looked at eight bytes at a time.
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut blocks = b.chunks_exact(64);
+    for block in &mut blocks {
+        let mut acc = 0u64;
+        for w in block.chunks_exact(8) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            acc |= u64::from_ne_bytes(a);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|x| *x == 0)
 }
 
 impl<W: BlockWrite> Sink for ImageSink<'_, W> {
@@ -259,15 +280,28 @@ impl<W: BlockWrite> Sink for ImageSink<'_, W> {
 
     fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), Self::Error> {
         let cs = self.img.cluster_size();
-        let mut at = offset - self.shift;
-        let mut rest = &buf[..len];
-        while !rest.is_empty() {
+        let start = offset - self.shift;
+        let data = &buf[..len];
+        // Clusters written plainly are gathered into runs: one write each.
+        let mut run: Option<usize> = None;
+        let mut done = 0usize;
+        while done < len {
+            let at = start + to_u64(done);
             // Up to the next target cluster boundary.
-            let n = to_usize(cs - at % cs).map_or(rest.len(), |n| n.min(rest.len()));
-            let (piece, tail) = rest.split_at(n);
-            self.cluster(at, piece)?;
-            at += to_u64(n);
-            rest = tail;
+            let n = to_usize(cs - at % cs).map_or(len - done, |n| n.min(len - done));
+            let plain = self.cluster(at, &data[done..done + n])?;
+            match (plain, run) {
+                (true, None) => run = Some(done),
+                (false, Some(r)) => {
+                    self.img.write_at(start + to_u64(r), &data[r..done])?;
+                    run = None;
+                }
+                _ => {}
+            }
+            done += n;
+        }
+        if let Some(r) = run {
+            self.img.write_at(start + to_u64(r), &data[r..])?;
         }
         Ok(())
     }

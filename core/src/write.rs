@@ -39,12 +39,76 @@ impl<R: BlockWrite> WritableImage<R> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + to_u64(done);
+            if pos % cs == 0 {
+                let n = self.write_new_run(pos, &buf[done..])?;
+                if n > 0 {
+                    done += n;
+                    self.flush_if_over_budget()?;
+                    continue;
+                }
+            }
             let n = to_usize((cs - pos % cs).min(to_u64(buf.len() - done))).unwrap_or(0);
             self.write_in_cluster(pos, &buf[done..done + n])?;
             done += n;
             self.flush_if_over_budget()?;
         }
         Ok(())
+    }
+
+    /// Writes the leading whole clusters of `data` (from cluster-aligned
+    /// guest `pos`) that need a new host cluster anyway (unallocated, zero,
+    /// compressed or shared ones: nothing of them is kept) into one run of
+    /// contiguous new clusters, with one data write. Returns the bytes
+    /// written; 0 when fewer than two such clusters lead (the general path
+    /// takes them).
+    fn write_new_run(&mut self, pos: u64, data: &[u8]) -> Res<usize, R> {
+        let cs = self.cluster_size();
+        let size = self.img.header.size;
+        let whole = (to_u64(data.len()) / cs).min(size.saturating_sub(pos) / cs);
+        if whole < 2 {
+            return Ok(0);
+        }
+        let mut entries: Vec<(u64, u64, u64)> = Vec::new();
+        for i in 0..whole {
+            let cpos = pos + i * cs;
+            let l2_off = self.writable_l2(cpos)?;
+            let (entry, bitmap) = self.l2_entry(l2_off, cpos)?;
+            let Ok(sub) = self.fmt.subcluster(entry, bitmap, 0) else {
+                break; // the general path reports it
+            };
+            let has_host = matches!(
+                sub,
+                Subcluster::Normal { .. }
+                    | Subcluster::ZeroAlloc { .. }
+                    | Subcluster::UnallocatedAlloc { .. }
+            );
+            if has_host && entry & COPIED != 0 {
+                break; // owned: written in place by the general path
+            }
+            entries.push((l2_off, entry, bitmap));
+        }
+        let k = to_u64(entries.len());
+        if k < 2 {
+            return Ok(0);
+        }
+        let bytes = to_usize(k * cs).unwrap_or(0);
+        let host = if self.img.fmt.data_file {
+            pos
+        } else {
+            self.alloc_clusters(k)?
+        };
+        self.write_data(host, &data[..bytes])?;
+        let bits = if self.img.fmt.extended {
+            l2::ALL_ALLOC
+        } else {
+            0
+        };
+        for (i, (l2_off, entry, bitmap)) in (0u64..).zip(entries) {
+            let cpos = pos + i * cs;
+            self.release(entry, bitmap, cpos)?;
+            self.set_l2_entry(l2_off, cpos, (host + i * cs) | COPIED, bits)?;
+        }
+        Ok(bytes)
     }
 
     /// Makes guest `[offset, offset + len)` read as zeros, using zero flags

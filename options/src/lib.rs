@@ -103,7 +103,11 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "e" | "E" => 1 << 60,
         _ => return None,
     };
-    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let value = whole.checked_mul(mult)?;
     let Some(frac) = frac else {
         return Some(value);

@@ -40,7 +40,7 @@ mod fileio;
 pub mod lock;
 
 pub use codec::NativeCodec;
-pub use fileio::{CacheMode, FileIo};
+pub use fileio::{create_empty, CacheMode, FileIo};
 
 /// Which files named by an image (backing files, external data files) an
 /// opener opens.
@@ -374,27 +374,16 @@ pub fn create_qcow2_with(
     opts.validate().map_err(Error::Format)?;
     if let Some(df) = &opts.data_file {
         let df_path = PathBuf::from(resolve_name(&name, df));
-        let f = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&df_path)
-            .map_err(|source| Error::Open {
-                name: df.clone(),
-                source,
-            })?;
+        let f = create_empty(&df_path, CacheMode::Writeback).map_err(|source| Error::Open {
+            name: df.clone(),
+            source,
+        })?;
         if opts.data_file_raw {
             f.set_len(opts.rounded_size().unwrap_or(0))
                 .map_err(Error::Io)?;
         }
     }
-    let file = cache
-        .open_options()
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(open_err)?;
+    let file = create_empty(path, cache).map_err(open_err)?;
     let mut io = FileIo::with_cache(file, cache);
     lock::lock(io.file(), Access::Write).map_err(open_err)?;
     qcowkit_core::create::format(&mut io, opts)?;

@@ -155,20 +155,7 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
     let mut sink = ImageSink::new(&mut img);
     sink.compress = a.compress;
     sink.over_backing = a.backing.is_some();
-    let opts = CopyOptions {
-        chunk: CHUNK as usize,
-        align: cs,
-    };
-    let mut target = Writing { sink, pb: &pb };
-    let copied = copy(
-        disk,
-        0,
-        size,
-        opts,
-        &mut NativeCodec::all_cores(),
-        &mut target,
-    )
-    .map_err(|e| match e {
+    let copied = copy_threaded(disk, 0, size, cs, &mut sink, &pb).map_err(|e| match e {
         CopyError::Read(e) => ("error while reading".to_string(), e.to_string()),
         CopyError::Write(e) => ("error while writing".to_string(), e),
     });
@@ -182,33 +169,129 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
     Ok(())
 }
 
-/// A sink writing a sparse raw file through a writer thread: full buffers
-/// go to the thread, empty ones come back.
-struct RawTarget<'a> {
-    full: std::sync::mpsc::SyncSender<(Vec<u8>, u64, usize)>,
+/// What the reading thread hands the writing one.
+enum Piece {
+    /// `len` bytes of data at a guest offset, in a buffer to send back.
+    Data(Vec<u8>, u64, usize),
+    /// A run of zeros: guest offset and length.
+    Zeros(u64, u64),
+}
+
+/// The reading side of [`copy_threaded`]: passes each piece to the writer
+/// thread; full buffers go there, empty ones come back.
+struct Forward<'a> {
+    full: std::sync::mpsc::SyncSender<Piece>,
     empty: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// Guest offset written at target offset 0.
-    shift: u64,
     pb: &'a indicatif::ProgressBar,
 }
 
-impl Sink for RawTarget<'_> {
+impl Sink for Forward<'_> {
     type Error = CopyError;
 
     fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CopyError> {
         // The writer's error is reported when it is joined.
         let gone = || CopyError::Write("the writer stopped".into());
         let mut spare = self.empty.recv().map_err(|_| gone())?;
+        if spare.len() < buf.len() {
+            spare.resize(buf.len(), 0);
+        }
         std::mem::swap(buf, &mut spare);
         self.full
-            .send((spare, offset - self.shift, len))
+            .send(Piece::Data(spare, offset, len))
             .map_err(|_| gone())?;
         self.pb.set_position(offset + len as u64);
         Ok(())
     }
 
     fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let gone = || CopyError::Write("the writer stopped".into());
+        self.full
+            .send(Piece::Zeros(offset, len))
+            .map_err(|_| gone())?;
         self.pb.set_position(offset + len);
+        Ok(())
+    }
+}
+
+/// Copies guest `[start, end)` of `disk` into `target`, reading on this
+/// thread while a second one writes (at most [`IN_FLIGHT`] chunks apart),
+/// with chunks aligned to `align`.
+pub fn copy_threaded<S>(
+    disk: &mut Disk,
+    start: u64,
+    end: u64,
+    align: u64,
+    target: &mut S,
+    pb: &indicatif::ProgressBar,
+) -> Result<(), CopyError>
+where
+    S: Sink + Send,
+    S::Error: std::fmt::Display,
+{
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT {
+        let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<(), String> {
+            for piece in full_rx {
+                match piece {
+                    Piece::Data(mut buf, pos, len) => {
+                        target.data(pos, &mut buf, len).map_err(|e| e.to_string())?;
+                        let _ = empty_tx.send(buf);
+                    }
+                    Piece::Zeros(pos, len) => {
+                        target.zeroes(pos, len).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        let mut forward = Forward {
+            full: full_tx,
+            empty: empty_rx,
+            pb,
+        };
+        let opts = CopyOptions {
+            chunk: CHUNK as usize,
+            align,
+        };
+        let copied = copy(
+            disk,
+            start,
+            end,
+            opts,
+            &mut NativeCodec::all_cores(),
+            &mut forward,
+        );
+        drop(forward);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err("writer thread panicked".into()));
+        match (copied, written) {
+            (_, Err(e)) => Err(CopyError::Write(e)),
+            (r, Ok(())) => r,
+        }
+    })
+}
+
+/// A sink writing a sparse raw file: data at its offset minus `shift`,
+/// zero runs left as holes.
+struct RawSink<'a> {
+    out: &'a mut FileIo,
+    /// Guest offset written at target offset 0.
+    shift: u64,
+}
+
+impl Sink for RawSink<'_> {
+    type Error = std::io::Error;
+
+    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+        write_sparse(self.out, &buf[..len], offset - self.shift)
+    }
+
+    fn zeroes(&mut self, _offset: u64, _len: u64) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -223,56 +306,14 @@ pub fn copy_range_to_raw(
     out: &mut FileIo,
     pb: &indicatif::ProgressBar,
 ) -> Result<(), CopyError> {
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, u64, usize)>(IN_FLIGHT);
-    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..IN_FLIGHT {
-        let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
-    }
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> std::io::Result<()> {
-            for (buf, pos, len) in full_rx {
-                write_sparse(out, &buf[..len], pos)?;
-                let _ = empty_tx.send(buf);
-            }
-            Ok(())
-        });
-        let mut target = RawTarget {
-            full: full_tx,
-            empty: empty_rx,
-            shift: start,
-            pb,
-        };
-        let opts = CopyOptions {
-            chunk: CHUNK as usize,
-            align: 1,
-        };
-        let copied = copy(
-            disk,
-            start,
-            end,
-            opts,
-            &mut NativeCodec::all_cores(),
-            &mut target,
-        );
-        drop(target);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("writer thread panicked")));
-        match (copied, written) {
-            (_, Err(e)) => Err(CopyError::Write(e.to_string())),
-            (r, Ok(())) => r,
-        }
-    })
+    let mut sink = RawSink { out, shift: start };
+    copy_threaded(disk, start, end, 1, &mut sink, pb)
 }
 
 /// Creates (or truncates) the raw file `dest` of `len` bytes, opened in
 /// cache mode `cache`.
 pub fn create_raw(dest: &str, len: u64, cache: CacheMode) -> std::io::Result<FileIo> {
-    let file = cache
-        .open_options()
-        .create(true)
-        .truncate(true)
-        .open(dest)?;
+    let file = crate::create_empty(std::path::Path::new(dest), cache)?;
     file.set_len(len)?;
     Ok(FileIo::with_cache(file, cache))
 }

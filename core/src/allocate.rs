@@ -128,9 +128,19 @@ impl<R: BlockWrite> WritableImage<R> {
             // the refcounts on disk say.
             let cs = 1u64 << self.img.header.cluster_bits;
             let referenced = self.rebuilding.as_ref().is_some_and(|r| r.get(c) > 0);
+            let kinds = self.metadata.kinds(c * cs, cs);
+            if kinds != 0 && c * cs >= self.file_end.saturating_add(cs) {
+                // Metadata said to lie a cluster or more past the end of the
+                // file (a damaged table size or offset; less than a cluster
+                // past it is a file ending inside its last cluster, which
+                // QEMU tolerates): skipping it could grow the file without
+                // bound. Refused as QEMU refuses the overlapping write, and
+                // the image marked corrupt.
+                return Err(self.overlap_error(kinds, c * cs, cs));
+            }
             let free = c != 0
                 && !referenced
-                && self.metadata.kinds(c * cs, cs) == 0
+                && kinds == 0
                 && self.pending_map.kinds(c * cs, cs) == 0
                 && self.refcount(c)? == 0;
             if free {
@@ -178,6 +188,17 @@ impl<R: BlockWrite> WritableImage<R> {
             self.file_end = self.file_end.max(end);
             return Ok(start << self.img.header.cluster_bits);
         }
+    }
+
+    /// Takes back clusters `[host, host + n clusters)` just allocated by
+    /// [`WritableImage::alloc_clusters`] and never referenced (the write
+    /// they were for failed): a failed write allocates nothing.
+    pub(crate) fn unallocate(&mut self, host: u64, n: u64) -> Res<(), R> {
+        let c = host >> self.img.header.cluster_bits;
+        for i in c..c + n {
+            self.change_refcount(i, -1)?;
+        }
+        Ok(())
     }
 
     /// Allocates `len` bytes (at most one cluster) for compressed data,

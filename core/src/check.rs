@@ -153,7 +153,12 @@ impl<R: BlockRead> Image<R> {
         };
         let mut rep = Findings::new(report, sink);
         let (refs, blocks) = self.walk_references(&mut rep, file_len)?;
-        let file_clusters = to_u64(refs.counts.len());
+        // The slot past the file's last cluster counts only when something
+        // references it (QEMU grows its table only then).
+        let mut file_clusters = to_u64(refs.counts.len());
+        if file_clusters > 0 && refs.get(file_clusters - 1) == 0 {
+            file_clusters -= 1;
+        }
 
         // Compare references with refcounts.
         let mut disk_rc = OnDiskRefcounts::new(&self.header, blocks);

@@ -315,12 +315,18 @@ impl<R: BlockWrite> WritableImage<R> {
         if hit == 0 {
             return Ok(());
         }
+        Err(self.overlap_error(hit, offset, len))
+    }
+
+    /// Marks the image corrupt and returns the error of a write refused
+    /// because `[offset, offset + len)` holds metadata of `kinds`.
+    pub(crate) fn overlap_error(&mut self, kinds: u16, offset: u64, len: u64) -> Error<R::Error> {
         self.mark_corrupt();
-        Err(Error::MetadataOverlap {
-            structure: overlap::name(hit),
+        Error::MetadataOverlap {
+            structure: overlap::name(kinds),
             offset,
             len,
-        })
+        }
     }
 
     /// Writes `bytes` at host `offset` of the image file after checking

@@ -5,8 +5,8 @@
 use alloc::vec::Vec;
 
 use crate::bytes::{be64, put64, to_u64, to_usize};
+use crate::compress::Codec;
 use crate::error::Error;
-use crate::header::CompressionType;
 use crate::image::Res;
 use crate::io::BlockWrite;
 use crate::l2::{self, Subcluster, COPIED, ZERO};
@@ -97,7 +97,12 @@ impl<R: BlockWrite> WritableImage<R> {
         } else {
             self.alloc_clusters(k)?
         };
-        self.write_data(host, &data[..bytes])?;
+        if let Err(e) = self.write_data(host, &data[..bytes]) {
+            if !self.img.fmt.data_file {
+                self.unallocate(host, k)?;
+            }
+            return Err(e);
+        }
         let bits = if self.img.fmt.extended {
             l2::ALL_ALLOC
         } else {
@@ -185,23 +190,28 @@ impl<R: BlockWrite> WritableImage<R> {
             self.dirty_l1.insert(idx);
             return Ok(l2_off);
         }
-        let new = self.alloc_clusters(1)?;
+        // Copy-on-write of a table shared with a snapshot: its contents.
         let contents = if l2_off == 0 {
             alloc::vec![0u8; to_usize(cs).unwrap_or(0)]
         } else {
-            // Copy-on-write of a table shared with a snapshot.
-            let t = self
-                .img
+            self.img
                 .l2_cache
                 .get(&mut self.img.io, l2_off, cs)?
-                .to_vec();
+                .to_vec()
+        };
+        let new = self.alloc_clusters(1)?;
+        // A full disk fails here; the old table is still the one in use
+        // (and protected), and the new cluster is taken back.
+        if let Err(e) = self.reserve(new, cs, overlap::ACTIVE_L2) {
+            self.unallocate(new, 1)?;
+            return Err(e);
+        }
+        self.metadata.insert(new, cs, overlap::ACTIVE_L2);
+        if l2_off != 0 {
             self.defer_free(l2_off, cs);
             // Only the snapshot's (inactive) table from now on.
             self.metadata.remove(l2_off, cs, overlap::ACTIVE_L2);
-            t
-        };
-        self.metadata.insert(new, cs, overlap::ACTIVE_L2);
-        self.reserve(new, cs, overlap::ACTIVE_L2)?;
+        }
         self.img.l2_cache.insert_dirty(new, contents);
         self.img.l1[idx] = new | COPIED;
         self.dirty_l1.insert(idx);
@@ -389,16 +399,32 @@ impl<R: BlockWrite> WritableImage<R> {
                         _ => false,
                     };
                     let whole = n == cend - cstart;
-                    let host = match sub {
-                        Subcluster::ZeroAlloc { host } if owned => host,
-                        _ => self.alloc_data_cluster(cstart)?,
-                    };
-                    if zeros && !whole {
-                        self.zero_data(host, cend - cstart)?;
-                        self.write_data(host + (pos - cstart), data)?;
+                    // Read (and decompress) what is kept before allocating:
+                    // a failure then allocates nothing.
+                    let buf = if zeros && !whole {
+                        None
                     } else {
-                        let buf = self.merged(cstart, cend - cstart, pos, data)?;
-                        self.write_data(host, &buf)?;
+                        Some(self.merged(cstart, cend - cstart, pos, data)?)
+                    };
+                    let reused = match sub {
+                        Subcluster::ZeroAlloc { host } if owned => Some(host),
+                        _ => None,
+                    };
+                    let host = match reused {
+                        Some(h) => h,
+                        None => self.alloc_data_cluster(cstart)?,
+                    };
+                    let written = match buf {
+                        None => self
+                            .zero_data(host, cend - cstart)
+                            .and_then(|()| self.write_data(host + (pos - cstart), data)),
+                        Some(buf) => self.write_data(host, &buf),
+                    };
+                    if let Err(e) = written {
+                        if reused.is_none() && !self.img.fmt.data_file {
+                            self.unallocate(host, 1)?;
+                        }
+                        return Err(e);
                     }
                     if host_of(sub) != Some(host) {
                         self.release(entry, bitmap, pos)?;
@@ -523,26 +549,61 @@ impl<R: BlockWrite> WritableImage<R> {
     /// (shorter only for the last cluster of the disk). Returns whether the
     /// cluster was stored compressed.
     pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Res<bool, R> {
+        self.write_compressed_with(&mut crate::compress::Decompressor::default(), offset, data)
+    }
+
+    /// [`WritableImage::write_compressed`] with the encoders of `codec`.
+    pub fn write_compressed_with(
+        &mut self,
+        codec: &mut dyn Codec,
+        offset: u64,
+        data: &[u8],
+    ) -> Res<bool, R> {
+        self.check_compressed(offset, data.len())?;
+        let cs = self.cluster_size();
+        let mut full = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+        full[..data.len()].copy_from_slice(data);
+        let mut packed = Vec::new();
+        if codec.compress(self.img.header.compression_type, &full, &mut packed) {
+            self.place_compressed(offset, &packed)?;
+            Ok(true)
+        } else {
+            self.write_at(offset, data)?;
+            Ok(false)
+        }
+    }
+
+    /// Refuses a compressed write that is not one whole cluster (the last
+    /// one of the disk may be shorter) of an image that can hold it.
+    fn check_compressed(&self, offset: u64, len: usize) -> Res<(), R> {
         self.require_intact()?;
         let cs = self.cluster_size();
-        if offset % cs != 0 || to_u64(data.len()) > cs || data.is_empty() {
+        if offset % cs != 0 || to_u64(len) > cs || len == 0 {
             return Err(Error::Unsupported(
                 "compressed writes cover exactly one cluster",
             ));
         }
-        self.check_range(offset, to_u64(data.len()))?;
+        self.check_range(offset, to_u64(len))?;
         if self.img.fmt.data_file {
             return Err(Error::Unsupported(
                 "compressed clusters with an external data file",
             ));
         }
-        let mut full = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-        full[..data.len()].copy_from_slice(data);
-        let packed = crate::compress::compress(self.img.header.compression_type, &full);
-        let Some(packed) = packed.filter(|p| to_u64(p.len()) < cs) else {
-            self.write_at(offset, data)?;
-            return Ok(false);
-        };
+        Ok(())
+    }
+
+    /// Places the guest cluster at `offset` compressed: `packed` is the
+    /// cluster compressed with the image's compression type (smaller than a
+    /// cluster), e.g. by [`Codec::compress_many`] on several threads; the
+    /// host packs consecutive compressed clusters like QEMU.
+    pub fn place_compressed(&mut self, offset: u64, packed: &[u8]) -> Res<(), R> {
+        self.check_compressed(offset, 1)?;
+        let cs = self.cluster_size();
+        if packed.is_empty() || to_u64(packed.len()) >= cs {
+            return Err(Error::Unsupported(
+                "compressed data must be smaller than a cluster",
+            ));
+        }
         let len = to_u64(packed.len());
         let host = self.alloc_bytes(len)?;
         let desc = self
@@ -554,13 +615,11 @@ impl<R: BlockWrite> WritableImage<R> {
                 offset,
                 host,
             ))?;
-        self.write_data(host, &packed)?;
+        self.write_data(host, packed)?;
         let l2_off = self.writable_l2(offset)?;
         let (entry, bitmap) = self.l2_entry(l2_off, offset)?;
         self.release(entry, bitmap, offset)?;
         self.set_l2_entry(l2_off, offset, desc, 0)?;
-        self.flush_if_over_budget()?;
-        let _ = CompressionType::Zlib;
-        Ok(true)
+        self.flush_if_over_budget()
     }
 }

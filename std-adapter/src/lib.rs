@@ -168,6 +168,10 @@ pub struct FsOpener {
     /// Cache mode of the files opened (as qemu-img's `-t`/`-T` apply to a
     /// whole chain).
     pub cache: CacheMode,
+    /// Identities of the files of this chain opened so far (the top image
+    /// first): a file met again is handed back unlocked, so that the core
+    /// reports the loop instead of a lock conflict with ourselves.
+    pub opened: Vec<String>,
 }
 
 impl Opener<FileIo> for FsOpener {
@@ -175,11 +179,12 @@ impl Opener<FileIo> for FsOpener {
         let path = check_follow(self.follow, parent, name, role)?;
         let write = self.writable && role == FileRole::DataFile;
         let io = open_named(&path, write, self.cache)?;
-        if !self.force_share {
+        let identity = identity_of(&path)?;
+        if !self.force_share && !self.opened.contains(&identity) {
             let access = if write { Access::Write } else { Access::Read };
             lock::lock(io.file(), access)?;
         }
-        let identity = identity_of(&path)?;
+        self.opened.push(identity.clone());
         Ok(Opened {
             io,
             resolved: path.to_string_lossy().into_owned(),
@@ -283,6 +288,7 @@ impl Disk {
                     follow: opts.follow,
                     force_share: opts.force_share,
                     cache,
+                    opened: vec![identity.clone()],
                 };
                 let img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
                 Ok(Disk::Qcow2(Box::new(img)))
@@ -393,6 +399,7 @@ pub fn create_qcow2_with(
         follow: Follow::Any,
         force_share: false,
         cache: CacheMode::Writeback,
+        opened: vec![identity.clone()],
     };
     let mut img =
         WritableImage::open_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
@@ -435,6 +442,7 @@ pub fn open_qcow2_rw_with(
         follow,
         force_share: false,
         cache,
+        opened: vec![identity.clone()],
     };
     WritableImage::open_with(io, &name, &identity, &mut opener, opts)
 }

@@ -1,8 +1,11 @@
-//! Decompression of compressed clusters: raw deflate (zlib type) and zstd.
+//! Compressed clusters: raw deflate (zlib type) and zstd, both ways.
 //!
 //! Both decoders fill exactly one cluster and ignore what follows the
 //! compressed stream (the last sector may hold the next cluster's data), as
-//! QEMU does.
+//! QEMU does. Compressing a cluster is separate from placing it in an image
+//! ([`crate::WritableImage::place_compressed`]), so a host can compress many
+//! clusters at once ([`Codec::compress_many`], on several threads) and place
+//! them in order.
 
 use crate::header::CompressionType;
 
@@ -34,9 +37,34 @@ pub struct Job<'a> {
     pub out: &'a mut [u8],
 }
 
-/// Decoders of compressed clusters, pluggable: the core ships its no_std
-/// [`Decompressor`]; a host may plug in native decoders and run
-/// [`Codec::decompress_many`] on several threads.
+/// One cluster to compress: `input` (a whole cluster, the last one of a disk
+/// zero-padded), and after [`Codec::compress_many`], `out` holding the
+/// compressed bytes when they are smaller than the cluster (`packed`).
+#[derive(Debug)]
+pub struct PackJob<'a> {
+    /// The cluster.
+    pub input: &'a [u8],
+    /// The compressed bytes, when `packed`.
+    pub out: alloc::vec::Vec<u8>,
+    /// Whether compressing made the cluster smaller (else store it plainly).
+    pub packed: bool,
+}
+
+impl<'a> PackJob<'a> {
+    /// A job for `input`.
+    pub fn new(input: &'a [u8]) -> Self {
+        PackJob {
+            input,
+            out: alloc::vec::Vec::new(),
+            packed: false,
+        }
+    }
+}
+
+/// Codecs of compressed clusters, pluggable: the core ships its no_std
+/// [`Decompressor`] and encoders; a host may plug in native ones and run
+/// [`Codec::decompress_many`] and [`Codec::compress_many`] on several
+/// threads.
 pub trait Codec {
     /// Decompresses `input` into all of `out` (one cluster).
     fn decompress(
@@ -50,6 +78,42 @@ pub trait Codec {
     /// job and why. The default decodes them one after the other.
     fn decompress_many(&mut self, jobs: &mut [Job<'_>]) -> Result<(), (usize, DecompressError)> {
         decompress_in_turn(self, jobs)
+    }
+
+    /// Compresses one cluster into `out` (cleared first); returns whether
+    /// the result is smaller than the cluster. Any standard stream QEMU
+    /// reads will do; the default uses the core's encoders.
+    fn compress(
+        &mut self,
+        kind: CompressionType,
+        input: &[u8],
+        out: &mut alloc::vec::Vec<u8>,
+    ) -> bool {
+        out.clear();
+        match compress(kind, input) {
+            Some(c) if c.len() < input.len() => {
+                *out = c;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Compresses every job; the default does them one after the other.
+    fn compress_many(&mut self, kind: CompressionType, jobs: &mut [PackJob<'_>]) {
+        compress_in_turn(self, kind, jobs);
+    }
+}
+
+/// Compresses `jobs` one after the other with `codec` (what
+/// [`Codec::compress_many`] does unless a codec spreads the work).
+pub fn compress_in_turn<C: Codec + ?Sized>(
+    codec: &mut C,
+    kind: CompressionType,
+    jobs: &mut [PackJob<'_>],
+) {
+    for j in jobs.iter_mut() {
+        j.packed = codec.compress(kind, j.input, &mut j.out);
     }
 }
 

@@ -8,7 +8,7 @@
 use alloc::vec::Vec;
 
 use crate::bytes::{to_u64, to_usize};
-use crate::compress::Codec;
+use crate::compress::{Codec, Decompressor, PackJob};
 use crate::error::Error;
 use crate::image::{Chunk, Image};
 use crate::io::{BlockRead, BlockWrite};
@@ -198,7 +198,6 @@ where
 /// over a backing file, clusters equal to what the target already reads
 /// are skipped), the others are written plainly or compressed. Use it with
 /// [`CopyOptions::align`] set to the target's cluster size.
-#[derive(Debug)]
 pub struct ImageSink<'a, W: BlockWrite> {
     img: &'a mut WritableImage<W>,
     /// Guest offset of the source that lands at offset 0 of the target.
@@ -209,6 +208,30 @@ pub struct ImageSink<'a, W: BlockWrite> {
     /// write only the clusters that differ; zero runs are compared too.
     pub over_backing: bool,
     base: Vec<u8>,
+    /// Encoders for compressed clusters (the core's when `None`).
+    codec: Option<&'a mut (dyn Codec + Send)>,
+}
+
+/// What [`ImageSink`] does with one target cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Nothing more (the target reads it already, or it was zeroed).
+    Done,
+    /// Write it plainly (merged with plain neighbours).
+    Plain,
+    /// Compress it (written plainly if that does not make it smaller).
+    Compress,
+}
+
+impl<W: BlockWrite> core::fmt::Debug for ImageSink<'_, W> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ImageSink")
+            .field("shift", &self.shift)
+            .field("compress", &self.compress)
+            .field("over_backing", &self.over_backing)
+            .field("codec", &self.codec.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a, W: BlockWrite> ImageSink<'a, W> {
@@ -220,7 +243,15 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
             compress: false,
             over_backing: false,
             base: Vec::new(),
+            codec: None,
         }
+    }
+
+    /// Compresses with `codec`'s encoders, a chunk's clusters at once
+    /// ([`Codec::compress_many`], which a host may spread over threads).
+    pub fn with_codec(mut self, codec: &'a mut (dyn Codec + Send)) -> Self {
+        self.codec = Some(codec);
+        self
     }
 
     /// Whether `[at, at + len)` is one whole cluster of the target (or the
@@ -231,11 +262,11 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
         at % cs == 0 && (end - at == cs || end == self.img.size())
     }
 
-    /// Writes one target cluster (or the disk's last, partial one) at
-    /// target offset `at` unless it is what the target reads already;
-    /// returns true when it is to be written plainly, which the caller
-    /// does (merging neighbours into one write).
-    fn cluster(&mut self, at: u64, data: &[u8]) -> Result<bool, Error<W::Error>> {
+    /// Decides what to do with one target cluster (or the disk's last,
+    /// partial one) at target offset `at`: nothing when the target reads it
+    /// already, zeroing it (done here), or writing it, plainly or
+    /// compressed (done by the caller, which merges and batches).
+    fn cluster(&mut self, at: u64, data: &[u8]) -> Result<Action, Error<W::Error>> {
         let zero = is_zero(data);
         let same = if self.over_backing {
             self.base.resize(data.len(), 0);
@@ -245,15 +276,14 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
             zero
         };
         if same {
-            Ok(false)
+            Ok(Action::Done)
         } else if zero {
             self.img.write_zeroes(at, to_u64(data.len()))?;
-            Ok(false)
+            Ok(Action::Done)
         } else if self.compress && self.whole_cluster(at, data.len()) {
-            self.img.write_compressed(at, data)?;
-            Ok(false)
+            Ok(Action::Compress)
         } else {
-            Ok(true)
+            Ok(Action::Plain)
         }
     }
 }
@@ -282,23 +312,65 @@ impl<W: BlockWrite> Sink for ImageSink<'_, W> {
         let cs = self.img.cluster_size();
         let start = offset - self.shift;
         let data = &buf[..len];
-        // Clusters written plainly are gathered into runs: one write each.
-        let mut run: Option<usize> = None;
+        // What to do with each cluster: (start in `data`, end, action).
+        let mut plan: Vec<(usize, usize, Action)> = Vec::new();
         let mut done = 0usize;
         while done < len {
             let at = start + to_u64(done);
             // Up to the next target cluster boundary.
             let n = to_usize(cs - at % cs).map_or(len - done, |n| n.min(len - done));
-            let plain = self.cluster(at, &data[done..done + n])?;
-            match (plain, run) {
-                (true, None) => run = Some(done),
-                (false, Some(r)) => {
-                    self.img.write_at(start + to_u64(r), &data[r..done])?;
-                    run = None;
-                }
-                _ => {}
-            }
+            let action = self.cluster(at, &data[done..done + n])?;
+            plan.push((done, done + n, action));
             done += n;
+        }
+        // The clusters to compress, all at once (a short last cluster of
+        // the disk is compressed zero-padded, as the format stores it).
+        let padded: Vec<u8> = match plan.last() {
+            Some(&(s, e, Action::Compress)) if to_u64(e - s) < cs => {
+                let mut p = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
+                p[..e - s].copy_from_slice(&data[s..e]);
+                p
+            }
+            _ => Vec::new(),
+        };
+        let mut jobs: Vec<PackJob<'_>> = plan
+            .iter()
+            .filter(|p| p.2 == Action::Compress)
+            .map(|&(s, e, _)| {
+                if to_u64(e - s) < cs {
+                    PackJob::new(&padded)
+                } else {
+                    PackJob::new(&data[s..e])
+                }
+            })
+            .collect();
+        if !jobs.is_empty() {
+            let kind = self.img.header().compression_type;
+            match self.codec.as_deref_mut() {
+                Some(codec) => codec.compress_many(kind, &mut jobs),
+                None => Decompressor::default().compress_many(kind, &mut jobs),
+            }
+        }
+        // In order: compressed clusters placed, plain ones gathered into
+        // runs (one write each).
+        let mut jobs = jobs.into_iter();
+        let mut run: Option<usize> = None;
+        for &(s, _, action) in &plan {
+            let packed = match action {
+                Action::Compress => jobs.next().filter(|j| j.packed),
+                _ => None,
+            };
+            let plain = action == Action::Plain || (action == Action::Compress && packed.is_none());
+            if !plain {
+                if let Some(r) = run.take() {
+                    self.img.write_at(start + to_u64(r), &data[r..s])?;
+                }
+            }
+            if let Some(job) = packed {
+                self.img.place_compressed(start + to_u64(s), &job.out)?;
+            } else if plain && run.is_none() {
+                run = Some(s);
+            }
         }
         if let Some(r) = run {
             self.img.write_at(start + to_u64(r), &data[r..])?;

@@ -152,7 +152,10 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
         .map_err(|e| (a.dest.clone(), e.to_string()))?;
     let cs = img.cluster_size();
     let pb = progress::bar(a.progress, size);
-    let mut sink = ImageSink::new(&mut img);
+    // Clusters are compressed a chunk at a time on every core (libdeflate,
+    // libzstd), then placed in order.
+    let mut codec = NativeCodec::all_cores();
+    let mut sink = ImageSink::new(&mut img).with_codec(&mut codec);
     sink.compress = a.compress;
     sink.over_backing = a.backing.is_some();
     let copied = copy_threaded(disk, 0, size, cs, &mut sink, &pb).map_err(|e| match e {

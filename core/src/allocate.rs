@@ -138,11 +138,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 // the image marked corrupt.
                 return Err(self.overlap_error(kinds, c * cs, cs));
             }
-            let free = c != 0
-                && !referenced
-                && kinds == 0
-                && self.pending_map.kinds(c * cs, cs) == 0
-                && self.refcount(c)? == 0;
+            let free = !referenced && kinds == 0 && self.unused(c)?;
             if free {
                 if run == 0 {
                     start = c;
@@ -158,6 +154,18 @@ impl<R: BlockWrite> WritableImage<R> {
             self.free_hint = f;
         }
         Ok(start)
+    }
+
+    /// Whether cluster `c` can be handed out: not cluster 0, no metadata,
+    /// not waiting to be freed, refcount 0, and (while rebuilding) not
+    /// referenced.
+    fn unused(&mut self, c: u64) -> Res<bool, R> {
+        let cs = 1u64 << self.img.header.cluster_bits;
+        Ok(c != 0
+            && !self.rebuilding.as_ref().is_some_and(|r| r.get(c) > 0)
+            && self.metadata.kinds(c * cs, cs) == 0
+            && self.pending_map.kinds(c * cs, cs) == 0
+            && self.refcount(c)? == 0)
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each) and returns the
@@ -190,6 +198,24 @@ impl<R: BlockWrite> WritableImage<R> {
         }
     }
 
+    /// Allocates cluster `c` (refcount 1) if it can be handed out; false if
+    /// not (creating its refcount block may take it, too).
+    fn take_next_cluster(&mut self, c: u64) -> Res<bool, R> {
+        let limit = crate::header::MAX_HOST_OFFSET >> self.img.header.cluster_bits;
+        if c >= limit || !self.unused(c)? {
+            return Ok(false);
+        }
+        let per_block = self.per_block();
+        self.ensure_refcount_block(c / per_block * per_block)?;
+        if !self.unused(c)? {
+            return Ok(false);
+        }
+        self.change_refcount(c, 1)?;
+        let end = (c + 1) << self.img.header.cluster_bits;
+        self.file_end = self.file_end.max(end);
+        Ok(true)
+    }
+
     /// Takes back clusters `[host, host + n clusters)` just allocated by
     /// [`WritableImage::alloc_clusters`] and never referenced (the write
     /// they were for failed): a failed write allocates nothing.
@@ -207,11 +233,18 @@ impl<R: BlockWrite> WritableImage<R> {
     pub(crate) fn alloc_bytes(&mut self, len: u64) -> Res<u64, R> {
         let cs = self.cluster_size();
         if let Some(next) = self.compressed_next {
-            let used = next % cs;
-            let rc = self.refcount(next / cs)?;
+            let (c, used) = (next / cs, next % cs);
+            let rc = self.refcount(c)?;
             let room = rc > 0 && rc < refcount::max_refcount(self.img.header.refcount_order);
-            if used != 0 && used + len <= cs && room {
-                self.change_refcount(next / cs, 1)?;
+            if used != 0 && room && used + len <= cs {
+                self.change_refcount(c, 1)?;
+                self.compressed_next = Some(next + len);
+                return Ok(next);
+            }
+            if used != 0 && room && self.take_next_cluster(c + 1)? {
+                // Spanning into the cluster right after, as QEMU packs
+                // compressed data: both count this compressed cluster.
+                self.change_refcount(c, 1)?;
                 self.compressed_next = Some(next + len);
                 return Ok(next);
             }
@@ -370,12 +403,31 @@ impl<R: BlockWrite> WritableImage<R> {
         }
         self.write_refcount_blocks()?;
         self.img.io.flush().map_err(Error::Io)?;
-        if !self.refcounts.dirty_entries.is_empty() {
-            let dirty: Vec<usize> = core::mem::take(&mut self.refcounts.dirty_entries)
-                .into_iter()
-                .collect();
-            let base = self.img.header.refcount_table_offset;
-            for i in dirty {
+        // New table entries, in dependency order: a block placed in the
+        // range of another new block is counted there, so its entry becomes
+        // durable only after that block's entry (a crash may keep any
+        // subset of unflushed writes).
+        let mut dirty: Vec<usize> = core::mem::take(&mut self.refcounts.dirty_entries)
+            .into_iter()
+            .collect();
+        let per_block = self.per_block();
+        let cs = self.cluster_size();
+        let base = self.img.header.refcount_table_offset;
+        while !dirty.is_empty() {
+            let counted_in = |e: u64| to_usize(refcount::table_entry_offset(e) / cs / per_block);
+            let (ready, waiting): (Vec<usize>, Vec<usize>) = dirty.iter().partition(|&&i| {
+                let j = counted_in(self.refcounts.entry(to_u64(i)));
+                j == Some(i) || j.is_none_or(|j| !dirty.contains(&j))
+            });
+            // A cycle cannot happen (each new block is counted in a block
+            // that existed or was created first); written all at once if
+            // it did.
+            let ready = if ready.is_empty() {
+                waiting.clone()
+            } else {
+                ready
+            };
+            for &i in &ready {
                 let e = self.refcounts.entry(to_u64(i));
                 self.put(
                     base + to_u64(i) * 8,
@@ -384,6 +436,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 )?;
             }
             self.img.io.flush().map_err(Error::Io)?;
+            dirty.retain(|i| !ready.contains(i));
         }
         Ok(())
     }

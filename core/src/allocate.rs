@@ -162,7 +162,7 @@ impl<R: BlockWrite> WritableImage<R> {
     fn unused(&mut self, c: u64) -> Res<bool, R> {
         let cs = 1u64 << self.img.header.cluster_bits;
         Ok(c != 0
-            && !self.rebuilding.as_ref().is_some_and(|r| r.get(c) > 0)
+            && self.rebuilding.as_ref().is_none_or(|r| r.get(c) == 0)
             && self.metadata.kinds(c * cs, cs) == 0
             && self.pending_map.kinds(c * cs, cs) == 0
             && self.refcount(c)? == 0)

@@ -290,7 +290,9 @@ impl Disk {
                     cache,
                     opened: vec![identity.clone()],
                 };
-                let img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
+                let mut img = Image::open_with(io, &name, &identity, &mut opener, &opts.qcow2)?;
+                // Library reads decode with the native codecs, on every core.
+                img.set_codec(Box::new(NativeCodec::all_cores()));
                 Ok(Disk::Qcow2(Box::new(img)))
             }
         }
@@ -444,7 +446,9 @@ pub fn open_qcow2_rw_with(
         cache,
         opened: vec![identity.clone()],
     };
-    WritableImage::open_with(io, &name, &identity, &mut opener, opts)
+    let mut img = WritableImage::open_with(io, &name, &identity, &mut opener, opts)?;
+    img.set_codec(Box::new(NativeCodec::all_cores()));
+    Ok(img)
 }
 
 /// Detects the format from the first bytes.

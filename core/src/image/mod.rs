@@ -103,6 +103,15 @@ pub enum Mapping {
     },
 }
 
+/// A host's codec, held by an [`Image`].
+pub(crate) struct HostCodec(pub(crate) alloc::boxed::Box<dyn compress::Codec + Send>);
+
+impl core::fmt::Debug for HostCodec {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("HostCodec")
+    }
+}
+
 /// A qcow2 image opened for reading.
 #[derive(Debug)]
 pub struct Image<R: BlockRead> {
@@ -122,6 +131,8 @@ pub struct Image<R: BlockRead> {
     pub(crate) name: String,
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
     pub(crate) decompressor: compress::Decompressor,
+    /// A host's codec for reads (see [`Image::set_codec`]).
+    pub(crate) codec: Option<HostCodec>,
     /// Refcount blocks a writer may cache (from the open options).
     pub(crate) refcount_cache_blocks: usize,
     metadata_prealloc: Option<bool>,
@@ -234,6 +245,14 @@ impl<R: BlockRead> Image<R> {
     /// allocates).
     pub fn storage_len(&mut self) -> Res<u64, R> {
         self.io.len().map_err(Error::Io)
+    }
+
+    /// Decodes compressed clusters read with [`Image::read_at`] through
+    /// `codec` (and its [`compress::Codec::decompress_many`], which a host
+    /// may spread over threads) instead of the core's no_std decoders. The
+    /// std host plugs in its native codec this way.
+    pub fn set_codec(&mut self, codec: alloc::boxed::Box<dyn compress::Codec + Send>) {
+        self.codec = Some(HostCodec(codec));
     }
 
     /// The image file's storage.

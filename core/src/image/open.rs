@@ -161,6 +161,7 @@ impl<R: BlockRead> Image<R> {
             name,
             decompressed: None,
             decompressor: compress::Decompressor::default(),
+            codec: None,
             refcount_cache_blocks: rc_capacity,
             metadata_prealloc: None,
             extent_scratch: Vec::new(),

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 
 use super::{Backing, Image, Mapping, Res, Run};
 use crate::bytes::{to_u64, to_usize};
-use crate::compress::{Codec, Decompressor, Job};
+use crate::compress::{Codec, Job};
 use crate::error::Error;
 use crate::heap;
 use crate::io::BlockRead;
@@ -118,13 +118,23 @@ fn in_backing<E>(name: &str, e: Error<E>) -> Error<E> {
 impl<R: BlockRead> Image<R> {
     /// Reads `buf.len()` guest bytes at `offset`, following the backing chain.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Res<(), R> {
+        if let Some(mut codec) = self.codec.take() {
+            let r = self.read_all(offset, buf, &mut *codec.0);
+            self.codec = Some(codec);
+            return r;
+        }
         let mut codec = core::mem::take(&mut self.decompressor);
         let r = self.read_all(offset, buf, &mut codec);
         self.decompressor = codec;
         r
     }
 
-    fn read_all(&mut self, offset: u64, buf: &mut [u8], codec: &mut Decompressor) -> Res<(), R> {
+    fn read_all<C: Codec + ?Sized>(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        codec: &mut C,
+    ) -> Res<(), R> {
         self.check_range(offset, to_u64(buf.len()))?;
         // The common case first: one run of data or zeros in this image.
         let (mapping, run) = self.map_shallow(offset, to_u64(buf.len()))?;

@@ -1,36 +1,49 @@
 //! Crash-replay tests of the write path.
 //!
 //! A workload runs on an in-memory storage that records every write, length
-//! change and flush. Crashes are then replayed: for (a deterministic sample
-//! of) every prefix of the log the disk is rebuilt as the initial bytes plus
-//! the operations of the prefix, and also with subsets of the writes issued
-//! since the prefix's last flush dropped (unflushed writes may be lost or
-//! reordered). Every crashed disk must
+//! change and flush. Crashes are then replayed after every prefix of the
+//! log: the disk is rebuilt as the initial bytes plus the operations of the
+//! prefix, and also with sets of the writes and length changes issued since
+//! the prefix's last flush lost (unflushed operations may be lost or
+//! reordered; a lost extension leaves the file shorter unless a later write
+//! extends it, a lost shrink keeps the old bytes). Random drop sets at
+//! every prefix; right before each flush everything lost, each operation
+//! lost alone, and every length change (or every write) lost. Every crashed
+//! disk must
 //! - open and pass our `check()` with no corruption (leaks are allowed),
-//! - (for a sample) pass `qemu-img check` (exit 0, or 3 for leaks only),
 //! - read back, for the whole guest disk, what was written before the last
 //!   completed `flush()`; ranges written after it may hold old or new data,
-//! - (for the same sample) accept new writes and a flush without getting
-//!   corrupted.
+//! - for a sample (every state right after a flush, and random ones that
+//!   lost unflushed ops, some of them length changes), pass `qemu-img check`
+//!   (exit 0, or 3 for leaks only) and accept new writes and a flush
+//!   without getting corrupted.
+//!
+//! Each replay prints a summary line: prefixes, crash states, how many lost
+//! writes or a length change, and the qemu-img checks of each kind.
 //!
 //! Workloads: plain 64k clusters (with compressed writes), extended L2 over
 //! a qcow2 backing file, refcount table growth with 512-byte clusters, v2
 //! over a raw backing file with tiny caches (early flushes), and a qemu-img
 //! image with an internal snapshot (copy-on-write of shared tables and
-//! clusters). A self-test checks that the replay notices a storage that
-//! ignores flushes, and a last test repairs a QEMU crash with lazy refcounts.
+//! clusters). Self-tests check that the replay notices a storage that
+//! ignores flushes and loses length changes as it should, and a last test
+//! repairs a QEMU crash with lazy refcounts.
 //!
-//! Seeds: `CRASH_SEED=<u64>` replaces the fixed default seed of the random
-//! part of every workload (printed by each test, with `--nocapture`).
+//! Seeds: `CRASH_SEED=<u64>` replaces the fixed default seed of every test;
+//! the workload's random operations and the replay's choices (drop sets,
+//! qemu-img sample) all derive from it. Each test prints its seed, and
+//! every failure message names it.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Instant;
 
 use qcowkit_core::{
-    create, BlockRead, BlockWrite, CreateOptions, Image, MemError, OpenOptions, WritableImage,
+    create, BlockRead, BlockWrite, CreateOptions, FileRole, Image, MemError, OpenOptions, Opened,
+    Opener, WritableImage,
 };
 use qcowkit_tests::*;
 
@@ -222,7 +235,12 @@ impl Workload {
         } else {
             WritableImage::open(rec, &self.open)
         };
-        r.unwrap_or_else(|e| panic!("{}: open_rw of the new image: {e}", self.name))
+        r.unwrap_or_else(|e| {
+            panic!(
+                "{} (seed {}): open_rw of the new image: {e}",
+                self.name, self.seed
+            )
+        })
     }
 
     fn open_vec(&self, disk: Vec<u8>) -> Result<Image<Vec<u8>>, String> {
@@ -231,6 +249,18 @@ impl Workload {
             Image::open_with(disk, "top.qcow2", "top", &mut self.files(), &opts)
         } else {
             Image::open(disk, &opts)
+        };
+        r.map_err(|e| format!("open: {e}"))
+    }
+
+    /// Opens `disk` read-only without copying it (nor the backing file).
+    fn open_slice<'a>(&'a self, disk: &'a [u8]) -> Result<Image<Bytes<'a>>, String> {
+        let opts = OpenOptions::default();
+        let r = match self.backing.as_ref() {
+            Some(mut b) => {
+                Image::open_with(Bytes::Borrowed(disk), "top.qcow2", "top", &mut b, &opts)
+            }
+            None => Image::open(Bytes::Borrowed(disk), &opts),
         };
         r.map_err(|e| format!("open: {e}"))
     }
@@ -267,6 +297,57 @@ impl Workload {
             m[..n].copy_from_slice(&b.guest[..n]);
         }
         m
+    }
+}
+
+/// A disk (or backing file) held in memory, read in place when borrowed:
+/// replaying thousands of crash states copies no disk to read one.
+enum Bytes<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Bytes<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Bytes::Borrowed(b) => b,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Bytes<'_> {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes::Owned(v)
+    }
+}
+
+impl BlockRead for Bytes<'_> {
+    type Error = MemError;
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.bytes().read_at(offset, buf)
+    }
+    fn len(&mut self) -> Result<u64, MemError> {
+        Ok(self.bytes().len() as u64)
+    }
+}
+
+/// The backing file, handed out in place.
+impl<'a> Opener<Bytes<'a>> for &'a BackingFile {
+    fn open(
+        &mut self,
+        _parent: &str,
+        name: &str,
+        _role: FileRole,
+    ) -> Result<Opened<Bytes<'a>>, MemError> {
+        if name != self.name {
+            return Err(MemError { offset: 0, len: 0 });
+        }
+        Ok(Opened {
+            io: Bytes::Borrowed(&self.file),
+            resolved: name.to_string(),
+            identity: name.to_string(),
+        })
     }
 }
 
@@ -345,7 +426,7 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
         None => {
             let mut initial = Vec::new();
             create::format(&mut initial, &w.create)
-                .unwrap_or_else(|e| panic!("{}: create: {e}", w.name));
+                .unwrap_or_else(|e| panic!("{} (seed {}): create: {e}", w.name, w.seed));
             initial
         }
     };
@@ -420,8 +501,12 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
         if matches!(op, G::Flush) || k + 1 == w.ops.len() {
             // The live image must read back the model (no crash involved).
             let mut got = vec![0u8; size as usize];
-            img.read_at(0, &mut got)
-                .unwrap_or_else(|e| panic!("{}: live read after step {k}: {e}", w.name));
+            img.read_at(0, &mut got).unwrap_or_else(|e| {
+                panic!(
+                    "{} (seed {}): live read after step {k}: {e}",
+                    w.name, w.seed
+                )
+            });
             if let Some(m) = first_mismatch(&got, &model) {
                 panic!(
                     "{} (seed {}): live image after step {k} {op:?}: {m}",
@@ -446,22 +531,22 @@ fn run_workload(w: &Workload) -> (Recorded, WritableImage<Recording>) {
 /// `qemu-img check` (run next to the backing file).
 fn final_state_is_clean(w: &Workload, mut img: WritableImage<Recording>) {
     img.flush()
-        .unwrap_or_else(|e| panic!("{}: final flush: {e}", w.name));
+        .unwrap_or_else(|e| panic!("{} (seed {}): final flush: {e}", w.name, w.seed));
     let disk = img.into_inner().disk;
     let mut ro = w
         .open_vec(disk.clone())
-        .unwrap_or_else(|e| panic!("{}: final {e}", w.name));
+        .unwrap_or_else(|e| panic!("{} (seed {}): final {e}", w.name, w.seed));
     let rep = ro
         .check()
-        .unwrap_or_else(|e| panic!("{}: check: {e}", w.name));
+        .unwrap_or_else(|e| panic!("{} (seed {}): check: {e}", w.name, w.seed));
     assert!(
         rep.corruptions == 0 && rep.leaks == 0,
-        "{} (seed {}): final image after a clean flush: {} corruptions, {} leaks: {:?}",
+        "{} (seed {}): final image after a clean flush: {} corruptions, {} leaks: {}",
         w.name,
         w.seed,
         rep.corruptions,
         rep.leaks,
-        rep.messages
+        errors_first(&rep.messages)
     );
     let s = w.scratch();
     std::fs::write(s.path("final.qcow2"), &disk).unwrap();
@@ -470,41 +555,49 @@ fn final_state_is_clean(w: &Workload, mut img: WritableImage<Recording>) {
     }
 }
 
-/// Runs workload `w`, replays crashes at its flush points and `random`
-/// random log positions (see [`Limits::standard`]), and checks the image
-/// left at the end.
-fn crash_test(w: &Workload, random: usize) {
+/// Runs workload `w`, replays a crash after every prefix of its log (see
+/// [`replay`]), requires every crash state to be clean, and checks the
+/// image left at the end.
+fn crash_test(w: &Workload, limits: &Limits) -> Outcome {
     let (rec, img) = run_workload(w);
-    replay(w, &rec, &Limits::standard(random)).assert_clean();
+    let out = replay(w, &rec, limits);
+    out.assert_clean();
     final_state_is_clean(w, img);
+    out
 }
 
 // ---------------------------------------------------------------------------
 // qemu-img check, a few processes at a time
 
+/// `qemu-img check` processes one replay worker keeps running at a time.
+const QEMU_INFLIGHT: usize = 3;
+
+/// `qemu-img check` of crash states in the background, each on its own copy
+/// of the disk, at most [`QEMU_INFLIGHT`] at a time.
 struct QemuChecks<'a> {
     dir: &'a Path,
-    inflight: VecDeque<(String, String, Child)>,
+    worker: usize,
+    /// (crash state, its description, file, process)
+    inflight: VecDeque<(usize, String, String, Child)>,
     next: usize,
-    done: usize,
-    leaky: usize,
-    failures: Vec<String>,
 }
 
 impl<'a> QemuChecks<'a> {
-    fn new(dir: &'a Path) -> Self {
+    fn new(dir: &'a Path, worker: usize) -> Self {
         QemuChecks {
             dir,
+            worker,
             inflight: VecDeque::new(),
             next: 0,
-            done: 0,
-            leaky: 0,
-            failures: Vec::new(),
         }
     }
 
-    fn submit(&mut self, what: String, disk: &[u8]) {
-        let name = format!("crash-{}.qcow2", self.next);
+    /// Starts checking crash state `index`, described by `what`.
+    fn submit(&mut self, index: usize, what: &str, disk: &[u8], t: &mut Tally) {
+        while self.inflight.len() >= QEMU_INFLIGHT {
+            self.reap(t);
+        }
+        let name = format!("crash-{}-{}.qcow2", self.worker, self.next);
         self.next += 1;
         std::fs::write(self.dir.join(&name), disk).unwrap();
         let child = Command::new("qemu-img")
@@ -514,62 +607,101 @@ impl<'a> QemuChecks<'a> {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run qemu-img");
-        self.inflight.push_back((what, name, child));
-        while self.inflight.len() >= 8 {
-            self.reap();
-        }
+        self.inflight
+            .push_back((index, what.to_string(), name, child));
     }
 
-    fn reap(&mut self) {
-        let Some((what, name, child)) = self.inflight.pop_front() else {
+    /// Waits for the oldest check.
+    fn reap(&mut self, t: &mut Tally) {
+        let Some((index, what, name, child)) = self.inflight.pop_front() else {
             return;
         };
         let out = child.wait_with_output().expect("wait for qemu-img");
-        self.done += 1;
+        t.qemu_done += 1;
         match code(&out) {
             0 => {}
-            3 => self.leaky += 1,
-            c => self.failures.push(format!(
-                "{what}: qemu-img check exited {c}: {}{}",
-                stdout_of(&out).trim(),
-                stderr_of(&out).trim()
-            )),
+            3 => t.qemu_leaky += 1,
+            c => {
+                // Its errors and summary, not one line per leaked cluster.
+                let text = format!("{}\n{}", stdout_of(&out), stderr_of(&out));
+                let lines: Vec<&str> = (text.lines())
+                    .filter(|l| !l.trim().is_empty() && !l.starts_with("Leaked cluster"))
+                    .collect();
+                t.fail(
+                    index,
+                    &what,
+                    &format!("qemu-img check exited {c}: {}", lines.join(" | ")),
+                );
+            }
         }
         let _ = std::fs::remove_file(self.dir.join(name));
     }
 
-    fn finish(mut self) -> (Vec<String>, usize, usize) {
+    fn finish(mut self, t: &mut Tally) {
         while !self.inflight.is_empty() {
-            self.reap();
+            self.reap(t);
         }
-        (self.failures, self.done, self.leaky)
     }
 }
 
 // ---------------------------------------------------------------------------
 // Crash replay
 
-/// Whether `got` is allowed: equal to `durable` except where a later change
-/// covers the byte with the value read.
-fn verify_guest(got: &[u8], durable: &[u8], later: &[(&Step, usize)]) -> Result<(), String> {
-    const CHUNK: usize = 4096;
+/// A guest change that may or may not have reached the disk: (step, guest
+/// offset, data).
+type Change<'a> = (usize, u64, &'a [u8]);
+
+/// Bytes of the guest disk compared at a time.
+const CHUNK: usize = 4096;
+static ZEROS: [u8; CHUNK] = [0; CHUNK];
+
+/// The durable guest contents, and which of their chunks are all zeros
+/// (compared without reading them: the replay reads the whole guest disk
+/// thousands of times).
+struct Durable {
+    bytes: Vec<u8>,
+    zero: Vec<bool>,
+}
+
+impl Durable {
+    fn new(bytes: Vec<u8>) -> Self {
+        let zero = bytes
+            .chunks(CHUNK)
+            .map(|c| c == &ZEROS[..c.len()])
+            .collect();
+        Durable { bytes, zero }
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let off = off as usize;
+        let end = off + data.len();
+        self.bytes[off..end].copy_from_slice(data);
+        for c in off / CHUNK..end.div_ceil(CHUNK) {
+            let chunk = &self.bytes[c * CHUNK..((c + 1) * CHUNK).min(self.bytes.len())];
+            self.zero[c] = chunk == &ZEROS[..chunk.len()];
+        }
+    }
+}
+
+/// Whether `got`, read at guest offset `at` (a multiple of [`CHUNK`]), is
+/// allowed: equal to the durable contents except where one of the `maybe`
+/// changes covers the byte with the value read.
+fn verify_guest(got: &[u8], durable: &Durable, at: usize, maybe: &[Change]) -> Result<(), String> {
     const SECTOR: usize = 512;
-    let changes: Vec<(usize, u64, &[u8])> = later
-        .iter()
-        .flat_map(|(s, k)| s.changes.iter().map(move |(o, d)| (*k, *o, d.as_slice())))
-        .collect();
-    for (ci, (g, d)) in got.chunks(CHUNK).zip(durable.chunks(CHUNK)).enumerate() {
-        if g == d {
+    let range = &durable.bytes[at..at + got.len()];
+    let zero = &durable.zero[at / CHUNK..];
+    for (ci, (g, d)) in got.chunks(CHUNK).zip(range.chunks(CHUNK)).enumerate() {
+        if zero[ci] && g == &ZEROS[..g.len()] || g == d {
             continue;
         }
-        let chunk_lo = ci * CHUNK;
+        let chunk_lo = (at + ci * CHUNK) as u64;
         for (si, (gs, ds)) in g.chunks(SECTOR).zip(d.chunks(SECTOR)).enumerate() {
             if gs == ds {
                 continue;
             }
-            let lo = (chunk_lo + si * SECTOR) as u64;
+            let lo = chunk_lo + (si * SECTOR) as u64;
             let hi = lo + gs.len() as u64;
-            let near: Vec<&(usize, u64, &[u8])> = changes
+            let near: Vec<&Change> = maybe
                 .iter()
                 .filter(|(_, off, data)| *off < hi && off + data.len() as u64 > lo)
                 .collect();
@@ -615,287 +747,724 @@ fn verify_guest(got: &[u8], durable: &[u8], later: &[(&Step, usize)]) -> Result<
     Ok(())
 }
 
-/// The log positions replayed as crash points.
-fn sample_prefixes(
-    log: &[LogOp],
-    rng: &mut SplitMix64,
-    all_below: usize,
-    random: usize,
-) -> Vec<usize> {
-    let n = log.len();
-    if n < all_below {
-        return (0..=n).collect();
-    }
-    let mut set = BTreeSet::new();
-    set.insert(0);
-    set.insert(n);
-    for (i, op) in log.iter().enumerate() {
-        if matches!(op, LogOp::Flush) {
-            set.insert(i);
-            set.insert(i + 1);
-        }
-    }
-    for _ in 0..random {
-        set.insert(rng.below(n as u64 + 1) as usize);
-    }
-    set.into_iter().collect()
-}
-
-/// Sets of unflushed writes to drop (log indexes), the first one empty.
-fn drop_sets(pending: &[usize], heavy: bool, rng: &mut SplitMix64) -> Vec<Vec<usize>> {
-    let mut v: Vec<Vec<usize>> = vec![Vec::new()];
-    if pending.is_empty() {
-        return v;
-    }
-    v.push(pending.to_vec());
-    if heavy {
-        const CAP: usize = 12;
-        if pending.len() <= CAP {
-            v.extend(pending.iter().map(|i| vec![*i]));
-        } else {
-            for j in 0..CAP {
-                let idx = j * (pending.len() - 1) / (CAP - 1);
-                v.push(vec![pending[idx]]);
-            }
-        }
-    }
-    let randoms = if heavy { 3 } else { 1 };
-    for _ in 0..randoms {
-        let sub: Vec<usize> = pending
-            .iter()
-            .copied()
-            .filter(|_| rng.chance(1, 2))
-            .collect();
-        if !sub.is_empty() && sub.len() < pending.len() {
-            v.push(sub);
-        }
-    }
-    v.sort();
-    v.dedup();
-    // Keep the no-drop set first.
-    v.sort_by_key(|s| !s.is_empty());
-    v
-}
-
+/// How much a replay tries, and how.
 struct Limits {
-    /// Replay every prefix when the log is shorter than this.
-    all_below: usize,
-    /// Otherwise: flush points and this many random prefixes.
-    random: usize,
-    /// Extra (non flush point) crash states checked by qemu-img.
-    qemu_extra: usize,
-    /// Storage flushes a dropped write may cross: 1 for a correct storage;
-    /// more simulates a storage that ignores flushes (harness self-test).
+    /// Random subsets of the unflushed operations dropped at a prefix that
+    /// does not end right before a flush (where more are tried), in
+    /// hundredths: 150 is one, and a second one half of the time.
+    between_pct: u64,
+    /// Crash states with dropped operations checked by qemu-img, chosen at
+    /// random (on top of every state right after a storage flush).
+    qemu_dropped: usize,
+    /// Of those, at least this many with a dropped length change (when
+    /// there are that many).
+    qemu_set_len: usize,
+    /// Crash states without dropped operations between flushes checked
+    /// by qemu-img, chosen at random.
+    qemu_between: usize,
+    /// Storage flushes a dropped operation may cross: 1 for a correct
+    /// storage; more simulates a storage that ignores flushes (harness
+    /// self-test).
     barrier_window: usize,
-    /// Run `qemu-img check` and writes after the crash on the sample.
+    /// Run `qemu-img check` (and writes after the crash) on the sample.
     qemu: bool,
 }
 
 impl Limits {
-    fn standard(random: usize) -> Self {
+    fn standard() -> Self {
         Limits {
-            all_below: 700,
-            random,
-            qemu_extra: 30,
+            between_pct: 200,
+            qemu_dropped: 120,
+            qemu_set_len: 30,
+            qemu_between: 30,
             barrier_window: 1,
             qemu: true,
         }
     }
 }
 
-/// What a replay found.
-struct Outcome {
-    failure_count: usize,
-    /// The first failures, described.
-    failures: Vec<String>,
+/// One crash: the disk as the storage may hold it when power is lost after
+/// the first `p` operations of the log.
+struct CrashState {
+    /// Storage operations issued before the crash.
+    p: usize,
+    /// Operations before `f` are durable: `f` is right after the last
+    /// storage flush of the prefix (the `barrier_window`-th last one).
+    f: usize,
+    /// Unflushed writes and length changes (log indexes in `f..p`, sorted)
+    /// that the crash lost; the others reached the disk, in order. A lost
+    /// length change leaves the file as long as it was (later writes beyond
+    /// the end still extend it).
+    dropped: Vec<usize>,
+    /// Also check it with `qemu-img check`, and write on it after the crash.
+    qemu: bool,
 }
 
-impl Outcome {
-    fn assert_clean(&self) {
-        assert!(
-            self.failure_count == 0,
-            "{} crash-replay failures; the first ones:\n{}",
-            self.failure_count,
-            self.failures.join("\n")
-        );
+/// Where the flushes are in a recorded workload.
+struct Marks {
+    /// `i + 1` for each storage flush at log index `i`.
+    flush_ends: Vec<usize>,
+    /// (end in the log, step index) of each guest flush.
+    guest_flushes: Vec<(usize, usize)>,
+    barrier_window: usize,
+}
+
+impl Marks {
+    fn new(rec: &Recorded, barrier_window: usize) -> Self {
+        Marks {
+            flush_ends: (rec.log.iter().enumerate())
+                .filter(|(_, op)| matches!(op, LogOp::Flush))
+                .map(|(i, _)| i + 1)
+                .collect(),
+            guest_flushes: (rec.steps.iter().enumerate())
+                .filter(|(_, st)| matches!(st.op, G::Flush))
+                .map(|(k, st)| (st.end, k))
+                .collect(),
+            barrier_window,
+        }
+    }
+
+    /// Where the durable part of prefix `p` ends.
+    fn barrier(&self, p: usize) -> usize {
+        let c = self.flush_ends.partition_point(|&e| e <= p);
+        match c.checked_sub(self.barrier_window) {
+            Some(i) => self.flush_ends[i],
+            None => 0,
+        }
+    }
+
+    /// The steps whose guest data is durable after prefix `p`: those up to
+    /// the last guest flush completed within it.
+    fn durable_steps(&self, p: usize) -> usize {
+        let c = self.guest_flushes.partition_point(|&(end, _)| end <= p);
+        c.checked_sub(1).map_or(0, |i| self.guest_flushes[i].1 + 1)
     }
 }
 
+/// Up to `cap` elements of `v`, evenly spread (first and last included).
+fn spread(v: &[usize], cap: usize) -> Vec<usize> {
+    if v.len() <= cap {
+        return v.to_vec();
+    }
+    (0..cap).map(|j| v[j * (v.len() - 1) / (cap - 1)]).collect()
+}
+
+/// Sets of unflushed operations (`pending`: writes and length changes) to
+/// drop, the first one empty.
+fn drop_sets(
+    log: &[LogOp],
+    pending: &[usize],
+    heavy: bool,
+    limits: &Limits,
+    rng: &mut SplitMix64,
+) -> Vec<Vec<usize>> {
+    let mut v: Vec<Vec<usize>> = vec![Vec::new()];
+    if pending.is_empty() {
+        return v;
+    }
+    v.push(pending.to_vec());
+    let set_lens: Vec<usize> = (pending.iter().copied())
+        .filter(|&i| matches!(log[i], LogOp::SetLen(_)))
+        .collect();
+    let randoms = if heavy {
+        // Each one lost alone (a sample when many), every length change
+        // lost while the writes survive, and the other way round.
+        v.extend(spread(pending, 12).into_iter().map(|i| vec![i]));
+        v.extend(spread(&set_lens, 12).into_iter().map(|i| vec![i]));
+        if !set_lens.is_empty() && set_lens.len() < pending.len() {
+            let writes = (pending.iter().copied())
+                .filter(|i| set_lens.binary_search(i).is_err())
+                .collect();
+            v.push(set_lens);
+            v.push(writes);
+        }
+        3
+    } else {
+        let pct = limits.between_pct;
+        pct / 100 + usize::from(rng.below(100) < pct % 100) as u64
+    };
+    for _ in 0..randoms {
+        let sub: Vec<usize> = (pending.iter().copied())
+            .filter(|_| rng.chance(1, 2))
+            .collect();
+        if !sub.is_empty() && sub.len() < pending.len() {
+            v.push(sub);
+        }
+    }
+    v
+}
+
+/// `k` distinct random elements of `v` (all of them when fewer).
+fn choose(v: &mut [usize], k: usize, rng: &mut SplitMix64) -> Vec<usize> {
+    let k = k.min(v.len());
+    for i in 0..k {
+        let j = i + rng.index(v.len() - i);
+        v.swap(i, j);
+    }
+    v[..k].to_vec()
+}
+
+/// The crash states replayed: every prefix of the log with nothing lost,
+/// with random subsets of its unflushed operations lost, and right before
+/// each flush (and at the end) with everything lost, each one lost alone
+/// and every length change lost. A disk already replayed with the same
+/// durable data (for instance everything lost: the disk at the last flush)
+/// is not replayed again. Then the sample checked by qemu-img is chosen.
+fn plan(rec: &Recorded, marks: &Marks, limits: &Limits, rng: &mut SplitMix64) -> Vec<CrashState> {
+    let log = &rec.log;
+    let n = log.len();
+    // A disk is the one at `f` plus the operations that survived; it is
+    // known by (f, durable steps, the sum of a hash of each surviving
+    // operation's index). `sums[i]`: the sum over the operations before i.
+    let mix = |i: usize| SplitMix64(i as u64).next_u64();
+    let mut sums = vec![0u64; n + 1];
+    for (i, op) in log.iter().enumerate() {
+        let h = if matches!(op, LogOp::Flush) {
+            0
+        } else {
+            mix(i)
+        };
+        sums[i + 1] = sums[i].wrapping_add(h);
+    }
+    let mut seen = HashSet::new();
+    let mut states = Vec::new();
+    let mut pending: Vec<usize> = Vec::new();
+    let mut pending_from = 0;
+    for p in 0..=n {
+        let f = marks.barrier(p);
+        if f != pending_from {
+            pending.clear();
+            pending.extend((f..p).filter(|&i| !matches!(log[i], LogOp::Flush)));
+            pending_from = f;
+        } else if p > f && !matches!(log[p - 1], LogOp::Flush) {
+            pending.push(p - 1);
+        }
+        let heavy = p == n || matches!(log[p], LogOp::Flush);
+        let durable = marks.durable_steps(p);
+        for dropped in drop_sets(log, &pending, heavy, limits, rng) {
+            // The first (strictest) prefix giving a disk is kept.
+            let lost = (dropped.iter()).fold(0u64, |a, &i| a.wrapping_add(mix(i)));
+            let survived = sums[p].wrapping_sub(sums[f]).wrapping_sub(lost);
+            if seen.insert((f, durable, survived)) {
+                states.push(CrashState {
+                    p,
+                    f,
+                    dropped,
+                    qemu: false,
+                });
+            }
+        }
+    }
+    if limits.qemu {
+        // Every state right after a flush with nothing lost; random ones
+        // with lost operations (some with a lost length change) and
+        // between flushes.
+        let after_flush = |s: &CrashState| s.p > 0 && matches!(log[s.p - 1], LogOp::Flush);
+        let lost_set_len =
+            |s: &CrashState| (s.dropped.iter()).any(|&i| matches!(log[i], LogOp::SetLen(_)));
+        let mut with_set_len = Vec::new();
+        let mut with_drops = Vec::new();
+        let mut between = Vec::new();
+        for (i, s) in states.iter_mut().enumerate() {
+            if s.dropped.is_empty() && after_flush(s) {
+                s.qemu = true;
+            } else if s.dropped.is_empty() {
+                between.push(i);
+            } else if lost_set_len(s) {
+                with_set_len.push(i);
+            } else {
+                with_drops.push(i);
+            }
+        }
+        let mut chosen = choose(&mut with_set_len, limits.qemu_set_len, rng);
+        let rest = limits.qemu_dropped.saturating_sub(chosen.len());
+        with_drops.extend_from_slice(&with_set_len[chosen.len()..]);
+        chosen.extend(choose(&mut with_drops, rest, rng));
+        chosen.extend(choose(&mut between, limits.qemu_between, rng));
+        for i in chosen {
+            states[i].qemu = true;
+        }
+    }
+    states
+}
+
+/// Log indexes as ranges: `#3-#7, #9`.
+fn index_ranges(v: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            format!("#{}", v[i])
+        } else {
+            format!("#{}-#{}", v[i], v[j])
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+/// What a replay (or one worker of it) found.
+#[derive(Default)]
+struct Tally {
+    failure_count: usize,
+    /// Failures of the durability check, and of our check (corruptions).
+    durability_failures: usize,
+    check_failures: usize,
+    /// The first failures (by crash state), described.
+    failures: Vec<(usize, String)>,
+    states: usize,
+    leaky: usize,
+    /// States that lost operations.
+    dropped: usize,
+    /// States that lost a length change.
+    dropped_set_len: usize,
+    /// States whose file length differs from the one with nothing lost.
+    other_length: usize,
+    qemu_done: usize,
+    qemu_leaky: usize,
+    qemu_dropped: usize,
+    qemu_set_len: usize,
+}
+
+/// Failures described in full (the count covers all).
+const FAILURES_KEPT: usize = 40;
+
+impl Tally {
+    /// Records failure `msg` of crash state `index`, described by `what`.
+    fn fail(&mut self, index: usize, what: &str, msg: &str) {
+        self.failure_count += 1;
+        if msg.starts_with("durability:") {
+            self.durability_failures += 1;
+        } else if msg.starts_with("check:") {
+            self.check_failures += 1;
+        }
+        if self.failures.len() < FAILURES_KEPT {
+            self.failures.push((index, format!("{what}: {msg}")));
+        }
+    }
+
+    fn merge(&mut self, o: Tally) {
+        self.failure_count += o.failure_count;
+        self.durability_failures += o.durability_failures;
+        self.check_failures += o.check_failures;
+        self.failures.extend(o.failures);
+        self.states += o.states;
+        self.leaky += o.leaky;
+        self.dropped += o.dropped;
+        self.dropped_set_len += o.dropped_set_len;
+        self.other_length += o.other_length;
+        self.qemu_done += o.qemu_done;
+        self.qemu_leaky += o.qemu_leaky;
+        self.qemu_dropped += o.qemu_dropped;
+        self.qemu_set_len += o.qemu_set_len;
+    }
+}
+
+/// What a replay found.
+struct Outcome {
+    name: &'static str,
+    seed: u64,
+    /// Prefixes of the log replayed, and operations in the log.
+    prefixes: usize,
+    log_ops: usize,
+    tally: Tally,
+    failure_count: usize,
+    /// The first failures, described.
+    failures: Vec<String>,
+    qemu: bool,
+}
+
+impl Outcome {
+    /// No failure, and (with qemu-img) some crash states that lost
+    /// operations were among those qemu-img checked.
+    fn assert_clean(&self) {
+        assert!(
+            self.failure_count == 0,
+            "{} (seed {}, replay with CRASH_SEED={}): {} crash-replay failures; the first ones:\n{}",
+            self.name,
+            self.seed,
+            self.seed,
+            self.failure_count,
+            self.failures.join("\n")
+        );
+        if self.qemu {
+            assert!(
+                self.tally.dropped > 0 && self.tally.qemu_dropped > 0,
+                "{} (seed {}): qemu-img checked {} of the {} crash states that lost unflushed ops",
+                self.name,
+                self.seed,
+                self.tally.qemu_dropped,
+                self.tally.dropped
+            );
+        }
+    }
+}
+
+/// Replays a crash after every prefix of the recorded log (see [`plan`]).
+/// Every crashed disk must
+/// - open and pass our `check()` with no corruption (leaks are allowed),
+/// - read back, for the whole guest disk, what was written before the
+///   last completed guest flush (later writes may be there or not),
+/// - for a sample, pass `qemu-img check` (exit 0, or 3 for leaks only)
+///   and accept new writes and a flush without getting corrupted.
+///
+/// The plan, and so the result, depends on the seed only; its states are
+/// replayed in segments by a few threads, each with its own qemu-img
+/// processes.
 fn replay(w: &Workload, rec: &Recorded, limits: &Limits) -> Outcome {
     let t0 = Instant::now();
     let s = w.scratch();
     let mut rng = SplitMix64(w.seed ^ 0x5eed_c0a5);
-    let log = &rec.log;
-    let prefixes = sample_prefixes(log, &mut rng, limits.all_below, limits.random);
-    // Extra qemu-img samples: prefixes that are not right after a flush.
-    let mut qemu_extra = BTreeSet::new();
-    let others: Vec<usize> = prefixes
-        .iter()
-        .copied()
-        .filter(|&p| p == 0 || !matches!(log[p - 1], LogOp::Flush))
+    let marks = Marks::new(rec, limits.barrier_window);
+    let states = plan(rec, &marks, limits, &mut rng);
+    let prefixes = 1 + (states.windows(2)).filter(|v| v[0].p != v[1].p).count();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    // Segments of consecutive states, taken in order by whichever worker
+    // is free: each worker only moves forward through the log.
+    let segment = states.len().div_ceil(workers * 16).max(1);
+    let segments: Vec<(usize, &[CrashState])> = (states.chunks(segment).enumerate())
+        .map(|(k, part)| (k * segment, part))
         .collect();
-    for _ in 0..limits.qemu_extra.min(others.len()) {
-        qemu_extra.insert(others[rng.below(others.len() as u64) as usize]);
-    }
-
-    let size = w.size() as usize;
-    let mut failures: Vec<String> = Vec::new();
-    let mut failure_count = 0usize;
-    let mut qemu = QemuChecks::new(s.dir());
-    let mut crashes = 0usize;
-    let mut leaky = 0usize;
-
-    // Incremental state: the disk as of the last storage flush, and the
-    // guest model as of the last completed guest flush.
-    let mut flushed_disk = rec.initial.clone();
-    let mut flushed_upto = 0usize;
-    let mut durable = rec.base.clone();
-    let mut durable_steps = 0usize; // steps applied to `durable`
-    let mut got = vec![0u8; size];
-
-    for &p in &prefixes {
-        // Last storage flush within the prefix (the `barrier_window`-th
-        // last one, to simulate a storage ignoring flushes).
-        let f = log[..p]
-            .iter()
-            .enumerate()
-            .filter(|(_, op)| matches!(op, LogOp::Flush))
-            .map(|(i, _)| i + 1)
-            .rev()
-            .nth(limits.barrier_window - 1)
-            .unwrap_or(0);
-        for op in &log[flushed_upto..f] {
-            apply(&mut flushed_disk, op);
-        }
-        flushed_upto = f;
-        // Last completed guest flush.
-        let last_flush_step = rec
-            .steps
-            .iter()
-            .rposition(|st| matches!(st.op, G::Flush) && st.end <= p);
-        let upto = last_flush_step.map_or(0, |j| j + 1);
-        for st in &rec.steps[durable_steps..upto] {
-            for (off, data) in &st.changes {
-                durable[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-            }
-        }
-        durable_steps = upto;
-        let later: Vec<(&Step, usize)> = rec
-            .steps
-            .iter()
-            .enumerate()
-            .skip(upto)
-            .filter(|(_, st)| st.start < p)
-            .map(|(k, st)| (st, k))
-            .collect();
-        let in_step = rec
-            .steps
-            .iter()
-            .position(|st| st.start < p && p <= st.end)
-            .map_or("between steps".to_string(), |k| {
-                format!("in step {k} {:?}", rec.steps[k].op)
-            });
-
-        let pending: Vec<usize> = (f..p)
-            .filter(|&i| matches!(log[i], LogOp::Write { .. }))
-            .collect();
-        // Right before a flush (or at the end) the most writes are pending:
-        // try many drop sets there, a few elsewhere.
-        let heavy = p == log.len() || matches!(log[p], LogOp::Flush);
-        let after_flush = p > 0 && matches!(log[p - 1], LogOp::Flush);
-        for (vi, dropped) in drop_sets(&pending, heavy, &mut rng).into_iter().enumerate() {
-            crashes += 1;
-            let mut disk = flushed_disk.clone();
-            for (i, op) in log.iter().enumerate().take(p).skip(f) {
-                if !dropped.contains(&i) {
-                    apply(&mut disk, op);
-                }
-            }
-            let last = match p.checked_sub(1) {
-                Some(i) => format!("#{i} {:?}", log[i]),
-                None => "none".to_string(),
-            };
-            let dropped_text = if dropped.is_empty() {
-                "nothing".to_string()
-            } else {
-                dropped
-                    .iter()
-                    .map(|&i| format!("#{i} {:?}", log[i]))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let what = format!(
-                "{} (seed {}): crash after {p} of {} storage ops ({in_step}; last op {last}), dropped unflushed writes: {dropped_text}",
-                w.name,
-                w.seed,
-                log.len(),
-            );
-            let mut fail = |msg: String| {
-                failure_count += 1;
-                if failures.len() < 40 {
-                    failures.push(format!("{what}: {msg}"));
-                }
-            };
-            // (a) our open and check.
-            let mut img = match w.open_vec(disk.clone()) {
-                Ok(img) => img,
-                Err(e) => {
-                    fail(e);
-                    continue;
-                }
-            };
-            match img.check() {
-                Err(e) => fail(format!("check() failed: {e}")),
-                Ok(rep) if rep.corruptions > 0 || rep.check_errors > 0 => fail(format!(
-                    "check: {} corruptions, {} check errors: {:?}",
-                    rep.corruptions, rep.check_errors, rep.messages
-                )),
-                Ok(rep) => {
-                    if rep.leaks > 0 {
-                        leaky += 1;
+    let next = AtomicUsize::new(0);
+    let mut tally = Tally::default();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|k| {
+                let (marks, dir, segments, next) = (&marks, s.dir(), &segments, &next);
+                scope.spawn(move || {
+                    let mut worker = Worker::new(w, rec, marks, dir, k);
+                    while let Some(&(first, part)) = segments.get(next.fetch_add(1, SeqCst)) {
+                        for (j, st) in part.iter().enumerate() {
+                            worker.replay_state(first + j, st);
+                        }
                     }
-                }
-            }
-            // (c) durability of what the last completed flush covered.
-            match img.read_at(0, &mut got) {
-                Err(e) => fail(format!("read of the whole disk failed: {e}")),
-                Ok(()) => {
-                    if let Err(m) = verify_guest(&got, &durable, &later) {
-                        fail(m);
-                    }
-                }
-            }
-            drop(img);
-            // (b) qemu-img check and (d) further writes, for a sample.
-            let sampled =
-                limits.qemu && ((vi == 0 && after_flush) || (qemu_extra.contains(&p) && vi <= 1));
-            if sampled {
-                qemu.submit(what.clone(), &disk);
-                if let Err(m) = write_after_crash(w, disk) {
-                    fail(m);
-                }
+                    worker.finish()
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(t) => tally.merge(t),
+                Err(_) => panic!("{} (seed {}): a replay worker panicked", w.name, w.seed),
             }
         }
-    }
-    let (qfail, qdone, qleaky) = qemu.finish();
-    failure_count += qfail.len();
-    failures.extend(qfail.into_iter().take(20));
+    });
+    tally.failures.sort_by_key(|(i, _)| *i);
+    tally.failures.truncate(FAILURES_KEPT);
+    let failures = tally.failures.iter().map(|(_, m)| m.clone()).collect();
+    let t = &tally;
     eprintln!(
-        "{} (seed {}): {} log ops, {} prefixes, {} crash states ({} with leaks), {} qemu-img checks ({} with leaks), {:.1}s",
+        "{} (seed {}): {} log ops ({} length changes), {} of {} prefixes, {} crash states ({} lost unflushed ops, {} of them a length change, {} of another length; {} with leaks), {} qemu-img checks ({} lost unflushed ops, {} of them a length change; {} with leaks), {} workers, {:.1}s",
         w.name,
         w.seed,
-        log.len(),
-        prefixes.len(),
-        crashes,
-        leaky,
-        qdone,
-        qleaky,
+        rec.log.len(),
+        (rec.log.iter()).filter(|op| matches!(op, LogOp::SetLen(_))).count(),
+        prefixes,
+        rec.log.len() + 1,
+        t.states,
+        t.dropped,
+        t.dropped_set_len,
+        t.other_length,
+        t.leaky,
+        t.qemu_done,
+        t.qemu_dropped,
+        t.qemu_set_len,
+        t.qemu_leaky,
+        workers,
         t0.elapsed().as_secs_f64()
     );
     Outcome {
-        failure_count,
+        name: w.name,
+        seed: w.seed,
+        prefixes,
+        log_ops: rec.log.len(),
+        failure_count: tally.failure_count,
         failures,
+        tally,
+        qemu: limits.qemu,
     }
+}
+
+/// Bytes of the guest disk read (and compared) at a time.
+const READ_CHUNK: usize = 256 << 10;
+
+/// One replay thread: replays crash states in the order of the log.
+struct Worker<'a> {
+    w: &'a Workload,
+    rec: &'a Recorded,
+    marks: &'a Marks,
+    qemu: QemuChecks<'a>,
+    t: Tally,
+    /// The disk at the last storage flush, and where that is in the log.
+    flushed: Vec<u8>,
+    flushed_upto: usize,
+    /// The disk after the whole prefix (nothing lost).
+    whole: Vec<u8>,
+    whole_upto: usize,
+    /// The guest contents as of the last completed guest flush.
+    durable: Durable,
+    durable_steps: usize,
+    /// The disk of a crash state that lost operations.
+    built: Vec<u8>,
+    /// Guest data read.
+    buf: Vec<u8>,
+}
+
+impl<'a> Worker<'a> {
+    fn new(w: &'a Workload, rec: &'a Recorded, marks: &'a Marks, dir: &'a Path, k: usize) -> Self {
+        Worker {
+            w,
+            rec,
+            marks,
+            qemu: QemuChecks::new(dir, k),
+            t: Tally::default(),
+            flushed: rec.initial.clone(),
+            flushed_upto: 0,
+            whole: rec.initial.clone(),
+            whole_upto: 0,
+            durable: Durable::new(rec.base.clone()),
+            durable_steps: 0,
+            built: Vec::new(),
+            buf: vec![0u8; READ_CHUNK],
+        }
+    }
+
+    /// Replays crash state `index` of the plan (after those before it).
+    fn replay_state(&mut self, index: usize, st: &CrashState) {
+        let (w, rec) = (self.w, self.rec);
+        let log = &rec.log;
+        let p = st.p;
+        for op in &log[self.flushed_upto..st.f] {
+            apply(&mut self.flushed, op);
+        }
+        self.flushed_upto = st.f;
+        for op in &log[self.whole_upto..p] {
+            apply(&mut self.whole, op);
+        }
+        self.whole_upto = p;
+        let upto = self.marks.durable_steps(p);
+        for step in &rec.steps[self.durable_steps..upto] {
+            for (off, data) in &step.changes {
+                self.durable.write(*off, data);
+            }
+        }
+        self.durable_steps = upto;
+        // Changes of the steps begun since the last guest flush: each may
+        // be there or not.
+        let maybe: Vec<Change> = (rec.steps.iter().enumerate())
+            .skip(upto)
+            .take_while(|(_, step)| step.start < p)
+            .flat_map(|(k, step)| {
+                (step.changes.iter()).map(move |(off, data)| (k, *off, data.as_slice()))
+            })
+            .collect();
+
+        let disk: &[u8] = if st.dropped.is_empty() {
+            &self.whole
+        } else {
+            crashed_disk(&self.flushed, log, st, &mut self.built);
+            &self.built
+        };
+        let lost_set_len = (st.dropped.iter()).any(|&i| matches!(log[i], LogOp::SetLen(_)));
+        let t = &mut self.t;
+        t.states += 1;
+        t.dropped += usize::from(!st.dropped.is_empty());
+        t.dropped_set_len += usize::from(lost_set_len);
+        t.other_length += usize::from(disk.len() != self.whole.len());
+
+        let what = describe(w, rec, index, st);
+        let (durable, buf) = (&self.durable, &mut self.buf);
+        let found = match guarded(|| Ok(check_crashed(w, disk, durable, &maybe, buf))) {
+            Ok((found, leaky)) => {
+                t.leaky += usize::from(leaky);
+                found
+            }
+            Err(m) => vec![m],
+        };
+        if !found.is_empty() {
+            keep(w, index, disk);
+        }
+        for m in found {
+            t.fail(index, &what, &m);
+        }
+        if st.qemu {
+            self.qemu.submit(index, &what, disk, t);
+            t.qemu_dropped += usize::from(!st.dropped.is_empty());
+            t.qemu_set_len += usize::from(lost_set_len);
+            if let Err(m) = guarded(|| write_after_crash(w, disk.to_vec())) {
+                t.fail(index, &what, &m);
+            }
+        }
+    }
+
+    fn finish(mut self) -> Tally {
+        self.qemu.finish(&mut self.t);
+        self.t
+    }
+}
+
+/// Builds in `out` the disk of crash state `st`: `flushed` (the disk after
+/// the first `st.f` operations of `log`) plus the operations up to `st.p`
+/// that the crash did not lose, in order. A lost extension leaves the file
+/// shorter (a later write beyond its end still extends it); a lost shrink
+/// keeps the bytes it would have cut.
+fn crashed_disk(flushed: &[u8], log: &[LogOp], st: &CrashState, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(flushed);
+    for (i, op) in log.iter().enumerate().take(st.p).skip(st.f) {
+        if st.dropped.binary_search(&i).is_err() {
+            apply(out, op);
+        }
+    }
+}
+
+/// A check's messages for a failure message: the errors, then a few of
+/// the leaks (there may be thousands).
+fn errors_first(messages: &[String]) -> String {
+    let (leaks, errors): (Vec<&String>, Vec<&String>) =
+        messages.iter().partition(|m| m.starts_with("Leaked"));
+    let mut shown: Vec<&String> = errors.into_iter().take(20).collect();
+    shown.extend(leaks.iter().take(3));
+    let hidden = messages.len() - shown.len();
+    let more = if hidden > 0 {
+        format!(" (and {hidden} more)")
+    } else {
+        String::new()
+    };
+    format!("{shown:?}{more}")
+}
+
+/// Runs `f`, turning a panic into an error (so that the failure names the
+/// crash state and the seed).
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = (e.downcast_ref::<String>().cloned())
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {msg}"))
+        }
+    }
+}
+
+/// With `CRASH_KEEP=<dir>`, saves the disk of failing crash state `index`
+/// of workload `w` there (the first 20 of the process, and the backing
+/// file), for a closer look with qemu-img or our tools.
+fn keep(w: &Workload, index: usize, disk: &[u8]) {
+    static SAVED: AtomicUsize = AtomicUsize::new(0);
+    let Some(dir) = std::env::var_os("CRASH_KEEP") else {
+        return;
+    };
+    if SAVED.fetch_add(1, SeqCst) >= 20 {
+        return;
+    }
+    let dir = Path::new(&dir);
+    std::fs::create_dir_all(dir).expect("create CRASH_KEEP");
+    let name = format!("{}-seed{}-state{index}.qcow2", w.name, w.seed);
+    std::fs::write(dir.join(&name), disk).expect("save a crashed disk");
+    if let Some(b) = &w.backing {
+        std::fs::write(dir.join(b.name), &b.file).expect("save the backing file");
+    }
+    eprintln!("crash state {index} saved as {}", dir.join(name).display());
+}
+
+/// The crash state, described for failure messages: workload, seed,
+/// where the crash happened and what it lost.
+fn describe(w: &Workload, rec: &Recorded, index: usize, st: &CrashState) -> String {
+    let log = &rec.log;
+    let p = st.p;
+    // The last step begun within the prefix, if it had not ended.
+    let begun = rec.steps.partition_point(|step| step.start < p);
+    let in_step = match begun.checked_sub(1) {
+        Some(k) if p <= rec.steps[k].end => format!("in step {k} {:?}", rec.steps[k].op),
+        _ => "between steps".to_string(),
+    };
+    let last = match p.checked_sub(1) {
+        Some(i) => format!("#{i} {:?}", log[i]),
+        None => "none".to_string(),
+    };
+    let lost = if st.dropped.is_empty() {
+        "nothing".to_string()
+    } else {
+        const SHOWN: usize = 8;
+        let shown: Vec<String> = (st.dropped.iter().take(SHOWN))
+            .map(|&i| format!("#{i} {:?}", log[i]))
+            .collect();
+        format!(
+            "{} of the {} unflushed ops since #{} ({}): {}{}",
+            st.dropped.len(),
+            (st.f..p)
+                .filter(|&i| !matches!(log[i], LogOp::Flush))
+                .count(),
+            st.f,
+            index_ranges(&st.dropped),
+            shown.join(", "),
+            if st.dropped.len() > SHOWN {
+                ", ..."
+            } else {
+                ""
+            }
+        )
+    };
+    format!(
+        "{} (seed {}): crash state {index}: after {p} of {} storage ops ({in_step}; last op {last}), lost {lost}",
+        w.name,
+        w.seed,
+        log.len(),
+    )
+}
+
+/// Our checks of one crashed disk: it opens, our `check()` finds no
+/// corruption, and the guest disk reads back its durable data (read into
+/// `buf` a piece at a time). Returns the failures and whether the check
+/// found leaks.
+fn check_crashed(
+    w: &Workload,
+    disk: &[u8],
+    durable: &Durable,
+    maybe: &[Change],
+    buf: &mut [u8],
+) -> (Vec<String>, bool) {
+    let mut found = Vec::new();
+    let mut leaky = false;
+    let mut img = match w.open_slice(disk) {
+        Ok(img) => img,
+        Err(e) => return (vec![e], false),
+    };
+    match img.check() {
+        Err(e) => found.push(format!("check() failed: {e}")),
+        Ok(rep) if rep.corruptions > 0 || rep.check_errors > 0 => found.push(format!(
+            "check: {} corruptions, {} check errors, {} leaks: {}",
+            rep.corruptions,
+            rep.check_errors,
+            rep.leaks,
+            errors_first(&rep.messages)
+        )),
+        Ok(rep) => leaky = rep.leaks > 0,
+    }
+    let size = durable.bytes.len();
+    let mut at = 0usize;
+    while at < size {
+        let n = (size - at).min(buf.len());
+        let got = &mut buf[..n];
+        if let Err(e) = img.read_at(at as u64, got) {
+            found.push(format!("read of guest {at:#x}+{n:#x} failed: {e}"));
+            break;
+        }
+        if let Err(m) = verify_guest(got, durable, at, maybe) {
+            found.push(m);
+            break;
+        }
+        at += n;
+    }
+    (found, leaky)
 }
 
 /// A crashed image must accept writes: open it read-write, write over the
@@ -921,7 +1490,8 @@ fn write_after_crash(w: &Workload, disk: Vec<u8>) -> Result<(), String> {
     if rep.corruptions > 0 {
         return Err(format!(
             "after writing on the crashed image: {} corruptions: {:?}",
-            rep.corruptions, rep.messages
+            rep.corruptions,
+            errors_first(&rep.messages)
         ));
     }
     let mut got = vec![0u8; 3000];
@@ -1019,7 +1589,7 @@ fn plain_workload(seed: u64) -> Workload {
 fn crash_plain_64k_clusters() {
     crash_test(
         &plain_workload(seed_for("crash_plain_64k_clusters", 1)),
-        400,
+        &Limits::standard(),
     );
 }
 
@@ -1039,23 +1609,149 @@ fn harness_catches_a_storage_that_ignores_flushes() {
         &Limits {
             barrier_window: 4,
             qemu: false,
-            ..Limits::standard(400)
+            ..Limits::standard()
         },
     );
+    let t = &out.tally;
     assert!(
         out.failure_count > 10,
-        "a storage ignoring flushes went unnoticed ({} failures)",
+        "{} (seed {}): a storage ignoring flushes went unnoticed ({} failures)",
+        w.name,
+        w.seed,
         out.failure_count
     );
-    let text = out.failures.join("\n");
     eprintln!(
-        "{} failures found as expected, e.g.:\n{}",
+        "{} failures found as expected ({} lost data, {} found by our check), e.g.:\n{}",
         out.failure_count,
+        t.durability_failures,
+        t.check_failures,
         out.failures[..out.failures.len().min(3)].join("\n")
     );
     assert!(
-        text.contains("durability:") && text.contains("corruptions"),
-        "expected both lost data and corrupt refcounts:\n{text}"
+        t.durability_failures > 0 && t.check_failures > 0,
+        "{} (seed {}): expected both lost data ({}) and corrupt images ({}):\n{}",
+        w.name,
+        w.seed,
+        t.durability_failures,
+        t.check_failures,
+        out.failures.join("\n")
+    );
+}
+
+/// The harness loses unflushed length changes as a storage may: a lost
+/// extension leaves the file shorter, unless a later write beyond the end
+/// extends it; a lost shrink keeps the bytes it would have cut. The plan
+/// replays such losses (the refcount-growth test checks that a real
+/// workload has crash states that lost one).
+#[test]
+fn harness_loses_unflushed_length_changes() {
+    let w = |offset: u64, byte: u8, len: usize| LogOp::Write {
+        offset,
+        data: vec![byte; len],
+    };
+    let flushed = vec![1u8; 1024];
+    let state = |p: usize, dropped: &[usize]| CrashState {
+        p,
+        f: 2,
+        dropped: dropped.to_vec(),
+        qemu: false,
+    };
+    let check = |log: &[LogOp], st: CrashState, want: &[u8], what: &str| {
+        let mut got = Vec::new();
+        crashed_disk(&flushed, log, &st, &mut got);
+        assert!(
+            got.len() == want.len() && got == want,
+            "{what} (lost {:?}): {} bytes, expected {}; {}",
+            st.dropped,
+            got.len(),
+            want.len(),
+            first_mismatch(&got, want).unwrap_or_default()
+        );
+    };
+    let mut written = vec![1u8; 1024];
+    written.resize(6000, 0);
+    written.extend_from_slice(&[3; 8]);
+
+    // An extension (#2), then a write beyond its end (#3).
+    let grow = [
+        w(0, 1, 1024),
+        LogOp::Flush,
+        LogOp::SetLen(4096),
+        w(6000, 3, 8),
+    ];
+    check(&grow, state(4, &[]), &written, "nothing lost");
+    check(
+        &grow,
+        state(4, &[2]),
+        &written,
+        "the write extends the file",
+    );
+    check(
+        &grow,
+        state(4, &[3]),
+        &written[..4096],
+        "the extension stays",
+    );
+    check(&grow, state(4, &[2, 3]), &flushed, "both lost");
+    check(&grow, state(3, &[2]), &flushed, "the extension lost");
+
+    // A shrink (#2), then an extension (#3).
+    let shrink = [
+        w(0, 1, 1024),
+        LogOp::Flush,
+        LogOp::SetLen(512),
+        LogOp::SetLen(2048),
+    ];
+    let mut cut = vec![1u8; 512];
+    cut.resize(2048, 0);
+    let mut kept = flushed.clone();
+    kept.resize(2048, 0);
+    check(&shrink, state(4, &[]), &cut, "nothing lost");
+    check(&shrink, state(4, &[2]), &kept, "the old bytes stay");
+    check(&shrink, state(4, &[3]), &flushed[..512], "the shrink stays");
+    check(&shrink, state(4, &[2, 3]), &flushed, "both lost");
+
+    // The plan loses them: alone, all of them, and with random writes.
+    let log = vec![
+        w(0, 1, 1024),
+        LogOp::Flush,
+        w(1024, 2, 512),
+        LogOp::SetLen(4096),
+        w(2048, 3, 512),
+        LogOp::SetLen(8192),
+        w(4096, 4, 512),
+        w(8192, 5, 512),
+        LogOp::Flush,
+    ];
+    let rec = Recorded {
+        initial: Vec::new(),
+        log,
+        steps: Vec::new(),
+        base: Vec::new(),
+    };
+    let limits = Limits {
+        qemu: false,
+        ..Limits::standard()
+    };
+    let seed = seed_for("harness_loses_unflushed_length_changes", 6);
+    let states = plan(&rec, &Marks::new(&rec, 1), &limits, &mut SplitMix64(seed));
+    // A disk replayed once is not replayed again: look for the surviving
+    // operations.
+    let survived = |ops: &[usize]| {
+        states.iter().any(|st| {
+            st.f == 2
+                && (2..st.p)
+                    .filter(|i| st.dropped.binary_search(i).is_err())
+                    .eq(ops.iter().copied())
+        })
+    };
+    assert!(
+        survived(&[2, 4, 5, 6, 7]) && survived(&[2, 3, 4, 6, 7]),
+        "seed {seed}: before the flush, each length change is lost alone"
+    );
+    assert!(
+        survived(&[2, 4, 6, 7]) && survived(&[3, 5]),
+        "seed {seed}: before the flush, all length changes are lost, and all writes"
     );
 }
 
@@ -1167,7 +1863,7 @@ fn crash_extended_l2_with_backing() {
         ops,
         ..Workload::default()
     };
-    crash_test(&w, 400);
+    crash_test(&w, &Limits::standard());
 }
 
 /// An image made by qemu-img with data, compressed and zero clusters and an
@@ -1250,7 +1946,7 @@ fn crash_on_a_qemu_image_with_a_snapshot() {
         ops,
         ..Workload::default()
     };
-    crash_test(&w, 400);
+    crash_test(&w, &Limits::standard());
 }
 
 /// Refcount table offset and number of nonzero entries, read from the disk.
@@ -1308,17 +2004,46 @@ fn crash_refcount_table_growth_512_byte_clusters() {
     assert_eq!(
         img.header().refcount_table_offset,
         off_after,
-        "in-memory header and disk agree"
+        "seed {seed}: in-memory header and disk agree"
     );
     assert_ne!(
         off_before, off_after,
-        "the workload was meant to relocate the refcount table"
+        "seed {seed}: the workload was meant to relocate the refcount table"
     );
     assert!(
         used_after > used_before + 50,
-        "the workload was meant to add refcount blocks ({used_before} -> {used_after})"
+        "seed {seed}: the workload was meant to add refcount blocks ({used_before} -> {used_after})"
     );
-    replay(&w, &rec, &Limits::standard(300)).assert_clean();
+    // Every prefix of the log (thousands of operations), plus about 4000
+    // random drop sets between flushes in all (at most two per prefix):
+    // a crash state costs ~5 ms in a debug build.
+    let prefixes = rec.log.len() as u64 + 1;
+    let out = replay(
+        &w,
+        &rec,
+        &Limits {
+            between_pct: (400_000 / prefixes).min(200),
+            ..Limits::standard()
+        },
+    );
+    out.assert_clean();
+    let t = &out.tally;
+    assert_eq!(
+        out.prefixes,
+        out.log_ops + 1,
+        "{} (seed {seed}): every prefix of the log is replayed",
+        w.name
+    );
+    // Lost length changes were replayed, some left the file shorter, and
+    // qemu-img checked some of them.
+    assert!(
+        t.dropped_set_len > 0 && t.other_length > 0 && t.qemu_set_len > 0,
+        "{} (seed {seed}): {} crash states lost a length change ({} of another length), {} checked by qemu-img",
+        w.name,
+        t.dropped_set_len,
+        t.other_length,
+        t.qemu_set_len
+    );
     final_state_is_clean(&w, img);
 }
 
@@ -1397,7 +2122,7 @@ fn crash_v2_raw_backing_small_caches() {
         ops,
         ..Workload::default()
     };
-    crash_test(&w, 400);
+    crash_test(&w, &Limits::standard());
 }
 
 /// QEMU crashing with lazy refcounts leaves a dirty image whose refcounts

@@ -152,6 +152,9 @@ def main():
                     if template:
                         shutil.copy(os.path.join(d, template), os.path.join(d, out + ".qcow2"))
                     cmd = [ours if tool == "ours" else "qemu-img"] + [a.replace("{out}", out) for a in argv]
+                    # Write-back of what earlier runs wrote must not land
+                    # on this one.
+                    os.sync()
                     wall, peak = run_timed(cmd, d)
                     times[tool].append(wall)
                     peaks[tool] = max(peaks[tool], peak)

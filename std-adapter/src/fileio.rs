@@ -162,11 +162,7 @@ impl FileIo {
     fn direct_read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset + done as u64;
-            let start = pos - pos % ALIGN as u64;
-            let skip = (pos - start) as usize;
-            let want = (buf.len() - done).min(DIRECT_PIECE - skip);
-            let len = (skip + want).div_ceil(ALIGN) * ALIGN;
+            let (start, skip, want, len) = piece(offset + done as u64, buf.len() - done);
             let w = window(&mut self.bounce, len);
             let got = read_full(&self.file, w, start)?;
             let useful = got.saturating_sub(skip).min(want);
@@ -186,11 +182,7 @@ impl FileIo {
         let old_len = self.file.metadata()?.len();
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = offset + done as u64;
-            let start = pos - pos % ALIGN as u64;
-            let skip = (pos - start) as usize;
-            let n = (buf.len() - done).min(DIRECT_PIECE - skip);
-            let len = (skip + n).div_ceil(ALIGN) * ALIGN;
+            let (start, skip, n, len) = piece(offset + done as u64, buf.len() - done);
             let w = window(&mut self.bounce, len);
             if skip != 0 || n % ALIGN != 0 {
                 // Keep the bytes of the partial blocks around the data.
@@ -208,6 +200,16 @@ impl FileIo {
         }
         Ok(())
     }
+}
+
+/// The next piece of an `O_DIRECT` transfer at `pos` with `left` bytes to
+/// go: the aligned start, the bytes to skip there, the bytes of the
+/// transfer in this piece, and the aligned length to read or write.
+fn piece(pos: u64, left: usize) -> (u64, usize, usize, usize) {
+    let start = pos - pos % ALIGN as u64;
+    let skip = (pos - start) as usize;
+    let n = left.min(DIRECT_PIECE - skip);
+    (start, skip, n, (skip + n).div_ceil(ALIGN) * ALIGN)
 }
 
 /// An [`ALIGN`]-aligned window of `len` bytes in `bounce` (grown as needed).

@@ -7,13 +7,15 @@
 //!   print their seeds;
 //! - [`mem`]: in-memory images and the [`Files`] opener;
 //! - [`diff`]: describing where bytes and files differ;
-//! - [`be`]: big-endian fields of a byte buffer (reading and patching).
+//! - [`be`]: big-endian fields of a byte buffer (reading and patching);
+//! - [`heap`]: a counting global allocator for tests that bound heap use.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod be;
 pub mod diff;
+pub mod heap;
 pub mod mem;
 pub mod qemu;
 pub mod rng;

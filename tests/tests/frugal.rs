@@ -2,42 +2,15 @@
 //! slices of L2 tables, return the same bytes as qemu-img, and the heap
 //! stays far below one cluster (measured by a counting allocator).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use qcowkit_core::OpenOptions;
 use qcowkit_std::{Disk, DiskOptions};
+use qcowkit_tests::heap::{self, reset_peak};
 use qcowkit_tests::*;
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-        PEAK.fetch_max(now, Ordering::SeqCst);
-        // SAFETY: same layout contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-        // SAFETY: `ptr` came from `System.alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn reset_peak() -> usize {
-    let now = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(now, Ordering::SeqCst);
-    now
-}
+static GLOBAL: heap::Counting = heap::Counting;
 
 /// Opens `image` frugally, reads it all in 4 KiB pieces comparing with
 /// `expected` (a raw file), and returns (heap growth during open, during reading).
@@ -59,7 +32,7 @@ fn frugal_read(s: &Scratch, image: &str, expected: &str, slice: u64) -> (usize, 
     };
     let base = reset_peak();
     let mut disk = Disk::open(&path, &opts).unwrap();
-    let open_peak = PEAK.load(Ordering::SeqCst) - base;
+    let open_peak = heap::peak() - base;
     assert_eq!(disk.size(), size, "{image}");
     let base = reset_peak();
     let mut pos = 0;
@@ -73,7 +46,7 @@ fn frugal_read(s: &Scratch, image: &str, expected: &str, slice: u64) -> (usize, 
         );
         pos += n as u64;
     }
-    let read_peak = PEAK.load(Ordering::SeqCst) - base;
+    let read_peak = heap::peak() - base;
     (open_peak, read_peak)
 }
 

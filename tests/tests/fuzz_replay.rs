@@ -9,35 +9,13 @@
 #[path = "../../fuzz/harness.rs"]
 mod harness;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static TOTAL: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-        PEAK.fetch_max(now, Ordering::SeqCst);
-        TOTAL.fetch_add(layout.size(), Ordering::SeqCst);
-        // SAFETY: same layout contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
-        // SAFETY: `ptr` came from `System.alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+use qcowkit_tests::heap;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: heap::Counting = heap::Counting;
 
 /// Most heap one input may hold at once: the harnesses' storage limit
 /// (64 MiB, for the write target's growing image, plus its copy while a
@@ -81,13 +59,12 @@ fn replay(target: &str, run: fn(&[u8])) {
     let mut most = (0, 0);
     for sub in ["corpus", "regressions"] {
         for (name, bytes) in inputs(&root.join(sub).join(target)) {
-            let base = CURRENT.load(Ordering::SeqCst);
-            PEAK.store(base, Ordering::SeqCst);
-            let total = TOTAL.load(Ordering::SeqCst);
+            let base = heap::reset_peak();
+            let total = heap::total();
             let r = std::panic::catch_unwind(|| run(&bytes));
             assert!(r.is_ok(), "{target}: {name} panicked");
-            let peak = PEAK.load(Ordering::SeqCst) - base;
-            let all = TOTAL.load(Ordering::SeqCst) - total;
+            let peak = heap::peak() - base;
+            let all = heap::total() - total;
             assert!(
                 peak <= PEAK_BUDGET,
                 "{target}: {name} held {peak} bytes at once"

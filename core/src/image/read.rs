@@ -62,6 +62,10 @@ impl Extent {
 /// the work per chunk when data and zeros alternate finely.
 const CHUNK_EXTENTS: usize = 64;
 
+/// Zero runs shorter than this inside data are read as zeros into the data
+/// chunk rather than ending it (see [`Image::read_chunk`]).
+const ZERO_SPLIT: u64 = 1 << 20;
+
 /// What [`Image::read_chunk`] produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chunk {
@@ -367,12 +371,16 @@ impl<R: BlockRead> Image<R> {
             return Ok(Chunk::Zero(zero - pos));
         }
         // Data: up to the buffer's size or the first zero run that holds a
-        // whole aligned block.
+        // whole aligned block and is long enough to be worth a chunk of its
+        // own (shorter ones are read as zeros inside the data, so chunks
+        // stay large: fewer hand-offs, bigger decompression batches; sinks
+        // still find the zeros).
         ext.clear();
         self.extents_capped(pos, window.min(max), CHUNK_EXTENTS, &mut ext)?;
+        let split = ZERO_SPLIT.max(align);
         let mut data_end = pos;
         for e in &ext {
-            if e.source == Source::Zero && e.start > pos {
+            if e.source == Source::Zero && e.start > pos && (e.len >= split || e.end() == end) {
                 let block = e.start.div_ceil(align).saturating_mul(align);
                 if block < round(e.end()) || e.end() == end {
                     data_end = block.min(e.end());

@@ -358,7 +358,7 @@ pub fn write_sparse(out: &mut FileIo, data: &[u8], offset: u64) -> std::io::Resu
     let mut i = 0;
     while i < data.len() {
         let end = (i + BLOCK).min(data.len());
-        let zero = data[i..end].iter().all(|b| *b == 0);
+        let zero = qcowkit_core::copy::is_zero(&data[i..end]);
         match (zero, run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(s)) => {

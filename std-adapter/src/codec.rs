@@ -9,9 +9,11 @@ use qcowkit_core::header::CompressionType;
 
 /// QEMU's zstd level (`ZSTD_CLEVEL_DEFAULT`).
 const ZSTD_LEVEL: i32 = 3;
-/// The deflate level: libdeflate's 6 compresses a little better than zlib's
-/// default (QEMU's), about three times as fast.
-const DEFLATE_LEVEL: i32 = 6;
+/// The deflate level. libdeflate's level 1 still packs denser than QEMU's
+/// zlib streams (default level, 4 KiB window): 110 MB against qemu-img's
+/// 135 MB for 256 MiB of text (level 6: 101 MB), at about twice the speed
+/// of level 6 and four times qemu-img's.
+const DEFLATE_LEVEL: i32 = 1;
 
 /// One thread's codec state, reused from cluster to cluster.
 #[derive(Default)]

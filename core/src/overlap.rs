@@ -25,10 +25,12 @@ pub const INACTIVE_L1: u16 = 1 << 6;
 pub const BITMAP_DIRECTORY: u16 = 1 << 7;
 /// The encryption header.
 pub const CRYPTO_HEADER: u16 = 1 << 8;
+/// An L2 table of an internal snapshot's L1 table.
+pub const INACTIVE_L2: u16 = 1 << 9;
 
 /// QEMU's name of the first kind in `kinds`.
 pub fn name(kinds: u16) -> &'static str {
-    const NAMES: [&str; 9] = [
+    const NAMES: [&str; 10] = [
         "qcow2 header",
         "active L1 table",
         "active L2 table",
@@ -38,6 +40,7 @@ pub fn name(kinds: u16) -> &'static str {
         "inactive L1 table",
         "bitmap directory",
         "encryption header",
+        "inactive L2 table",
     ];
     let i = usize::try_from(kinds.trailing_zeros()).unwrap_or(usize::MAX);
     NAMES.get(i).copied().unwrap_or("metadata")

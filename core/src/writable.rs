@@ -64,10 +64,17 @@ pub struct WritableImage<R: BlockWrite> {
     pub(crate) rebuilding: Option<crate::check::Refs>,
 }
 
-/// The metadata of `img` as QEMU's overlap checks see it: header, active
-/// L1 and L2 tables, refcount table and blocks, snapshot table and
-/// inactive L1 tables, bitmap directory, encryption header.
-fn metadata_of<R: BlockRead>(img: &Image<R>, refcounts: &Refcounts) -> MetadataMap {
+/// Snapshot L1 entries read at most when the metadata map is built (32 MiB
+/// of tables, QEMU's limit for one): bounds the work on hostile snapshot
+/// tables; tables past it are protected by their refcounts only.
+const MAX_INACTIVE_L1_ENTRIES: u64 = 4 << 20;
+
+/// The metadata of `img` as QEMU's overlap checks see it (header, active
+/// L1 and L2 tables, refcount table and blocks, snapshot table, inactive
+/// L1 tables, bitmap directory, encryption header), plus the snapshots' L2
+/// tables, which QEMU checks only in its slowest mode: a damaged image
+/// whose refcounts miss a snapshot's table must not lose it to guest data.
+fn metadata_of<R: BlockRead>(img: &mut Image<R>, refcounts: &Refcounts) -> Res<MetadataMap, R> {
     let h = &img.header;
     let cs = h.cluster_size();
     let mut m = MetadataMap::new();
@@ -118,7 +125,37 @@ fn metadata_of<R: BlockRead>(img: &Image<R>, refcounts: &Refcounts) -> MetadataM
     if let Some(c) = h.crypto {
         m.insert(c.offset, c.length, overlap::CRYPTO_HEADER);
     }
-    m
+    // The snapshots' L2 tables, each distinct L1 table read once and only
+    // as far as the file holds it.
+    let mut seen: alloc::collections::BTreeSet<(u64, u32)> = alloc::collections::BTreeSet::new();
+    let mut budget = MAX_INACTIVE_L1_ENTRIES;
+    let tables: Vec<(u64, u32)> = img
+        .snapshots
+        .iter()
+        .map(|s| (s.l1_table_offset, s.l1_size))
+        .collect();
+    let mut raw = alloc::vec![0u8; 64 << 10];
+    for (off, size) in tables {
+        if !seen.insert((off, size)) || off % cs != 0 {
+            continue;
+        }
+        let bytes = (u64::from(size) * 8).min(img.file_len.saturating_sub(off));
+        let mut done = 0u64;
+        while done < bytes && budget > 0 {
+            let n = (bytes - done).min(to_u64(raw.len())).min(budget * 8);
+            let piece = &mut raw[..to_usize(n).unwrap_or(0)];
+            img.io.read_at(off + done, piece).map_err(Error::Io)?;
+            for e in piece.chunks_exact(8) {
+                let l2 = l2::l1_offset(crate::bytes::be64(e, 0));
+                if l2 != 0 && l2 % cs == 0 {
+                    m.insert(l2, cs, overlap::INACTIVE_L2);
+                }
+            }
+            done += n;
+            budget = budget.saturating_sub(n / 8);
+        }
+    }
+    Ok(m)
 }
 
 impl<R: BlockWrite> Deref for WritableImage<R> {
@@ -175,7 +212,7 @@ impl<R: BlockWrite> WritableImage<R> {
             img.l2_cache = crate::cache::TableCache::new(cap);
         }
         let refcounts = Refcounts::load(&mut img.io, &img.header, img.refcount_cache_blocks)?;
-        let metadata = metadata_of(&img, &refcounts);
+        let metadata = metadata_of(&mut img, &refcounts)?;
         let file_end = img.file_len;
         let mut w = WritableImage {
             img,

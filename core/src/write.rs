@@ -178,16 +178,19 @@ impl<R: BlockWrite> WritableImage<R> {
             ));
         }
         if l2_off != 0 {
-            // Modified in place only if it is nothing but an L2 table.
-            self.guard(l2_off, cs, overlap::ACTIVE_L2)?;
+            // An L2 table (maybe one a snapshot shares), never anything else.
+            self.guard(l2_off, cs, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
         }
-        if l2_off != 0 && l1e & COPIED != 0 {
-            return Ok(l2_off);
-        }
-        if l2_off != 0 && self.refcount(l2_off / cs)? == 1 {
-            // Exclusively owned but the flag is missing: just set it.
-            self.img.l1[idx] = l2_off | COPIED;
-            self.dirty_l1.insert(idx);
+        // A snapshot's table is never modified in place, whatever the flag
+        // or the refcount on disk claim (a damaged image).
+        let shared = l2_off != 0 && self.metadata.kinds(l2_off, cs) & overlap::INACTIVE_L2 != 0;
+        let exclusive = l2_off != 0 && (l1e & COPIED != 0 || self.refcount(l2_off / cs)? == 1);
+        if exclusive && !shared {
+            if l1e & COPIED == 0 {
+                // Exclusively owned but the flag is missing: just set it.
+                self.img.l1[idx] = l2_off | COPIED;
+                self.dirty_l1.insert(idx);
+            }
             return Ok(l2_off);
         }
         // Copy-on-write of a table shared with a snapshot: its contents.
@@ -208,8 +211,12 @@ impl<R: BlockWrite> WritableImage<R> {
         }
         self.metadata.insert(new, cs, overlap::ACTIVE_L2);
         if l2_off != 0 {
-            self.defer_free(l2_off, cs);
-            // Only the snapshot's (inactive) table from now on.
+            // Only the snapshot's (inactive) table from now on. Its refcount
+            // drops by the active table's reference, unless the image
+            // claimed it exclusive: then the count on disk never had it.
+            if !exclusive {
+                self.defer_free(l2_off, cs);
+            }
             self.metadata.remove(l2_off, cs, overlap::ACTIVE_L2);
         }
         self.img.l2_cache.insert_dirty(new, contents);

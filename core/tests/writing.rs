@@ -294,3 +294,47 @@ fn a_table_left_by_copy_on_write_is_not_reused_before_the_flush() {
         );
     }
 }
+
+#[test]
+fn a_snapshots_l2_table_is_never_handed_out_whatever_its_refcount() {
+    // Found by the fuzzer: with a damaged refcount, a snapshot's L2 table
+    // (not the active one's) read as free and took guest data. The
+    // snapshot's tables are in the metadata map now.
+    let mut disk = image("snap-4k");
+    let be = |d: &[u8], at: usize, n: usize| {
+        d[at..at + n]
+            .iter()
+            .fold(0u64, |a, x| a << 8 | u64::from(*x))
+    };
+    let cs = 1usize << be(&disk, 20, 4);
+    assert_eq!(be(&disk, 60, 4), 1, "one snapshot");
+    let snap = be(&disk, 64, 8) as usize;
+    let snap_l1 = be(&disk, snap, 8) as usize;
+    let active_l1 = be(&disk, 40, 8) as usize;
+    let snap_l2 = (be(&disk, snap_l1, 8) & 0x00ff_ffff_ffff_fe00) as usize;
+    let active_l2 = (be(&disk, active_l1, 8) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert!(
+        snap_l2 != 0 && snap_l2 != active_l2,
+        "the snapshot has its own L2 table"
+    );
+    assert_eq!(be(&disk, 96, 4), 4, "16-bit refcounts");
+    let block = be(&disk, be(&disk, 48, 8) as usize, 8) as usize;
+    let entry = block + 2 * (snap_l2 / cs);
+    assert_eq!(be(&disk, entry, 2), 1);
+    disk[entry..entry + 2].fill(0);
+    let table = disk[snap_l2..snap_l2 + cs].to_vec();
+
+    let mut img = open_rw("snap-4k", disk, &OpenOptions::default());
+    let size = img.size();
+    let mut rng = Rng::seeded("snapshot_l2", 11);
+    for _ in 0..64 {
+        let at = rng.below(size / 4096) * 4096;
+        img.write_at(at, &[0x5c; 4096]).unwrap();
+    }
+    img.flush().unwrap();
+    let after = img.into_inner();
+    assert!(
+        after[snap_l2..snap_l2 + cs] == table[..],
+        "the snapshot's L2 table changed"
+    );
+}

@@ -55,8 +55,9 @@ for t in "${targets[@]}"; do
     zstd -q -19 "$f" -o "packed/$t/$(basename "$f").zst"
   done
   rm -f corpus/"$t"/*.zst
-  ls -S -r packed/"$t" | head -n "${KEEP:-150}" \
-    | while read -r f; do cp "packed/$t/$f" "corpus/$t/"; done
+  # (No `ls | head` pipe: head closing early fails the pipeline.)
+  mapfile -t smallest < <(ls -S -r packed/"$t")
+  for f in "${smallest[@]:0:${KEEP:-150}}"; do cp "packed/$t/$f" "corpus/$t/"; done
 done
 seeds
 for t in "${targets[@]}"; do

@@ -217,7 +217,7 @@ impl Sink for Forward<'_> {
 }
 
 /// Copies guest `[start, end)` of `disk` into `target`, reading on this
-/// thread while a second one writes (at most [`IN_FLIGHT`] chunks apart),
+/// thread while a second one writes (at most a few chunks apart),
 /// with chunks aligned to `align`.
 pub fn copy_threaded<S>(
     disk: &mut Disk,

@@ -2,7 +2,7 @@
 //! binary registers [`Counting`] and reads the bytes held now, the peak
 //! since [`reset_peak`] and the bytes allocated in all.
 //!
-//! ```ignore
+//! ```text
 //! #[global_allocator]
 //! static GLOBAL: qcowkit_tests::heap::Counting = qcowkit_tests::heap::Counting;
 //! ```

@@ -127,7 +127,6 @@ impl<R: BlockWrite> WritableImage<R> {
             // Never cluster 0, never a cluster holding metadata, whatever
             // the refcounts on disk say.
             let cs = 1u64 << self.img.header.cluster_bits;
-            let referenced = self.rebuilding.as_ref().is_some_and(|r| r.get(c) > 0);
             let kinds = self.metadata.kinds(c * cs, cs);
             if kinds != 0 && c * cs >= self.file_end.saturating_add(cs) {
                 // Metadata said to lie a cluster or more past the end of the
@@ -138,8 +137,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 // the image marked corrupt.
                 return Err(self.overlap_error(kinds, c * cs, cs));
             }
-            let free = !referenced && kinds == 0 && self.unused(c)?;
-            if free {
+            if self.unused(c)? {
                 if run == 0 {
                     start = c;
                 }

@@ -1,17 +1,28 @@
-//! Reads a whole image through the library in 1 MiB `read_at` calls and
-//! prints the time taken (the library-read figure of `scripts/bench.sh`'s
-//! peer comparison): `cargo run --release --example read_chunks -- IMAGE`.
+//! Reads a whole image through the library in `read_at` calls of one size
+//! (1 MiB unless given) and prints the time taken:
+//! `cargo run --release --example read_chunks -- IMAGE [CHUNK_BYTES] [--no-read-ahead]`.
 
 use std::time::Instant;
 
 use qcowkit_std::{Disk, DiskOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).ok_or("usage: read_chunks IMAGE")?;
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: read_chunks IMAGE [CHUNK_BYTES] [--no-read-ahead]";
+    let path = args.next().ok_or(usage)?;
+    let mut chunk = 1 << 20;
+    let mut opts = DiskOptions::default();
+    for a in args {
+        if a == "--no-read-ahead" {
+            opts.read_ahead = 0;
+        } else {
+            chunk = a.parse().map_err(|_| usage)?;
+        }
+    }
     let start = Instant::now();
-    let mut disk = Disk::open(path.as_ref(), &DiskOptions::default())?;
+    let mut disk = Disk::open(path.as_ref(), &opts)?;
     let size = disk.size();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; chunk];
     let mut sum = 0u64;
     let mut pos = 0;
     while pos < size {

@@ -29,6 +29,8 @@ fn frugal_read(s: &Scratch, image: &str, expected: &str, slice: u64) -> (usize, 
         },
         follow: qcowkit_std::Follow::Any,
         force_share: false,
+        // No window: the heap measured is the core's alone.
+        read_ahead: 0,
     };
     let base = reset_peak();
     let mut disk = Disk::open(&path, &opts).unwrap();

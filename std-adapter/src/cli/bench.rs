@@ -149,6 +149,8 @@ fn bench(a: &Args) -> Result<(), String> {
             qcow2: OpenOptions::default(),
             follow: a.files.policy(),
             force_share: a.force_share,
+            // Each request reaches the file, as qemu-img bench's do.
+            read_ahead: 0,
         };
         Target::Ro(
             Disk::open_with_cache(Path::new(&a.filename), &opts, a.cache)

@@ -4,7 +4,7 @@
 use clap::Parser;
 
 use super::{open_disk, parse_format, report, Output};
-use crate::Disk;
+use crate::DiskImage;
 use qcowkit_core::report::CheckSummary;
 use qcowkit_core::{CheckReport, OpenOptions};
 
@@ -62,9 +62,9 @@ pub fn run(a: &Args) -> u8 {
             return 1;
         }
     };
-    let mut img = match disk {
-        Disk::Qcow2(img) => img,
-        Disk::Raw { .. } => {
+    let mut img = match disk.into_image() {
+        DiskImage::Qcow2(img) => img,
+        DiskImage::Raw { .. } => {
             report("check", "This image format does not support checks");
             return 63;
         }

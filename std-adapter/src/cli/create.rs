@@ -80,7 +80,7 @@ pub fn build(
                     ..OpenOptions::default()
                 },
                 follow: crate::Follow::Any,
-                force_share: false,
+                ..DiskOptions::default()
             };
             let disk = Disk::open(Path::new(&full), &opts)
                 .map_err(|e| format!("Could not open backing file '{full}': {e}"))?;

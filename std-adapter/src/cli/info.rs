@@ -3,7 +3,7 @@
 use clap::Parser;
 
 use super::{human, open_disk, parse_format, report, Output};
-use crate::{Disk, Format};
+use crate::{Disk, DiskImage, Format};
 use qcowkit_core::report::{Info, InfoParams};
 use qcowkit_core::{BlockRead, OpenOptions};
 
@@ -95,12 +95,12 @@ pub fn run(a: &Args) -> u8 {
 
 /// qemu-img's info report for one image.
 pub fn image_info(name: &str, disk: Disk) -> Info {
-    match disk {
-        Disk::Raw(mut raw) => {
+    match disk.into_image() {
+        DiskImage::Raw(mut raw) => {
             let actual = raw.io.allocated_size().ok().flatten().unwrap_or(0);
             Info::raw(name, raw.size, actual)
         }
-        Disk::Qcow2(mut img) => {
+        DiskImage::Qcow2(mut img) => {
             let actual = img.allocated_size().ok().flatten().unwrap_or(0);
             let full = img
                 .header()

@@ -5,7 +5,7 @@ use std::io::Write;
 use clap::Parser;
 
 use super::{parse_format, report, Output};
-use crate::Disk;
+use crate::{Disk, DiskImage};
 use qcowkit_core::report::MapEntry;
 use qcowkit_core::BlockStatus;
 
@@ -178,7 +178,7 @@ impl LayerNames {
 
 fn layer_names(disk: &Disk) -> LayerNames {
     let mut layers = Vec::new();
-    let Disk::Qcow2(img) = disk else {
+    let DiskImage::Qcow2(img) = disk.image() else {
         return LayerNames { layers };
     };
     let mut cur: &qcowkit_core::Image<crate::FileIo> = img;

@@ -175,6 +175,7 @@ pub fn open_disk_with(
             qcow2: opts,
             follow,
             force_share,
+            ..DiskOptions::default()
         },
     )
 }

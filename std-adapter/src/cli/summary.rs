@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::human;
-use crate::{Disk, DiskOptions, FileIo};
+use crate::{Disk, DiskImage, DiskOptions, FileIo};
 use qcowkit_core::map::Allocation;
 use qcowkit_core::{Backing, BlockRead, Image, OpenOptions};
 
@@ -148,6 +148,7 @@ pub fn describe(
                 },
                 follow: crate::Follow::None,
                 force_share,
+                ..DiskOptions::default()
             };
             (Disk::open(Path::new(path), &opts)?, Some(e.to_string()))
         }
@@ -166,15 +167,15 @@ pub fn describe(
         ..Summary::default()
     };
     t += &format!("  virtual size:  {} ({} bytes)\n", human::size(size), size);
-    match &mut disk {
-        Disk::Raw(raw) => {
+    match disk.image_mut() {
+        DiskImage::Raw(raw) => {
             t += "  format:        raw\n";
             j.format = "raw";
             if let Ok(Some(a)) = raw.io.allocated_size() {
                 t += &format!("  disk usage:    {}\n", human::size(a));
             }
         }
-        Disk::Qcow2(img) => {
+        DiskImage::Qcow2(img) => {
             let h = img.header().clone();
             let compat = if h.version == 2 { "0.10" } else { "1.1" };
             t += &format!(

@@ -51,6 +51,12 @@ if [ "$(wasm-pack --version 2>/dev/null | awk '{print $2}')" != "0.15.1" ]; then
   echo "== installing wasm-pack 0.15.1"
   cargo install wasm-pack --version 0.15.1 --locked
 fi
+# cmake: the qcow crate of the peer comparison (bench/qcow-reader) builds
+# zlib-ng with it.
+if ! need cmake; then
+  echo "== installing cmake"
+  apt-get update -qq && apt-get install -y -qq cmake
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install cargo-nextest --version 0.9.143 --locked
@@ -116,5 +122,11 @@ echo "== web demo: build (npm ci && npm run build) and end-to-end tests in Chrom
   npm run build
   timeout 600 node tests/e2e.mjs
 )
+
+echo "== benchmarks outside the default build (bench/, bench/qcow-reader/): fmt and clippy, so they keep building"
+for m in bench/Cargo.toml bench/qcow-reader/Cargo.toml; do
+  cargo fmt --manifest-path "$m" -- --check
+  cargo clippy --manifest-path "$m" --all-targets -- -D warnings
+done
 
 echo "== all tests passed"

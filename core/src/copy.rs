@@ -210,6 +210,8 @@ pub struct ImageSink<'a, W: BlockWrite> {
     base: Vec<u8>,
     /// Encoders for compressed clusters (the core's when `None`).
     codec: Option<&'a mut (dyn Codec + Send)>,
+    /// Output buffers of compression jobs, kept for the next chunk.
+    spare: Vec<Vec<u8>>,
 }
 
 /// What [`ImageSink`] does with one target cluster.
@@ -244,6 +246,7 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
             over_backing: false,
             base: Vec::new(),
             codec: None,
+            spare: Vec::new(),
         }
     }
 
@@ -337,11 +340,13 @@ impl<W: BlockWrite> Sink for ImageSink<'_, W> {
             .iter()
             .filter(|p| p.2 == Action::Compress)
             .map(|&(s, e, _)| {
-                if to_u64(e - s) < cs {
+                let mut job = if to_u64(e - s) < cs {
                     PackJob::new(&padded)
                 } else {
                     PackJob::new(&data[s..e])
-                }
+                };
+                job.out = self.spare.pop().unwrap_or_default();
+                job
             })
             .collect();
         if !jobs.is_empty() {
@@ -357,7 +362,14 @@ impl<W: BlockWrite> Sink for ImageSink<'_, W> {
         let mut run: Option<usize> = None;
         for &(s, _, action) in &plan {
             let packed = match action {
-                Action::Compress => jobs.next().filter(|j| j.packed),
+                Action::Compress => match jobs.next() {
+                    Some(j) if j.packed => Some(j),
+                    Some(j) => {
+                        self.spare.push(j.out);
+                        None
+                    }
+                    None => None,
+                },
                 _ => None,
             };
             let plain = action == Action::Plain || (action == Action::Compress && packed.is_none());
@@ -368,6 +380,7 @@ impl<W: BlockWrite> Sink for ImageSink<'_, W> {
             }
             if let Some(job) = packed {
                 self.img.place_compressed(start + to_u64(s), &job.out)?;
+                self.spare.push(job.out);
             } else if plain && run.is_none() {
                 run = Some(s);
             }

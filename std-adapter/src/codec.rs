@@ -6,6 +6,7 @@ use qcowkit_core::compress::{
     compress_in_turn, decompress_in_turn, Codec, DecompressError, Job, PackJob,
 };
 use qcowkit_core::header::CompressionType;
+use std::sync::Mutex;
 
 /// QEMU's zstd level (`ZSTD_CLEVEL_DEFAULT`).
 const ZSTD_LEVEL: i32 = 3;
@@ -63,9 +64,9 @@ impl Worker {
     fn compress(&mut self, kind: CompressionType, input: &[u8], out: &mut Vec<u8>) -> bool {
         out.clear();
         // Anything not smaller than the cluster is stored plainly.
-        out.resize(input.len(), 0);
         let n = match kind {
             CompressionType::Zlib => {
+                out.resize(input.len(), 0);
                 let enc = self.deflate.get_or_insert_with(|| {
                     libdeflater::Compressor::new(
                         libdeflater::CompressionLvl::new(DEFLATE_LEVEL).unwrap_or_default(),
@@ -77,6 +78,9 @@ impl Worker {
                 if self.zstd.is_none() {
                     self.zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
                 }
+                // libzstd writes into the vector's spare capacity (no
+                // zeroing first).
+                out.reserve(input.len());
                 match self.zstd.as_mut() {
                     Some(enc) => enc.compress_to_buffer(input, out).ok(),
                     None => None,
@@ -175,24 +179,19 @@ impl Codec for NativeCodec {
         if self.workers.len() < 2 || jobs.len() < 2 {
             return decompress_in_turn(&mut One(self.first()), jobs);
         }
-        let per = jobs.len().div_ceil(self.workers.len());
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
-                .chunks_mut(per)
-                .zip(self.workers.iter_mut())
-                .enumerate()
-                .map(|(g, (group, worker))| {
-                    scope.spawn(move || {
-                        decompress_in_turn(&mut One(worker), group)
-                            .map_err(|(i, e)| (g * per + i, e))
-                    })
-                })
-                .collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join()
-                    .unwrap_or(Err((0, "decompression thread panicked")))
-            })
-        })
+        let count = jobs.len();
+        let queue = Mutex::new(jobs.iter_mut().enumerate());
+        let panicked = (0, "decompression thread panicked");
+        let failed = share(&mut self.workers, count, panicked, |worker| {
+            while let Some((i, job)) = next(&queue) {
+                if let Err(e) = worker.decompress(job.kind, job.input, job.out) {
+                    return Err((i, e));
+                }
+            }
+            Ok(())
+        });
+        // The first failure in job order, as decoding in turn would report.
+        failed.into_iter().min_by_key(|f| f.0).map_or(Ok(()), Err)
     }
 
     fn compress(&mut self, kind: CompressionType, input: &[u8], out: &mut Vec<u8>) -> bool {
@@ -203,13 +202,50 @@ impl Codec for NativeCodec {
         if self.workers.len() < 2 || jobs.len() < 2 {
             return compress_in_turn(&mut One(self.first()), kind, jobs);
         }
-        let per = jobs.len().div_ceil(self.workers.len());
-        std::thread::scope(|scope| {
-            for (group, worker) in jobs.chunks_mut(per).zip(self.workers.iter_mut()) {
-                scope.spawn(move || compress_in_turn(&mut One(worker), kind, group));
+        let count = jobs.len();
+        let queue = Mutex::new(jobs.iter_mut());
+        // A thread that panics leaves its jobs unpacked: they are stored
+        // plainly, which is always valid.
+        share(&mut self.workers, count, (), |worker| {
+            while let Some(job) = next(&queue) {
+                job.packed = worker.compress(kind, job.input, &mut job.out);
             }
+            Ok(())
         });
     }
+}
+
+/// Runs `work` on up to `jobs` workers at once: the calling thread with the
+/// first, a scoped thread with each other one. Each call of `work` takes
+/// jobs from a shared queue until it is empty, so a slow job does not hold
+/// up a fixed share of the others. Returns the errors the calls returned,
+/// and `panicked` for each spawned thread that panicked.
+fn share<E: Send + Clone>(
+    workers: &mut [Worker],
+    jobs: usize,
+    panicked: E,
+    work: impl Fn(&mut Worker) -> Result<(), E> + Sync,
+) -> Vec<E> {
+    let n = workers.len().min(jobs).max(1);
+    let (first, others) = workers[..n].split_at_mut(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = others.iter_mut().map(|w| scope.spawn(|| work(w))).collect();
+        let mut failed: Vec<E> = work(&mut first[0]).err().into_iter().collect();
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push(e),
+                Err(_) => failed.push(panicked.clone()),
+            }
+        }
+        failed
+    })
+}
+
+/// The next job of a shared queue (a poisoned lock still hands out jobs:
+/// the queue itself cannot be left inconsistent).
+fn next<I: Iterator>(queue: &Mutex<I>) -> Option<I::Item> {
+    queue.lock().unwrap_or_else(|p| p.into_inner()).next()
 }
 
 /// Inflates raw deflate `input` into all of `out` (one cluster); what

@@ -26,6 +26,10 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Errors that stopped part of the check (I/O errors).
     pub check_errors: u64,
+    /// Leaked clusters a repair freed (`qemu-img check -r`).
+    pub leaks_fixed: u64,
+    /// Corruptions a repair fixed.
+    pub corruptions_fixed: u64,
     /// Guest clusters of the virtual disk.
     pub total_clusters: u64,
     /// Guest clusters allocated in the active L1 table.
@@ -66,12 +70,12 @@ pub(crate) struct Findings<'a> {
 }
 
 impl<'a> Findings<'a> {
-    fn new(report: CheckReport, sink: Option<&'a mut dyn FnMut(&str)>) -> Self {
+    pub(crate) fn new(report: CheckReport, sink: Option<&'a mut dyn FnMut(&str)>) -> Self {
         Findings { report, sink }
     }
 
     /// Records one problem line: streamed to the sink, or kept (capped).
-    fn note(&mut self, line: String) {
+    pub(crate) fn note(&mut self, line: String) {
         match &mut self.sink {
             Some(sink) => sink(&line),
             None => self.report.note(line),
@@ -100,6 +104,8 @@ pub(crate) struct Refs {
     big: alloc::collections::BTreeMap<u64, u64>,
     cluster_bits: u32,
     file_len: u64,
+    /// The largest refcount the image's refcount width holds.
+    max: u64,
 }
 
 impl<R: BlockRead> Image<R> {
@@ -107,7 +113,7 @@ impl<R: BlockRead> Image<R> {
     /// report keeps the first [`MAX_CHECK_MESSAGES`] problem lines.
     pub fn check(&mut self) -> Result<CheckReport, Error<R::Error>> {
         let file_len = self.file_len;
-        self.check_file(file_len, None)
+        self.check_file(file_len, None, true)
     }
 
     /// [`Image::check`], handing each problem line to `on_problem` as it is
@@ -135,15 +141,18 @@ impl<R: BlockRead> Image<R> {
         on_problem: &mut dyn FnMut(&str),
     ) -> Result<CheckReport, Error<R::Error>> {
         let file_len = self.file_len;
-        self.check_file(file_len, Some(on_problem))
+        self.check_file(file_len, Some(on_problem), true)
     }
 
     /// [`Image::check`] of a file at least `file_len` bytes long (a writer
     /// may have allocated beyond the length seen at open).
+    /// `copied`: also compare the COPIED flags with the refcounts (a
+    /// repair does that itself, after fixing the refcounts).
     pub(crate) fn check_file(
         &mut self,
         file_len: u64,
         sink: Option<&mut dyn FnMut(&str)>,
+        copied: bool,
     ) -> Result<CheckReport, Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
@@ -153,12 +162,7 @@ impl<R: BlockRead> Image<R> {
         };
         let mut rep = Findings::new(report, sink);
         let (refs, blocks) = self.walk_references(&mut rep, file_len)?;
-        // The slot past the file's last cluster counts only when something
-        // references it (QEMU grows its table only then).
-        let mut file_clusters = to_u64(refs.counts.len());
-        if file_clusters > 0 && refs.get(file_clusters - 1) == 0 {
-            file_clusters -= 1;
-        }
+        let file_clusters = refs.file_clusters();
 
         // Compare references with refcounts.
         let mut disk_rc = OnDiskRefcounts::new(&self.header, blocks);
@@ -188,7 +192,9 @@ impl<R: BlockRead> Image<R> {
         rep.image_end_offset = highest.map_or(0, |h| (h + 1) << cb);
 
         // COPIED flags of the active tables against on-disk refcounts.
-        self.check_copied(&mut rep, &mut disk_rc)?;
+        if copied {
+            self.check_copied(&mut rep, &mut disk_rc)?;
+        }
         Ok(rep.report)
     }
 
@@ -204,7 +210,7 @@ impl<R: BlockRead> Image<R> {
 
     /// Walks all metadata counting references; returns the counts and the
     /// refcount block offsets (0 for missing or invalid ones).
-    fn walk_references(
+    pub(crate) fn walk_references(
         &mut self,
         rep: &mut Findings<'_>,
         file_len: u64,
@@ -223,6 +229,7 @@ impl<R: BlockRead> Image<R> {
             big: alloc::collections::BTreeMap::new(),
             cluster_bits: cb,
             file_len,
+            max: refcount::max_refcount(self.header.refcount_order),
         };
         let rep = &mut *rep;
 
@@ -520,7 +527,7 @@ impl<R: BlockRead> Image<R> {
 
 /// On-disk refcounts read through the refcount blocks the check validated
 /// (0 for missing or invalid ones), one block buffered at a time.
-struct OnDiskRefcounts {
+pub(crate) struct OnDiskRefcounts {
     blocks: Vec<u64>,
     buf: Vec<u8>,
     loaded: Option<usize>,
@@ -529,7 +536,7 @@ struct OnDiskRefcounts {
 }
 
 impl OnDiskRefcounts {
-    fn new(h: &crate::header::Header, blocks: Vec<u64>) -> Self {
+    pub(crate) fn new(h: &crate::header::Header, blocks: Vec<u64>) -> Self {
         OnDiskRefcounts {
             blocks,
             buf: alloc::vec![0u8; to_usize(h.cluster_size()).unwrap_or(0)],
@@ -540,7 +547,7 @@ impl OnDiskRefcounts {
     }
 
     /// The refcount of host cluster `cluster`.
-    fn get<R: BlockRead>(&mut self, io: &mut R, cluster: u64) -> Result<u64, R::Error> {
+    pub(crate) fn get<R: BlockRead>(&mut self, io: &mut R, cluster: u64) -> Result<u64, R::Error> {
         let bi = to_usize(cluster / self.per_block).unwrap_or(usize::MAX);
         match self.blocks.get(bi) {
             Some(&b) if b != 0 => {
@@ -563,6 +570,18 @@ impl Refs {
     /// Number of clusters counted.
     pub(crate) fn clusters(&self) -> u64 {
         to_u64(self.counts.len())
+    }
+
+    /// Clusters whose refcounts are compared: the file's, and the slot
+    /// past its last cluster only when something references it (QEMU
+    /// grows its table only then).
+    pub(crate) fn file_clusters(&self) -> u64 {
+        let n = to_u64(self.counts.len());
+        if n > 0 && self.get(n - 1) == 0 {
+            n - 1
+        } else {
+            n
+        }
     }
 
     /// The references to cluster `c`.
@@ -591,6 +610,18 @@ impl Refs {
         let first = offset >> self.cluster_bits;
         let last = (end - 1) >> self.cluster_bits;
         for c in first..=last {
+            if self.get(c) >= self.max {
+                // QEMU's wording: the width cannot hold another reference.
+                rep.corruptions += 1;
+                rep.note(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    c << self.cluster_bits
+                ));
+                rep.note(String::from(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing",
+                ));
+                continue;
+            }
             match to_usize(c).and_then(|i| self.counts.get_mut(i)) {
                 Some(n) if *n == u16::MAX => {
                     *self.big.entry(c).or_insert(u64::from(u16::MAX)) += 1;
@@ -621,6 +652,7 @@ mod tests {
             big: alloc::collections::BTreeMap::new(),
             cluster_bits: 9,
             file_len: 2048,
+            max: u64::MAX,
         };
         let mut rep = Findings::new(CheckReport::default(), None);
         for _ in 0..70_000 {

@@ -99,6 +99,9 @@ pub enum Error<E> {
         /// Its length in bytes.
         len: u64,
     },
+    /// A repair limited to leaks (`check -r leaks`) found a refcount
+    /// structure that must be rebuilt (`check -r all` does that).
+    NeedsRebuild,
     /// The image names itself as its external data file.
     NamesItself {
         /// The name stored in the image.
@@ -183,6 +186,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             } => write!(
                 f,
                 "preventing invalid write on metadata (overlaps with {structure}): {len} bytes at host offset {offset:#x}; the image is marked corrupt"
+            ),
+            Error::NeedsRebuild => write!(
+                f,
+                "the refcount structure must be rebuilt; repair with -r all"
             ),
             Error::NamesItself { name } => {
                 write!(f, "the image names itself ('{name}') as its data file")

@@ -73,6 +73,7 @@ pub mod overlap;
 mod prealloc;
 mod rctable;
 pub mod refcount;
+pub mod repair;
 pub mod report;
 pub mod snapshot;
 mod writable;
@@ -91,4 +92,5 @@ pub use io::{BlockRead, BlockWrite, MemError};
 #[cfg(feature = "embedded-io")]
 pub use io::{EmbeddedIo, EmbeddedIoError};
 pub use map::BlockStatus;
+pub use repair::{RepairMode, RepairReport};
 pub use writable::WritableImage;

@@ -303,49 +303,65 @@ impl MapEntry {
     }
 }
 
-/// `qemu-img check --output=json`: the counters of a [`CheckReport`].
+/// `qemu-img check --output=json`: the counters of a [`CheckReport`], in
+/// qemu-img's key order; a counter that is 0 is left out (`None`), as
+/// qemu-img does, except `check-errors`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub struct CheckSummary {
     /// End of the last cluster in use.
-    pub image_end_offset: u64,
-    /// Compressed clusters in the active L1 table.
-    pub compressed_clusters: u64,
-    /// Guest clusters of the virtual disk.
-    pub total_clusters: u64,
-    /// Errors that stopped part of the check.
-    pub check_errors: u64,
-    /// Leaked clusters (absent when none).
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-    pub leaks: Option<u64>,
-    /// Corruptions (absent when none).
+    pub image_end_offset: Option<u64>,
+    /// Compressed clusters in the active L1 table.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub compressed_clusters: Option<u64>,
+    /// Guest clusters of the virtual disk.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub total_clusters: Option<u64>,
+    /// Corruptions left.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub corruptions: Option<u64>,
+    /// Corruptions a repair fixed.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub corruptions_fixed: Option<u64>,
+    /// Errors that stopped part of the check.
+    pub check_errors: u64,
+    /// Leaked clusters left.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub leaks: Option<u64>,
+    /// Leaked clusters a repair freed.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub leaks_fixed: Option<u64>,
     /// Guest clusters allocated in the active L1 table.
-    pub allocated_clusters: u64,
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub allocated_clusters: Option<u64>,
     /// The name the image was opened under.
     pub filename: String,
     /// Always `qcow2`.
     pub format: &'static str,
     /// Allocated clusters not contiguous with their predecessor.
-    pub fragmented_clusters: u64,
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub fragmented_clusters: Option<u64>,
 }
 
 impl CheckSummary {
     /// The summary of `r` for the image named `filename`.
     pub fn of(r: &CheckReport, filename: &str) -> Self {
+        let some = |n: u64| (n > 0).then_some(n);
         CheckSummary {
-            image_end_offset: r.image_end_offset,
-            compressed_clusters: r.compressed_clusters,
-            total_clusters: r.total_clusters,
+            image_end_offset: some(r.image_end_offset),
+            compressed_clusters: some(r.compressed_clusters),
+            total_clusters: some(r.total_clusters),
+            corruptions: some(r.corruptions),
+            corruptions_fixed: some(r.corruptions_fixed),
             check_errors: r.check_errors,
-            leaks: (r.leaks > 0).then_some(r.leaks),
-            corruptions: (r.corruptions > 0).then_some(r.corruptions),
-            allocated_clusters: r.allocated_clusters,
+            leaks: some(r.leaks),
+            leaks_fixed: some(r.leaks_fixed),
+            allocated_clusters: some(r.allocated_clusters),
             filename: String::from(filename),
             format: "qcow2",
-            fragmented_clusters: r.fragmented_clusters,
+            fragmented_clusters: some(r.fragmented_clusters),
         }
     }
 }
@@ -363,14 +379,50 @@ mod tests {
     }
 
     #[test]
-    fn check_summary_omits_zero_leaks_and_corruptions() {
+    fn check_summary_has_qemus_key_order_and_omits_zeros() {
         let r = CheckReport {
             leaks: 2,
             total_clusters: 16,
             ..CheckReport::default()
         };
         let text = serde_json::to_string(&CheckSummary::of(&r, "a.qcow2")).unwrap();
-        assert!(text.contains("\"leaks\":2"), "{text}");
-        assert!(!text.contains("corruptions"), "{text}");
+        assert_eq!(
+            text,
+            "{\"total-clusters\":16,\"check-errors\":0,\"leaks\":2,\"filename\":\"a.qcow2\",\"format\":\"qcow2\"}"
+        );
+        let all = CheckReport {
+            corruptions: 1,
+            leaks: 2,
+            check_errors: 3,
+            total_clusters: 4,
+            allocated_clusters: 5,
+            fragmented_clusters: 6,
+            compressed_clusters: 7,
+            image_end_offset: 8,
+            leaks_fixed: 9,
+            corruptions_fixed: 10,
+            ..CheckReport::default()
+        };
+        let text = serde_json::to_string(&CheckSummary::of(&all, "b")).unwrap();
+        let keys: Vec<&str> = text.split('"').skip(1).step_by(2).collect();
+        assert_eq!(
+            keys,
+            [
+                "image-end-offset",
+                "compressed-clusters",
+                "total-clusters",
+                "corruptions",
+                "corruptions-fixed",
+                "check-errors",
+                "leaks",
+                "leaks-fixed",
+                "allocated-clusters",
+                "filename",
+                "b",
+                "format",
+                "qcow2",
+                "fragmented-clusters"
+            ]
+        );
     }
 }

@@ -74,7 +74,10 @@ const MAX_INACTIVE_L1_ENTRIES: u64 = 4 << 20;
 /// L1 tables, bitmap directory, encryption header), plus the snapshots' L2
 /// tables, which QEMU checks only in its slowest mode: a damaged image
 /// whose refcounts miss a snapshot's table must not lose it to guest data.
-fn metadata_of<R: BlockRead>(img: &mut Image<R>, refcounts: &Refcounts) -> Res<MetadataMap, R> {
+pub(crate) fn metadata_of<R: BlockRead>(
+    img: &mut Image<R>,
+    refcounts: &Refcounts,
+) -> Res<MetadataMap, R> {
     let h = &img.header;
     let cs = h.cluster_size();
     let mut m = MetadataMap::new();
@@ -195,7 +198,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// refcount) images, and clears autoclear bits this implementation does
     /// not maintain (unknown ones, and the bitmaps bit since writes here do
     /// not update bitmaps).
-    pub fn new(mut img: Image<R>) -> Res<Self, R> {
+    pub fn new(img: Image<R>) -> Res<Self, R> {
         if img.header.corrupt() {
             return Err(Error::ReadOnly(
                 "the image is marked corrupt; repair it first",
@@ -204,6 +207,48 @@ impl<R: BlockWrite> WritableImage<R> {
         if img.header.has_data_file() && img.data_file.is_none() {
             return Err(Error::MissingDataFile);
         }
+        let mut w = Self::assemble(img)?;
+        // Enabled ("auto") bitmaps should track every write, which this
+        // implementation does not do: mark them in use (inconsistent), as
+        // QEMU does while it has them open, before anything is written.
+        w.mark_auto_bitmaps_in_use()?;
+        let mut header_changed = w.clear_unknown_autoclear();
+        if w.img.header.dirty() {
+            w.rebuild_refcounts()?;
+            w.img.header.incompatible_features &= !incompat::DIRTY;
+            header_changed = true;
+        }
+        if header_changed {
+            w.write_header_fields()?;
+        }
+        Ok(w)
+    }
+
+    /// Opens an image for [`WritableImage::repair`], as `qemu-img check -r`
+    /// does: a corrupt or dirty image is accepted (the repair decides what
+    /// to do with it), no data file is needed (guest data is not written),
+    /// and bitmaps are left as they are (they stay consistent: no guest
+    /// write happens).
+    pub fn for_repair(img: Image<R>) -> Res<Self, R> {
+        let mut w = Self::assemble(img)?;
+        if w.clear_unknown_autoclear() {
+            w.write_header_fields()?;
+        }
+        Ok(w)
+    }
+
+    /// Clears the autoclear bits this implementation does not maintain
+    /// (unknown ones; bitmaps stay); returns whether any was set.
+    fn clear_unknown_autoclear(&mut self) -> bool {
+        let keep = autoclear::DATA_FILE_RAW | autoclear::BITMAPS;
+        let set = self.img.header.autoclear_features & !keep != 0;
+        self.img.header.autoclear_features &= keep;
+        set
+    }
+
+    /// The write state over `img`: whole L2 tables cached, the refcount
+    /// table loaded, the metadata map built.
+    fn assemble(mut img: Image<R>) -> Res<Self, R> {
         let cs = img.cluster_size();
         if img.l2_slice != cs {
             // Writing works on whole L2 tables: leave frugal slice mode.
@@ -214,7 +259,7 @@ impl<R: BlockWrite> WritableImage<R> {
         let refcounts = Refcounts::load(&mut img.io, &img.header, img.refcount_cache_blocks)?;
         let metadata = metadata_of(&mut img, &refcounts)?;
         let file_end = img.file_len;
-        let mut w = WritableImage {
+        let w = WritableImage {
             img,
             refcounts,
             free_hint: 0,
@@ -228,24 +273,6 @@ impl<R: BlockWrite> WritableImage<R> {
             corrupt: false,
             rebuilding: None,
         };
-        // Enabled ("auto") bitmaps should track every write, which this
-        // implementation does not do: mark them in use (inconsistent), as
-        // QEMU does while it has them open, before anything is written.
-        w.mark_auto_bitmaps_in_use()?;
-        let keep = autoclear::DATA_FILE_RAW | autoclear::BITMAPS;
-        let mut header_changed = false;
-        if w.img.header.autoclear_features & !keep != 0 {
-            w.img.header.autoclear_features &= keep;
-            header_changed = true;
-        }
-        if w.img.header.dirty() {
-            w.rebuild_refcounts()?;
-            w.img.header.incompatible_features &= !incompat::DIRTY;
-            header_changed = true;
-        }
-        if header_changed {
-            w.write_header_fields()?;
-        }
         Ok(w)
     }
 
@@ -275,7 +302,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// [`WritableImage::flush`] first: the check reads what is on disk).
     pub fn check(&mut self) -> Res<crate::check::CheckReport, R> {
         let end = self.file_end;
-        self.img.check_file(end, None)
+        self.img.check_file(end, None, true)
     }
 
     /// Number of refcount blocks held by the cache now.
@@ -317,7 +344,7 @@ impl<R: BlockWrite> WritableImage<R> {
     }
 
     /// Rewrites the feature fields of the header (v3 only; v2 has none).
-    fn write_header_fields(&mut self) -> Res<(), R> {
+    pub(crate) fn write_header_fields(&mut self) -> Res<(), R> {
         if let Some((at, bytes)) = self.img.header.encode_feature_fields() {
             self.put(at, &bytes, overlap::HEADER)?;
             self.img.io.flush().map_err(Error::Io)?;

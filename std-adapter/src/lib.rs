@@ -499,6 +499,27 @@ pub fn open_qcow2_rw_with(
     Ok(img)
 }
 
+/// Opens the qcow2 image at `path` for [`WritableImage::repair`]
+/// (`qemu-img check -r`): read-write and locked, in check mode (a corrupt
+/// or dirty image opens), without its backing or data files (a repair
+/// touches neither).
+pub fn open_qcow2_for_repair(path: &Path) -> Result<WritableImage<FileIo>, DiskError> {
+    let name = path.to_string_lossy().into_owned();
+    let open_err = |source| qcowkit_core::Error::Open {
+        name: name.clone(),
+        source,
+    };
+    let io = FileIo::open_rw_with(path, CacheMode::Writeback).map_err(open_err)?;
+    lock::lock(io.file(), Access::Write).map_err(open_err)?;
+    let opts = OpenOptions {
+        no_backing: true,
+        no_data_file: true,
+        check_mode: true,
+        ..OpenOptions::default()
+    };
+    WritableImage::for_repair(Image::open(io, &opts)?)
+}
+
 /// Detects the format from the first bytes.
 pub fn probe(io: &mut FileIo) -> io::Result<Format> {
     let mut magic = [0u8; 4];

@@ -138,18 +138,20 @@ export interface Allocation {
   backing: number;
   unallocated: number;
 }
-/** `qemu-img check --output=json`. */
+/** `qemu-img check --output=json`: counters that are 0 are left out, as qemu-img does. */
 export interface CheckResult {
-  "image-end-offset": number;
-  "compressed-clusters": number;
-  "total-clusters": number;
+  "image-end-offset"?: number;
+  "compressed-clusters"?: number;
+  "total-clusters"?: number;
+  corruptions?: number;
+  "corruptions-fixed"?: number;
   "check-errors": number;
   leaks?: number;
-  corruptions?: number;
-  "allocated-clusters": number;
+  "leaks-fixed"?: number;
+  "allocated-clusters"?: number;
   filename: string;
   format: "qcow2";
-  "fragmented-clusters": number;
+  "fragmented-clusters"?: number;
 }
 "#;
 

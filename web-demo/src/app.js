@@ -184,11 +184,12 @@ function renderCheck(r) {
     status = 'clean';
     text = 'No errors were found on the image.';
   }
-  const alloc = r['allocated-clusters'];
-  const total = r['total-clusters'];
-  if (total !== undefined) {
-    text += ` ${alloc}/${total} clusters allocated, ${r['fragmented-clusters']} fragmented, ` +
-      `${r['compressed-clusters']} compressed. Image end offset: ${r['image-end-offset']}.`;
+  // Counters that are 0 are left out of the report (as in qemu-img's).
+  const n = (key) => r[key] || 0;
+  const total = n('total-clusters');
+  if (total) {
+    text += ` ${n('allocated-clusters')}/${total} clusters allocated, ${n('fragmented-clusters')} fragmented, ` +
+      `${n('compressed-clusters')} compressed. Image end offset: ${n('image-end-offset')}.`;
   }
   p.textContent = text;
   p.dataset.status = status;

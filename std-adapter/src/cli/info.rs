@@ -79,11 +79,11 @@ pub fn run(a: &Args) -> u8 {
     match a.output {
         Output::Json => {
             let text = if a.backing_chain {
-                serde_json::to_string_pretty(&infos)
+                super::json_text(&infos)
             } else {
-                serde_json::to_string_pretty(&infos.pop())
+                super::json_text(&infos.pop())
             };
-            println!("{}", text.unwrap_or_default());
+            println!("{text}");
         }
         Output::Human => {
             let texts: Vec<String> = infos.iter().map(human_info).collect();

@@ -180,6 +180,18 @@ pub fn open_disk_with(
     )
 }
 
+/// `value` as JSON the way qemu-img prints it: one member per line,
+/// indented by 4 spaces.
+pub fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    match value.serialize(&mut ser) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// Parses a size with an optional k/M/G/T/P/E suffix (qemu-img's rules).
 pub fn parse_size(s: &str) -> Option<u64> {
     qcowkit_options::parse_size(s)

@@ -341,10 +341,7 @@ pub fn run(args: impl IntoIterator<Item = String>) -> u8 {
         }
     }
     if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&values).unwrap_or_default()
-        );
+        println!("{}", super::json_text(&values));
     } else {
         print!("{}", texts.join("\n"));
     }

@@ -76,7 +76,8 @@ pub fn open_read(data: &[u8]) {
     }
 }
 
-/// Open as the check does, then check.
+/// Open as the check does, then check; then repair (`check -r all`),
+/// which must not change a guest byte of the start and end of the disk.
 pub fn open_check(data: &[u8]) {
     let opts = OpenOptions {
         check_mode: true,
@@ -85,6 +86,30 @@ pub fn open_check(data: &[u8]) {
     if let Ok(mut img) = Image::open(data, &opts) {
         let _ = img.check();
     }
+    let before = guest_windows(data, &opts);
+    let Ok(img) = Image::open(Bounded::new(data.to_vec()), &opts) else {
+        return;
+    };
+    let Ok(mut w) = WritableImage::for_repair(img) else {
+        return;
+    };
+    let _ = w.repair(qcowkit_core::RepairMode::All, &mut |_| {});
+    let after = guest_windows(&w.into_inner().data, &opts);
+    if let (Some(b), Some(a)) = (before, after) {
+        assert!(b == a, "the repair changed guest data");
+    }
+}
+
+/// The guest bytes of the start and end of the disk, when they read.
+fn guest_windows(data: &[u8], opts: &OpenOptions) -> Option<Vec<u8>> {
+    let mut img = Image::open(data, opts).ok()?;
+    let mut out = Vec::new();
+    for (start, len) in windows(img.size()) {
+        let mut buf = vec![0u8; len as usize];
+        img.read_at(start, &mut buf).ok()?;
+        out.extend(buf);
+    }
+    Some(out)
 }
 
 /// Open, then map the start and end of the disk as `qemu-img map` does.

@@ -329,6 +329,14 @@ impl<R: BlockRead> Image<R> {
         let mut blocks: Vec<u64> = Vec::with_capacity(rt.len());
         for (i, e) in rt.iter().enumerate() {
             let off = refcount::table_entry_offset(*e);
+            if *e & refcount::TABLE_RESERVED != 0 {
+                rep.corruptions += 1;
+                rep.note(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                blocks.push(0);
+                continue;
+            }
             if off == 0 {
                 blocks.push(0);
                 continue;
@@ -348,6 +356,12 @@ impl<R: BlockRead> Image<R> {
                 continue;
             }
             refs.inc(rep, off, cs);
+            let n = refs.get(off >> cb);
+            if n != 1 {
+                // Shared with a structure counted before it.
+                rep.corruptions += 1;
+                rep.note(format!("ERROR refcount block {i} refcount={n}"));
+            }
             blocks.push(off);
         }
 

@@ -151,7 +151,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 continue;
             }
             let block = blocks.get(i).copied().unwrap_or(0);
-            if e & 0x1ff != 0 || block == 0 || refs.get(block >> cb) != 1 {
+            if e & refcount::TABLE_RESERVED != 0 || block == 0 || refs.get(block >> cb) != 1 {
                 return Ok(true);
             }
         }

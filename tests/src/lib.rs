@@ -8,7 +8,8 @@
 //! - [`mem`]: in-memory images and the [`Files`] opener;
 //! - [`diff`]: describing where bytes and files differ;
 //! - [`be`]: big-endian fields of a byte buffer (reading and patching);
-//! - [`heap`]: a counting global allocator for tests that bound heap use.
+//! - [`heap`]: a counting global allocator for tests that bound heap use;
+//! - [`record`]: a storage recording every operation, for crash replays.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -18,6 +19,7 @@ pub mod diff;
 pub mod heap;
 pub mod mem;
 pub mod qemu;
+pub mod record;
 pub mod rng;
 
 pub use be::{get16, get32, get64, put16, put32, put64, set_bits64};

@@ -106,7 +106,15 @@ pub(crate) struct Refs {
     file_len: u64,
     /// The largest refcount the image's refcount width holds.
     max: u64,
+    /// Clusters past the end of the file that something references (not
+    /// counted: a rebuild must not place new structures on them), at most
+    /// [`MAX_BEYOND`]; `beyond_overflow` when there were more.
+    pub(crate) beyond: alloc::collections::BTreeSet<u64>,
+    pub(crate) beyond_overflow: bool,
 }
+
+/// Most clusters past the end of the file a check remembers.
+const MAX_BEYOND: usize = 1 << 16;
 
 impl<R: BlockRead> Image<R> {
     /// Checks the image's metadata; reads everything, writes nothing. The
@@ -230,6 +238,8 @@ impl<R: BlockRead> Image<R> {
             cluster_bits: cb,
             file_len,
             max: refcount::max_refcount(self.header.refcount_order),
+            beyond: alloc::collections::BTreeSet::new(),
+            beyond_overflow: false,
         };
         let rep = &mut *rep;
 
@@ -237,10 +247,14 @@ impl<R: BlockRead> Image<R> {
         refs.inc(rep, 0, cs);
 
         // Active L1 and its tables, with fragmentation statistics.
-        let l1 = self.l1.clone();
+        // Taken out while walked (not copied: it may be 32 MiB), put back
+        // whatever the walk returns.
+        let l1 = core::mem::take(&mut self.l1);
         refs.inc(rep, self.header.l1_table_offset, to_u64(l1.len()) * 8);
         let mut table = Vec::new();
-        self.check_l1(rep, &mut refs, &l1, true, &mut table)?;
+        let walked = self.check_l1(rep, &mut refs, &l1, true, &mut table);
+        self.l1 = l1;
+        walked?;
 
         // Snapshots.
         let snaps = self.snapshots().to_vec();
@@ -496,8 +510,8 @@ impl<R: BlockRead> Image<R> {
             |io: &mut R, off: u64| -> Result<u64, R::Error> { disk_rc.get(io, off >> cb) };
         let fmt = self.fmt;
         let mut table = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-        let l1 = self.l1.clone();
-        for (i, &e) in l1.iter().enumerate() {
+        for i in 0..self.l1.len() {
+            let e = self.l1[i];
             let l2_off = l2::l1_offset(e);
             if l2_off == 0 || l2_off % cs != 0 {
                 continue;
@@ -619,6 +633,14 @@ impl Refs {
             rep.note(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}"
             ));
+            let (first, last) = (offset >> self.cluster_bits, (end - 1) >> self.cluster_bits);
+            for c in first..=last {
+                if self.beyond.len() >= MAX_BEYOND {
+                    self.beyond_overflow = true;
+                    break;
+                }
+                self.beyond.insert(c);
+            }
             return;
         }
         let first = offset >> self.cluster_bits;
@@ -667,6 +689,8 @@ mod tests {
             cluster_bits: 9,
             file_len: 2048,
             max: u64::MAX,
+            beyond: alloc::collections::BTreeSet::new(),
+            beyond_overflow: false,
         };
         let mut rep = Findings::new(CheckReport::default(), None);
         for _ in 0..70_000 {

@@ -221,6 +221,10 @@ impl<R: BlockWrite> WritableImage<R> {
         let cs = self.cluster_size();
         let fmt = self.img.fmt;
         let mut wrong = 0u64;
+        // One buffer for every table (a hostile L1 may name one table many
+        // times).
+        let mut table: Vec<u8> = Vec::new();
+        let mut flips: Vec<(usize, u64)> = Vec::new();
         for i in 0..self.img.l1.len() {
             let e = self.img.l1[i];
             let l2_off = l2::l1_offset(e);
@@ -243,12 +247,9 @@ impl<R: BlockWrite> WritableImage<R> {
                 continue;
             }
             // The entries of the table that disagree with their refcounts.
-            let table = self
-                .img
-                .l2_cache
-                .get(&mut self.img.io, l2_off, cs)?
-                .to_vec();
-            let mut flips: Vec<(usize, u64)> = Vec::new();
+            table.clear();
+            table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
+            flips.clear();
             for j in 0..table.len() / fmt.entry_size() {
                 let at = j * fmt.entry_size();
                 let entry = crate::bytes::be64(&table, at);
@@ -284,7 +285,7 @@ impl<R: BlockWrite> WritableImage<R> {
             }
             if !flips.is_empty() {
                 let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
-                for (at, entry) in flips {
+                for &(at, entry) in &flips {
                     put64(t, at, entry);
                 }
                 self.flush_if_over_budget()?;
@@ -319,12 +320,23 @@ impl<R: BlockWrite> WritableImage<R> {
             .rev()
             .find(|&c| count(c) > 0)
             .map_or(0, |c| c + 1);
-        let start = used.max(self.file_len().div_ceil(cs));
+        // Clusters past the end of the file that tables point at are not
+        // free: guest reads there would see the new structure.
+        if refs.beyond_overflow {
+            return Err(Error::Unsupported(
+                "too many references past the end of the file to place a new refcount structure",
+            ));
+        }
+        let mut start = used.max(self.file_len().div_ceil(cs));
         let (mut nb, mut nt) = (1u64, 1u64);
         loop {
             let end = start + nb + nt;
             let b = end.div_ceil(per_block);
             let t = (b * 8).div_ceil(cs);
+            if let Some(&taken) = refs.beyond.range(start..start + b + t).next_back() {
+                start = taken + 1;
+                continue;
+            }
             if (b, t) == (nb, nt) {
                 break;
             }

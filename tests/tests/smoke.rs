@@ -19,3 +19,35 @@ fn convert_matches_qemu_img() {
         std::fs::read(s.path("qemu.raw")).unwrap()
     );
 }
+
+/// `qcow2 --help` lists each subcommand on one line with qemu-img's
+/// wording, and each subcommand's help ends with examples.
+#[test]
+fn help_lists_every_subcommand_with_examples() {
+    let s = Scratch::new();
+    let top = stdout_of(&ours(s.dir(), &["--help"]));
+    assert!(top.starts_with("QEMU disk image utility"), "{top}");
+    let expected = [
+        ("bench", "Run simple image benchmark"),
+        ("create", "Create and format new image file"),
+        ("info", "Display information about image"),
+        ("convert", "Copy one image to another"),
+        ("map", "Dump image metadata"),
+        ("compare", "Check if two images have the same contents"),
+        ("check", "Check basic image integrity"),
+        ("dd", "Copy input to output"),
+    ];
+    for (cmd, line) in expected {
+        let listed = top
+            .lines()
+            .any(|l| l.trim_start().starts_with(cmd) && l.contains(line));
+        assert!(listed, "`{cmd}` is not listed as \"{line}\":\n{top}");
+        let out = ours(s.dir(), &[cmd, "--help"]);
+        assert_eq!(code(&out), 0, "{cmd} --help");
+        let help = stdout_of(&out);
+        assert!(
+            help.contains("Examples:\n  qcow2 "),
+            "{cmd} --help has no example:\n{help}"
+        );
+    }
+}

@@ -12,6 +12,9 @@ use qcowkit_core::OpenOptions;
 
 /// Arguments of `qcow2 bench`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 bench -c 100000 vm.qcow2                 4 KiB reads, one after the other\n  qcow2 bench -w --pattern=0xa5 -S 64k vm.qcow2   writes, each into a new cluster"
+)]
 pub struct Args {
     /// Image format; probed when omitted.
     #[arg(short = 'f')]

@@ -10,6 +10,9 @@ use qcowkit_core::{CheckReport, OpenOptions, RepairMode};
 
 /// Arguments of `qcow2 check`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Exit status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check failed, 63 not a qcow2 image.\n\nExamples:\n  qcow2 check vm.qcow2\n  qcow2 check -r leaks vm.qcow2     free leaked clusters\n  qcow2 check -r all --output=json vm.qcow2"
+)]
 pub struct Args {
     /// Image format; probed when omitted.
     #[arg(short = 'f')]

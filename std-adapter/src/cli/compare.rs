@@ -11,6 +11,9 @@ const CHUNK: u64 = 2 * 1024 * 1024;
 
 /// Arguments of `qcow2 compare`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 compare vm.qcow2 vm.raw\n  qcow2 compare -s -q old.qcow2 new.qcow2 && echo identical"
+)]
 pub struct Args {
     /// Format of the first image; probed when omitted.
     #[arg(short = 'f')]

@@ -14,6 +14,9 @@ const IN_FLIGHT: usize = 4;
 
 /// Arguments of `qcow2 convert`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 convert -O raw vm.qcow2 vm.raw\n  qcow2 convert -p -c -O qcow2 -o compression_type=zstd disk.raw vm.qcow2"
+)]
 pub struct Args {
     /// Source format (`qcow2` or `raw`); probed when omitted.
     #[arg(short = 'f')]

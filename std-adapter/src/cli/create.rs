@@ -10,6 +10,9 @@ use qcowkit_core::{CreateOptions, OpenOptions};
 
 /// Arguments of `qcow2 create`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 create -f qcow2 vm.qcow2 20G\n  qcow2 create -f qcow2 -o cluster_size=128k,extended_l2=on vm.qcow2 20G\n  qcow2 create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2"
+)]
 pub struct Args {
     /// Image format (only `qcow2`).
     #[arg(short = 'f', default_value = "qcow2")]

@@ -9,6 +9,9 @@ use qcowkit_core::{BlockRead, OpenOptions};
 
 /// Arguments of `qcow2 info`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 info vm.qcow2\n  qcow2 info --output=json --backing-chain overlay.qcow2"
+)]
 pub struct Args {
     /// Image format (`qcow2` or `raw`); probed when omitted.
     #[arg(short = 'f')]

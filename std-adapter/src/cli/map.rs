@@ -11,6 +11,9 @@ use qcowkit_core::BlockStatus;
 
 /// Arguments of `qcow2 map`.
 #[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 map vm.qcow2\n  qcow2 map --output=json -s 1G -l 64M vm.qcow2"
+)]
 pub struct Args {
     /// Image format; probed when omitted.
     #[arg(short = 'f')]

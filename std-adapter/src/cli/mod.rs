@@ -26,7 +26,12 @@ pub mod summary;
 
 /// `qcow2`: inspect, check and convert qcow2 images (a qemu-img compatible subset).
 #[derive(Debug, Parser)]
-#[command(name = "qcow2", version, about)]
+#[command(
+    name = "qcow2",
+    version,
+    about = "QEMU disk image utility for qcow2 and raw images (qemu-img's commands, flags, JSON and exit codes)",
+    after_help = "Run `qcow2 COMMAND --help` for a command's options and an example."
+)]
 pub struct Cli {
     /// The subcommand.
     #[command(subcommand)]
@@ -45,21 +50,24 @@ pub enum Output {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Benchmark reads or writes (qemu-img bench's flags, plus --random).
+    /// Run simple image benchmark (qemu-img bench's flags, plus --random).
     Bench(bench::Args),
-    /// Create a new qcow2 image.
+    /// Create and format new image file.
     Create(create::Args),
-    /// Show information about an image.
+    /// Display information about image.
     Info(info::Args),
-    /// Convert an image to raw.
+    /// Copy one image to another (raw or qcow2) with optional compression.
     Convert(convert::Args),
-    /// Show the allocation map of an image.
+    /// Dump image metadata (which guest ranges hold data, zeros or nothing).
     Map(map::Args),
-    /// Compare the guest-visible contents of two images.
+    /// Check if two images have the same contents.
     Compare(compare::Args),
-    /// Check an image's metadata for consistency (read-only).
+    /// Check basic image integrity, and repair it with -r.
     Check(check::Args),
-    /// Copy guest data out of an image (dd-style `key=value` arguments).
+    /// Copy input to output with optional format conversion (dd-style `key=value` arguments).
+    #[command(
+        after_help = "Examples:\n  qcow2 dd if=vm.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -O qcow2 if=disk.raw of=vm.qcow2 bs=64k"
+    )]
     Dd {
         /// Arguments: `if=IMAGE of=OUT [bs=N] [count=N] [skip=N] [-f FMT] [-O FMT]
         /// [--no-follow | --follow=any|inside|none]`.

@@ -69,6 +69,7 @@ mod image;
 mod io;
 pub mod l2;
 pub mod map;
+pub mod measure;
 pub mod overlap;
 mod prealloc;
 mod rctable;

@@ -35,6 +35,7 @@ fn help_lists_every_subcommand_with_examples() {
         ("map", "Dump image metadata"),
         ("compare", "Check if two images have the same contents"),
         ("check", "Check basic image integrity"),
+        ("measure", "Calculate file size required for a new image"),
         ("dd", "Copy input to output"),
     ];
     for (cmd, line) in expected {

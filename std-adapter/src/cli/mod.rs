@@ -20,6 +20,7 @@ pub mod dd;
 pub mod human;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod options;
 pub mod progress;
 pub mod summary;
@@ -64,6 +65,8 @@ pub enum Command {
     Compare(compare::Args),
     /// Check basic image integrity, and repair it with -r.
     Check(check::Args),
+    /// Calculate file size required for a new image.
+    Measure(measure::Args),
     /// Copy input to output with optional format conversion (dd-style `key=value` arguments).
     #[command(
         after_help = "Examples:\n  qcow2 dd if=vm.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -O qcow2 if=disk.raw of=vm.qcow2 bs=64k"
@@ -132,6 +135,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Map(a) => map::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Measure(a) => measure::run(&a),
         Command::Dd { args } => dd::run(&args),
     };
     ExitCode::from(code)

@@ -76,6 +76,7 @@ mod rctable;
 pub mod refcount;
 pub mod repair;
 pub mod report;
+mod resize;
 pub mod snapshot;
 mod writable;
 mod write;

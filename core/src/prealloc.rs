@@ -15,15 +15,27 @@ impl<R: BlockWrite> WritableImage<R> {
     /// through. `Full` writes zeros into the data clusters; `Falloc`
     /// reserves them with [`BlockWrite::preallocate`].
     pub fn preallocate(&mut self, mode: crate::create::Preallocation) -> Res<(), R> {
+        let size = self.img.header.size;
+        self.preallocate_range(mode, 0, size)
+    }
+
+    /// [`WritableImage::preallocate`] of the clusters of guest
+    /// `[start, end)` only (a grown range).
+    pub(crate) fn preallocate_range(
+        &mut self,
+        mode: crate::create::Preallocation,
+        start: u64,
+        end: u64,
+    ) -> Res<(), R> {
         self.require_intact()?;
         use crate::create::Preallocation;
         if mode == Preallocation::Off {
             return Ok(());
         }
         let cs = self.cluster_size();
-        let size = self.img.header.size;
+        let size = end.min(self.img.header.size);
         let per_table = self.img.header.l2_coverage();
-        let mut pos = 0u64;
+        let mut pos = start - start % cs;
         while pos < size {
             let table_end = (pos - pos % per_table + per_table).min(size);
             let l2_off = self.writable_l2(pos)?;

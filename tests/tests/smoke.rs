@@ -36,6 +36,7 @@ fn help_lists_every_subcommand_with_examples() {
         ("compare", "Check if two images have the same contents"),
         ("check", "Check basic image integrity"),
         ("measure", "Calculate file size required for a new image"),
+        ("resize", "Resize the image to the new size"),
         ("dd", "Copy input to output"),
     ];
     for (cmd, line) in expected {

@@ -23,6 +23,7 @@ pub mod map;
 pub mod measure;
 pub mod options;
 pub mod progress;
+pub mod resize;
 pub mod summary;
 
 /// `qcow2`: inspect, check and convert qcow2 images (a qemu-img compatible subset).
@@ -67,6 +68,8 @@ pub enum Command {
     Check(check::Args),
     /// Calculate file size required for a new image.
     Measure(measure::Args),
+    /// Resize the image to the new size.
+    Resize(resize::Args),
     /// Copy input to output with optional format conversion (dd-style `key=value` arguments).
     #[command(
         after_help = "Examples:\n  qcow2 dd if=vm.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -O qcow2 if=disk.raw of=vm.qcow2 bs=64k"
@@ -136,6 +139,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Compare(a) => compare::run(&a),
         Command::Check(a) => check::run(&a),
         Command::Measure(a) => measure::run(&a),
+        Command::Resize(a) => resize::run(&a),
         Command::Dd { args } => dd::run(&args),
     };
     ExitCode::from(code)

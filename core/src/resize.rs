@@ -1,0 +1,182 @@
+//! Resizing the guest disk (`qemu-img resize`), in QEMU's order and with
+//! its rules.
+//!
+//! Growing: a larger L1 table, when needed, is written to new clusters and
+//! switched to with one header write (the old one freed after); then the
+//! size field; then the new range preallocated as asked. Shrinking: the
+//! clusters past the new end are discarded and L2 tables that no longer
+//! cover the disk freed (made durable first), then the size field, then
+//! the file's unused tail cut. A crash leaves the old or the new size with
+//! consistent tables (at worst leaked clusters).
+
+use crate::bytes::{put64, to_usize};
+use crate::create::Preallocation;
+use crate::error::Error;
+use crate::heap;
+use crate::image::Res;
+use crate::io::BlockWrite;
+use crate::l2;
+use crate::overlap;
+use crate::writable::WritableImage;
+
+/// A refused new size.
+fn refuse<E>(reason: &'static str) -> Error<E> {
+    Error::Format(crate::error::FormatError::InvalidOption {
+        option: "size",
+        reason,
+    })
+}
+
+/// Byte offset of the header's `size` field.
+const SIZE_FIELD: u64 = 24;
+/// Byte offset of `l1_size`, followed by `l1_table_offset`.
+const L1_FIELDS: u64 = 36;
+
+impl<R: BlockWrite> WritableImage<R> {
+    /// Changes the guest disk's size to `size` bytes (a multiple of 512),
+    /// preallocating a grown range as `prealloc` asks (only when growing).
+    /// Shrinking deletes the data past the new end. Refused, as by QEMU,
+    /// for a version 2 image with snapshots; refused here for an image with
+    /// persistent bitmaps (their tables would have to be resized too).
+    pub fn resize(&mut self, size: u64, prealloc: Preallocation) -> Res<(), R> {
+        self.require_intact()?;
+        let old = self.img.header.size;
+        if size % 512 != 0 {
+            return Err(refuse("The new size must be a multiple of 512"));
+        }
+        if size > i64::MAX as u64 - 512 {
+            return Err(refuse("image size too large"));
+        }
+        if self.img.header.nb_snapshots > 0 && self.img.header.version < 3 {
+            return Err(Error::Unsupported(
+                "Can't resize a v2 image which has snapshots",
+            ));
+        }
+        if !self.img.bitmaps.is_empty() {
+            return Err(Error::Unsupported(
+                "resizing an image with persistent bitmaps (remove them first)",
+            ));
+        }
+        let per_l2 = self.img.header.l2_coverage();
+        let needed = size.div_ceil(per_l2);
+        if needed.saturating_mul(8) > crate::header::MAX_L1_BYTES {
+            return Err(refuse(
+                "The image size is too large (try using a larger cluster size)",
+            ));
+        }
+        self.flush()?;
+        if size < old {
+            if prealloc != Preallocation::Off {
+                return Err(Error::Unsupported(
+                    "Preallocation can't be used for shrinking an image",
+                ));
+            }
+            self.shrink(size, needed)?;
+        } else {
+            if needed > u64::from(self.img.header.l1_size) {
+                self.grow_l1(needed)?;
+            }
+            self.set_size(size)?;
+            let mode = if prealloc == Preallocation::Off && self.img.header.data_file_raw() {
+                // A raw data file must read like the image: its tables
+                // cover the whole disk (QEMU does the same).
+                Preallocation::Metadata
+            } else {
+                prealloc
+            };
+            match mode {
+                Preallocation::Off => {
+                    if let Some(df) = self.img.data_file.as_mut() {
+                        df.set_len(size).map_err(Error::Io)?;
+                    }
+                }
+                m => self.preallocate_range(m, old, size)?,
+            }
+        }
+        self.flush()
+    }
+
+    /// Writes a new size into the header (after a flush of what the new
+    /// size relies on).
+    fn set_size(&mut self, size: u64) -> Res<(), R> {
+        self.img.io.flush().map_err(Error::Io)?;
+        self.put(SIZE_FIELD, &size.to_be_bytes(), overlap::HEADER)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        self.img.header.size = size;
+        Ok(())
+    }
+
+    /// Moves the active L1 table to new clusters holding `entries` entries
+    /// (the old ones, then zeros), switches the header to it, and frees the
+    /// old table.
+    fn grow_l1(&mut self, entries: u64) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(cs);
+        let mut table = heap::zeroed(clusters * cs, "the L1 table")?;
+        for (i, e) in self.img.l1.iter().enumerate() {
+            put64(&mut table, i * 8, *e);
+        }
+        let new = self.alloc_clusters(clusters)?;
+        self.metadata.insert(new, clusters * cs, overlap::ACTIVE_L1);
+        // The new table's refcounts, then the table, then the switch.
+        self.write_refcounts()?;
+        self.put(new, &table, overlap::ACTIVE_L1)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        let l1_size = u32::try_from(entries).map_err(|_| Error::Internal("L1 size"))?;
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&l1_size.to_be_bytes());
+        fields[4..].copy_from_slice(&new.to_be_bytes());
+        self.put(L1_FIELDS, &fields, overlap::HEADER)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        let old = self.img.header.l1_table_offset;
+        let old_len = u64::from(self.img.header.l1_size) * 8;
+        self.img.header.l1_table_offset = new;
+        self.img.header.l1_size = l1_size;
+        self.img.l1.resize(to_usize(entries).unwrap_or(0), 0);
+        if old_len > 0 {
+            self.metadata.remove(old, old_len, overlap::ACTIVE_L1);
+            self.defer_free(old, old_len);
+        }
+        self.flush()
+    }
+
+    /// Shrinks the disk to `size`: clusters past it discarded, L2 tables
+    /// past the first `keep` L1 entries freed (the L1 table keeps its size,
+    /// as QEMU's does), then the size field and the file's unused tail.
+    fn shrink(&mut self, size: u64, keep: u64) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let old = self.img.header.size;
+        let from = size.div_ceil(cs) * cs;
+        if from < old {
+            self.discard(from, old - from)?;
+        }
+        for i in to_usize(keep).unwrap_or(usize::MAX)..self.img.l1.len() {
+            let l2_off = l2::l1_offset(self.img.l1[i]);
+            if l2_off == 0 {
+                continue;
+            }
+            self.img.l1[i] = 0;
+            self.dirty_l1.insert(i);
+            self.img.l2_cache.forget(l2_off);
+            self.metadata.remove(l2_off, cs, overlap::ACTIVE_L2);
+            self.defer_free(l2_off, cs);
+        }
+        self.flush()?;
+        self.set_size(size)?;
+        if let Some(df) = self.img.data_file.as_mut() {
+            df.set_len(size).map_err(Error::Io)?;
+        }
+        // The file ends after its last cluster in use.
+        let mut end = self.file_end.div_ceil(cs);
+        while end > 1 && self.refcount(end - 1)? == 0 {
+            end -= 1;
+        }
+        if end * cs < self.img.io.len().map_err(Error::Io)? {
+            self.img.io.set_len(end * cs).map_err(Error::Io)?;
+            self.file_end = end * cs;
+            self.img.file_len = self.img.file_len.min(end * cs);
+        }
+        Ok(())
+    }
+}

@@ -528,17 +528,8 @@ impl<R: BlockRead> Image<R> {
                 continue;
             }
             for j in 0..table.len() / fmt.entry_size() {
-                let entry = be64(&table, j * fmt.entry_size());
-                let bitmap = if fmt.extended {
-                    be64(&table, j * fmt.entry_size() + 8)
-                } else {
-                    0
-                };
-                let host = match fmt.subcluster(entry, bitmap, 0) {
-                    Ok(Subcluster::Normal { host })
-                    | Ok(Subcluster::ZeroAlloc { host })
-                    | Ok(Subcluster::UnallocatedAlloc { host }) => host,
-                    _ => continue,
+                let (entry, Some(host)) = fmt.host_cluster_at(&table, j) else {
+                    continue;
                 };
                 let rc = refcount_of(&mut self.io, host).map_err(Error::Io)?;
                 if (rc == 1) != (entry & COPIED != 0) {

@@ -165,6 +165,25 @@ impl EntryFormat {
         Some(COMPRESSED | (extra_sectors << shift) | offset)
     }
 
+    /// Entry `j` of the L2 table `table` and the host cluster it holds
+    /// uncompressed (data, or preallocated zeros), if any.
+    pub fn host_cluster_at(&self, table: &[u8], j: usize) -> (u64, Option<u64>) {
+        let at = j * self.entry_size();
+        let entry = crate::bytes::be64(table, at);
+        let bitmap = if self.extended {
+            crate::bytes::be64(table, at + 8)
+        } else {
+            0
+        };
+        let host = match self.subcluster(entry, bitmap, 0) {
+            Ok(Subcluster::Normal { host })
+            | Ok(Subcluster::ZeroAlloc { host })
+            | Ok(Subcluster::UnallocatedAlloc { host }) => Some(host),
+            _ => None,
+        };
+        (entry, host)
+    }
+
     /// Classifies subcluster `sc` (0 without extended L2) of the entry
     /// `(entry, bitmap)`; `bitmap` is ignored without extended L2.
     pub fn subcluster(&self, entry: u64, bitmap: u64, sc: u32) -> Result<Subcluster, EntryError> {

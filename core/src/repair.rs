@@ -20,7 +20,7 @@ use crate::header::incompat;
 use crate::heap;
 use crate::image::Res;
 use crate::io::BlockWrite;
-use crate::l2::{self, Subcluster, COPIED};
+use crate::l2::{self, COPIED};
 use crate::overlap;
 use crate::rctable::Refcounts;
 use crate::refcount;
@@ -251,19 +251,10 @@ impl<R: BlockWrite> WritableImage<R> {
             table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
             flips.clear();
             for j in 0..table.len() / fmt.entry_size() {
+                let (entry, Some(host)) = fmt.host_cluster_at(&table, j) else {
+                    continue;
+                };
                 let at = j * fmt.entry_size();
-                let entry = crate::bytes::be64(&table, at);
-                let bitmap = if fmt.extended {
-                    crate::bytes::be64(&table, at + 8)
-                } else {
-                    0
-                };
-                let host = match fmt.subcluster(entry, bitmap, 0) {
-                    Ok(Subcluster::Normal { host })
-                    | Ok(Subcluster::ZeroAlloc { host })
-                    | Ok(Subcluster::UnallocatedAlloc { host }) => host,
-                    _ => continue,
-                };
                 let rc = self.refcount(host / cs)?;
                 if (rc == 1) != (entry & COPIED != 0) {
                     wrong += 1;

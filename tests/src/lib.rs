@@ -140,3 +140,24 @@ pub fn json(text: &str) -> serde_json::Value {
 pub fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
 }
+
+/// Runs `qcow2 OURS_ARGS` and `qemu-img QEMU_ARGS` in `cwd` and compares
+/// their exit codes, stdout and stderr (qemu-img's `qemu-img:` prefixes
+/// read as `qcow2:`); `None` when they agree, else both outputs.
+pub fn differs_from_qemu_img(cwd: &Path, ours_args: &[&str], qemu_args: &[&str]) -> Option<String> {
+    let o = ours(cwd, ours_args);
+    let q = run_in(cwd, "qemu-img", qemu_args);
+    let qerr = stderr_of(&q).replace("qemu-img:", "qcow2:");
+    if (code(&o), stdout_of(&o), stderr_of(&o)) == (code(&q), stdout_of(&q), qerr.clone()) {
+        return None;
+    }
+    Some(format!(
+        "ours (exit {}):\n{}{}\nqemu-img (exit {}):\n{}{}",
+        code(&o),
+        stdout_of(&o),
+        stderr_of(&o),
+        code(&q),
+        stdout_of(&q),
+        qerr
+    ))
+}

@@ -150,23 +150,10 @@ fn resize_matches_qemu_img() {
         };
         let oa = with("o.qcow2");
         let qa = with("q.qcow2");
-        let o = ours(d, &oa.iter().map(String::as_str).collect::<Vec<_>>());
-        let q = run_in(
-            d,
-            "qemu-img",
-            &qa.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        let qerr = stderr_of(&q).replace("qemu-img:", "qcow2:");
-        if (code(&o), stdout_of(&o), stderr_of(&o)) != (code(&q), stdout_of(&q), qerr.clone()) {
-            problems.push(format!(
-                "{name}: ours (exit {}) {}{} / qemu-img (exit {}) {}{}",
-                code(&o),
-                stdout_of(&o),
-                stderr_of(&o),
-                code(&q),
-                stdout_of(&q),
-                qerr
-            ));
+        let oa: Vec<&str> = oa.iter().map(String::as_str).collect();
+        let qa: Vec<&str> = qa.iter().map(String::as_str).collect();
+        if let Some(diff) = differs_from_qemu_img(d, &oa, &qa) {
+            problems.push(format!("{name}:\n{diff}"));
         }
         if let Err(e) = qemu_img_check(d, "o.qcow2") {
             problems.push(format!("{name}: {e}"));

@@ -78,6 +78,7 @@ pub mod repair;
 pub mod report;
 mod resize;
 pub mod snapshot;
+mod snapshot_write;
 mod writable;
 mod write;
 

@@ -37,6 +37,7 @@ fn help_lists_every_subcommand_with_examples() {
         ("check", "Check basic image integrity"),
         ("measure", "Calculate file size required for a new image"),
         ("resize", "Resize the image to the new size"),
+        ("snapshot", "List or manipulate snapshots within image"),
         ("dd", "Copy input to output"),
     ];
     for (cmd, line) in expected {

@@ -126,6 +126,27 @@ pub fn image_info(name: &str, disk: Disk) -> Info {
     }
 }
 
+/// qemu-img's snapshot table (header line and one line per snapshot), as
+/// `info` and `snapshot -l` print it.
+pub fn snapshot_table(snapshots: &[qcowkit_core::report::SnapshotInfo]) -> String {
+    let mut out = format!(
+        "{:<7} {:<17} {:>7}{:>20}{:>16}{:>11}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snapshots {
+        out += &format!(
+            "{:<7} {:<17} {:>7}{:>20}{:>16}{:>11}\n",
+            sn.id,
+            sn.name,
+            human::size(sn.vm_state_size),
+            human::date(sn.date_sec),
+            human::vm_clock(sn.vm_clock_sec * 1_000_000_000 + sn.vm_clock_nsec),
+            sn.icount.map(|i| i.to_string()).unwrap_or_default()
+        );
+    }
+    out
+}
+
 /// Renders qemu-img's human layout of an info report.
 pub fn human_info(v: &Info) -> String {
     let mut out = String::new();
@@ -153,21 +174,7 @@ pub fn human_info(v: &Info) -> String {
     }
     if !v.snapshots.is_empty() {
         out += "Snapshot list:\n";
-        out += &format!(
-            "{:<7} {:<17} {:>7}{:>20}{:>16}{:>11}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for sn in &v.snapshots {
-            out += &format!(
-                "{:<7} {:<17} {:>7}{:>20}{:>16}{:>11}\n",
-                sn.id,
-                sn.name,
-                human::size(sn.vm_state_size),
-                human::date(sn.date_sec),
-                human::vm_clock(sn.vm_clock_sec * 1_000_000_000 + sn.vm_clock_nsec),
-                sn.icount.map(|i| i.to_string()).unwrap_or_default()
-            );
-        }
+        out += &snapshot_table(&v.snapshots);
     }
     if let Some(fs) = &v.format_specific {
         let d = &fs.data;

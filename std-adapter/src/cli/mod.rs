@@ -24,6 +24,7 @@ pub mod measure;
 pub mod options;
 pub mod progress;
 pub mod resize;
+pub mod snapshot;
 pub mod summary;
 
 /// `qcow2`: inspect, check and convert qcow2 images (a qemu-img compatible subset).
@@ -70,6 +71,8 @@ pub enum Command {
     Measure(measure::Args),
     /// Resize the image to the new size.
     Resize(resize::Args),
+    /// List or manipulate snapshots within image.
+    Snapshot(snapshot::Args),
     /// Copy input to output with optional format conversion (dd-style `key=value` arguments).
     #[command(
         after_help = "Examples:\n  qcow2 dd if=vm.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -O qcow2 if=disk.raw of=vm.qcow2 bs=64k"
@@ -140,6 +143,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Check(a) => check::run(&a),
         Command::Measure(a) => measure::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Snapshot(a) => snapshot::run(&a),
         Command::Dd { args } => dd::run(&args),
     };
     ExitCode::from(code)

@@ -1,0 +1,259 @@
+//! Taking internal snapshots (`qemu-img snapshot -c`), as QEMU lays them
+//! out: a copy of the active L1 table, one more reference to every L2
+//! table and cluster it reaches, COPIED flags cleared in the active tables,
+//! and a new snapshot table switched to with one header write.
+//!
+//! Crash safety: the refcounts are raised first (a crash then leaves
+//! leaks), the L1 copy and the new table are written to new clusters, and
+//! only the header write makes the snapshot exist.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::bytes::{put64, to_u64};
+use crate::error::Error;
+use crate::heap;
+use crate::image::Res;
+use crate::io::BlockWrite;
+use crate::l2::{self, Subcluster, COPIED};
+use crate::overlap;
+use crate::snapshot::Snapshot;
+use crate::writable::WritableImage;
+
+/// Byte offset of `nb_snapshots`, followed by `snapshots_offset`.
+const SNAPSHOT_FIELDS: u64 = 60;
+/// Largest snapshot table QEMU accepts.
+const MAX_TABLE_BYTES: u64 = 64 << 20;
+
+impl<R: BlockWrite> WritableImage<R> {
+    /// Takes an internal snapshot of the disk as it is now, named `name`,
+    /// dated `date_sec`.`date_nsec` (seconds since 1970; the core has no
+    /// clock), with the next free numeric ID (returned). No VM state is
+    /// saved (`vm-state-size` 0), as qemu-img does.
+    pub fn create_snapshot(&mut self, name: &str, date_sec: u32, date_nsec: u32) -> Res<String, R> {
+        self.require_intact()?;
+        if self.img.header.has_data_file() {
+            return Err(Error::Unsupported(
+                "internal snapshots of an image with an external data file",
+            ));
+        }
+        if self.img.header.nb_snapshots >= crate::header::MAX_SNAPSHOTS {
+            return Err(Error::Unsupported("too many snapshots"));
+        }
+        if crate::refcount::max_refcount(self.img.header.refcount_order) < 2 {
+            return Err(Error::Unsupported(
+                "snapshots need refcounts of at least 2 bits (qemu-img amend -o refcount_bits=16)",
+            ));
+        }
+        if name.len() > usize::from(u16::MAX) {
+            return Err(Error::Unsupported("snapshot name too long"));
+        }
+        self.flush()?;
+        let cs = self.cluster_size();
+        let id = next_id(&self.img.snapshots);
+        // 1. One more reference to every table and cluster the active L1
+        //    reaches.
+        self.reference_active_tables()?;
+        self.write_refcounts()?;
+        self.img.io.flush().map_err(Error::Io)?;
+        // 2. The L1 copy, COPIED cleared.
+        let l1_len = to_u64(self.img.l1.len()) * 8;
+        let l1_copy = if l1_len == 0 {
+            0
+        } else {
+            let clusters = l1_len.div_ceil(cs);
+            let mut table = heap::zeroed(clusters * cs, "the snapshot's L1 table")?;
+            for (i, e) in self.img.l1.iter().enumerate() {
+                put64(&mut table, i * 8, e & !COPIED);
+            }
+            let at = self.alloc_clusters(clusters)?;
+            self.metadata.insert(at, l1_len, overlap::INACTIVE_L1);
+            self.write_refcounts()?;
+            self.put(at, &table, overlap::INACTIVE_L1)?;
+            at
+        };
+        // 3. The active tables are shared now: COPIED cleared (after the
+        //    refcounts, at the flush).
+        self.clear_active_copied()?;
+        self.flush()?;
+        // The tables are the snapshot's too from now on (written in place
+        // only for the flags above).
+        for i in 0..self.img.l1.len() {
+            let l2_off = l2::l1_offset(self.img.l1[i]);
+            if l2_off != 0 {
+                self.metadata.insert(l2_off, cs, overlap::INACTIVE_L2);
+            }
+        }
+        // 4. The new snapshot table, then the switch.
+        let snap = Snapshot {
+            l1_table_offset: l1_copy,
+            l1_size: self.img.header.l1_size,
+            id: id.clone(),
+            name: String::from(name),
+            date_sec,
+            date_nsec,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.img.header.size),
+            icount: Some(0),
+            extra_unknown: Vec::new(),
+        };
+        let mut snapshots = self.img.snapshots.clone();
+        snapshots.push(snap);
+        self.write_snapshot_table(snapshots)?;
+        Ok(id)
+    }
+
+    /// Raises by one the refcount of every L2 table of the active L1 and
+    /// of every cluster those tables reach (compressed ones included).
+    fn reference_active_tables(&mut self) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let cb = self.img.header.cluster_bits;
+        let fmt = self.img.fmt;
+        let mut table: Vec<u8> = Vec::new();
+        for i in 0..self.img.l1.len() {
+            let l2_off = l2::l1_offset(self.img.l1[i]);
+            if l2_off == 0 {
+                continue;
+            }
+            self.change_refcount(l2_off >> cb, 1)?;
+            table.clear();
+            table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
+            for j in 0..table.len() / fmt.entry_size() {
+                let (entry, host) = fmt.host_cluster_at(&table, j);
+                let range = match (host, fmt.subcluster(entry, 0, 0)) {
+                    (Some(h), _) if !fmt.data_file => Some((h, cs)),
+                    (_, Ok(Subcluster::Compressed(d))) => {
+                        let start = d.offset & !511;
+                        Some((start, d.offset.saturating_add(d.size) - start))
+                    }
+                    _ => None,
+                };
+                if let Some((start, len)) = range {
+                    for c in start >> cb..=(start + len - 1) >> cb {
+                        self.change_refcount(c, 1)?;
+                    }
+                }
+            }
+            if self.refcounts.blocks.over_capacity() {
+                self.write_refcounts()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the COPIED flag of every active L1 and L2 entry (their
+    /// clusters now have more than one reference); written at the flush.
+    fn clear_active_copied(&mut self) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let fmt = self.img.fmt;
+        for i in 0..self.img.l1.len() {
+            let e = self.img.l1[i];
+            let l2_off = l2::l1_offset(e);
+            if l2_off == 0 {
+                continue;
+            }
+            if e & COPIED != 0 {
+                self.img.l1[i] = e & !COPIED;
+                self.dirty_l1.insert(i);
+            }
+            // Written only when a flag changes (a table shared already has
+            // none set, and is not written in place).
+            let t = self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?;
+            let n = t.len() / fmt.entry_size();
+            let any = (0..n).any(|j| crate::bytes::be64(t, j * fmt.entry_size()) & COPIED != 0);
+            if !any {
+                continue;
+            }
+            let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
+            for j in 0..n {
+                let at = j * fmt.entry_size();
+                let entry = crate::bytes::be64(t, at);
+                if entry & COPIED != 0 {
+                    put64(t, at, entry & !COPIED);
+                }
+            }
+            self.flush_if_over_budget()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `snapshots` as the snapshot table in new clusters, switches
+    /// the header to it (count and offset in one write), frees the old one.
+    fn write_snapshot_table(&mut self, snapshots: Vec<Snapshot>) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let mut bytes = Vec::new();
+        for s in &snapshots {
+            bytes.extend_from_slice(&s.encode());
+        }
+        let len = to_u64(bytes.len());
+        if len > MAX_TABLE_BYTES {
+            return Err(Error::Unsupported("snapshot table too large"));
+        }
+        let at = if len == 0 {
+            0
+        } else {
+            let clusters = len.div_ceil(cs);
+            let at = self.alloc_clusters(clusters)?;
+            self.metadata.insert(at, len, overlap::SNAPSHOT_TABLE);
+            self.write_refcounts()?;
+            self.put(at, &bytes, overlap::SNAPSHOT_TABLE)?;
+            self.img.io.flush().map_err(Error::Io)?;
+            at
+        };
+        let count =
+            u32::try_from(snapshots.len()).map_err(|_| Error::Internal("snapshot count"))?;
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&count.to_be_bytes());
+        fields[4..].copy_from_slice(&at.to_be_bytes());
+        self.put(SNAPSHOT_FIELDS, &fields, overlap::HEADER)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        let (old, old_len) = (
+            self.img.header.snapshots_offset,
+            self.img.snapshot_table_len,
+        );
+        if self.img.header.nb_snapshots > 0 && old_len > 0 {
+            self.metadata.remove(old, old_len, overlap::SNAPSHOT_TABLE);
+            self.defer_free(old, old_len);
+        }
+        self.img.header.nb_snapshots = count;
+        self.img.header.snapshots_offset = at;
+        self.img.snapshot_table_len = len;
+        self.img.snapshots = snapshots;
+        self.flush()
+    }
+}
+
+/// The next snapshot ID: one more than the largest numeric ID (QEMU's rule).
+fn next_id(snapshots: &[Snapshot]) -> String {
+    let max = snapshots
+        .iter()
+        .filter_map(|s| s.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    alloc::format!("{}", max.saturating_add(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_the_largest_numeric_one() {
+        let mk = |id: &str| Snapshot {
+            l1_table_offset: 0,
+            l1_size: 0,
+            id: id.into(),
+            name: String::new(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: None,
+            extra_unknown: Vec::new(),
+        };
+        assert_eq!(next_id(&[]), "1");
+        assert_eq!(next_id(&[mk("1"), mk("7"), mk("x")]), "8");
+    }
+}

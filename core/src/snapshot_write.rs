@@ -104,19 +104,127 @@ impl<R: BlockWrite> WritableImage<R> {
         Ok(id)
     }
 
+    /// Deletes the first snapshot named `name` (as `qemu-img snapshot -d`
+    /// finds it): the snapshot table without it is switched to first, then
+    /// the references its L1 table held are dropped and the active tables'
+    /// COPIED flags set where a cluster is theirs alone again. A crash
+    /// after the switch leaves leaked clusters. Returns false when no
+    /// snapshot has that name.
+    pub fn delete_snapshot(&mut self, name: &str) -> Res<bool, R> {
+        self.require_intact()?;
+        let Some(index) = self.img.snapshots.iter().position(|s| s.name == name) else {
+            return Ok(false);
+        };
+        self.flush()?;
+        let gone = self.img.snapshots[index].clone();
+        let mut rest = self.img.snapshots.clone();
+        rest.remove(index);
+        self.write_snapshot_table(rest)?;
+        // The snapshot's L1 table, read as far as the file holds it.
+        let cs = self.cluster_size();
+        let l1_bytes = u64::from(gone.l1_size) * 8;
+        let readable = self
+            .file_end
+            .saturating_sub(gone.l1_table_offset)
+            .min(l1_bytes);
+        let mut raw = heap::zeroed(readable, "a snapshot's L1 table")?;
+        if gone.l1_table_offset % cs == 0 && gone.l1_table_offset != 0 {
+            self.img
+                .io
+                .read_at(gone.l1_table_offset, &mut raw)
+                .map_err(Error::Io)?;
+        }
+        let l1 = heap::entries(&raw, "a snapshot's L1 table")?;
+        drop(raw);
+        self.img.invalidate_decompressed();
+        self.reference_tables(&l1, -1)?;
+        if l1_bytes > 0 && gone.l1_table_offset % cs == 0 && gone.l1_table_offset != 0 {
+            let cb = self.img.header.cluster_bits;
+            for c in gone.l1_table_offset >> cb..=(gone.l1_table_offset + l1_bytes - 1) >> cb {
+                if self.refcount(c)? > 0 {
+                    self.change_refcount(c, -1)?;
+                }
+            }
+        }
+        self.write_refcounts()?;
+        self.img.io.flush().map_err(Error::Io)?;
+        // What the snapshot shared is the active tables' alone again.
+        self.set_active_copied()?;
+        self.metadata = crate::writable::metadata_of(&mut self.img, &self.refcounts)?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Sets the COPIED flag of the active L1 and L2 entries whose clusters
+    /// have refcount 1 (written at the flush, after the refcounts).
+    fn set_active_copied(&mut self) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let fmt = self.img.fmt;
+        let mut table: Vec<u8> = Vec::new();
+        let mut flips: Vec<(usize, u64)> = Vec::new();
+        for i in 0..self.img.l1.len() {
+            let e = self.img.l1[i];
+            let l2_off = l2::l1_offset(e);
+            if l2_off == 0 {
+                continue;
+            }
+            if self.refcount(l2_off / cs)? != 1 {
+                // Still shared with another snapshot: not written in place.
+                continue;
+            }
+            if e & COPIED == 0 {
+                self.img.l1[i] = e | COPIED;
+                self.dirty_l1.insert(i);
+            }
+            table.clear();
+            table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
+            flips.clear();
+            for j in 0..table.len() / fmt.entry_size() {
+                let (entry, Some(host)) = fmt.host_cluster_at(&table, j) else {
+                    continue;
+                };
+                if entry & COPIED == 0 && (fmt.data_file || self.refcount(host / cs)? == 1) {
+                    flips.push((j * fmt.entry_size(), entry | COPIED));
+                }
+            }
+            if !flips.is_empty() {
+                // The table may have been a snapshot's too: it is not any
+                // more (its refcount is 1).
+                self.metadata.remove(l2_off, cs, overlap::INACTIVE_L2);
+                let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
+                for &(at, entry) in &flips {
+                    put64(t, at, entry);
+                }
+                self.flush_if_over_budget()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Raises by one the refcount of every L2 table of the active L1 and
     /// of every cluster those tables reach (compressed ones included).
     fn reference_active_tables(&mut self) -> Res<(), R> {
+        let l1 = core::mem::take(&mut self.img.l1);
+        let r = self.reference_tables(&l1, 1);
+        self.img.l1 = l1;
+        r
+    }
+
+    /// Adds `delta` (1 or -1) to the refcount of every L2 table `l1` names
+    /// and of every cluster those tables reach (compressed ones included).
+    /// Lowering never goes below 0 (a damaged image's refcount may already
+    /// read 0; the reference is gone either way).
+    fn reference_tables(&mut self, l1: &[u64], delta: i64) -> Res<(), R> {
         let cs = self.cluster_size();
         let cb = self.img.header.cluster_bits;
         let fmt = self.img.fmt;
         let mut table: Vec<u8> = Vec::new();
-        for i in 0..self.img.l1.len() {
-            let l2_off = l2::l1_offset(self.img.l1[i]);
-            if l2_off == 0 {
+        for &l1_entry in l1 {
+            let l2_off = l2::l1_offset(l1_entry);
+            if l2_off == 0 || l2_off % cs != 0 || l2_off >= self.file_end {
                 continue;
             }
-            self.change_refcount(l2_off >> cb, 1)?;
+            self.bump(l2_off >> cb, delta)?;
             table.clear();
             table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
             for j in 0..table.len() / fmt.entry_size() {
@@ -131,13 +239,28 @@ impl<R: BlockWrite> WritableImage<R> {
                 };
                 if let Some((start, len)) = range {
                     for c in start >> cb..=(start + len - 1) >> cb {
-                        self.change_refcount(c, 1)?;
+                        self.bump(c, delta)?;
                     }
                 }
             }
             if self.refcounts.blocks.over_capacity() {
                 self.write_refcounts()?;
             }
+        }
+        Ok(())
+    }
+
+    /// [`WritableImage::change_refcount`] that skips lowering a refcount
+    /// already at 0.
+    fn bump(&mut self, cluster: u64, delta: i64) -> Res<(), R> {
+        if delta < 0 && self.refcount(cluster)? == 0 {
+            return Ok(());
+        }
+        self.change_refcount(cluster, delta)?;
+        if delta < 0 && self.refcount(cluster)? == 0 {
+            // Free now: no cached copy may outlive it.
+            let at = cluster << self.img.header.cluster_bits;
+            self.img.l2_cache.forget(at);
         }
         Ok(())
     }

@@ -160,3 +160,129 @@ fn a_snapshot_interrupted_anywhere_leaves_the_disk_as_it_was() {
     }
     assert!(states > 10, "only {states} crash states");
 }
+
+#[test]
+fn deleting_snapshots_keeps_the_rest_and_leaves_qemu_img_check_clean() {
+    let s = Scratch::new();
+    let d = s.dir();
+    for opts in [
+        "",
+        "compat=0.10",
+        "extended_l2=on",
+        "compression_type=zstd",
+        "cluster_size=4k,refcount_bits=64",
+    ] {
+        for maker in ["ours", "qemu-img"] {
+            let _ = std::fs::remove_file(s.path("t.qcow2"));
+            qemu_create(d, "t.qcow2", opts, "4M");
+            qemu_io(
+                d,
+                "t.qcow2",
+                &[
+                    "write -P 1 0 64k",
+                    "write -c -P 2 1M 64k",
+                    "write -P 3 3M 8k",
+                ],
+            );
+            let made = if maker == "ours" {
+                ours(d, &["snapshot", "-c", "a", "t.qcow2"])
+            } else {
+                run_in(d, "qemu-img", &["snapshot", "-c", "a", "t.qcow2"])
+            };
+            assert_eq!(code(&made), 0, "{}", output_text(&made));
+            qemu_io(d, "t.qcow2", &["write -P 9 0 128k"]);
+            let middle = qemu_contents(d, "t.qcow2");
+            qemu_img(d, &["snapshot", "-c", "b", "t.qcow2"]);
+            qemu_io(d, "t.qcow2", &["write -P 7 0 1M"]);
+            let now = qemu_contents(d, "t.qcow2");
+            let what = format!("[{opts}] {maker}'s snapshot");
+            let out = ours(d, &["snapshot", "-d", "a", "t.qcow2"]);
+            assert_eq!(code(&out), 0, "{what}: {}", output_text(&out));
+            assert_qemu_img_check(d, "t.qcow2");
+            assert!(
+                qemu_contents(d, "t.qcow2") == now,
+                "{what}: the disk changed"
+            );
+            let _ = std::fs::remove_file(s.path("b.raw"));
+            qemu_img(d, &["convert", "-O", "raw", "-l", "b", "t.qcow2", "b.raw"]);
+            assert!(
+                std::fs::read(s.path("b.raw")).unwrap() == middle,
+                "{what}: snapshot b changed"
+            );
+            assert!(
+                differs_from_qemu_img(
+                    d,
+                    &["snapshot", "-d", "a", "t.qcow2"],
+                    &["snapshot", "-d", "a", "t.qcow2"]
+                )
+                .is_none(),
+                "{what}: deleting it twice"
+            );
+            let out = ours(d, &["snapshot", "-d", "b", "t.qcow2"]);
+            assert_eq!(code(&out), 0, "{what}: {}", output_text(&out));
+            assert_qemu_img_check(d, "t.qcow2");
+            assert!(
+                qemu_img(d, &["snapshot", "-l", "t.qcow2"]).is_empty(),
+                "{what}"
+            );
+            // The clusters are the active layer's alone again: writes go in
+            // place and the image stays clean.
+            qemu_io(d, "t.qcow2", &["write -P 5 0 2M"]);
+            assert_qemu_img_check(d, "t.qcow2");
+        }
+    }
+}
+
+#[test]
+fn a_deletion_interrupted_anywhere_leaves_at_worst_leaks() {
+    let s = Scratch::new();
+    let d = s.dir();
+    qemu_create(d, "c.qcow2", "cluster_size=4k", "4M");
+    qemu_io(d, "c.qcow2", &["write -P 1 0 64k", "write -c -P 2 1M 64k"]);
+    qemu_img(d, &["snapshot", "-c", "a", "c.qcow2"]);
+    qemu_io(d, "c.qcow2", &["write -P 3 0 8k"]);
+    let start = std::fs::read(s.path("c.qcow2")).unwrap();
+    let read_all = |disk: &[u8]| {
+        let mut img = Image::open(disk.to_vec(), &OpenOptions::default()).unwrap();
+        let mut out = vec![0u8; img.size() as usize];
+        img.read_at(0, &mut out).unwrap();
+        out
+    };
+    let want = read_all(&start);
+    let img = Image::open(Recording::new(start.clone()), &OpenOptions::default()).unwrap();
+    let mut w = WritableImage::new(img).unwrap();
+    assert!(w.delete_snapshot("a").unwrap());
+    let log = w.into_inner().log;
+    let mut crashes: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
+    let mut since = Vec::new();
+    for (i, op) in log.iter().enumerate() {
+        if matches!(op, LogOp::Flush) {
+            crashes.extend(since.iter().map(|&w| (i, Some(w))));
+            since.clear();
+        } else {
+            since.push(i);
+        }
+    }
+    for (k, lost) in crashes {
+        let mut disk = start.clone();
+        for (i, op) in log[..k].iter().enumerate() {
+            if Some(i) != lost {
+                apply(&mut disk, op);
+            }
+        }
+        let at = format!("crash after {k} of {} (lost {lost:?})", log.len());
+        assert!(read_all(&disk) == want, "{at}: the disk changed");
+        let opts = OpenOptions {
+            check_mode: true,
+            ..OpenOptions::default()
+        };
+        let mut w = WritableImage::for_repair(Image::open(disk, &opts).unwrap()).unwrap();
+        let r = w.repair(RepairMode::Leaks, &mut |_| {}).unwrap();
+        assert_eq!(
+            (r.left.corruptions, r.left.leaks, r.left.check_errors),
+            (0, 0, 0),
+            "{at}: found {:?}",
+            r.found
+        );
+    }
+}

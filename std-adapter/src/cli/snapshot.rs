@@ -1,5 +1,5 @@
-//! `qcow2 snapshot`: list internal snapshots, or take one (qemu-img's
-//! flags, table and messages).
+//! `qcow2 snapshot`: list, take and delete internal snapshots
+//! (qemu-img's flags, table and messages).
 
 use std::path::Path;
 
@@ -13,9 +13,9 @@ use qcowkit_core::OpenOptions;
 /// Arguments of `qcow2 snapshot`.
 #[derive(Debug, Parser)]
 #[command(
-    after_help = "Examples:\n  qcow2 snapshot -l vm.qcow2\n  qcow2 snapshot -c before-upgrade vm.qcow2"
+    after_help = "Examples:\n  qcow2 snapshot -l vm.qcow2\n  qcow2 snapshot -c before-upgrade vm.qcow2\n  qcow2 snapshot -d before-upgrade vm.qcow2"
 )]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["list", "create"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["list", "create", "delete"])))]
 pub struct Args {
     /// Image format (only qcow2 has snapshots).
     #[arg(short = 'f')]
@@ -26,6 +26,9 @@ pub struct Args {
     /// Take a snapshot of the disk as it is now, named NAME.
     #[arg(short = 'c', value_name = "NAME")]
     pub create: Option<String>,
+    /// Delete the snapshot named NAME.
+    #[arg(short = 'd', value_name = "NAME")]
+    pub delete: Option<String>,
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -65,13 +68,22 @@ fn snapshot(a: &Args) -> Result<(), String> {
         }
         return Ok(());
     }
-    let name = a.create.as_deref().unwrap_or_default();
     let mut img = crate::open_qcow2_rw_following(
         Path::new(&a.filename),
         &OpenOptions::default(),
         Follow::Any,
     )
     .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
+    if let Some(name) = &a.delete {
+        return match img.delete_snapshot(name) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "Could not delete snapshot '{name}': snapshot not found"
+            )),
+            Err(e) => Err(format!("Could not delete snapshot '{name}': {e}")),
+        };
+    }
+    let name = a.create.as_deref().unwrap_or_default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

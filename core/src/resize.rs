@@ -109,7 +109,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Moves the active L1 table to new clusters holding `entries` entries
     /// (the old ones, then zeros), switches the header to it, and frees the
     /// old table.
-    fn grow_l1(&mut self, entries: u64) -> Res<(), R> {
+    pub(crate) fn grow_l1(&mut self, entries: u64) -> Res<(), R> {
         let cs = self.cluster_size();
         let bytes = entries * 8;
         let clusters = bytes.div_ceil(cs);

@@ -149,15 +149,90 @@ impl<R: BlockWrite> WritableImage<R> {
         self.write_refcounts()?;
         self.img.io.flush().map_err(Error::Io)?;
         // What the snapshot shared is the active tables' alone again.
-        self.set_active_copied()?;
+        self.recompute_active_copied()?;
         self.metadata = crate::writable::metadata_of(&mut self.img, &self.refcounts)?;
         self.flush()?;
         Ok(true)
     }
 
-    /// Sets the COPIED flag of the active L1 and L2 entries whose clusters
-    /// have refcount 1 (written at the flush, after the refcounts).
-    fn set_active_copied(&mut self) -> Res<(), R> {
+    /// Reverts the disk to the snapshot with ID or else name `id_or_name`
+    /// (`qemu-img snapshot -a`): the disk takes the snapshot's size, the
+    /// snapshot's tables gain a reference, the active L1 table gets the
+    /// snapshot's entries, and the tables it held lose theirs. A crash
+    /// leaves at worst leaks. Returns false when there is no such snapshot.
+    pub fn apply_snapshot(&mut self, id_or_name: &str) -> Res<bool, R> {
+        self.require_intact()?;
+        let found = self
+            .img
+            .snapshots
+            .iter()
+            .position(|s| s.id == id_or_name)
+            .or_else(|| self.img.snapshots.iter().position(|s| s.name == id_or_name));
+        let Some(index) = found else {
+            return Ok(false);
+        };
+        if self.img.header.has_data_file() {
+            return Err(Error::Unsupported(
+                "internal snapshots of an image with an external data file",
+            ));
+        }
+        let sn = self.img.snapshots[index].clone();
+        let cs = self.cluster_size();
+        let sn_bytes = u64::from(sn.l1_size) * 8;
+        if sn_bytes > crate::header::MAX_L1_BYTES
+            || (sn_bytes > 0 && (sn.l1_table_offset % cs != 0 || sn.l1_table_offset == 0))
+            || sn.l1_table_offset.saturating_add(sn_bytes) > self.file_end
+        {
+            return Err(Error::corrupt(
+                "snapshot L1 table offset or size invalid",
+                sn.l1_table_offset,
+                u64::from(sn.l1_size),
+            ));
+        }
+        self.flush()?;
+        if let Some(size) = sn.disk_size.filter(|&s| s != self.img.header.size) {
+            self.resize(size, crate::create::Preallocation::Off)?;
+        }
+        if u64::from(sn.l1_size) > to_u64(self.img.l1.len()) {
+            self.grow_l1(u64::from(sn.l1_size))?;
+        }
+        let mut raw = heap::zeroed(sn_bytes, "a snapshot's L1 table")?;
+        self.img
+            .io
+            .read_at(sn.l1_table_offset, &mut raw)
+            .map_err(Error::Io)?;
+        let mut l1 = heap::entries(&raw, "a snapshot's L1 table")?;
+        l1.resize(self.img.l1.len(), 0);
+        // 1. The snapshot's tables gain the active layer's reference.
+        self.reference_tables(&l1, 1)?;
+        self.write_refcounts()?;
+        self.img.io.flush().map_err(Error::Io)?;
+        // 2. The active L1 table takes the snapshot's entries.
+        let mut table = heap::zeroed(to_u64(l1.len()) * 8, "the L1 table")?;
+        for (i, e) in l1.iter().enumerate() {
+            put64(&mut table, i * 8, *e);
+        }
+        let at = self.img.header.l1_table_offset;
+        self.put(at, &table, overlap::ACTIVE_L1)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        // 3. The tables the active layer held lose its reference.
+        let old = core::mem::replace(&mut self.img.l1, l1);
+        self.img.invalidate_decompressed();
+        self.reference_tables(&old, -1)?;
+        self.write_refcounts()?;
+        self.img.io.flush().map_err(Error::Io)?;
+        self.metadata = crate::writable::metadata_of(&mut self.img, &self.refcounts)?;
+        self.recompute_active_copied()?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Makes the COPIED flags of the active L1 entries, and of the entries
+    /// of active L2 tables that are not shared, say whether their cluster
+    /// has refcount 1 (QEMU's rule; written at the flush, after the
+    /// refcounts). A snapshot's L1 copy may carry flags from when it was
+    /// active, and a deleted snapshot leaves clusters unshared.
+    fn recompute_active_copied(&mut self) -> Res<(), R> {
         let cs = self.cluster_size();
         let fmt = self.img.fmt;
         let mut table: Vec<u8> = Vec::new();
@@ -168,13 +243,16 @@ impl<R: BlockWrite> WritableImage<R> {
             if l2_off == 0 {
                 continue;
             }
-            if self.refcount(l2_off / cs)? != 1 {
-                // Still shared with another snapshot: not written in place.
-                continue;
-            }
-            if e & COPIED == 0 {
-                self.img.l1[i] = e | COPIED;
+            let alone = self.refcount(l2_off / cs)? == 1;
+            let want = if alone { e | COPIED } else { e & !COPIED };
+            if want != e {
+                self.img.l1[i] = want;
                 self.dirty_l1.insert(i);
+            }
+            if !alone {
+                // Shared with a snapshot: not written in place (its
+                // entries' clusters are shared too: their flags are clear).
+                continue;
             }
             table.clear();
             table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
@@ -183,8 +261,10 @@ impl<R: BlockWrite> WritableImage<R> {
                 let (entry, Some(host)) = fmt.host_cluster_at(&table, j) else {
                     continue;
                 };
-                if entry & COPIED == 0 && (fmt.data_file || self.refcount(host / cs)? == 1) {
-                    flips.push((j * fmt.entry_size(), entry | COPIED));
+                let one = fmt.data_file || self.refcount(host / cs)? == 1;
+                let want = if one { entry | COPIED } else { entry & !COPIED };
+                if want != entry {
+                    flips.push((j * fmt.entry_size(), want));
                 }
             }
             if !flips.is_empty() {

@@ -286,3 +286,134 @@ fn a_deletion_interrupted_anywhere_leaves_at_worst_leaks() {
         );
     }
 }
+
+#[test]
+fn applying_snapshots_reverts_the_disk_like_qemu_img() {
+    let s = Scratch::new();
+    let d = s.dir();
+    for opts in [
+        "",
+        "extended_l2=on",
+        "compression_type=zstd",
+        "cluster_size=512,refcount_bits=64",
+    ] {
+        for maker in ["ours", "qemu-img"] {
+            let _ = std::fs::remove_file(s.path("t.qcow2"));
+            qemu_create(d, "t.qcow2", opts, "4M");
+            qemu_io(
+                d,
+                "t.qcow2",
+                &[
+                    "write -P 1 0 64k",
+                    "write -c -P 2 1M 64k",
+                    "write -P 3 3M 8k",
+                ],
+            );
+            let before = qemu_contents(d, "t.qcow2");
+            let made = if maker == "ours" {
+                ours(d, &["snapshot", "-c", "a", "t.qcow2"])
+            } else {
+                run_in(d, "qemu-img", &["snapshot", "-c", "a", "t.qcow2"])
+            };
+            assert_eq!(code(&made), 0, "{}", output_text(&made));
+            // Written and grown after the snapshot: applying it brings the
+            // old size back too.
+            qemu_io(d, "t.qcow2", &["write -P 9 0 128k"]);
+            qemu_img(d, &["resize", "t.qcow2", "8M"]);
+            qemu_io(d, "t.qcow2", &["write -P 4 6M 64k"]);
+            let what = format!("[{opts}] {maker}'s snapshot");
+            let out = ours(d, &["snapshot", "-a", "a", "t.qcow2"]);
+            assert_eq!(code(&out), 0, "{what}: {}", output_text(&out));
+            assert_qemu_img_check(d, "t.qcow2");
+            assert!(
+                qemu_contents(d, "t.qcow2") == before,
+                "{what}: not reverted"
+            );
+            // Writes after it land beside the snapshot, which stays as it was.
+            qemu_io(d, "t.qcow2", &["write -P 5 0 2M"]);
+            assert_qemu_img_check(d, "t.qcow2");
+            let _ = std::fs::remove_file(s.path("a.raw"));
+            qemu_img(d, &["convert", "-O", "raw", "-l", "a", "t.qcow2", "a.raw"]);
+            assert!(
+                std::fs::read(s.path("a.raw")).unwrap() == before,
+                "{what}: snapshot changed"
+            );
+            // By ID too, and qemu-img's message for a missing one.
+            let out = ours(d, &["snapshot", "-a", "1", "t.qcow2"]);
+            assert_eq!(code(&out), 0, "{what}: {}", output_text(&out));
+            assert!(qemu_contents(d, "t.qcow2") == before, "{what}: by ID");
+            assert!(
+                differs_from_qemu_img(
+                    d,
+                    &["snapshot", "-a", "zz", "t.qcow2"],
+                    &["snapshot", "-a", "zz", "t.qcow2"]
+                )
+                .is_none(),
+                "{what}: missing snapshot"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_apply_interrupted_anywhere_leaves_at_worst_leaks() {
+    let s = Scratch::new();
+    let d = s.dir();
+    qemu_create(d, "c.qcow2", "cluster_size=4k", "4M");
+    qemu_io(d, "c.qcow2", &["write -P 1 0 64k", "write -c -P 2 1M 64k"]);
+    qemu_img(d, &["snapshot", "-c", "a", "c.qcow2"]);
+    qemu_io(d, "c.qcow2", &["write -P 3 0 8k", "write -P 4 2M 8k"]);
+    let start = std::fs::read(s.path("c.qcow2")).unwrap();
+    let read_all = |disk: &[u8]| {
+        let mut img = Image::open(disk.to_vec(), &OpenOptions::default()).unwrap();
+        let mut out = vec![0u8; img.size() as usize];
+        img.read_at(0, &mut out).unwrap();
+        out
+    };
+    let old = read_all(&start);
+    let img = Image::open(Recording::new(start.clone()), &OpenOptions::default()).unwrap();
+    let mut w = WritableImage::new(img).unwrap();
+    assert!(w.apply_snapshot("a").unwrap());
+    let log = w.into_inner().log;
+    let mut end = start.clone();
+    for op in &log {
+        apply(&mut end, op);
+    }
+    let new = read_all(&end);
+    let mut crashes: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
+    let mut since = Vec::new();
+    for (i, op) in log.iter().enumerate() {
+        if matches!(op, LogOp::Flush) {
+            crashes.extend(since.iter().map(|&w| (i, Some(w))));
+            since.clear();
+        } else {
+            since.push(i);
+        }
+    }
+    for (k, lost) in crashes {
+        let mut disk = start.clone();
+        for (i, op) in log[..k].iter().enumerate() {
+            if Some(i) != lost {
+                apply(&mut disk, op);
+            }
+        }
+        let at = format!("crash after {k} of {} (lost {lost:?})", log.len());
+        let got = read_all(&disk);
+        assert!(
+            got == old || got == new,
+            "{at}: neither the old disk nor the snapshot's"
+        );
+        let opts = OpenOptions {
+            check_mode: true,
+            ..OpenOptions::default()
+        };
+        let mut w = WritableImage::for_repair(Image::open(disk, &opts).unwrap()).unwrap();
+        let r = w.repair(RepairMode::Leaks, &mut |_| {}).unwrap();
+        assert_eq!(
+            (r.left.corruptions, r.left.leaks, r.left.check_errors),
+            (0, 0, 0),
+            "{at}: found {:?}",
+            r.found
+        );
+    }
+}

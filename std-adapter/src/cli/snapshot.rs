@@ -1,4 +1,4 @@
-//! `qcow2 snapshot`: list, take and delete internal snapshots
+//! `qcow2 snapshot`: list, take, apply and delete internal snapshots
 //! (qemu-img's flags, table and messages).
 
 use std::path::Path;
@@ -13,9 +13,9 @@ use qcowkit_core::OpenOptions;
 /// Arguments of `qcow2 snapshot`.
 #[derive(Debug, Parser)]
 #[command(
-    after_help = "Examples:\n  qcow2 snapshot -l vm.qcow2\n  qcow2 snapshot -c before-upgrade vm.qcow2\n  qcow2 snapshot -d before-upgrade vm.qcow2"
+    after_help = "Examples:\n  qcow2 snapshot -l vm.qcow2\n  qcow2 snapshot -c before-upgrade vm.qcow2\n  qcow2 snapshot -a before-upgrade vm.qcow2\n  qcow2 snapshot -d before-upgrade vm.qcow2"
 )]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["list", "create", "delete"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["list", "create", "apply", "delete"])))]
 pub struct Args {
     /// Image format (only qcow2 has snapshots).
     #[arg(short = 'f')]
@@ -26,6 +26,9 @@ pub struct Args {
     /// Take a snapshot of the disk as it is now, named NAME.
     #[arg(short = 'c', value_name = "NAME")]
     pub create: Option<String>,
+    /// Revert the disk to the snapshot with ID or name SNAPSHOT.
+    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    pub apply: Option<String>,
     /// Delete the snapshot named NAME.
     #[arg(short = 'd', value_name = "NAME")]
     pub delete: Option<String>,
@@ -74,6 +77,15 @@ fn snapshot(a: &Args) -> Result<(), String> {
         Follow::Any,
     )
     .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
+    if let Some(name) = &a.apply {
+        return match img.apply_snapshot(name) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
+            )),
+            Err(e) => Err(format!("Could not apply snapshot '{name}': {e}")),
+        };
+    }
     if let Some(name) = &a.delete {
         return match img.delete_snapshot(name) {
             Ok(true) => Ok(()),

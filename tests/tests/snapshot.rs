@@ -417,3 +417,42 @@ fn an_apply_interrupted_anywhere_leaves_at_worst_leaks() {
         );
     }
 }
+
+#[test]
+fn convert_reads_a_snapshot_like_qemu_img() {
+    let s = Scratch::new();
+    let d = s.dir();
+    qemu_create(d, "cv.qcow2", "", "4M");
+    qemu_io(d, "cv.qcow2", &["write -P 1 0 64k", "write -c -P 2 1M 64k"]);
+    qemu_img(d, &["snapshot", "-c", "a", "cv.qcow2"]);
+    qemu_io(d, "cv.qcow2", &["write -P 9 0 128k"]);
+    // Grown since: qemu-img reads the snapshot at today's size.
+    qemu_img(d, &["resize", "cv.qcow2", "8M"]);
+    for param in ["a", "1", "snapshot.name=a", "snapshot.id=1"] {
+        for out in ["o.raw", "q.raw"] {
+            let _ = std::fs::remove_file(s.path(out));
+        }
+        let o = ours(
+            d,
+            &["convert", "-l", param, "-O", "raw", "cv.qcow2", "o.raw"],
+        );
+        assert_eq!(code(&o), 0, "{param}: {}", output_text(&o));
+        qemu_img(
+            d,
+            &["convert", "-l", param, "-O", "raw", "cv.qcow2", "q.raw"],
+        );
+        assert!(
+            std::fs::read(s.path("o.raw")).unwrap() == std::fs::read(s.path("q.raw")).unwrap(),
+            "{param}: bytes differ"
+        );
+    }
+    let o = ours(
+        d,
+        &["convert", "-s", "a", "-O", "qcow2", "cv.qcow2", "o.qcow2"],
+    );
+    assert_eq!(code(&o), 0, "{}", output_text(&o));
+    assert_qemu_img_check(d, "o.qcow2");
+    qemu_img_compare(d, "o.qcow2", "qcow2", "q.raw", "raw").unwrap();
+    let missing = ["convert", "-l", "zz", "-O", "raw", "cv.qcow2", "z.raw"];
+    assert!(differs_from_qemu_img(d, &missing, &missing).is_none());
+}

@@ -255,6 +255,43 @@ impl<R: BlockRead> Image<R> {
         self.codec = Some(HostCodec(codec));
     }
 
+    /// Reads the disk as internal snapshot `id_or_name` saved it (its ID
+    /// first, else its name; `qemu-img convert -l`): its L1 table replaces
+    /// the active one in this read-only view. The disk keeps its current
+    /// size, as in qemu-img (what the snapshot's table does not cover reads
+    /// as zeros). Returns false when there is no such snapshot.
+    pub fn load_snapshot(&mut self, id_or_name: &str) -> Res<bool, R> {
+        let found = self
+            .snapshots
+            .iter()
+            .position(|s| s.id == id_or_name)
+            .or_else(|| self.snapshots.iter().position(|s| s.name == id_or_name));
+        let Some(index) = found else {
+            return Ok(false);
+        };
+        let sn = self.snapshots[index].clone();
+        let cs = self.cluster_size();
+        let bytes = u64::from(sn.l1_size) * 8;
+        if bytes > crate::header::MAX_L1_BYTES
+            || (bytes > 0 && (sn.l1_table_offset % cs != 0 || sn.l1_table_offset == 0))
+            || sn.l1_table_offset.saturating_add(bytes) > self.file_len
+        {
+            return Err(Error::corrupt(
+                "snapshot L1 table offset or size invalid",
+                sn.l1_table_offset,
+                u64::from(sn.l1_size),
+            ));
+        }
+        let mut raw = crate::heap::zeroed(bytes, "a snapshot's L1 table")?;
+        self.io
+            .read_at(sn.l1_table_offset, &mut raw)
+            .map_err(Error::Io)?;
+        self.l1 = crate::heap::entries(&raw, "a snapshot's L1 table")?;
+        self.l2_cache = crate::cache::TableCache::new(self.l2_cache.capacity());
+        self.invalidate_decompressed();
+        Ok(true)
+    }
+
     /// The image file's storage.
     pub fn storage(&self) -> &R {
         &self.io

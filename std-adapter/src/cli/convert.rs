@@ -53,6 +53,14 @@ pub struct Args {
     /// Which files named by the image to open.
     #[command(flatten)]
     pub files: super::FollowArgs,
+    /// Read the source as internal snapshot SNAPSHOT saved it: its ID or
+    /// name, or `snapshot.id=ID` / `snapshot.name=NAME`.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    pub snapshot_param: Option<String>,
+    /// Read the source as internal snapshot ID_OR_NAME saved it (qemu-img's
+    /// older flag; like `-l`).
+    #[arg(short = 's', value_name = "ID_OR_NAME")]
+    pub snapshot: Option<String>,
     /// Source image.
     pub source: String,
     /// Destination file.
@@ -85,9 +93,35 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
     let opts = super::cache_options(&a.l2_cache_size).map_err(|e| ("convert".to_string(), e))?;
     let mut disk = super::open_disk_with(&a.source, src_fmt, opts, a.files.policy(), a.force_share)
         .map_err(|e| (format!("Could not open '{}'", a.source), e.to_string()))?;
+    if let Some(want) = a.snapshot_param.as_deref().or(a.snapshot.as_deref()) {
+        load_snapshot(&mut disk, want)?;
+    }
     match out_fmt {
         Format::Raw => copy_to_raw(&mut disk, &a.dest, a.progress, a.cache),
         Format::Qcow2 => copy_to_qcow2(&mut disk, a),
+    }
+}
+
+/// Switches `disk` to the internal snapshot `param` names (`ID_OR_NAME`,
+/// `snapshot.id=ID`, `snapshot.name=NAME`), with qemu-img's messages.
+fn load_snapshot(disk: &mut crate::Disk, param: &str) -> Result<(), (String, String)> {
+    let fail = |why: String| ("Failed to load snapshot".to_string(), why);
+    let mut key = param.to_string();
+    for part in param.split(',') {
+        if let Some(v) = part
+            .strip_prefix("snapshot.id=")
+            .or_else(|| part.strip_prefix("snapshot.name="))
+        {
+            key = v.to_string();
+        }
+    }
+    match disk.image_mut() {
+        crate::DiskImage::Qcow2(img) => match img.load_snapshot(&key) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(fail("Can't find snapshot".into())),
+            Err(e) => Err(fail(e.to_string())),
+        },
+        crate::DiskImage::Raw(_) => Err(fail("raw images have no snapshots".into())),
     }
 }
 

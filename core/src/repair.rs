@@ -13,7 +13,7 @@
 use alloc::format;
 use alloc::vec::Vec;
 
-use crate::bytes::{put64, to_usize};
+use crate::bytes::{put64, to_u64, to_usize};
 use crate::check::{CheckReport, Findings, OnDiskRefcounts, Refs};
 use crate::error::Error;
 use crate::header::incompat;
@@ -224,7 +224,7 @@ impl<R: BlockWrite> WritableImage<R> {
         // One buffer for every table (a hostile L1 may name one table many
         // times).
         let mut table: Vec<u8> = Vec::new();
-        let mut flips: Vec<(usize, u64)> = Vec::new();
+        let mut flips = Vec::new();
         for i in 0..self.img.l1.len() {
             let e = self.img.l1[i];
             let l2_off = l2::l1_offset(e);
@@ -247,39 +247,17 @@ impl<R: BlockWrite> WritableImage<R> {
                 continue;
             }
             // The entries of the table that disagree with their refcounts.
-            table.clear();
-            table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
-            flips.clear();
-            for j in 0..table.len() / fmt.entry_size() {
-                let (entry, Some(host)) = fmt.host_cluster_at(&table, j) else {
-                    continue;
-                };
-                let at = j * fmt.entry_size();
-                let rc = self.refcount(host / cs)?;
-                if (rc == 1) != (entry & COPIED != 0) {
-                    wrong += 1;
-                    let what = if fix { "Repairing" } else { "ERROR" };
-                    on_problem(&format!(
-                        "{what} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
-                    ));
-                    if fix {
-                        flips.push((
-                            at,
-                            if rc == 1 {
-                                entry | COPIED
-                            } else {
-                                entry & !COPIED
-                            },
-                        ));
-                    }
-                }
+            self.copied_mismatches(l2_off, &mut table, &mut flips)?;
+            let what = if fix { "Repairing" } else { "ERROR" };
+            for f in &flips {
+                on_problem(&format!(
+                    "{what} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                    f.entry, f.refcount
+                ));
             }
-            if !flips.is_empty() {
-                let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
-                for &(at, entry) in &flips {
-                    put64(t, at, entry);
-                }
-                self.flush_if_over_budget()?;
+            wrong += to_u64(flips.len());
+            if fix && !flips.is_empty() {
+                self.correct_copied(l2_off, &flips)?;
             }
         }
         Ok(wrong)

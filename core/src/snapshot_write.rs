@@ -234,9 +234,8 @@ impl<R: BlockWrite> WritableImage<R> {
     /// active, and a deleted snapshot leaves clusters unshared.
     fn recompute_active_copied(&mut self) -> Res<(), R> {
         let cs = self.cluster_size();
-        let fmt = self.img.fmt;
         let mut table: Vec<u8> = Vec::new();
-        let mut flips: Vec<(usize, u64)> = Vec::new();
+        let mut flips = Vec::new();
         for i in 0..self.img.l1.len() {
             let e = self.img.l1[i];
             let l2_off = l2::l1_offset(e);
@@ -254,28 +253,12 @@ impl<R: BlockWrite> WritableImage<R> {
                 // entries' clusters are shared too: their flags are clear).
                 continue;
             }
-            table.clear();
-            table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
-            flips.clear();
-            for j in 0..table.len() / fmt.entry_size() {
-                let (entry, Some(host)) = fmt.host_cluster_at(&table, j) else {
-                    continue;
-                };
-                let one = fmt.data_file || self.refcount(host / cs)? == 1;
-                let want = if one { entry | COPIED } else { entry & !COPIED };
-                if want != entry {
-                    flips.push((j * fmt.entry_size(), want));
-                }
-            }
+            self.copied_mismatches(l2_off, &mut table, &mut flips)?;
             if !flips.is_empty() {
                 // The table may have been a snapshot's too: it is not any
                 // more (its refcount is 1).
                 self.metadata.remove(l2_off, cs, overlap::INACTIVE_L2);
-                let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
-                for &(at, entry) in &flips {
-                    put64(t, at, entry);
-                }
-                self.flush_if_over_budget()?;
+                self.correct_copied(l2_off, &flips)?;
             }
         }
         Ok(())
@@ -424,6 +407,71 @@ impl<R: BlockWrite> WritableImage<R> {
         self.img.snapshot_table_len = len;
         self.img.snapshots = snapshots;
         self.flush()
+    }
+}
+
+/// An L2 entry whose COPIED flag disagrees with its cluster's refcount:
+/// its byte offset in the table, the entry, the refcount, and the entry
+/// with the flag corrected (set exactly when the refcount is 1).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CopiedFix {
+    pub(crate) at: usize,
+    pub(crate) entry: u64,
+    pub(crate) refcount: u64,
+    pub(crate) corrected: u64,
+}
+
+impl<R: BlockWrite> WritableImage<R> {
+    /// The entries of the L2 table at `l2_off` (read into `table`) whose
+    /// COPIED flag disagrees with their cluster's refcount, into `out`
+    /// (cleared first). With an external data file every cluster is the
+    /// entry's own (refcount 1).
+    pub(crate) fn copied_mismatches(
+        &mut self,
+        l2_off: u64,
+        table: &mut Vec<u8>,
+        out: &mut Vec<CopiedFix>,
+    ) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let fmt = self.img.fmt;
+        table.clear();
+        table.extend_from_slice(self.img.l2_cache.get(&mut self.img.io, l2_off, cs)?);
+        out.clear();
+        for j in 0..table.len() / fmt.entry_size() {
+            let (entry, Some(host)) = fmt.host_cluster_at(table, j) else {
+                continue;
+            };
+            let refcount = if fmt.data_file {
+                1
+            } else {
+                self.refcount(host / cs)?
+            };
+            let corrected = if refcount == 1 {
+                entry | COPIED
+            } else {
+                entry & !COPIED
+            };
+            if corrected != entry {
+                out.push(CopiedFix {
+                    at: j * fmt.entry_size(),
+                    entry,
+                    refcount,
+                    corrected,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the corrected entries `fixes` into the cached L2 table at
+    /// `l2_off` (to disk at the flush, after the refcounts).
+    pub(crate) fn correct_copied(&mut self, l2_off: u64, fixes: &[CopiedFix]) -> Res<(), R> {
+        let cs = self.cluster_size();
+        let t = self.img.l2_cache.get_mut(&mut self.img.io, l2_off, cs)?;
+        for f in fixes {
+            put64(t, f.at, f.corrected);
+        }
+        self.flush_if_over_budget()
     }
 }
 

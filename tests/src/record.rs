@@ -131,3 +131,33 @@ fn write_bytes(disk: &mut Vec<u8>, offset: u64, data: &[u8]) {
     disk[start..start + inside].copy_from_slice(&data[..inside]);
     disk.extend_from_slice(&data[inside..]);
 }
+
+/// Crash states of `log`, as `(k, lost)`: every prefix (the first `k`
+/// operations applied, `lost` None), and for each flush, each write or
+/// length change issued since the one before lost alone (`k` is the
+/// flush's index).
+pub fn crash_states(log: &[LogOp]) -> Vec<(usize, Option<usize>)> {
+    let mut states: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
+    let mut since = Vec::new();
+    for (i, op) in log.iter().enumerate() {
+        if matches!(op, LogOp::Flush) {
+            states.extend(since.iter().map(|&w| (i, Some(w))));
+            since.clear();
+        } else {
+            since.push(i);
+        }
+    }
+    states
+}
+
+/// The disk of crash state `(k, lost)` of `log` (see [`crash_states`])
+/// over the initial bytes `start`.
+pub fn crashed(start: &[u8], log: &[LogOp], k: usize, lost: Option<usize>) -> Vec<u8> {
+    let mut disk = start.to_vec();
+    for (i, op) in log[..k].iter().enumerate() {
+        if Some(i) != lost {
+            apply(&mut disk, op);
+        }
+    }
+    disk
+}

@@ -414,7 +414,7 @@ where
 /// operations, and each write issued since the last flush lost alone.
 #[test]
 fn a_repair_interrupted_anywhere_can_be_finished() {
-    use qcowkit_tests::record::{apply, LogOp, Recording};
+    use qcowkit_tests::record::{crash_states, crashed, Recording};
     let s = Scratch::new();
     let d = s.dir();
     let mut states = 0;
@@ -445,27 +445,9 @@ fn a_repair_interrupted_anywhere_can_be_finished() {
             let log = rec.log;
             assert!(!log.is_empty(), "{what}: the repair wrote nothing");
             // Crash states: (prefix length, index of a write lost).
-            let mut crashes: Vec<(usize, Option<usize>)> =
-                (0..=log.len()).map(|k| (k, None)).collect();
-            let mut since_flush = Vec::new();
-            for (i, op) in log.iter().enumerate() {
-                match op {
-                    LogOp::Flush => {
-                        for &w in &since_flush {
-                            crashes.push((i, Some(w)));
-                        }
-                        since_flush.clear();
-                    }
-                    _ => since_flush.push(i),
-                }
-            }
+            let crashes = crash_states(&log);
             for (k, lost) in crashes {
-                let mut disk = damaged.clone();
-                for (i, op) in log[..k].iter().enumerate() {
-                    if Some(i) != lost {
-                        apply(&mut disk, op);
-                    }
-                }
+                let disk = crashed(&damaged, &log, k, lost);
                 states += 1;
                 let at = format!(
                     "{what}: crash after {k} of {} operations (lost: {lost:?})",

@@ -6,7 +6,7 @@
 //! the new size, and the guest data below both.
 
 use qcowkit_core::{Image, OpenOptions, Preallocation, RepairMode, WritableImage};
-use qcowkit_tests::record::{apply, LogOp, Recording};
+use qcowkit_tests::record::{crash_states, crashed, Recording};
 use qcowkit_tests::*;
 
 /// (name, create options, size, qemu-io commands, resize arguments with
@@ -260,23 +260,9 @@ fn a_resize_interrupted_anywhere_leaves_a_consistent_image() {
         w.resize(new_size, Preallocation::Off).unwrap();
         let log = w.into_inner().log;
         let what = format!("{create} 1M -> {new_size}");
-        let mut crashes: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
-        let mut since = Vec::new();
-        for (i, op) in log.iter().enumerate() {
-            if matches!(op, LogOp::Flush) {
-                crashes.extend(since.iter().map(|&w| (i, Some(w))));
-                since.clear();
-            } else {
-                since.push(i);
-            }
-        }
+        let crashes = crash_states(&log);
         for (k, lost) in crashes {
-            let mut disk = start.clone();
-            for (i, op) in log[..k].iter().enumerate() {
-                if Some(i) != lost {
-                    apply(&mut disk, op);
-                }
-            }
+            let disk = crashed(&start, &log, k, lost);
             states += 1;
             let at = format!("{what}: crash after {k} of {} (lost {lost:?})", log.len());
             let mut img = Image::open(disk.clone(), &OpenOptions::default())

@@ -7,7 +7,7 @@
 //! at worst leaked clusters and the disk as it was.
 
 use qcowkit_core::{Image, OpenOptions, RepairMode, WritableImage};
-use qcowkit_tests::record::{apply, LogOp, Recording};
+use qcowkit_tests::record::{apply, crash_states, crashed, Recording};
 use qcowkit_tests::*;
 
 /// The snapshot table without the DATE column (the two tools take their
@@ -118,24 +118,10 @@ fn a_snapshot_interrupted_anywhere_leaves_the_disk_as_it_was() {
     let mut w = WritableImage::new(img).unwrap();
     w.create_snapshot("s", 1_700_000_000, 0).unwrap();
     let log = w.into_inner().log;
-    let mut crashes: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
-    let mut since = Vec::new();
-    for (i, op) in log.iter().enumerate() {
-        if matches!(op, LogOp::Flush) {
-            crashes.extend(since.iter().map(|&w| (i, Some(w))));
-            since.clear();
-        } else {
-            since.push(i);
-        }
-    }
+    let crashes = crash_states(&log);
     let states = crashes.len();
     for (k, lost) in crashes {
-        let mut disk = start.clone();
-        for (i, op) in log[..k].iter().enumerate() {
-            if Some(i) != lost {
-                apply(&mut disk, op);
-            }
-        }
+        let disk = crashed(&start, &log, k, lost);
         let at = format!("crash after {k} of {} (lost {lost:?})", log.len());
         let (got, snaps) = read_all(&disk);
         assert!(got == want, "{at}: the disk changed");
@@ -253,23 +239,9 @@ fn a_deletion_interrupted_anywhere_leaves_at_worst_leaks() {
     let mut w = WritableImage::new(img).unwrap();
     assert!(w.delete_snapshot("a").unwrap());
     let log = w.into_inner().log;
-    let mut crashes: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
-    let mut since = Vec::new();
-    for (i, op) in log.iter().enumerate() {
-        if matches!(op, LogOp::Flush) {
-            crashes.extend(since.iter().map(|&w| (i, Some(w))));
-            since.clear();
-        } else {
-            since.push(i);
-        }
-    }
+    let crashes = crash_states(&log);
     for (k, lost) in crashes {
-        let mut disk = start.clone();
-        for (i, op) in log[..k].iter().enumerate() {
-            if Some(i) != lost {
-                apply(&mut disk, op);
-            }
-        }
+        let disk = crashed(&start, &log, k, lost);
         let at = format!("crash after {k} of {} (lost {lost:?})", log.len());
         assert!(read_all(&disk) == want, "{at}: the disk changed");
         let opts = OpenOptions {
@@ -380,23 +352,9 @@ fn an_apply_interrupted_anywhere_leaves_at_worst_leaks() {
         apply(&mut end, op);
     }
     let new = read_all(&end);
-    let mut crashes: Vec<(usize, Option<usize>)> = (0..=log.len()).map(|k| (k, None)).collect();
-    let mut since = Vec::new();
-    for (i, op) in log.iter().enumerate() {
-        if matches!(op, LogOp::Flush) {
-            crashes.extend(since.iter().map(|&w| (i, Some(w))));
-            since.clear();
-        } else {
-            since.push(i);
-        }
-    }
+    let crashes = crash_states(&log);
     for (k, lost) in crashes {
-        let mut disk = start.clone();
-        for (i, op) in log[..k].iter().enumerate() {
-            if Some(i) != lost {
-                apply(&mut disk, op);
-            }
-        }
+        let disk = crashed(&start, &log, k, lost);
         let at = format!("crash after {k} of {} (lost {lost:?})", log.len());
         let got = read_all(&disk);
         assert!(

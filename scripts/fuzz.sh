@@ -14,13 +14,16 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --version 0.13.2 --locked
 cargo +nightly fuzz build -O
-read -r -a targets <<<"${TARGETS:-open_read open_check open_map open_write}"
+read -r -a targets <<<"${TARGETS:-open_read open_check open_map open_write open_maintain}"
 jobs=${JOBS:-2}
 # Seeds: the core's qemu-img images (for open_write after a 64-byte script).
 seeds() {
   for f in ../core/tests/data/*.qcow2.zst; do
     n=$(basename "$f" .qcow2.zst)
-    for t in open_read open_check open_map; do cp "$f" "corpus/$t/seed-$n.zst"; done
+    for t in open_read open_check open_map open_maintain; do
+      mkdir -p "corpus/$t"
+      cp "$f" "corpus/$t/seed-$n.zst"
+    done
     script=$n
     while [ ${#script} -lt 64 ]; do script+=$n; done
     { printf %s "${script:0:64}"; zstd -q -d -c "$f"; } \

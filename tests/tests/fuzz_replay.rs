@@ -95,6 +95,17 @@ fn open_check_corpus() {
     replay("open_check", harness::open_check);
 }
 
+/// Maintenance (resize, snapshots) over every image the other targets
+/// keep: the check and write corpora and their regressions.
+#[test]
+fn maintain_over_the_check_and_write_corpora() {
+    replay("open_check", harness::maintain);
+    replay("open_write", |d| {
+        harness::maintain(d.get(64..).unwrap_or(&[]))
+    });
+    replay("open_maintain", harness::maintain);
+}
+
 #[test]
 fn open_map_corpus() {
     replay("open_map", harness::open_map);

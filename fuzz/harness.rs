@@ -132,7 +132,10 @@ pub fn maintain(data: &[u8]) {
             .map(|s| (s.id.clone(), s.name.clone()));
         let r = match op {
             0 => w.resize((size + (1 << 20)) & !511, qcowkit_core::Preallocation::Off),
-            1 => w.resize(((size / 2) & !511).max(512), qcowkit_core::Preallocation::Off),
+            1 => w.resize(
+                ((size / 2) & !511).max(512),
+                qcowkit_core::Preallocation::Off,
+            ),
             2 => w.create_snapshot("fuzz", 0, 0).map(|_| ()),
             3 => match &first {
                 Some((id, _)) => w.apply_snapshot(id).map(|_| ()),

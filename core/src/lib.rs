@@ -54,6 +54,7 @@ extern crate alloc;
 extern crate std;
 
 mod allocate;
+mod amend;
 pub mod backing;
 pub mod bitmap;
 mod bytes;

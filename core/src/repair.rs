@@ -267,11 +267,24 @@ impl<R: BlockWrite> WritableImage<R> {
     /// counted in `refs` (less the old structure's own clusters), in free
     /// space past the end of the file, and switches the header to it.
     fn rebuild_structure(&mut self, refs: &Refs, blocks: &[u64]) -> Res<(), R> {
+        let order = self.img.header.refcount_order;
+        self.rebuild_structure_with(refs, blocks, order)
+    }
+
+    /// [`WritableImage::rebuild_structure`] with refcounts of
+    /// `2^order` bits (the header's width changes with the switch, in the
+    /// same write).
+    pub(crate) fn rebuild_structure_with(
+        &mut self,
+        refs: &Refs,
+        blocks: &[u64],
+        order: u32,
+    ) -> Res<(), R> {
         let h = self.img.header.clone();
         let cb = h.cluster_bits;
         let cs = 1u64 << cb;
-        let per_block = refcount::block_entries(cb, h.refcount_order);
-        let max = refcount::max_refcount(h.refcount_order);
+        let per_block = refcount::block_entries(cb, order);
+        let max = refcount::max_refcount(order);
         // The old table and blocks lose their references with the switch.
         let old_table = h.refcount_table_offset >> cb
             ..(h.refcount_table_offset >> cb) + u64::from(h.refcount_table_clusters);
@@ -325,7 +338,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 } else {
                     u64::from(c < new_end)
                 };
-                refcount::set(&mut block, h.refcount_order, idx, v);
+                refcount::set(&mut block, order, idx, v);
             }
             self.put((start + k) * cs, &block, overlap::REFCOUNT_BLOCK)?;
         }
@@ -340,8 +353,16 @@ impl<R: BlockWrite> WritableImage<R> {
         switched.refcount_table_offset = (start + nb) * cs;
         switched.refcount_table_clusters =
             u32::try_from(nt).map_err(|_| Error::Internal("refcount table size"))?;
-        let (at, fields) = switched.encode_refcount_table_fields();
-        self.put(at, &fields, overlap::HEADER)?;
+        if order == switched.refcount_order {
+            let (at, fields) = switched.encode_refcount_table_fields();
+            self.put(at, &fields, overlap::HEADER)?;
+        } else {
+            // The table's offset and size and the width are apart in the
+            // header: one write of everything between them.
+            switched.refcount_order = order;
+            let fixed = switched.encode_fixed();
+            self.put(48, &fixed[48..100], overlap::HEADER)?;
+        }
         self.img.io.flush().map_err(Error::Io)?;
         self.img.header = switched;
         self.file_end = self.file_end.max(new_end * cs);

@@ -28,6 +28,7 @@ fn help_lists_every_subcommand_with_examples() {
     let top = stdout_of(&ours(s.dir(), &["--help"]));
     assert!(top.starts_with("QEMU disk image utility"), "{top}");
     let expected = [
+        ("amend", "Update format-specific options of the image"),
         ("bench", "Run simple image benchmark"),
         ("create", "Create and format new image file"),
         ("info", "Display information about image"),

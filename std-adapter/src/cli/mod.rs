@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{Disk, DiskError, DiskOptions, Format};
 
+pub mod amend;
 pub mod bench;
 pub mod check;
 pub mod compare;
@@ -53,6 +54,8 @@ pub enum Output {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Update format-specific options of the image.
+    Amend(amend::Args),
     /// Run simple image benchmark (qemu-img bench's flags, plus --random).
     Bench(bench::Args),
     /// Create and format new image file.
@@ -134,6 +137,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         }
     };
     let code = match cli.command {
+        Command::Amend(a) => amend::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Info(a) => info::run(&a),

@@ -65,9 +65,7 @@ fn amend(a: &Args) -> Result<(), String> {
                         "on" => true,
                         "off" => false,
                         _ => {
-                            return Err(format!(
-                                "Parameter 'lazy_refcounts' expects 'on' or 'off'"
-                            ))
+                            return Err("Parameter 'lazy_refcounts' expects 'on' or 'off'".into())
                         }
                     })
                 }

@@ -37,6 +37,7 @@ fn help_lists_every_subcommand_with_examples() {
         ("compare", "Check if two images have the same contents"),
         ("check", "Check basic image integrity"),
         ("measure", "Calculate file size required for a new image"),
+        ("rebase", "Change the backing file of the image"),
         ("resize", "Resize the image to the new size"),
         ("snapshot", "List or manipulate snapshots within image"),
         ("dd", "Copy input to output"),

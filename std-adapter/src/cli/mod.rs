@@ -24,6 +24,7 @@ pub mod map;
 pub mod measure;
 pub mod options;
 pub mod progress;
+pub mod rebase;
 pub mod resize;
 pub mod snapshot;
 pub mod summary;
@@ -72,6 +73,8 @@ pub enum Command {
     Check(check::Args),
     /// Calculate file size required for a new image.
     Measure(measure::Args),
+    /// Change the backing file of the image.
+    Rebase(rebase::Args),
     /// Resize the image to the new size.
     Resize(resize::Args),
     /// List or manipulate snapshots within image.
@@ -146,6 +149,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Compare(a) => compare::run(&a),
         Command::Check(a) => check::run(&a),
         Command::Measure(a) => measure::run(&a),
+        Command::Rebase(a) => rebase::run(&a),
         Command::Resize(a) => resize::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Dd { args } => dd::run(&args),

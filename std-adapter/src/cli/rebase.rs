@@ -1,0 +1,148 @@
+//! `qcow2 rebase`: give an image a new backing file. Safe mode (the
+//! default) first copies into the image every cluster it does not hold
+//! whose contents differ between the old and the new backing file, so the
+//! guest sees the same disk; `-u` only rewrites the name; `-b ""` makes
+//! the image stand alone (flatten). qemu-img's flags and messages.
+
+use std::path::Path;
+
+use clap::Parser;
+
+use crate::{Disk, DiskOptions, Follow, Format};
+use qcowkit_core::OpenOptions;
+
+/// Arguments of `qcow2 rebase`.
+#[derive(Debug, Parser)]
+#[command(
+    after_help = "Examples:\n  qcow2 rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  qcow2 rebase -u -b moved/base.qcow2 -F qcow2 overlay.qcow2   only the name\n  qcow2 rebase -b \"\" overlay.qcow2                            stand alone"
+)]
+pub struct Args {
+    /// Image format (only `qcow2`).
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// The new backing file (relative names are relative to the image's
+    /// directory); "" for none.
+    #[arg(short = 'b', allow_hyphen_values = true)]
+    pub backing: String,
+    /// The new backing file's format (needed unless -b "").
+    #[arg(short = 'F')]
+    pub backing_format: Option<String>,
+    /// Unsafe: only change the name (the guest sees whatever the new
+    /// backing file holds).
+    #[arg(short = 'u')]
+    pub unsafe_mode: bool,
+    /// Show progress (accepted; the copy is quick).
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The image.
+    pub filename: String,
+}
+
+/// Runs `qcow2 rebase`.
+pub fn run(a: &Args) -> u8 {
+    match rebase(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("qcow2: {e}");
+            1
+        }
+    }
+}
+
+fn rebase(a: &Args) -> Result<(), String> {
+    if let Some(f) = a.format.as_deref().filter(|f| *f != "qcow2") {
+        return Err(format!("Format driver '{f}' does not support rebasing"));
+    }
+    let new_name = (!a.backing.is_empty()).then_some(a.backing.as_str());
+    if new_name.is_some() && a.backing_format.is_none() {
+        return Err(format!(
+            "Could not change the backing file to '{}': backing format must be specified",
+            a.backing
+        ));
+    }
+    let path = Path::new(&a.filename);
+    let follow = if a.unsafe_mode {
+        Follow::None
+    } else {
+        Follow::Any
+    };
+    let opts = OpenOptions {
+        no_backing: a.unsafe_mode,
+        ..OpenOptions::default()
+    };
+    let mut img = crate::open_qcow2_rw_following(path, &opts, follow)
+        .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
+    if !a.unsafe_mode {
+        // The new backing file, as the image will name it.
+        let mut new = match new_name {
+            None => None,
+            Some(name) => {
+                let full = qcowkit_core::backing::resolve_name(&a.filename, name);
+                let fmt = a
+                    .backing_format
+                    .as_deref()
+                    .map(|f| Format::parse(f).ok_or(format!("Unknown file format '{f}'")))
+                    .transpose()?;
+                let dopts = DiskOptions {
+                    format: fmt,
+                    force_share: true,
+                    ..DiskOptions::default()
+                };
+                Some(Disk::open(Path::new(&full), &dopts).map_err(|e| {
+                    format!(
+                        "Could not open new backing file '{name}': Could not open '{full}': {e}"
+                    )
+                })?)
+            }
+        };
+        copy_differences(&mut img, new.as_mut())
+            .map_err(|e| format!("Error while rebasing: {e}"))?;
+    }
+    img.set_backing_name(new_name, new_name.and(a.backing_format.as_deref()))
+        .map_err(|e| format!("Could not change the backing file to '{}': {e}", a.backing))?;
+    img.flush().map_err(|e| e.to_string())
+}
+
+/// Writes into `img` every cluster it does not hold whose contents differ
+/// between its backing chain (what the guest reads today) and `new` (zeros
+/// where `new` is none or shorter).
+fn copy_differences(
+    img: &mut qcowkit_core::WritableImage<crate::FileIo>,
+    mut new: Option<&mut Disk>,
+) -> Result<(), crate::DiskError> {
+    let size = img.size();
+    let cs = img.cluster_size();
+    let new_size = new.as_ref().map_or(0, |d| d.size());
+    let mut old_buf = vec![0u8; cs as usize];
+    let mut new_buf = vec![0u8; cs as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let (st, run) = img.block_status(pos, size - pos)?;
+        let run = run.max(1);
+        if st.depth == 0 && st.present {
+            pos += run;
+            continue;
+        }
+        // Cluster by cluster over the run the image does not hold.
+        let end = pos + run;
+        while pos < end {
+            let n = (cs - pos % cs).min(end - pos) as usize;
+            img.read_at(pos, &mut old_buf[..n])?;
+            new_buf[..n].fill(0);
+            if let Some(d) = new.as_deref_mut() {
+                if pos < new_size {
+                    let m = (new_size - pos).min(n as u64) as usize;
+                    d.read_at(pos, &mut new_buf[..m])?;
+                }
+            }
+            if old_buf[..n] != new_buf[..n] {
+                img.write_at(pos, &old_buf[..n])?;
+            }
+            pos += n as u64;
+        }
+    }
+    img.flush()
+}

@@ -162,13 +162,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// leaves at worst leaks. Returns false when there is no such snapshot.
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Res<bool, R> {
         self.require_intact()?;
-        let found = self
-            .img
-            .snapshots
-            .iter()
-            .position(|s| s.id == id_or_name)
-            .or_else(|| self.img.snapshots.iter().position(|s| s.name == id_or_name));
-        let Some(index) = found else {
+        let Some(index) = self.img.find_snapshot(id_or_name) else {
             return Ok(false);
         };
         if self.img.header.has_data_file() {
@@ -177,18 +171,8 @@ impl<R: BlockWrite> WritableImage<R> {
             ));
         }
         let sn = self.img.snapshots[index].clone();
-        let cs = self.cluster_size();
-        let sn_bytes = u64::from(sn.l1_size) * 8;
-        if sn_bytes > crate::header::MAX_L1_BYTES
-            || (sn_bytes > 0 && (sn.l1_table_offset % cs != 0 || sn.l1_table_offset == 0))
-            || sn.l1_table_offset.saturating_add(sn_bytes) > self.file_end
-        {
-            return Err(Error::corrupt(
-                "snapshot L1 table offset or size invalid",
-                sn.l1_table_offset,
-                u64::from(sn.l1_size),
-            ));
-        }
+        let end = self.file_end;
+        let mut l1 = self.img.snapshot_l1(index, end)?;
         self.flush()?;
         if let Some(size) = sn.disk_size.filter(|&s| s != self.img.header.size) {
             self.resize(size, crate::create::Preallocation::Off)?;
@@ -196,12 +180,6 @@ impl<R: BlockWrite> WritableImage<R> {
         if u64::from(sn.l1_size) > to_u64(self.img.l1.len()) {
             self.grow_l1(u64::from(sn.l1_size))?;
         }
-        let mut raw = heap::zeroed(sn_bytes, "a snapshot's L1 table")?;
-        self.img
-            .io
-            .read_at(sn.l1_table_offset, &mut raw)
-            .map_err(Error::Io)?;
-        let mut l1 = heap::entries(&raw, "a snapshot's L1 table")?;
         l1.resize(self.img.l1.len(), 0);
         // 1. The snapshot's tables gain the active layer's reference.
         self.reference_tables(&l1, 1)?;

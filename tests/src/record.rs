@@ -161,3 +161,26 @@ pub fn crashed(start: &[u8], log: &[LogOp], k: usize, lost: Option<usize>) -> Ve
     }
     disk
 }
+
+/// Asserts that crashed disk `disk` holds at worst leaks: a leaks-only
+/// repair (`check -r leaks`) leaves nothing to report. `at` names the crash
+/// state in the failure. Returns the repaired bytes.
+pub fn assert_at_worst_leaks(disk: Vec<u8>, at: &str) -> Vec<u8> {
+    use qcowkit_core::{Image, OpenOptions, RepairMode, WritableImage};
+    let opts = OpenOptions {
+        check_mode: true,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(disk, &opts).unwrap_or_else(|e| panic!("{at}: does not open: {e}"));
+    let mut w = WritableImage::for_repair(img).unwrap_or_else(|e| panic!("{at}: {e}"));
+    let r = w
+        .repair(RepairMode::Leaks, &mut |_| {})
+        .unwrap_or_else(|e| panic!("{at}: the repair failed: {e}"));
+    assert_eq!(
+        (r.left.corruptions, r.left.leaks, r.left.check_errors),
+        (0, 0, 0),
+        "{at}: found {:?}",
+        r.found
+    );
+    w.into_inner()
+}

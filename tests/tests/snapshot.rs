@@ -6,8 +6,8 @@
 //! with 64-bit refcounts. A crash at any point of taking a snapshot leaves
 //! at worst leaked clusters and the disk as it was.
 
-use qcowkit_core::{Image, OpenOptions, RepairMode, WritableImage};
-use qcowkit_tests::record::{apply, crash_states, crashed, Recording};
+use qcowkit_core::{Image, OpenOptions, WritableImage};
+use qcowkit_tests::record::{apply, assert_at_worst_leaks, crash_states, crashed, Recording};
 use qcowkit_tests::*;
 
 /// The snapshot table without the DATE column (the two tools take their
@@ -129,19 +129,8 @@ fn a_snapshot_interrupted_anywhere_leaves_the_disk_as_it_was() {
         // At worst leaks: a leaks-only repair leaves nothing to report (a
         // refcount raised before the COPIED flags were cleared reads as a
         // flag error until the leak is freed, as in QEMU).
-        let opts = OpenOptions {
-            check_mode: true,
-            ..OpenOptions::default()
-        };
-        let mut w = WritableImage::for_repair(Image::open(disk, &opts).unwrap()).unwrap();
-        let r = w.repair(RepairMode::Leaks, &mut |_| {}).unwrap();
-        assert_eq!(
-            (r.left.corruptions, r.left.leaks, r.left.check_errors),
-            (0, 0, 0),
-            "{at}: found {:?}",
-            r.found
-        );
-        let (after, _) = read_all(&w.into_inner());
+        let repaired = assert_at_worst_leaks(disk, &at);
+        let (after, _) = read_all(&repaired);
         assert!(after == want, "{at}: the repair changed the disk");
     }
     assert!(states > 10, "only {states} crash states");
@@ -244,18 +233,7 @@ fn a_deletion_interrupted_anywhere_leaves_at_worst_leaks() {
         let disk = crashed(&start, &log, k, lost);
         let at = format!("crash after {k} of {} (lost {lost:?})", log.len());
         assert!(read_all(&disk) == want, "{at}: the disk changed");
-        let opts = OpenOptions {
-            check_mode: true,
-            ..OpenOptions::default()
-        };
-        let mut w = WritableImage::for_repair(Image::open(disk, &opts).unwrap()).unwrap();
-        let r = w.repair(RepairMode::Leaks, &mut |_| {}).unwrap();
-        assert_eq!(
-            (r.left.corruptions, r.left.leaks, r.left.check_errors),
-            (0, 0, 0),
-            "{at}: found {:?}",
-            r.found
-        );
+        assert_at_worst_leaks(disk, &at);
     }
 }
 
@@ -361,18 +339,7 @@ fn an_apply_interrupted_anywhere_leaves_at_worst_leaks() {
             got == old || got == new,
             "{at}: neither the old disk nor the snapshot's"
         );
-        let opts = OpenOptions {
-            check_mode: true,
-            ..OpenOptions::default()
-        };
-        let mut w = WritableImage::for_repair(Image::open(disk, &opts).unwrap()).unwrap();
-        let r = w.repair(RepairMode::Leaks, &mut |_| {}).unwrap();
-        assert_eq!(
-            (r.left.corruptions, r.left.leaks, r.left.check_errors),
-            (0, 0, 0),
-            "{at}: found {:?}",
-            r.found
-        );
+        assert_at_worst_leaks(disk, &at);
     }
 }
 

@@ -261,35 +261,46 @@ impl<R: BlockRead> Image<R> {
     /// size, as in qemu-img (what the snapshot's table does not cover reads
     /// as zeros). Returns false when there is no such snapshot.
     pub fn load_snapshot(&mut self, id_or_name: &str) -> Res<bool, R> {
-        let found = self
-            .snapshots
-            .iter()
-            .position(|s| s.id == id_or_name)
-            .or_else(|| self.snapshots.iter().position(|s| s.name == id_or_name));
-        let Some(index) = found else {
+        let Some(index) = self.find_snapshot(id_or_name) else {
             return Ok(false);
         };
-        let sn = self.snapshots[index].clone();
-        let cs = self.cluster_size();
-        let bytes = u64::from(sn.l1_size) * 8;
-        if bytes > crate::header::MAX_L1_BYTES
-            || (bytes > 0 && (sn.l1_table_offset % cs != 0 || sn.l1_table_offset == 0))
-            || sn.l1_table_offset.saturating_add(bytes) > self.file_len
-        {
-            return Err(Error::corrupt(
-                "snapshot L1 table offset or size invalid",
-                sn.l1_table_offset,
-                u64::from(sn.l1_size),
-            ));
-        }
-        let mut raw = crate::heap::zeroed(bytes, "a snapshot's L1 table")?;
-        self.io
-            .read_at(sn.l1_table_offset, &mut raw)
-            .map_err(Error::Io)?;
-        self.l1 = crate::heap::entries(&raw, "a snapshot's L1 table")?;
+        self.l1 = self.snapshot_l1(index, self.file_len)?;
         self.l2_cache = crate::cache::TableCache::new(self.l2_cache.capacity());
         self.invalidate_decompressed();
         Ok(true)
+    }
+
+    /// The snapshot with ID `id_or_name`, else the first one with that
+    /// name (QEMU's lookup).
+    pub(crate) fn find_snapshot(&self, id_or_name: &str) -> Option<usize> {
+        let by = |f: &dyn Fn(&crate::snapshot::Snapshot) -> bool| self.snapshots.iter().position(f);
+        by(&|s| s.id == id_or_name).or_else(|| by(&|s| s.name == id_or_name))
+    }
+
+    /// The L1 table of snapshot `index`, read after checking it is
+    /// cluster-aligned, within QEMU's size limit and inside a file of
+    /// `file_len` bytes.
+    pub(crate) fn snapshot_l1(&mut self, index: usize, file_len: u64) -> Res<Vec<u64>, R> {
+        let sn = self
+            .snapshots
+            .get(index)
+            .ok_or(Error::Internal("snapshot index"))?;
+        let (offset, entries) = (sn.l1_table_offset, sn.l1_size);
+        let bytes = u64::from(entries) * 8;
+        let cs = self.cluster_size();
+        if bytes > crate::header::MAX_L1_BYTES
+            || (bytes > 0 && (offset % cs != 0 || offset == 0))
+            || offset.saturating_add(bytes) > file_len
+        {
+            return Err(Error::corrupt(
+                "snapshot L1 table offset or size invalid",
+                offset,
+                u64::from(entries),
+            ));
+        }
+        let mut raw = crate::heap::zeroed(bytes, "a snapshot's L1 table")?;
+        self.io.read_at(offset, &mut raw).map_err(Error::Io)?;
+        crate::heap::entries(&raw, "a snapshot's L1 table")
     }
 
     /// The image file's storage.

@@ -60,6 +60,7 @@ pub mod bitmap;
 mod bytes;
 mod cache;
 pub mod check;
+pub mod commit;
 pub mod compress;
 pub mod copy;
 pub mod create;

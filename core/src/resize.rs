@@ -39,7 +39,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// for a version 2 image with snapshots; refused here for an image with
     /// persistent bitmaps (their tables would have to be resized too).
     pub fn resize(&mut self, size: u64, prealloc: Preallocation) -> Res<(), R> {
-        self.require_intact()?;
+        self.begin_guest_change()?;
         let old = self.img.header.size;
         if size % 512 != 0 {
             return Err(refuse("The new size must be a multiple of 512"));
@@ -151,7 +151,21 @@ impl<R: BlockWrite> WritableImage<R> {
         if from < old {
             self.discard(from, old - from)?;
         }
-        for i in to_usize(keep).unwrap_or(usize::MAX)..self.img.l1.len() {
+        self.drop_l2_tables(to_usize(keep).unwrap_or(usize::MAX));
+        self.flush()?;
+        self.set_size(size)?;
+        if let Some(df) = self.img.data_file.as_mut() {
+            df.set_len(size).map_err(Error::Io)?;
+        }
+        self.cut_unused_tail()
+    }
+
+    /// Drops the L2 tables of L1 entries `from..` (entries zeroed, tables
+    /// freed once the L1 table is durable). Their entries must have been
+    /// released already.
+    pub(crate) fn drop_l2_tables(&mut self, from: usize) {
+        let cs = self.cluster_size();
+        for i in from..self.img.l1.len() {
             let l2_off = l2::l1_offset(self.img.l1[i]);
             if l2_off == 0 {
                 continue;
@@ -162,12 +176,11 @@ impl<R: BlockWrite> WritableImage<R> {
             self.metadata.remove(l2_off, cs, overlap::ACTIVE_L2);
             self.defer_free(l2_off, cs);
         }
-        self.flush()?;
-        self.set_size(size)?;
-        if let Some(df) = self.img.data_file.as_mut() {
-            df.set_len(size).map_err(Error::Io)?;
-        }
-        // The file ends after its last cluster in use.
+    }
+
+    /// Cuts the file after its last cluster in use (call after a flush).
+    pub(crate) fn cut_unused_tail(&mut self) -> Res<(), R> {
+        let cs = self.cluster_size();
         let mut end = self.file_end.div_ceil(cs);
         while end > 1 && self.refcount(end - 1)? == 0 {
             end -= 1;

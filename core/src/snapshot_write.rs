@@ -161,7 +161,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// snapshot's entries, and the tables it held lose theirs. A crash
     /// leaves at worst leaks. Returns false when there is no such snapshot.
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Res<bool, R> {
-        self.require_intact()?;
+        self.begin_guest_change()?;
         let Some(index) = self.img.find_snapshot(id_or_name) else {
             return Ok(false);
         };

@@ -58,6 +58,9 @@ pub struct WritableImage<R: BlockWrite> {
     pub(crate) data_dirty: bool,
     /// Where the image's metadata is; every write is checked against it.
     pub(crate) metadata: MetadataMap,
+    /// Enabled persistent bitmaps were flagged in use (before the first
+    /// change of guest data).
+    pub(crate) bitmaps_marked: bool,
     /// A write was refused as an overlap: nothing more is written.
     pub(crate) corrupt: bool,
     /// While a dirty image's refcounts are rebuilt: the references counted.
@@ -196,8 +199,10 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Prepares an opened image for writing, as QEMU does on a read-write
     /// open: refuses corrupt images, rebuilds refcounts of dirty (lazy
     /// refcount) images, and clears autoclear bits this implementation does
-    /// not maintain (unknown ones, and the bitmaps bit since writes here do
-    /// not update bitmaps).
+    /// not maintain (unknown ones). Enabled persistent bitmaps are flagged
+    /// in use before the first change of guest data (see
+    /// [`WritableImage::begin_guest_change`]); operations that leave guest
+    /// data alone keep them valid.
     pub fn new(img: Image<R>) -> Res<Self, R> {
         if img.header.corrupt() {
             return Err(Error::ReadOnly(
@@ -208,10 +213,6 @@ impl<R: BlockWrite> WritableImage<R> {
             return Err(Error::MissingDataFile);
         }
         let mut w = Self::assemble(img)?;
-        // Enabled ("auto") bitmaps should track every write, which this
-        // implementation does not do: mark them in use (inconsistent), as
-        // QEMU does while it has them open, before anything is written.
-        w.mark_auto_bitmaps_in_use()?;
         let mut header_changed = w.clear_unknown_autoclear();
         if w.img.header.dirty() {
             w.rebuild_refcounts()?;
@@ -270,6 +271,7 @@ impl<R: BlockWrite> WritableImage<R> {
             dirty_l1: BTreeSet::new(),
             data_dirty: false,
             metadata,
+            bitmaps_marked: false,
             corrupt: false,
             rebuilding: None,
         };
@@ -308,6 +310,21 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Number of refcount blocks held by the cache now.
     pub fn refcount_cache_len(&self) -> usize {
         self.refcounts.blocks.len()
+    }
+
+    /// Called before guest data changes (writes, zeroing, discards,
+    /// resizing, reverting to a snapshot): refuses a corrupt image, and the
+    /// first time flags enabled ("auto") persistent bitmaps in use
+    /// (inconsistent), as QEMU flags the bitmaps it has open, durably
+    /// before anything changes: they should record every write, which this
+    /// implementation does not do.
+    pub(crate) fn begin_guest_change(&mut self) -> Res<(), R> {
+        self.require_intact()?;
+        if !self.bitmaps_marked {
+            self.mark_auto_bitmaps_in_use()?;
+            self.bitmaps_marked = true;
+        }
+        Ok(())
     }
 
     fn mark_auto_bitmaps_in_use(&mut self) -> Res<(), R> {

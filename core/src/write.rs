@@ -20,6 +20,8 @@ enum ZeroKind {
     Zero,
     /// `discard`: QEMU's guest discard (zeros on v3, unallocated on v2).
     Discard,
+    /// Unallocated (reads the backing file), whatever the version.
+    Unallocate,
 }
 
 impl<R: BlockWrite> WritableImage<R> {
@@ -33,7 +35,7 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Res<(), R> {
-        self.require_intact()?;
+        self.begin_guest_change()?;
         self.check_range(offset, to_u64(buf.len()))?;
         let cs = self.cluster_size();
         let mut done = 0usize;
@@ -130,7 +132,7 @@ impl<R: BlockWrite> WritableImage<R> {
     }
 
     fn zero_range(&mut self, offset: u64, len: u64, kind: ZeroKind) -> Res<(), R> {
-        self.require_intact()?;
+        self.begin_guest_change()?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size();
         let size = self.img.header.size;
@@ -482,6 +484,11 @@ impl<R: BlockWrite> WritableImage<R> {
         let v3 = self.img.header.version >= 3;
         let raw_data_file = self.img.header.data_file_raw();
         let has_backing = self.backing().is_some() || self.img.header.backing_file.is_some();
+        if kind == ZeroKind::Unallocate && raw_data_file {
+            return Err(Error::Unsupported(
+                "unallocating a cluster of an image whose external data file is raw",
+            ));
+        }
         if raw_data_file || (!v3 && kind == ZeroKind::Zero && has_backing) {
             // The data file must stay a valid raw image / v2 has no zero
             // flag to hide the backing file: write real zeros.
@@ -492,7 +499,9 @@ impl<R: BlockWrite> WritableImage<R> {
         }
         let l2_off = self.writable_l2(cstart)?;
         let (entry, bitmap) = self.l2_entry(l2_off, cstart)?;
-        let (new_entry, new_bitmap) = if self.img.fmt.extended {
+        let (new_entry, new_bitmap) = if kind == ZeroKind::Unallocate {
+            (0, 0)
+        } else if self.img.fmt.extended {
             (0, l2::ALL_ALLOC << 32)
         } else if v3 {
             (ZERO, 0)
@@ -508,6 +517,12 @@ impl<R: BlockWrite> WritableImage<R> {
         self.release(entry, bitmap, cstart)?;
         self.set_l2_entry(l2_off, cstart, new_entry, new_bitmap)?;
         Ok(())
+    }
+
+    /// Makes the whole cluster at guest `cstart` unallocated (the guest
+    /// reads the backing file there), releasing what it held.
+    pub(crate) fn unallocate_cluster(&mut self, cstart: u64) -> Res<(), R> {
+        self.zero_cluster(cstart, ZeroKind::Unallocate)
     }
 
     /// Extended L2: zero flags for fully covered subclusters, zeros written
@@ -605,6 +620,7 @@ impl<R: BlockWrite> WritableImage<R> {
     /// host packs consecutive compressed clusters like QEMU.
     pub fn place_compressed(&mut self, offset: u64, packed: &[u8]) -> Res<(), R> {
         self.check_compressed(offset, 1)?;
+        self.begin_guest_change()?;
         let cs = self.cluster_size();
         if packed.is_empty() || to_u64(packed.len()) >= cs {
             return Err(Error::Unsupported(

@@ -479,6 +479,21 @@ pub fn open_qcow2_rw_with(
     follow: Follow,
     cache: CacheMode,
 ) -> Result<WritableImage<FileIo>, DiskError> {
+    open_qcow2_rw_beside(path, opts, follow, cache, &[])
+}
+
+/// [`open_qcow2_rw_with`] for a process that already holds files of the
+/// chain open under their own locks (e.g. a base image open for writing,
+/// `qemu-img commit`): the files whose [`identity_of`] is in `held` are
+/// opened without locking them again (which would conflict with the
+/// process's own lock).
+pub fn open_qcow2_rw_beside(
+    path: &Path,
+    opts: &OpenOptions,
+    follow: Follow,
+    cache: CacheMode,
+    held: &[String],
+) -> Result<WritableImage<FileIo>, DiskError> {
     let name = path.to_string_lossy().into_owned();
     let open_err = |source| qcowkit_core::Error::Open {
         name: name.clone(),
@@ -492,7 +507,7 @@ pub fn open_qcow2_rw_with(
         follow,
         force_share: false,
         cache,
-        opened: vec![identity.clone()],
+        opened: held.iter().cloned().chain([identity.clone()]).collect(),
     };
     let mut img = WritableImage::open_with(io, &name, &identity, &mut opener, opts)?;
     img.set_codec(Box::new(NativeCodec::all_cores()));

@@ -169,6 +169,8 @@ pub fn assert_at_worst_leaks(disk: Vec<u8>, at: &str) -> Vec<u8> {
     use qcowkit_core::{Image, OpenOptions, RepairMode, WritableImage};
     let opts = OpenOptions {
         check_mode: true,
+        no_backing: true,
+        no_data_file: true,
         ..OpenOptions::default()
     };
     let img = Image::open(disk, &opts).unwrap_or_else(|e| panic!("{at}: does not open: {e}"));

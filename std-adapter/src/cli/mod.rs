@@ -14,6 +14,7 @@ use crate::{Disk, DiskError, DiskOptions, Format};
 pub mod amend;
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -71,6 +72,8 @@ pub enum Command {
     Compare(compare::Args),
     /// Check basic image integrity, and repair it with -r.
     Check(check::Args),
+    /// Commit the changes recorded in the image into its backing file.
+    Commit(commit::Args),
     /// Calculate file size required for a new image.
     Measure(measure::Args),
     /// Change the backing file of the image.
@@ -148,6 +151,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Map(a) => map::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Commit(a) => commit::run(&a),
         Command::Measure(a) => measure::run(&a),
         Command::Rebase(a) => rebase::run(&a),
         Command::Resize(a) => resize::run(&a),

@@ -79,29 +79,3 @@ impl<R: BlockWrite> WritableImage<R> {
         Ok(())
     }
 }
-
-impl<R: BlockWrite> WritableImage<R> {
-    /// Names `file` (format `format`) as the image's backing file, or none
-    /// (`qemu-img rebase -u`): the header, its extensions and the name are
-    /// rewritten in the first cluster with one write. Only the name
-    /// changes: the guest sees the new backing file where the image has
-    /// no data (a safe rebase copies what differs first). The backing file
-    /// opened with the image stays in use until it is opened again.
-    pub fn set_backing_name(&mut self, file: Option<&str>, format: Option<&str>) -> Res<(), R> {
-        self.require_intact()?;
-        if file.is_some_and(|f| f.len() > crate::header::MAX_BACKING_NAME as usize) {
-            return Err(Error::Unsupported(
-                "backing file name longer than 1023 bytes",
-            ));
-        }
-        self.flush()?;
-        let mut h = self.img.header.clone();
-        h.backing_file = file.map(alloc::string::String::from);
-        h.backing_format = file.and(format).map(alloc::string::String::from);
-        let bytes = crate::create::encode_header_cluster(&mut h).map_err(Error::Format)?;
-        self.put(0, &bytes, crate::overlap::HEADER)?;
-        self.img.io.flush().map_err(Error::Io)?;
-        self.img.header = h;
-        Ok(())
-    }
-}

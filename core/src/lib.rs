@@ -75,6 +75,7 @@ pub mod measure;
 pub mod overlap;
 mod prealloc;
 mod rctable;
+mod rebase;
 pub mod refcount;
 pub mod repair;
 pub mod report;

@@ -131,3 +131,60 @@ fn a_renaming_interrupted_anywhere_leaves_one_name_or_the_other() {
     }
     assert_eq!(names.len(), 2, "both names seen");
 }
+
+/// A safe rebase interrupted anywhere (copying the clusters that differ,
+/// or renaming) leaves at worst leaks, and the guest reads the same disk
+/// through whichever backing file the header names.
+#[test]
+fn a_safe_rebase_interrupted_anywhere_reads_the_same() {
+    use qcowkit_core::compress::Decompressor;
+    use qcowkit_core::{Image, OpenOptions, WritableImage};
+    use qcowkit_tests::mem::Files;
+    use qcowkit_tests::record::{assert_at_worst_leaks, crash_states, crashed, Recording};
+    let s = Scratch::new();
+    let d = s.dir();
+    chain(&s, "t.qcow2");
+    let want = qemu_contents(d, "t.qcow2");
+    let start = std::fs::read(s.path("t.qcow2")).unwrap();
+    let files = Files::new()
+        .with("old.qcow2", std::fs::read(s.path("old.qcow2")).unwrap())
+        .with("base.qcow2", std::fs::read(s.path("base.qcow2")).unwrap())
+        .with("new.qcow2", std::fs::read(s.path("new.qcow2")).unwrap());
+    let opts = OpenOptions::default();
+    let img: Image<Recording> = Image::open_with(
+        Recording::new(start.clone()),
+        "t.qcow2",
+        "t.qcow2",
+        &mut files.clone(),
+        &opts,
+    )
+    .unwrap();
+    let mut new: Image<Vec<u8>> = Image::open_with(
+        files.get("new.qcow2").unwrap(),
+        "new.qcow2",
+        "new.qcow2",
+        &mut files.clone(),
+        &opts,
+    )
+    .unwrap();
+    let mut w = WritableImage::new(img).unwrap();
+    w.copy_backing_differences(Some(&mut new), &mut Decompressor::default())
+        .unwrap();
+    w.set_backing_name(Some("new.qcow2"), Some("qcow2"))
+        .unwrap();
+    let log = w.into_inner().log;
+    let states = crash_states(&log);
+    let mut named = std::collections::BTreeSet::new();
+    for &(k, lost) in &states {
+        let at = format!("crash after {k} (lost {lost:?})");
+        let disk = assert_at_worst_leaks(crashed(&start, &log, k, lost), &at);
+        let mut img: Image<Vec<u8>> =
+            Image::open_with(disk, "t.qcow2", "t.qcow2", &mut files.clone(), &opts).unwrap();
+        named.insert(img.header().backing_file.clone());
+        let mut got = vec![0u8; want.len()];
+        img.read_at(0, &mut got).unwrap();
+        assert_eq!(byte_diff(&got, &want), None, "{at}");
+    }
+    assert_eq!(named.len(), 2, "both names seen: {named:?}");
+    eprintln!("{} crash states", states.len());
+}

@@ -98,51 +98,10 @@ fn rebase(a: &Args) -> Result<(), String> {
                 })?)
             }
         };
-        copy_differences(&mut img, new.as_mut())
+        img.copy_backing_differences(new.as_mut(), &mut crate::NativeCodec::all_cores())
             .map_err(|e| format!("Error while rebasing: {e}"))?;
     }
     img.set_backing_name(new_name, new_name.and(a.backing_format.as_deref()))
         .map_err(|e| format!("Could not change the backing file to '{}': {e}", a.backing))?;
     img.flush().map_err(|e| e.to_string())
-}
-
-/// Writes into `img` every cluster it does not hold whose contents differ
-/// between its backing chain (what the guest reads today) and `new` (zeros
-/// where `new` is none or shorter).
-fn copy_differences(
-    img: &mut qcowkit_core::WritableImage<crate::FileIo>,
-    mut new: Option<&mut Disk>,
-) -> Result<(), crate::DiskError> {
-    let size = img.size();
-    let cs = img.cluster_size();
-    let new_size = new.as_ref().map_or(0, |d| d.size());
-    let mut old_buf = vec![0u8; cs as usize];
-    let mut new_buf = vec![0u8; cs as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        let (st, run) = img.block_status(pos, size - pos)?;
-        let run = run.max(1);
-        if st.depth == 0 && st.present {
-            pos += run;
-            continue;
-        }
-        // Cluster by cluster over the run the image does not hold.
-        let end = pos + run;
-        while pos < end {
-            let n = (cs - pos % cs).min(end - pos) as usize;
-            img.read_at(pos, &mut old_buf[..n])?;
-            new_buf[..n].fill(0);
-            if let Some(d) = new.as_deref_mut() {
-                if pos < new_size {
-                    let m = (new_size - pos).min(n as u64) as usize;
-                    d.read_at(pos, &mut new_buf[..m])?;
-                }
-            }
-            if old_buf[..n] != new_buf[..n] {
-                img.write_at(pos, &old_buf[..n])?;
-            }
-            pos += n as u64;
-        }
-    }
-    img.flush()
 }

@@ -106,10 +106,6 @@ impl<R: BlockWrite> WritableImage<R> {
         let mut h = self.img.header.clone();
         h.backing_file = file.map(alloc::string::String::from);
         h.backing_format = file.and(format).map(alloc::string::String::from);
-        let bytes = crate::create::encode_header_cluster(&mut h).map_err(Error::Format)?;
-        self.put(0, &bytes, crate::overlap::HEADER)?;
-        self.img.io.flush().map_err(Error::Io)?;
-        self.img.header = h;
-        Ok(())
+        self.write_header_cluster(h)
     }
 }

@@ -344,7 +344,7 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Writes `snapshots` as the snapshot table in new clusters, switches
     /// the header to it (count and offset in one write), frees the old one.
-    fn write_snapshot_table(&mut self, snapshots: Vec<Snapshot>) -> Res<(), R> {
+    pub(crate) fn write_snapshot_table(&mut self, snapshots: Vec<Snapshot>) -> Res<(), R> {
         let cs = self.cluster_size();
         let mut bytes = Vec::new();
         for s in &snapshots {

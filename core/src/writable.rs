@@ -360,6 +360,18 @@ impl<R: BlockWrite> WritableImage<R> {
         Ok(())
     }
 
+    /// Makes `h` the image's header: the header, its extensions and the
+    /// backing file name encoded and written in the first cluster with one
+    /// write, then flushed (call [`WritableImage::flush`] first for what
+    /// the new header relies on).
+    pub(crate) fn write_header_cluster(&mut self, mut h: crate::header::Header) -> Res<(), R> {
+        let bytes = crate::create::encode_header_cluster(&mut h).map_err(Error::Format)?;
+        self.put(0, &bytes, overlap::HEADER)?;
+        self.img.io.flush().map_err(Error::Io)?;
+        self.img.header = h;
+        Ok(())
+    }
+
     /// Rewrites the feature fields of the header (v3 only; v2 has none).
     pub(crate) fn write_header_fields(&mut self) -> Res<(), R> {
         if let Some((at, bytes)) = self.img.header.encode_feature_fields() {

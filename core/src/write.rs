@@ -339,7 +339,7 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Makes host `[host, host + len)` of guest data read as zeros, as
     /// cheaply as the storage can (see [`BlockWrite::write_zeroes`]).
-    fn zero_data(&mut self, host: u64, len: u64) -> Res<(), R> {
+    pub(crate) fn zero_data(&mut self, host: u64, len: u64) -> Res<(), R> {
         self.data_dirty = true;
         self.img.invalidate_decompressed();
         if self.img.fmt.data_file {

@@ -9,6 +9,12 @@
  * const id = await q.open(file.name, file, { 'base.qcow2': baseFile });
  * console.log(await q.info(id));
  * console.log(await q.allocation(id));              // bytes per allocation category
+ *
+ * // Maintenance works on a writable copy in the origin private file system:
+ * await q.copyToOpfs(file, 'work.qcow2');
+ * const w = await q.openForRepair(file.name, { opfs: 'work.qcow2' });
+ * console.log(await q.repair(w, 'all', (line) => console.log(line)));
+ * await q.close(w);                                  // releases the OPFS file
  * ```
  *
  * Every method returns a promise; failures reject with an `Error` whose
@@ -55,16 +61,20 @@ export class QcowClient {
       if (p.onProgress) p.onProgress(msg.progress.done, msg.progress.total);
       return;
     }
+    if (typeof msg.line === 'string') {
+      if (p.onLine) p.onLine(msg.line);
+      return;
+    }
     this.pending.delete(msg.id);
     if (msg.ok) p.resolve(msg.result);
     else p.reject(new Error(msg.error));
   }
 
   /** @private */
-  _call(op, args, onProgress, transfer) {
+  _call(op, args, onProgress, transfer, onLine) {
     const id = this.seq++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, onProgress });
+      this.pending.set(id, { resolve, reject, onProgress, onLine });
       this.worker.postMessage({ id, op, args }, transfer || []);
     });
   }
@@ -72,13 +82,56 @@ export class QcowClient {
   /**
    * Opens an image read-only.
    * @param {string} name the image's file name (used for messages and backing lookups)
-   * @param {Blob|File|Uint8Array} storage the image's contents
+   * @param {Blob|File|Uint8Array|{opfs: string}} storage the image's contents; `{ opfs: fileName }`
+   *   names a file of the OPFS root directory, read as a File (no lock is held)
    * @param {Object<string, Blob|File|Uint8Array>} [files] backing/data files by name
    *   (looked up by exact name, then by basename)
    * @returns {Promise<number>} an image id for the other methods
    */
   open(name, storage, files) {
     return this._call('open', [name, storage, files || {}]);
+  }
+
+  /**
+   * Opens an image for reading and writing: `resize`, the snapshot methods
+   * and `repair` then work on it. A File/Blob is read-only, so the image is
+   * usually a file of the origin private file system, given as
+   * `{ opfs: fileName }` (see {@link QcowClient#copyToOpfs}); the worker
+   * holds a sync access handle on it until {@link QcowClient#close}.
+   * Rejects for an image marked corrupt (use {@link QcowClient#openForRepair}).
+   * @param {string} name the image's file name (used for messages and backing lookups)
+   * @param {{opfs: string}|Uint8Array} storage the image (bytes in memory are a private copy)
+   * @param {Object<string, Blob|File|Uint8Array>} [files] backing/data files by name
+   * @returns {Promise<number>} an image id
+   */
+  openWritable(name, storage, files) {
+    return this._call('openWritable', [name, storage, files || {}]);
+  }
+
+  /**
+   * Opens an image for {@link QcowClient#repair}, as `qemu-img check -r`
+   * does: also an image marked corrupt or dirty. No backing or data file
+   * is opened (only the image's own metadata is read and fixed), and the
+   * guest disk cannot be changed through this id (reopen with
+   * {@link QcowClient#openWritable}). Held until {@link QcowClient#close}.
+   * @param {string} name the image's file name
+   * @param {{opfs: string}|Uint8Array} storage the image
+   * @returns {Promise<number>} an image id
+   */
+  openForRepair(name, storage) {
+    return this._call('openForRepair', [name, storage]);
+  }
+
+  /**
+   * Copies a File/Blob into the file `fileName` of the OPFS root directory
+   * (created or replaced), for opening it writable as `{ opfs: fileName }`.
+   * @param {Blob|File} blob the contents
+   * @param {string} fileName name of the OPFS file
+   * @param {(done: number, total: number) => void} [onProgress] bytes copied so far
+   * @returns {Promise<{fileName: string, size: number}>}
+   */
+  copyToOpfs(blob, fileName, onProgress) {
+    return this._call('copyToOpfs', [blob, fileName], onProgress);
   }
 
   /**
@@ -97,7 +150,7 @@ export class QcowClient {
   }
 
   /**
-   * Releases an opened image.
+   * Releases an opened image (and the OPFS file it held, flushed).
    * @param {number} id
    * @returns {Promise<boolean>}
    */
@@ -164,6 +217,85 @@ export class QcowClient {
    */
   check(id) {
     return this._call('check', [id]);
+  }
+
+  /**
+   * Repairs the image, as `qemu-img check -r leaks|all --output=json`:
+   * resolves to the check after the repair (`"leaks-fixed"`,
+   * `"corruptions-fixed"`: what was fixed; `leaks`, `corruptions`: what is
+   * left), with `found` (the check before) and `rebuilt` (whether the
+   * refcount structure was rebuilt). `"leaks"` rejects when the refcount
+   * structure must be rebuilt. Guest data is never changed.
+   * @param {number} id an image opened with openForRepair or openWritable
+   * @param {'leaks'|'all'} mode what to fix
+   * @param {(line: string) => void} [onProblem] each problem and repair line, as
+   *   `qemu-img check -r` prints them
+   * @returns {Promise<object>} a `RepairResult`
+   */
+  repair(id, mode, onProblem) {
+    return this._call('repair', [id, mode], undefined, undefined, onProblem);
+  }
+
+  /**
+   * Changes the guest disk's size (`qemu-img resize`); resolves to the new
+   * size in bytes. Shrinking is refused unless `options.shrink` is true.
+   * @param {number} id an image opened with openWritable
+   * @param {number|string} size bytes, or e.g. `"10G"`, `"+1G"`, `"-512M"`
+   * @param {{shrink?: boolean, preallocation?: 'off'|'metadata'|'falloc'|'full'}} [options]
+   * @returns {Promise<number>}
+   */
+  resize(id, size, options) {
+    return this._call('resize', [id, size, options || null]);
+  }
+
+  /**
+   * The internal snapshots, as `qemu-img snapshot -l` lists them:
+   * `{ id, name, "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec",
+   * "vm-clock-nsec", icount? }` each.
+   * @param {number} id
+   * @returns {Promise<object[]>}
+   */
+  snapshots(id) {
+    return this._call('snapshots', [id]);
+  }
+
+  /**
+   * Takes an internal snapshot named `name`, dated now (`qemu-img snapshot -c`).
+   * @param {number} id an image opened with openWritable
+   * @param {string} name
+   * @returns {Promise<string>} the new snapshot's ID
+   */
+  createSnapshot(id, name) {
+    return this._call('createSnapshot', [id, name]);
+  }
+
+  /**
+   * Deletes the snapshot named `name` (`qemu-img snapshot -d`); rejects when there is none.
+   * @param {number} id an image opened with openWritable
+   * @param {string} name
+   * @returns {Promise<boolean>}
+   */
+  deleteSnapshot(id, name) {
+    return this._call('deleteSnapshot', [id, name]);
+  }
+
+  /**
+   * Reverts the disk to the snapshot with this ID or name (`qemu-img snapshot -a`).
+   * @param {number} id an image opened with openWritable
+   * @param {string} idOrName
+   * @returns {Promise<boolean>}
+   */
+  applySnapshot(id, idOrName) {
+    return this._call('applySnapshot', [id, idOrName]);
+  }
+
+  /**
+   * Makes what was written durable.
+   * @param {number} id
+   * @returns {Promise<boolean>}
+   */
+  flush(id) {
+    return this._call('flush', [id]);
   }
 
   /**

@@ -13,7 +13,10 @@
 
 /** @type {any} the imported wasm-bindgen module (namespace) */
 let wasm = null;
-/** @type {Map<number, {img: any, name: string, storage: any, files: Object<string, any>}>} */
+/**
+ * @type {Map<number, {img: any, name: string, storage: any, files: Object<string, any>,
+ *   handle: FileSystemSyncAccessHandle|null}>}
+ */
 const images = new Map();
 let nextImageId = 1;
 
@@ -21,6 +24,44 @@ function entry(id) {
   const e = images.get(id);
   if (!e) throw new Error(`no open image with id ${id}`);
   return e;
+}
+
+/** A file of the OPFS root directory (created when `create`). */
+async function opfsFile(fileName, create = false) {
+  const root = await navigator.storage.getDirectory();
+  return root.getFileHandle(fileName, { create });
+}
+
+const isOpfs = (storage) =>
+  storage !== null && typeof storage === 'object' && typeof storage.opfs === 'string';
+
+/**
+ * The storage the wasm takes for `storage`: `{ opfs: fileName }` becomes
+ * the OPFS file as a File (read-only) or a sync access handle (`writable`,
+ * returned as `handle` too, for `close` to release); anything else is
+ * passed as it is.
+ */
+async function resolve(storage, writable) {
+  if (!isOpfs(storage)) return { storage, handle: null };
+  const fh = await opfsFile(storage.opfs);
+  if (!writable) return { storage: await fh.getFile(), handle: null };
+  const handle = await fh.createSyncAccessHandle();
+  return { storage: handle, handle };
+}
+
+/** Opens an image with `how(storage)` and registers it; returns its id. */
+async function register(name, storage, files, writable, how) {
+  const r = await resolve(storage, writable);
+  let img;
+  try {
+    img = how(r.storage);
+  } catch (err) {
+    if (r.handle) r.handle.close();
+    throw err;
+  }
+  const id = nextImageId++;
+  images.set(id, { img, name, storage, files: files || {}, handle: r.handle });
+  return id;
 }
 
 const ops = {
@@ -32,10 +73,18 @@ const ops = {
   },
 
   open(name, storage, files) {
-    const img = wasm.QcowImage.open(name, storage, files || {});
-    const id = nextImageId++;
-    images.set(id, { img, name, storage, files: files || {} });
-    return id;
+    return register(name, storage, files, false, (s) => wasm.QcowImage.open(name, s, files || {}));
+  },
+
+  /** Opens an image for reading and writing (OPFS or bytes in memory). */
+  openWritable(name, storage, files) {
+    return register(name, storage, files, true,
+      (s) => wasm.QcowImage.openWritable(name, s, files || {}));
+  },
+
+  /** Opens an image for repair (also corrupt or dirty ones; no backing file). */
+  openForRepair(name, storage) {
+    return register(name, storage, {}, true, (s) => wasm.QcowImage.openForRepair(name, s));
   },
 
   /**
@@ -49,8 +98,18 @@ const ops = {
   close(id) {
     const e = images.get(id);
     if (e) {
-      e.img.free();
       images.delete(id);
+      try {
+        e.img.free();
+      } finally {
+        if (e.handle) {
+          try {
+            e.handle.flush();
+          } finally {
+            e.handle.close();
+          }
+        }
+      }
     }
     return true;
   },
@@ -84,6 +143,63 @@ const ops = {
 
   read(id, offset, length) {
     return entry(id).img.read(offset, length);
+  },
+
+  /** Repairs (`mode`: "leaks" or "all"); problem lines go out as `{ id, line }`. */
+  repair(id, mode, _progress, line) {
+    return entry(id).img.repair(mode, (text) => line(text));
+  },
+
+  resize(id, size, options) {
+    return entry(id).img.resize(size, options || undefined);
+  },
+
+  snapshots(id) {
+    return entry(id).img.snapshots();
+  },
+
+  createSnapshot(id, name) {
+    return entry(id).img.createSnapshot(name);
+  },
+
+  deleteSnapshot(id, name) {
+    entry(id).img.deleteSnapshot(name);
+    return true;
+  },
+
+  applySnapshot(id, idOrName) {
+    entry(id).img.applySnapshot(idOrName);
+    return true;
+  },
+
+  flush(id) {
+    entry(id).img.flush();
+    return true;
+  },
+
+  /**
+   * Copies a File/Blob into the OPFS file `fileName` (created or replaced),
+   * read with FileReaderSync and written through a sync access handle.
+   */
+  async copyToOpfs(blob, fileName, progress) {
+    const handle = await (await opfsFile(fileName, true)).createSyncAccessHandle();
+    try {
+      handle.truncate(0);
+      const total = blob.size;
+      const reader = new FileReaderSync();
+      const chunk = 4 << 20;
+      progress(0, total);
+      for (let at = 0; at < total; at += chunk) {
+        const bytes = new Uint8Array(reader.readAsArrayBuffer(blob.slice(at, Math.min(total, at + chunk))));
+        const n = handle.write(bytes, { at });
+        if (n < bytes.length) throw new Error(`short write at ${at}`);
+        progress(at + bytes.length, total);
+      }
+      handle.flush();
+      return { fileName, size: total };
+    } finally {
+      handle.close();
+    }
   },
 
   async convertToRawOpfs(id, fileName, _unused, progress) {
@@ -125,11 +241,12 @@ const ops = {
 self.onmessage = async (ev) => {
   const { id, op, args } = ev.data;
   const progress = (done, total) => self.postMessage({ id, progress: { done, total } });
+  const line = (text) => self.postMessage({ id, line: text });
   try {
     const fn = ops[op];
     if (!fn) throw new Error(`unknown operation ${op}`);
     if (op !== 'init' && !wasm) throw new Error('the wasm module is not initialised');
-    const result = await fn(...(args || []), progress);
+    const result = await fn(...(args || []), progress, line);
     const transfer = result instanceof Uint8Array ? [result.buffer] : [];
     self.postMessage({ id, ok: true, result }, transfer);
   } catch (err) {

@@ -11,6 +11,11 @@
 //! const firstSector = img.read(0, 512);     // Uint8Array
 //! ```
 //!
+//! Maintenance, as qemu-img does it: `QcowImage.openForRepair` and
+//! `repair("leaks" | "all")` (`check -r`), `resize(size, { shrink })`,
+//! `snapshots()`, `createSnapshot(name)`, `deleteSnapshot(name)` and
+//! `applySnapshot(idOrName)` (see `README.md`).
+//!
 //! Storages: `Uint8Array`, `Blob`/`File` (read-only; synchronous reads need a
 //! worker), an OPFS `FileSystemSyncAccessHandle` (read-write, dedicated
 //! worker), or any object with synchronous `read(offset, length)`,
@@ -18,6 +23,7 @@
 //! as JS `Error`s carrying the core's message.
 
 mod create;
+mod maintain;
 mod reports;
 mod sinks;
 mod storage;
@@ -40,6 +46,30 @@ use sinks::{FnSink, StorageSink};
 
 fn js_err(e: impl core::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
+}
+
+/// Runs `f` with a sink that hands each problem line to `on_problem` (when
+/// given). The first exception `on_problem` throws stops the forwarding
+/// and is returned, as an error, once `f` is done.
+fn with_lines<T>(
+    on_problem: Option<&Function>,
+    f: impl FnOnce(&mut dyn FnMut(&str)) -> Result<T, JsError>,
+) -> Result<T, JsError> {
+    let mut thrown = None;
+    let r = f(&mut |line| {
+        if let (Some(cb), None) = (on_problem, &thrown) {
+            if let Err(e) = cb.call1(&JsValue::NULL, &JsValue::from_str(line)) {
+                thrown = Some(e);
+            }
+        }
+    });
+    if let Some(e) = thrown {
+        return Err(JsError::new(&format!(
+            "onProblem threw: {}",
+            StorageError::from(e)
+        )));
+    }
+    r
 }
 
 /// The files an image may name (backing files, data files), supplied by the
@@ -105,10 +135,12 @@ pub struct QcowImage {
     name: String,
 }
 
-/// An image opened for reading only, or for reading and writing.
+/// An image opened for reading only, for reading and writing, or for a
+/// repair (no backing or data file opened: metadata only).
 enum Access {
     Read(Box<Image<Storage>>),
     Write(Box<WritableImage<Storage>>),
+    Repair(Box<WritableImage<Storage>>),
 }
 
 impl QcowImage {
@@ -116,7 +148,7 @@ impl QcowImage {
     fn reader(&mut self) -> &mut Image<Storage> {
         match &mut self.img {
             Access::Read(img) => img,
-            Access::Write(img) => img,
+            Access::Write(img) | Access::Repair(img) => img,
         }
     }
 
@@ -124,16 +156,20 @@ impl QcowImage {
     fn image(&self) -> &Image<Storage> {
         match &self.img {
             Access::Read(img) => img,
-            Access::Write(img) => img,
+            Access::Write(img) | Access::Repair(img) => img,
         }
     }
 
-    /// The image, for writing (an error when opened read-only).
+    /// The image, for writing (an error when opened read-only or for a
+    /// repair).
     fn writer(&mut self) -> Result<&mut WritableImage<Storage>, JsError> {
         match &mut self.img {
             Access::Write(img) => Ok(img),
             Access::Read(_) => Err(js_err(qcowkit_core::Error::<StorageError>::ReadOnly(
                 "opened read-only",
+            ))),
+            Access::Repair(_) => Err(js_err(qcowkit_core::Error::<StorageError>::ReadOnly(
+                "opened for repair only (reopen it with openWritable to change the disk)",
             ))),
         }
     }
@@ -289,35 +325,34 @@ impl QcowImage {
     /// `qemu-img check --output=json` as an object (a read-only check).
     /// `onProblem`, when given, is called with each problem line as it is
     /// found (`qemu-img check` prints them on stderr); the counts in the
-    /// result are exact either way.
+    /// result are exact either way. On an image opened for writing, what
+    /// was written is flushed first and the file is checked as it is now.
     #[wasm_bindgen(unchecked_return_type = "CheckResult")]
     pub fn check(
         &mut self,
-        #[wasm_bindgen(js_name = onProblem, unchecked_param_type = "(line: string) => void")]
+        #[wasm_bindgen(js_name = onProblem, unchecked_optional_param_type = "(line: string) => void")]
         on_problem: Option<Function>,
     ) -> Result<JsValue, JsError> {
-        let img = self.reader();
-        let r = match on_problem {
-            Some(f) => {
-                let mut thrown = None;
-                let r = img.check_with(&mut |line| {
-                    if thrown.is_none() {
-                        if let Err(e) = f.call1(&JsValue::NULL, &JsValue::from_str(line)) {
-                            thrown = Some(e);
-                        }
-                    }
-                });
-                if let Some(e) = thrown {
-                    return Err(JsError::new(&format!(
-                        "onProblem threw: {}",
-                        e.as_string().unwrap_or_else(|| format!("{e:?}"))
-                    )));
-                }
-                r
+        let r = match &mut self.img {
+            Access::Read(img) => with_lines(on_problem.as_ref(), |sink| {
+                img.check_with(sink).map_err(js_err)
+            })?,
+            Access::Write(img) | Access::Repair(img) => {
+                // The writer knows a longer file than the one it opened:
+                // the file as it is now, opened afresh over the same storage.
+                img.flush().map_err(js_err)?;
+                let opts = OpenOptions {
+                    no_backing: true,
+                    no_data_file: true,
+                    check_mode: true,
+                    ..OpenOptions::default()
+                };
+                let mut now = Image::open(img.storage().share(), &opts).map_err(js_err)?;
+                with_lines(on_problem.as_ref(), |sink| {
+                    now.check_with(sink).map_err(js_err)
+                })?
             }
-            None => img.check(),
-        }
-        .map_err(js_err)?;
+        };
         to_js(&CheckSummary::of(&r, &self.name))
     }
 
@@ -340,7 +375,7 @@ impl QcowImage {
     /// Makes written data durable.
     pub fn flush(&mut self) -> Result<(), JsError> {
         match &mut self.img {
-            Access::Write(img) => img.flush().map_err(js_err),
+            Access::Write(img) | Access::Repair(img) => img.flush().map_err(js_err),
             Access::Read(_) => Ok(()),
         }
     }

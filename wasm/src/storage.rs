@@ -74,6 +74,18 @@ impl Storage {
         ))
     }
 
+    /// A second handle on the same storage, for reading what has been
+    /// written so far: the same JS object, handle or blob (bytes in memory
+    /// are copied).
+    pub(crate) fn share(&self) -> Storage {
+        match self {
+            Storage::Memory(v) => Storage::Memory(v.clone()),
+            Storage::Blob(b) => Storage::Blob(b.clone()),
+            Storage::Opfs(h) => Storage::Opfs(h.clone()),
+            Storage::Object(o) => Storage::Object(o.clone()),
+        }
+    }
+
     /// The bytes of a memory storage.
     pub fn into_bytes(self) -> Option<Vec<u8>> {
         match self {

@@ -93,3 +93,105 @@ fn blobs_are_read_with_file_reader_sync() {
         .and_then(|mut i| i.write(0.0, &[1]).and_then(|_| i.flush()));
     assert!(written.is_err());
 }
+
+/// The demo image with one leaked cluster: the header cluster's 16-bit
+/// refcount raised from 1 to 2.
+fn leaky_demo() -> Vec<u8> {
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let mut bytes = DEMO.to_vec();
+    let table = be(&bytes, 48) as usize;
+    let block = (be(&bytes, table) & !511) as usize;
+    assert_eq!(&bytes[block..block + 2], &[0, 1]);
+    bytes[block + 1] = 2;
+    bytes
+}
+
+#[wasm_bindgen_test]
+async fn opfs_images_are_repaired_resized_and_snapshotted() {
+    let handle = opfs_handle("maint.qcow2").await;
+    let opts = js_sys::Object::new();
+    Reflect::set(&opts, &"size".into(), &"64M".into()).unwrap();
+    create_image(handle.clone().into(), opts.into()).unwrap();
+    let want: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let mut img =
+        QcowImage::open_writable("maint.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    img.write(0.0, &want).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    // One leak: the header cluster's 16-bit refcount raised to 2.
+    let at = |offset: u64| {
+        let o = web_sys::FileSystemReadWriteOptions::new();
+        o.set_at(offset as f64);
+        o
+    };
+    let mut b8 = [0u8; 8];
+    handle
+        .read_with_u8_array_and_options(&mut b8, &at(48))
+        .unwrap();
+    let table = u64::from_be_bytes(b8);
+    handle
+        .read_with_u8_array_and_options(&mut b8, &at(table))
+        .unwrap();
+    let block = u64::from_be_bytes(b8) & !511;
+    handle
+        .write_with_u8_array_and_options(&[0, 2], &at(block))
+        .unwrap();
+
+    let mut img = QcowImage::open_for_repair("maint.qcow2", handle.clone().into()).unwrap();
+    let r = img.repair("leaks", None).unwrap();
+    assert_eq!(get(&r, &["leaks-fixed"]).as_f64(), Some(1.0));
+    assert!(get(&r, &["leaks"]).is_undefined());
+    drop(img);
+
+    let mut img =
+        QcowImage::open_writable("maint.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    assert_eq!(img.create_snapshot("before").unwrap(), "1");
+    let grown = img.resize("+64M".into(), JsValue::UNDEFINED).unwrap();
+    assert_eq!(grown, 128.0 * 1048576.0);
+    img.write(100.0 * 1048576.0, &[0x33; 65536]).unwrap();
+    let file_before = handle.get_size().unwrap();
+    let shrink = js_sys::Object::new();
+    Reflect::set(&shrink, &"shrink".into(), &true.into()).unwrap();
+    let size = img.resize("2M".into(), shrink.into()).unwrap();
+    assert_eq!(size, 2.0 * 1048576.0);
+    assert!(
+        handle.get_size().unwrap() <= file_before,
+        "the file's tail is cut"
+    );
+    assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), want);
+    let check = img.check(None).unwrap();
+    assert!(get(&check, &["corruptions"]).is_undefined());
+    assert!(get(&check, &["leaks"]).is_undefined());
+    img.apply_snapshot("before").unwrap();
+    assert_eq!(img.virtual_size(), 64.0 * 1048576.0);
+    assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), want);
+    drop(img);
+    let mut img =
+        QcowImage::open("maint.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let snaps = Array::from(&img.snapshots().unwrap());
+    assert_eq!(snaps.length(), 1);
+    assert_eq!(get(&snaps.get(0), &["name"]).as_string().unwrap(), "before");
+    assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), want);
+    let check = img.check(None).unwrap();
+    assert!(get(&check, &["corruptions"]).is_undefined());
+    assert!(get(&check, &["leaks"]).is_undefined());
+    handle.close();
+}
+
+#[wasm_bindgen_test]
+fn a_blob_is_checked_but_not_repaired() {
+    let blob = |bytes: &[u8]| {
+        let parts = Array::of1(&Uint8Array::from(bytes));
+        web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap()
+    };
+    // Nothing to fix: nothing written, the check's result.
+    let mut img = QcowImage::open_for_repair("demo.qcow2", blob(DEMO).into()).unwrap();
+    let r = img.repair("all", None).unwrap();
+    assert!(get(&r, &["leaks-fixed"]).is_undefined());
+    assert_eq!(get(&r, &["rebuilt"]).as_bool(), Some(false));
+    // A leak to free: the Blob cannot be written.
+    let mut img = QcowImage::open_for_repair("leak.qcow2", blob(&leaky_demo()).into()).unwrap();
+    let err: JsValue = img.repair("leaks", None).err().unwrap().into();
+    let msg = get(&err, &["message"]).as_string().unwrap();
+    assert!(msg.contains("read-only"), "{msg}");
+}

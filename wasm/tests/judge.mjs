@@ -1,7 +1,8 @@
 // qemu-img judges what the wasm package writes: raw disks converted to
 // qcow2 with qemu-img's options, guest writes into images qemu-img made,
-// new empty images, and raw conversions. Every image must pass
-// `qemu-img check` and hold, per `qemu-img compare`, what it should.
+// new empty images, raw conversions, and the maintenance operations
+// (repair, resize, snapshots) on images qemu-img made. Every image must
+// pass `qemu-img check` and hold, per `qemu-img compare`, what it should.
 // Runs the built package (wasm/pkg, `wasm/build.sh`) in Node.
 //
 //   node wasm/tests/judge.mjs
@@ -222,6 +223,268 @@ judged('convertToRaw of a compressed qemu-img image', () => {
   writeFileSync(path('c-ours.raw'), out);
   assert.equal(qemuStatus('compare', '-f', 'raw', '-F', 'qcow2', 'c-ours.raw', 'c.qcow2').code, 0);
 });
+
+// 5. Repairs of images qemu-img made, broken by qemu-io or by editing
+// bytes: `qemu-img check` exits 0 after the package's repair, and the guest
+// data is what qemu-img read before it.
+
+/** The file's bytes with cluster `c`'s 16-bit refcount set to `value`. */
+function setRefcount(bytes, c, value) {
+  const table = Number(bytes.readBigUInt64BE(48));
+  const block = Number(bytes.readBigUInt64BE(table) & ~511n);
+  bytes.writeUInt16BE(value, block + 2 * c);
+}
+
+/** qemu-img check --output=json (any exit status) and its exit status. */
+function qemuCheck(file, ...args) {
+  const r = spawnSync('qemu-img', ['check', '--output=json', ...args, file], { cwd: tmp, encoding: 'utf8' });
+  return { code: r.status, json: JSON.parse(r.stdout), stderr: r.stderr };
+}
+
+/** Repairs `file` through the package (openForRepair), in place. */
+function packageRepair(file, mode) {
+  const storage = memStorage(readFileSync(path(file)));
+  const img = QcowImage.openForRepair(file, storage);
+  const lines = [];
+  try {
+    const result = img.repair(mode, (line) => lines.push(line));
+    return { result, lines };
+  } finally {
+    img.free();
+    writeFileSync(path(file), storage.bytes());
+  }
+}
+
+judged('repair leaks: clusters leaked by editing refcounts of a qemu-img image', () => {
+  qemuImg('create', '-q', '-f', 'qcow2', 'leak.qcow2', '8M');
+  qemuIo(path('leak.qcow2'), 'write -P 0x31 0 1M', 'write -c -P 0x32 2M 256k', 'write -P 0x33 5M 64k');
+  const bytes = readFileSync(path('leak.qcow2'));
+  // Clusters without COPIED flags: the header and the refcount table.
+  setRefcount(bytes, 0, 2);
+  const table = Number(bytes.readBigUInt64BE(48)) / 65536;
+  setRefcount(bytes, table, 3);
+  writeFileSync(path('leak.qcow2'), bytes);
+  qemuImg('convert', '-O', 'raw', 'leak.qcow2', 'leak.raw');
+  const before = qemuCheck('leak.qcow2');
+  assert.equal(before.code, 3, 'qemu-img check: leaks only');
+  assert.equal(before.json.leaks, 2);
+  writeFileSync(path('leak-qemu.qcow2'), bytes);
+  const theirs = qemuCheck('leak-qemu.qcow2', '-r', 'leaks');
+  const { result, lines } = packageRepair('leak.qcow2', 'leaks');
+  assert.equal(result.found.leaks, before.json.leaks);
+  assert.equal(result['leaks-fixed'], theirs.json['leaks-fixed']);
+  assert.equal(result.leaks, undefined);
+  assert.equal(result.corruptions, undefined);
+  assert.equal(result['image-end-offset'], theirs.json['image-end-offset']);
+  assert.equal(result.rebuilt, false);
+  assert.deepEqual(lines.filter((l) => l.startsWith('Repairing')),
+    ['Repairing cluster 0 refcount=2 reference=1', `Repairing cluster ${table} refcount=3 reference=1`]);
+  assertCheckClean('leak.qcow2');
+  assertSame('leak.raw', 'leak.qcow2');
+});
+
+judged('repair all: a lazy-refcounts image whose qemu-io was killed (dirty)', () => {
+  qemuImg('create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', 'dirty.qcow2', '8M');
+  const r = spawnSync('qemu-io', ['-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0x5b 3M 192k', '-c', 'sigraise 9',
+    path('dirty.qcow2')], { cwd: tmp, encoding: 'utf8' });
+  assert.equal(r.signal, 'SIGKILL', 'qemu-io was killed');
+  const info = JSON.parse(qemuImg('info', '--output=json', 'dirty.qcow2'));
+  assert.equal(info['dirty-flag'], true);
+  qemuImg('convert', '-O', 'raw', 'dirty.qcow2', 'dirty.raw');
+  const before = qemuCheck('dirty.qcow2');
+  assert.equal(before.code, 2, 'qemu-img check: corruptions');
+  // The package's read-only check counts what qemu-img counts.
+  const ro = QcowImage.open('dirty.qcow2', memStorage(readFileSync(path('dirty.qcow2'))), undefined);
+  const ours = ro.check();
+  ro.free();
+  assert.equal(ours.corruptions, before.json.corruptions);
+  assert.equal(ours.leaks, before.json.leaks);
+  const { result } = packageRepair('dirty.qcow2', 'all');
+  assert.ok(result['corruptions-fixed'] > 0, JSON.stringify(result));
+  assert.equal(result.corruptions, undefined);
+  assert.equal(result.leaks, undefined);
+  assert.equal(result['check-errors'], 0);
+  assertCheckClean('dirty.qcow2');
+  assertSame('dirty.raw', 'dirty.qcow2');
+  assert.equal(JSON.parse(qemuImg('info', '--output=json', 'dirty.qcow2'))['dirty-flag'], false);
+});
+
+judged('repair all: an image marked corrupt whose L2 table has refcount 0', () => {
+  qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', 'corrupt.qcow2', '8M');
+  qemuIo(path('corrupt.qcow2'), 'write -P 0x41 0 1M', 'write -z 2M 64k', 'write -P 0x42 7M 12k');
+  qemuImg('snapshot', '-c', 'kept', 'corrupt.qcow2');
+  qemuIo(path('corrupt.qcow2'), 'write -P 0x43 0 8k');
+  qemuImg('convert', '-O', 'raw', 'corrupt.qcow2', 'corrupt.raw');
+  qemuImg('convert', '-l', 'kept', '-O', 'raw', 'corrupt.qcow2', 'corrupt-kept.raw');
+  const bytes = readFileSync(path('corrupt.qcow2'));
+  const l1 = Number(bytes.readBigUInt64BE(40));
+  const l2 = Number(bytes.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
+  setRefcount(bytes, l2 / 4096, 0);
+  bytes.writeBigUInt64BE(bytes.readBigUInt64BE(72) | 2n, 72); // the corrupt bit
+  writeFileSync(path('corrupt.qcow2'), bytes);
+  assert.equal(qemuCheck('corrupt.qcow2').code, 2);
+  assert.throws(() => QcowImage.openWritable('corrupt.qcow2', memStorage(bytes), undefined), /corrupt/);
+  // "leaks" cannot fix it (the structure must be rebuilt); nothing is written.
+  assert.throws(() => packageRepair('corrupt.qcow2', 'leaks'), /"all"/);
+  assert.deepEqual(readFileSync(path('corrupt.qcow2')), bytes);
+  const { result, lines } = packageRepair('corrupt.qcow2', 'all');
+  assert.equal(result.rebuilt, true);
+  assert.ok(lines.includes('Rebuilding refcount structure'), lines.join('\n'));
+  assert.equal(result.corruptions, undefined, JSON.stringify(result));
+  assertCheckClean('corrupt.qcow2');
+  assertSame('corrupt.raw', 'corrupt.qcow2');
+  const info = JSON.parse(qemuImg('info', '--output=json', 'corrupt.qcow2'));
+  assert.equal(info['format-specific'].data.corrupt, false);
+  qemuImg('convert', '-l', 'kept', '-O', 'raw', 'corrupt.qcow2', 'corrupt-kept-after.raw');
+  assert.deepEqual(readFileSync(path('corrupt-kept-after.raw')), readFileSync(path('corrupt-kept.raw')));
+});
+
+// 6. Resizing images qemu-img made: the size qemu-img info reports, clean,
+// and the data below the new end kept (compared with qemu-img's raw copy
+// cut or extended to the new size).
+
+/** `file` resized through the package (openWritable), written back. */
+function packageResize(file, size, options) {
+  const storage = memStorage(readFileSync(path(file)));
+  const img = QcowImage.openWritable(file, storage, undefined);
+  try {
+    return img.resize(size, options);
+  } finally {
+    img.free();
+    writeFileSync(path(file), storage.bytes());
+  }
+}
+
+/** qemu-img's raw copy of `file`, cut or extended (zeros) to `size`. */
+function rawAt(file, size, out) {
+  qemuImg('convert', '-O', 'raw', file, out);
+  const data = readFileSync(path(out));
+  const sized = Buffer.alloc(size);
+  data.copy(sized, 0, 0, Math.min(size, data.length));
+  writeFileSync(path(out), sized);
+}
+
+/** A size as resize() takes it (bytes, "10M", "+1G", "-5M") from `current`. */
+function sizeFrom(size, current) {
+  if (typeof size === 'number') return size;
+  const m = /^([+-]?)(\d+)([KMG]?)$/.exec(size);
+  const n = Number(m[2]) * 2 ** ({ '': 0, K: 10, M: 20, G: 30 }[m[3]]);
+  return m[1] === '+' ? current + n : m[1] === '-' ? current - n : n;
+}
+
+const virtualSize = (file) => JSON.parse(qemuImg('info', '--output=json', file))['virtual-size'];
+
+for (const { name, opts, grow, shrink, prealloc } of [
+  { name: 'plain', opts: 'cluster_size=65536', grow: '+60M', shrink: '3M' },
+  { name: 'small-clusters', opts: 'cluster_size=512', grow: 48 << 20, shrink: '-45M' }, // the L1 table grows
+  { name: 'v2', opts: 'compat=0.10,cluster_size=16384', grow: '1G', shrink: 2 << 20 },
+  { name: 'extl2', opts: 'extended_l2=on', grow: '+1M', shrink: '1536K' },
+  { name: 'meta', opts: 'cluster_size=65536', grow: '16M', prealloc: 'metadata' },
+  { name: 'falloc', opts: 'cluster_size=65536', grow: '+8M', prealloc: 'falloc' },
+  { name: 'full', opts: 'cluster_size=4096', grow: '+2M', prealloc: 'full' },
+]) {
+  judged(`resize a qemu-img image (${opts}) to ${grow}${prealloc ? ` preallocation=${prealloc}` : ''}, then ${shrink ?? 'nothing'}`, () => {
+    const file = `rs-${name}.qcow2`;
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', opts, file, '6M');
+    qemuIo(path(file), 'write -P 0x61 0 1M', 'write -c -P 0x62 1M 64k', 'write -P 0x63 2560k 4k',
+      'write -z 3M 64k', 'write -P 0x64 5M 1M');
+    const size0 = 6 << 20;
+    const want = sizeFrom(grow, size0);
+    const got = packageResize(file, grow, prealloc ? { preallocation: prealloc } : undefined);
+    assert.equal(got, want);
+    assert.equal(virtualSize(file), want);
+    assertCheckClean(file);
+    rawAt(file, want, `${file}.raw`);
+    // qemu-img's raw copy of the original, extended with zeros.
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', opts, `ref-${file}`, '6M');
+    qemuIo(path(`ref-${file}`), 'write -P 0x61 0 1M', 'write -c -P 0x62 1M 64k', 'write -P 0x63 2560k 4k',
+      'write -z 3M 64k', 'write -P 0x64 5M 1M');
+    rawAt(`ref-${file}`, want, `ref-${file}.raw`);
+    assertSame(`ref-${file}.raw`, file);
+    if (prealloc) {
+      const before = qemuCheck(`ref-${file}`).json['image-end-offset'];
+      assert.ok(qemuCheck(file).json['image-end-offset'] > before, 'the grown range is preallocated');
+    }
+    if (!shrink) return;
+    // Shrinking without shrink: true is refused and changes nothing.
+    const unchanged = readFileSync(path(file));
+    assert.throws(() => packageResize(file, shrink), /^Error: Use the shrink: true option to perform a shrink operation\./);
+    assert.deepEqual(readFileSync(path(file)), unchanged);
+    const small = packageResize(file, shrink, { shrink: true });
+    assert.equal(small, sizeFrom(shrink, want));
+    assert.equal(virtualSize(file), small);
+    assert.ok(small < 6 << 20, 'cut below the data written');
+    assertCheckClean(file);
+    rawAt(`ref-${file}`, small, `ref-${file}-small.raw`);
+    assertSame(`ref-${file}-small.raw`, file);
+  });
+}
+
+// 7. Snapshots: the package's list is qemu-img's, a snapshot it takes is
+// listed by `qemu-img snapshot -l` and holds the disk as it was, and
+// applying and deleting leave images qemu-img checks clean.
+
+/** `qemu-img snapshot -l` as [{ id, name }]. */
+function qemuSnapshots(file) {
+  const out = qemuImg('snapshot', '-l', file);
+  return out.split('\n').slice(2).filter((l) => l.trim())
+    .map((l) => l.trim().split(/\s+/)).map(([id, name]) => ({ id, name }));
+}
+
+for (const { name, opts } of [
+  { name: 'plain', opts: 'cluster_size=65536' },
+  { name: 'small', opts: 'cluster_size=4096,refcount_bits=8' },
+  { name: 'v2', opts: 'compat=0.10' },
+  { name: 'extl2', opts: 'extended_l2=on,cluster_size=32768' },
+]) {
+  judged(`snapshots of a qemu-img image (${opts}): list, take, apply, delete`, () => {
+    const file = `sn-${name}.qcow2`;
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', opts, file, '8M');
+    qemuIo(path(file), 'write -P 0x71 0 1M', 'write -c -P 0x72 2M 64k');
+    qemuImg('snapshot', '-c', 'theirs', file);
+    qemuImg('convert', '-O', 'raw', file, `${file}-theirs.raw`);
+    qemuIo(path(file), 'write -P 0x73 512k 1M', 'write -z 2M 64k');
+    qemuImg('convert', '-O', 'raw', file, `${file}-ours.raw`);
+
+    const storage = memStorage(readFileSync(path(file)));
+    let img = QcowImage.openWritable(file, storage, undefined);
+    const info = JSON.parse(qemuImg('info', '--output=json', file));
+    assert.deepEqual(img.snapshots(), info.snapshots);
+    const t0 = Date.now();
+    assert.equal(img.createSnapshot('ours'), '2');
+    img.write(0, new Uint8Array(4096).fill(0x74)); // after the snapshot
+    img.free();
+    writeFileSync(path(file), storage.bytes());
+    assertCheckClean(file);
+    assert.deepEqual(qemuSnapshots(file), [{ id: '1', name: 'theirs' }, { id: '2', name: 'ours' }]);
+    const listed = JSON.parse(qemuImg('info', '--output=json', file)).snapshots;
+    const ours = listed.find((s) => s.name === 'ours');
+    assert.ok(Math.abs(ours['date-sec'] * 1000 + ours['date-nsec'] / 1e6 - t0) < 5000, 'dated now');
+    assert.equal(ours['vm-state-size'], 0);
+    // The package's list equals qemu-img's, fields and order.
+    img = QcowImage.open(file, memStorage(readFileSync(path(file))), undefined);
+    assert.deepEqual(img.snapshots(), listed);
+    img.free();
+    // The snapshot holds the disk as it was when taken.
+    qemuImg('convert', '-l', 'ours', '-O', 'raw', file, `${file}-ours-l.raw`);
+    assert.deepEqual(readFileSync(path(`${file}-ours-l.raw`)), readFileSync(path(`${file}-ours.raw`)));
+    writeFileSync(path(`${file}-q.qcow2`), readFileSync(path(file)));
+    qemuImg('snapshot', '-a', 'ours', `${file}-q.qcow2`);
+    assertSame(`${file}-ours.raw`, `${file}-q.qcow2`);
+
+    // Applied and deleted through the package.
+    const s2 = memStorage(readFileSync(path(file)));
+    img = QcowImage.openWritable(file, s2, undefined);
+    img.applySnapshot('theirs');
+    img.deleteSnapshot('ours');
+    assert.throws(() => img.deleteSnapshot('ours'), /snapshot not found/);
+    img.free();
+    writeFileSync(path(file), s2.bytes());
+    assertCheckClean(file);
+    assertSame(`${file}-theirs.raw`, file);
+    assert.deepEqual(qemuSnapshots(file), [{ id: '1', name: 'theirs' }]);
+  });
+}
 
 rmSync(tmp, { recursive: true, force: true });
 if (process.exitCode) {

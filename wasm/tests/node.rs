@@ -275,6 +275,12 @@ fn convert_to_raw_streams_the_guest_contents() {
     assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
 }
 
+fn be(b: &[u8], at: usize, n: usize) -> u64 {
+    b[at..at + n]
+        .iter()
+        .fold(0u64, |a, x| a << 8 | u64::from(*x))
+}
+
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
@@ -392,4 +398,350 @@ fn map_pages_join_to_the_map_and_check_streams_its_problems() {
         .as_string()
         .unwrap()
         .contains("onProblem threw"));
+}
+
+/// The message of a thrown `JsError`.
+fn message<T>(r: Result<T, JsError>) -> String {
+    let err: JsValue = r.err().expect("an error").into();
+    get(&err, &["message"]).as_string().unwrap()
+}
+
+fn num(v: &JsValue, key: &str) -> Option<f64> {
+    get(v, &[key]).as_f64()
+}
+
+/// The guest pattern of [`written_image`]: byte `i` is `i % 251`.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// A 4 MiB image (64 KiB clusters, 16-bit refcounts) holding
+/// [`pattern`] in its first MiB, in a storage object.
+fn written_image() -> JsValue {
+    let storage = memStorage(JsValue::UNDEFINED);
+    create_image(storage.clone(), options(&[("size", "4M".into())])).unwrap();
+    let mut img = QcowImage::open_writable("r.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    img.write(0.0, &pattern(1 << 20)).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    storage
+}
+
+/// The header cluster's offset of cluster `c`'s 16-bit refcount (the
+/// first refcount block covers the small test images).
+fn refcount_at(bytes: &[u8], c: u64) -> usize {
+    let table = be64(bytes, 48) as usize;
+    (be64(bytes, table) & !511) as usize + 2 * c as usize
+}
+
+/// The guest contents of `storage` opened read-only (first `len` bytes).
+fn guest(storage: JsValue, len: u32) -> Vec<u8> {
+    let mut img = QcowImage::open("x.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    img.read(0.0, len).unwrap().to_vec()
+}
+
+#[wasm_bindgen_test]
+fn check_of_a_written_image_sees_the_file_as_it_is_now() {
+    // Writes past the end of the file as it was opened: the check of the
+    // same object must count them (not report references past the end).
+    let storage = memStorage(JsValue::UNDEFINED);
+    create_image(storage.clone(), options(&[("size", "64M".into())])).unwrap();
+    let mut img = QcowImage::open_writable("g.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    img.write(0.0, &[1u8; 1 << 20]).unwrap();
+    img.write(40.0 * 1048576.0, &[2u8; 1 << 20]).unwrap();
+    let f = lines();
+    let check = img.check(Some(f.clone())).unwrap();
+    assert_eq!(json(&get(&f, &["got"])), "[]");
+    assert!(
+        get(&check, &["corruptions"]).is_undefined(),
+        "{}",
+        json(&check)
+    );
+    assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
+    assert_eq!(num(&check, "allocated-clusters"), Some(32.0));
+}
+
+#[wasm_bindgen_test]
+fn repair_leaks_frees_leaked_clusters_and_keeps_the_data() {
+    let storage = written_image();
+    let mut bytes = storage_bytes(&storage);
+    let at = refcount_at(&bytes, 0);
+    assert_eq!(be(&bytes, at, 2), 1);
+    bytes[at + 1] = 3; // the header cluster: refcount 3, one reference
+    let leaky = memStorage(Uint8Array::from(&bytes[..]).into());
+    // A read-only image cannot be repaired.
+    let mut ro = QcowImage::open("r.qcow2", leaky.clone(), JsValue::UNDEFINED).unwrap();
+    assert!(message(ro.repair("leaks", None)).contains("read-only"));
+    drop(ro);
+
+    let mut img = QcowImage::open_for_repair("r.qcow2", leaky.clone()).unwrap();
+    assert!(message(img.repair("some", None)).contains("\"leaks\" or \"all\""));
+    let f = lines();
+    let r = img.repair("leaks", Some(f.clone())).unwrap();
+    assert_eq!(num(&r, "leaks-fixed"), Some(1.0), "{}", json(&r));
+    assert!(get(&r, &["leaks"]).is_undefined());
+    assert!(get(&r, &["corruptions"]).is_undefined());
+    assert_eq!(num(&r, "check-errors"), Some(0.0));
+    assert_eq!(get(&r, &["filename"]).as_string().unwrap(), "r.qcow2");
+    assert_eq!(num(&get(&r, &["found"]), "leaks"), Some(1.0));
+    assert_eq!(get(&r, &["rebuilt"]).as_bool(), Some(false));
+    let got: Vec<String> = js_sys::Array::from(&get(&f, &["got"]))
+        .iter()
+        .map(|l| l.as_string().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "Leaked cluster 0 refcount=3 reference=1",
+            "Repairing cluster 0 refcount=3 reference=1"
+        ]
+    );
+    // The image opened for repair is not for guest writes.
+    assert!(message(img.write(0.0, &[1])).contains("openWritable"));
+    assert!(message(img.resize("8M".into(), JsValue::UNDEFINED)).contains("openWritable"));
+    assert!(message(img.create_snapshot("s")).contains("openWritable"));
+    // The check of the same object, then of the bytes: clean.
+    let again = img.check(None).unwrap();
+    assert!(get(&again, &["leaks"]).is_undefined(), "{}", json(&again));
+    drop(img);
+    let after = storage_bytes(&leaky);
+    assert_eq!(be(&after, refcount_at(&after, 0), 2), 1);
+    let mut img = QcowImage::open("r.qcow2", leaky.clone(), JsValue::UNDEFINED).unwrap();
+    let check = img.check(None).unwrap();
+    assert!(get(&check, &["leaks"]).is_undefined());
+    assert_eq!(guest(leaky, 1 << 20), pattern(1 << 20));
+    // Repairing a clean image changes nothing.
+    let before = storage_bytes(&storage);
+    let mut img = QcowImage::open_writable("r.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let r = img.repair("all", None).unwrap();
+    assert!(get(&r, &["leaks-fixed"]).is_undefined());
+    assert!(get(&r, &["corruptions-fixed"]).is_undefined());
+    drop(img);
+    assert_eq!(storage_bytes(&storage), before);
+}
+
+#[wasm_bindgen_test]
+fn repair_all_rebuilds_the_refcounts_of_an_image_marked_corrupt() {
+    let storage = written_image();
+    let mut bytes = storage_bytes(&storage);
+    // The L2 table's refcount 0 (the structure must be rebuilt), and the
+    // corrupt bit set: openWritable refuses the image.
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00;
+    let at = refcount_at(&bytes, l2 >> 16);
+    bytes[at..at + 2].copy_from_slice(&[0, 0]);
+    bytes[79] |= 2;
+    let broken = memStorage(Uint8Array::from(&bytes[..]).into());
+    assert!(message(QcowImage::open_writable(
+        "c.qcow2",
+        broken.clone(),
+        JsValue::UNDEFINED
+    ))
+    .contains("corrupt"));
+    let mut img = QcowImage::open_for_repair("c.qcow2", broken.clone()).unwrap();
+    let info = img.info().unwrap();
+    assert_eq!(
+        get(&info, &["format-specific", "data", "corrupt"]).as_bool(),
+        Some(true)
+    );
+    // "leaks" cannot fix it: the message says what can.
+    let msg = message(img.repair("leaks", None));
+    assert!(msg.contains("\"all\""), "{msg}");
+    let f = lines();
+    let r = img.repair("all", Some(f.clone())).unwrap();
+    assert_eq!(get(&r, &["rebuilt"]).as_bool(), Some(true), "{}", json(&r));
+    assert!(num(&r, "corruptions-fixed").unwrap() >= 1.0, "{}", json(&r));
+    assert!(get(&r, &["corruptions"]).is_undefined(), "{}", json(&r));
+    assert!(get(&r, &["leaks"]).is_undefined(), "{}", json(&r));
+    assert!(num(&get(&r, &["found"]), "corruptions").unwrap() >= 1.0);
+    let got = json(&get(&f, &["got"]));
+    assert!(got.contains("Rebuilding refcount structure"), "{got}");
+    let info = img.info().unwrap();
+    assert!(
+        get(&info, &["format-specific", "data", "corrupt"]).is_undefined()
+            || get(&info, &["format-specific", "data", "corrupt"]).as_bool() == Some(false)
+    );
+    drop(img);
+    // Writable again, clean, the same guest data.
+    let mut img = QcowImage::open_writable("c.qcow2", broken.clone(), JsValue::UNDEFINED).unwrap();
+    let check = img.check(None).unwrap();
+    assert!(
+        get(&check, &["corruptions"]).is_undefined(),
+        "{}",
+        json(&check)
+    );
+    assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
+    drop(img);
+    assert_eq!(guest(broken, 1 << 20), pattern(1 << 20));
+}
+
+#[wasm_bindgen_test]
+fn resize_grows_and_shrinks_by_qemu_img_rules() {
+    let storage = written_image();
+    let mut img = QcowImage::open_writable("z.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    img.write(3.0 * 1048576.0, &[0x77; 65536]).unwrap();
+    assert_eq!(
+        img.resize("+12M".into(), JsValue::UNDEFINED).unwrap(),
+        16.0 * 1048576.0
+    );
+    assert_eq!(img.virtual_size(), 16.0 * 1048576.0);
+    let info = img.info().unwrap();
+    assert_eq!(num(&info, "virtual-size"), Some(16.0 * 1048576.0));
+    img.write(15.0 * 1048576.0, &[0x88; 4096]).unwrap();
+    assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), pattern(1 << 20));
+    // Shrinking needs shrink: true.
+    let msg = message(img.resize((2.0 * 1048576.0).into(), JsValue::UNDEFINED));
+    assert!(
+        msg.starts_with("Use the shrink: true option to perform a shrink operation."),
+        "{msg}"
+    );
+    let msg = message(img.resize("2M".into(), options(&[("shrink", false.into())])));
+    assert!(msg.contains("shrink: true"), "{msg}");
+    assert_eq!(img.virtual_size(), 16.0 * 1048576.0);
+    // qemu-img's other refusals.
+    assert_eq!(
+        message(img.resize(
+            "2M".into(),
+            options(&[("shrink", true.into()), ("preallocation", "full".into())])
+        )),
+        "Preallocation can only be used for growing images"
+    );
+    assert_eq!(
+        message(img.resize("+1000".into(), JsValue::UNDEFINED)),
+        "The new size must be a multiple of 512"
+    );
+    assert_eq!(
+        message(img.resize(0.0.into(), options(&[("shrink", true.into())]))),
+        "New image size must be positive"
+    );
+    assert!(
+        message(img.resize("-20M".into(), options(&[("shrink", true.into())])))
+            .contains("positive")
+    );
+    assert!(message(img.resize("lots".into(), JsValue::UNDEFINED)).contains("invalid size"));
+    assert!(
+        message(img.resize("+1M".into(), options(&[("preallocation", "some".into())])))
+            .contains("Invalid preallocation mode 'some'")
+    );
+    assert!(
+        message(img.resize("+1M".into(), options(&[("shrink", "yes".into())]))).contains("boolean")
+    );
+    // Shrink, relative and absolute: the data below the new end is kept.
+    assert_eq!(
+        img.resize("-12M".into(), options(&[("shrink", true.into())]))
+            .unwrap(),
+        4.0 * 1048576.0
+    );
+    assert_eq!(
+        img.resize(
+            (3.5 * 1048576.0).into(),
+            options(&[("shrink", true.into())])
+        )
+        .unwrap(),
+        3.5 * 1048576.0
+    );
+    assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), pattern(1 << 20));
+    assert!(img
+        .read(3.0 * 1048576.0, 65536)
+        .unwrap()
+        .to_vec()
+        .iter()
+        .all(|b| *b == 0x77));
+    assert!(
+        img.read(3.5 * 1048576.0 - 1.0, 2).is_err(),
+        "reads past the end fail"
+    );
+    // Growing with preallocation.
+    assert_eq!(
+        img.resize(
+            "8M".into(),
+            options(&[("preallocation", "metadata".into())])
+        )
+        .unwrap(),
+        8.0 * 1048576.0
+    );
+    let check = img.check(None).unwrap();
+    assert!(
+        get(&check, &["corruptions"]).is_undefined(),
+        "{}",
+        json(&check)
+    );
+    assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
+    drop(img);
+    assert_eq!(guest(storage.clone(), 1 << 20), pattern(1 << 20));
+    let mut ro = QcowImage::open("z.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    assert_eq!(ro.virtual_size(), 8.0 * 1048576.0);
+    assert!(message(ro.resize("+1M".into(), JsValue::UNDEFINED)).contains("read-only"));
+}
+
+#[wasm_bindgen_test]
+fn snapshots_are_taken_listed_applied_and_deleted() {
+    let storage = written_image();
+    let mut img = QcowImage::open_writable("s.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    assert_eq!(json(&img.snapshots().unwrap()), "[]");
+    let before = js_sys::Date::now() / 1000.0;
+    assert_eq!(img.create_snapshot("one").unwrap(), "1");
+    img.write(0.0, &[0xee; 8192]).unwrap();
+    assert_eq!(img.create_snapshot("two").unwrap(), "2");
+    let after = js_sys::Date::now() / 1000.0;
+    let list = js_sys::Array::from(&img.snapshots().unwrap());
+    assert_eq!(list.length(), 2);
+    let names: Vec<String> = list
+        .iter()
+        .map(|s| get(&s, &["name"]).as_string().unwrap())
+        .collect();
+    assert_eq!(names, ["one", "two"]);
+    let first = list.get(0);
+    assert_eq!(get(&first, &["id"]).as_string().unwrap(), "1");
+    let date = num(&first, "date-sec").unwrap() + num(&first, "date-nsec").unwrap() / 1e9;
+    assert!(
+        date >= before.floor() && date <= after + 1.0,
+        "{date} in {before}..{after}"
+    );
+    assert_eq!(num(&first, "vm-state-size"), Some(0.0));
+    assert_eq!(num(&first, "vm-clock-sec"), Some(0.0));
+    assert_eq!(num(&first, "vm-clock-nsec"), Some(0.0));
+    assert_eq!(num(&first, "icount"), Some(0.0));
+    // The same list as info().
+    let info = img.info().unwrap();
+    assert_eq!(json(&get(&info, &["snapshots"])), json(&list));
+    // Applied by name, then by ID.
+    img.apply_snapshot("one").unwrap();
+    assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), pattern(1 << 20));
+    img.apply_snapshot("2").unwrap();
+    assert!(img
+        .read(0.0, 8192)
+        .unwrap()
+        .to_vec()
+        .iter()
+        .all(|b| *b == 0xee));
+    assert_eq!(
+        message(img.apply_snapshot("three")),
+        "Could not apply snapshot 'three': Failed to load snapshot: No such file or directory"
+    );
+    // Deleted by name.
+    img.delete_snapshot("one").unwrap();
+    assert_eq!(
+        message(img.delete_snapshot("one")),
+        "Could not delete snapshot 'one': snapshot not found"
+    );
+    let list = js_sys::Array::from(&img.snapshots().unwrap());
+    assert_eq!(list.length(), 1);
+    assert_eq!(get(&list.get(0), &["name"]).as_string().unwrap(), "two");
+    let check = img.check(None).unwrap();
+    assert!(
+        get(&check, &["corruptions"]).is_undefined(),
+        "{}",
+        json(&check)
+    );
+    assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
+    drop(img);
+    // Read-only images list snapshots and refuse to take them.
+    let mut ro = QcowImage::open("s.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    assert_eq!(js_sys::Array::from(&ro.snapshots().unwrap()).length(), 1);
+    assert!(message(ro.create_snapshot("x")).contains("read-only"));
+    assert!(message(ro.delete_snapshot("two")).contains("read-only"));
+    assert!(message(ro.apply_snapshot("two")).contains("read-only"));
+    let check = ro.check(None).unwrap();
+    assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
 }

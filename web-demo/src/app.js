@@ -1,5 +1,7 @@
-// The qcowkit demo page: inspects, checks and converts qcow2 images with
-// the wasm module running in a worker (see pkg/client.js).
+// The qcowkit demo page: inspects, checks, repairs, resizes, snapshots and
+// converts qcow2 images with the wasm module running in a worker (see
+// pkg/client.js). A dropped file is read-only: changes are made to a copy
+// in the origin private file system (OPFS), offered for download.
 import { QcowClient } from './pkg/client.js';
 
 const $ = (id) => document.getElementById(id);
@@ -18,7 +20,27 @@ const CATEGORIES = [
 const CAT_INDEX = Object.fromEntries(CATEGORIES.map((c, i) => [c.key, i]));
 
 let client = null;
-let current = null; // { id, name }
+/**
+ * The image shown: `id` of its read-only view in the worker (null while
+ * an operation changes the file), `name`, the chosen `top` File and the
+ * `others` (its backing files), `copy`: the OPFS file name of the working
+ * copy once one was made (the view shows it from then on), `modified`:
+ * whether an operation changed the copy.
+ * @type {{id: number|null, name: string, top: File, others: Object<string, File>,
+ *   copy: string|null, modified: boolean}|null}
+ */
+let current = null;
+
+/** Prefix of the OPFS working copies (removed when another image is opened). */
+const COPY_PREFIX = 'qcowkit-edit-';
+
+/** Runs the page's worker calls one after another (opening, operations, downloads). */
+let queue = Promise.resolve();
+function serial(fn) {
+  const run = queue.then(fn);
+  queue = run.catch(() => {});
+  return run;
+}
 
 // ---------- formatting ----------
 
@@ -140,17 +162,25 @@ function renderChain(chain) {
   }
 }
 
-function renderSnapshots(info) {
+/** The snapshot list (the wasm's snapshots()), with Apply and Delete buttons. */
+function renderSnapshots(snaps) {
   const box = $('snapshots');
-  const snaps = info.snapshots || [];
-  if (!snaps.length) { box.replaceChildren(el('p', {}, 'none')); return; }
+  if (!snaps.length) { box.replaceChildren(el('p', { 'data-testid': 'no-snapshots' }, 'none')); return; }
   const t = el('table', {}, el('tr', {}, el('th', {}, 'ID'), el('th', {}, 'Name'), el('th', {}, 'VM state'),
-    el('th', {}, 'Date'), el('th', {}, 'VM clock')));
+    el('th', {}, 'Date'), el('th', {}, 'VM clock'), el('th', {}, 'Instructions'), el('th', {}, '')));
   for (const s of snaps) {
     const date = new Date(s['date-sec'] * 1000).toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC');
     const clock = s['vm-clock-sec'] + s['vm-clock-nsec'] / 1e9;
-    t.append(el('tr', { 'data-testid': 'snapshot' }, el('td', {}, s.id), el('td', {}, s.name),
-      el('td', {}, human(s['vm-state-size'])), el('td', {}, date), el('td', {}, `${clock.toFixed(3)} s`)));
+    const actions = el('td', {},
+      el('button', { type: 'button', class: 'snapshot-action', 'data-testid': 'snapshot-apply', 'data-action': 'apply',
+        'data-id': s.id, 'data-name': s.name, title: 'Revert the disk to this snapshot (qemu-img snapshot -a)' }, 'Apply'),
+      ' ',
+      el('button', { type: 'button', class: 'snapshot-action', 'data-testid': 'snapshot-delete', 'data-action': 'delete',
+        'data-id': s.id, 'data-name': s.name, title: 'Delete this snapshot (qemu-img snapshot -d)' }, 'Delete'));
+    t.append(el('tr', { 'data-testid': 'snapshot', 'data-id': s.id, 'data-name': s.name },
+      el('td', {}, s.id), el('td', {}, s.name),
+      el('td', {}, human(s['vm-state-size'])), el('td', {}, date), el('td', {}, `${clock.toFixed(3)} s`),
+      el('td', {}, s.icount === undefined ? '' : String(s.icount)), actions));
   }
   box.replaceChildren(t);
 }
@@ -252,46 +282,280 @@ function renderMap(ranges, allocation, size) {
 
 // ---------- actions ----------
 
-async function openFiles(fileList) {
-  const files = Array.from(fileList || []);
-  if (!files.length) return;
-  clearError();
-  $('result').hidden = true;
-  $('convert-status').textContent = '';
-  $('convert-progress').hidden = true;
-  if (current) {
-    client.close(current.id).catch(() => {});
-    current = null;
-  }
-  $('status').textContent = `Opening ${files.map((f) => f.name).join(', ')}…`;
-  try {
-    if (!client) throw new Error('the wasm module is not loaded');
-    const top = await chooseTop(files);
-    const others = {};
-    for (const f of files) if (f !== top) others[f.name] = f;
-    const id = await client.open(top.name, top, others);
-    current = { id, name: top.name };
-    const info = await client.info(id);
-    $('image-name').textContent = top.name;
-    renderFacts(info);
-    renderSnapshots(info);
-    renderBitmaps(info);
-    $('check').textContent = 'Checking…';
-    delete $('check').dataset.status;
-    $('result').hidden = false;
-    renderChain(await client.chain(id));
-    renderMap(await client.allocationMap(id), await client.allocation(id), info['virtual-size']);
-    renderCheck(await client.check(id));
-    $('status').textContent = `Opened ${top.name}.`;
-    $('result').dataset.ready = 'true';
-  } catch (err) {
-    $('status').textContent = 'Could not open the image.';
-    showError(`${err.message}`);
+/**
+ * Opens the read-only view of the current image (the OPFS copy once one
+ * was made, else the chosen file) and renders every view from it.
+ */
+async function showImage() {
+  const storage = current.copy ? { opfs: current.copy } : current.top;
+  current.id = await client.open(current.name, storage, current.others);
+  const id = current.id;
+  const info = await client.info(id);
+  $('image-name').textContent = current.name;
+  renderFacts(info);
+  renderSnapshots(await client.snapshots(id));
+  renderBitmaps(info);
+  $('check').textContent = 'Checking…';
+  delete $('check').dataset.status;
+  $('result').hidden = false;
+  renderChain(await client.chain(id));
+  renderMap(await client.allocationMap(id), await client.allocation(id), info['virtual-size']);
+  renderCheck(await client.check(id));
+  $('download-modified').hidden = !current.modified;
+}
+
+/** Releases the current view (its file is about to change or be replaced). */
+async function closeView() {
+  if (current && current.id !== null) {
+    const id = current.id;
+    current.id = null;
+    await client.close(id);
   }
 }
 
-async function convertRaw() {
-  if (!current) return;
+/** Removes the working copies left in OPFS by earlier images. */
+async function removeCopies() {
+  const root = await navigator.storage.getDirectory();
+  for await (const name of root.keys()) {
+    if (name.startsWith(COPY_PREFIX)) await root.removeEntry(name).catch(() => {});
+  }
+}
+
+function resetMaintenance() {
+  const panel = $('maintenance');
+  delete panel.dataset.state;
+  $('maint-status').textContent = '';
+  $('maint-status').className = '';
+  $('repair-log').textContent = '';
+  $('repair-log-box').hidden = true;
+  $('download-modified').hidden = true;
+}
+
+function openFiles(fileList) {
+  const files = Array.from(fileList || []);
+  if (!files.length) return Promise.resolve();
+  return serial(async () => {
+    clearError();
+    $('result').hidden = true;
+    $('convert-status').textContent = '';
+    $('convert-progress').hidden = true;
+    resetMaintenance();
+    if (current) {
+      await closeView().catch(() => {});
+      current = null;
+    }
+    $('status').textContent = `Opening ${files.map((f) => f.name).join(', ')}…`;
+    try {
+      if (!client) throw new Error('the wasm module is not loaded');
+      await removeCopies().catch(() => {});
+      const top = await chooseTop(files);
+      const others = {};
+      for (const f of files) if (f !== top) others[f.name] = f;
+      current = { id: null, name: top.name, top, others, copy: null, modified: false };
+      await showImage();
+      $('status').textContent = `Opened ${top.name}.`;
+      $('result').dataset.ready = 'true';
+    } catch (err) {
+      $('status').textContent = 'Could not open the image.';
+      showError(`${err.message}`);
+    }
+  });
+}
+
+// ---------- maintenance ----------
+
+const MAINT_CONTROLS = ['check-button', 'repair-leaks', 'repair-all', 'resize-button', 'snapshot-button',
+  'download-modified', 'convert-raw'];
+
+function setBusy(busy) {
+  for (const id of MAINT_CONTROLS) $(id).disabled = busy;
+  for (const b of document.querySelectorAll('.snapshot-action')) b.disabled = busy;
+}
+
+/** Makes the OPFS working copy of the chosen file (once per image). */
+async function ensureCopy(status) {
+  if (current.copy) return;
+  const name = `${COPY_PREFIX}${Date.now()}-${current.name.replace(/[^\w.-]/g, '_')}`;
+  await client.copyToOpfs(current.top, name, (done, total) => {
+    status.textContent = `Copying ${current.name} to the browser's private storage: ` +
+      `${((done / (total || 1)) * 100).toFixed(0)} %`;
+  });
+  current.copy = name;
+}
+
+/**
+ * Runs one operation on the working copy: the copy is made first if
+ * needed, the view is closed while `run(copyName)` changes the file, then
+ * every view is rendered again from the copy. `run` resolves to the text
+ * to show. The panel's `data-state` ends as "done" or "failed".
+ */
+function maintain(label, run) {
+  if (!current) return Promise.resolve();
+  return serial(async () => {
+    const panel = $('maintenance');
+    const status = $('maint-status');
+    setBusy(true);
+    clearError();
+    panel.dataset.state = 'busy';
+    status.className = '';
+    status.textContent = `${label}…`;
+    let message = '';
+    let failure = null;
+    try {
+      await ensureCopy(status);
+      status.textContent = `${label}…`;
+      await closeView();
+      message = await run(current.copy);
+      current.modified = true;
+    } catch (err) {
+      failure = err;
+    }
+    try {
+      if (current.id === null) await showImage();
+    } catch (err) {
+      failure = failure || err;
+    }
+    if (failure) {
+      status.textContent = `${label} failed: ${failure.message}`;
+      status.className = 'bad';
+      showError(failure.message);
+      panel.dataset.state = 'failed';
+    } else {
+      status.textContent = message;
+      status.className = 'ok';
+      panel.dataset.state = 'done';
+    }
+    $('download-modified').hidden = !current.modified;
+    setBusy(false);
+  });
+}
+
+/** Opens the working copy with `open` ("openWritable"/"openForRepair"), runs `fn(id)`, closes it. */
+async function withCopy(open, copy, fn) {
+  const id = open === 'openForRepair'
+    ? await client.openForRepair(current.name, { opfs: copy })
+    : await client.openWritable(current.name, { opfs: copy }, current.others);
+  try {
+    return await fn(id);
+  } finally {
+    await client.close(id);
+  }
+}
+
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+/** What a repair did, in words (the numbers of the wasm's RepairResult). */
+function repairText(mode, r) {
+  const n = (key) => r[key] || 0;
+  const found = r.found || {};
+  if (!found.leaks && !found.corruptions && !n('leaks-fixed') && !n('corruptions-fixed')) {
+    return `Repair ${mode}: nothing to repair, no errors were found on the image.`;
+  }
+  let text = `Repair ${mode}: fixed ${plural(n('leaks-fixed'), 'leaked cluster', 'leaked clusters')} and ` +
+    `${plural(n('corruptions-fixed'), 'corruption', 'corruptions')}`;
+  if (r.rebuilt) text += ' (refcount structure rebuilt)';
+  text += `; left: ${plural(n('leaks'), 'leaked cluster', 'leaked clusters')}, ` +
+    `${plural(n('corruptions'), 'corruption', 'corruptions')}.`;
+  return text;
+}
+
+function repair(mode) {
+  const lines = [];
+  let more = 0;
+  return maintain(`Repair ${mode}`, (copy) => withCopy('openForRepair', copy, async (id) => {
+    const log = $('repair-log');
+    const r = await client.repair(id, mode, (line) => {
+      if (lines.length < 1000) lines.push(line); else more++;
+    });
+    log.textContent = lines.join('\n') + (more ? `\n… and ${more} more lines` : '');
+    $('repair-log-box').hidden = lines.length === 0;
+    return repairText(mode, r);
+  }));
+}
+
+function recheck() {
+  if (!current) return Promise.resolve();
+  return serial(async () => {
+    const panel = $('maintenance');
+    panel.dataset.state = 'busy';
+    $('check').textContent = 'Checking…';
+    delete $('check').dataset.status;
+    try {
+      renderCheck(await client.check(current.id));
+      $('maint-status').textContent = `Checked ${current.modified ? 'the modified image' : current.name}: ` +
+        $('check').textContent;
+      $('maint-status').className = $('check').className;
+      panel.dataset.state = 'done';
+    } catch (err) {
+      showError(err.message);
+      panel.dataset.state = 'failed';
+    }
+  });
+}
+
+function resize(ev) {
+  ev.preventDefault();
+  const text = $('resize-size').value.trim();
+  const size = /^\d+$/.test(text) ? Number(text) : text;
+  const shrink = $('resize-shrink').checked;
+  return maintain('Resize', (copy) => withCopy('openWritable', copy, async (id) => {
+    let n;
+    try {
+      n = await client.resize(id, size, { shrink });
+    } catch (err) {
+      // The wasm names its option; the page has a checkbox for it.
+      if (/^Use the shrink: true option/.test(err.message)) {
+        throw new Error('Tick "Allow shrinking" to perform a shrink operation: shrinking deletes all ' +
+          'data beyond the new end of the disk. Before doing so, make sure there is no important data there.');
+      }
+      throw err;
+    }
+    return `Resized to ${sizeText(n)}.`;
+  }));
+}
+
+function takeSnapshot(ev) {
+  ev.preventDefault();
+  const name = $('snapshot-name').value;
+  return maintain('Take snapshot', (copy) => withCopy('openWritable', copy, async (id) => {
+    const sid = await client.createSnapshot(id, name);
+    $('snapshot-name').value = '';
+    return `Snapshot ${sid} "${name}" taken.`;
+  }));
+}
+
+function snapshotAction(ev) {
+  const b = ev.target.closest('button.snapshot-action');
+  if (!b) return;
+  const { action, id: sid, name } = b.dataset;
+  if (action === 'apply') {
+    maintain('Apply snapshot', (copy) => withCopy('openWritable', copy, async (id) => {
+      await client.applySnapshot(id, sid);
+      return `Reverted the disk to snapshot ${sid} "${name}".`;
+    }));
+  } else if (action === 'delete') {
+    maintain('Delete snapshot', (copy) => withCopy('openWritable', copy, async (id) => {
+      await client.deleteSnapshot(id, name);
+      return `Deleted snapshot ${sid} "${name}".`;
+    }));
+  }
+}
+
+function downloadModified() {
+  if (!current || !current.copy) return Promise.resolve();
+  return serial(async () => {
+    const root = await navigator.storage.getDirectory();
+    const file = await (await root.getFileHandle(current.copy)).getFile();
+    download(file, current.name);
+  });
+}
+
+function convertRaw() {
+  if (!current) return Promise.resolve();
+  return serial(convertCurrent);
+}
+
+async function convertCurrent() {
   const button = $('convert-raw');
   const bar = $('convert-progress');
   const status = $('convert-status');
@@ -363,6 +627,13 @@ function wire() {
   $('file-input').addEventListener('change', (e) => openFiles(e.target.files));
   $('convert-raw').addEventListener('click', convertRaw);
   $('create-form').addEventListener('submit', createImage);
+  $('check-button').addEventListener('click', recheck);
+  $('repair-leaks').addEventListener('click', () => repair('leaks'));
+  $('repair-all').addEventListener('click', () => repair('all'));
+  $('resize-form').addEventListener('submit', resize);
+  $('snapshot-form').addEventListener('submit', takeSnapshot);
+  $('snapshots').addEventListener('click', snapshotAction);
+  $('download-modified').addEventListener('click', downloadModified);
 }
 
 async function main() {

@@ -1,6 +1,8 @@
 // End-to-end test of the demo page: serves dist/ on 127.0.0.1, drives
 // Debian's Chromium with playwright-core, and compares what the page shows
-// and downloads with qemu-img's answers for images made at test time.
+// and downloads with qemu-img's answers for images made at test time
+// (including the images the maintenance panel repairs, resizes and
+// snapshots, downloaded and judged by qemu-img check, info and snapshot -l).
 //
 //   cd web-demo && npm ci && npm run build && node tests/e2e.mjs
 import { createServer } from 'node:http';
@@ -115,6 +117,45 @@ bad.writeBigUInt64BE(1n << 30n, 24); // size
 bad.writeUInt32BE(104, 100); // header_length
 writeFileSync(path('broken.qcow2'), bad);
 
+// For the maintenance panel: an image with two leaked clusters (refcounts
+// of the header and the refcount table raised by editing bytes), one left
+// dirty by a qemu-io killed with lazy refcounts on (needs "Repair all"),
+// and one with a qemu-img snapshot taken before more data was written.
+function setRefcount(bytes, c, value) {
+  const table = Number(bytes.readBigUInt64BE(48));
+  const block = Number(bytes.readBigUInt64BE(table) & ~511n);
+  bytes.writeUInt16BE(value, block + 2 * c);
+}
+qemuImg('create', '-q', '-f', 'qcow2', path('leaky.qcow2'), '16M');
+qemuIo(path('leaky.qcow2'), 'write -P 0x51 0 2M');
+qemuIo(path('leaky.qcow2'), 'write -c -P 0x52 4M 256k');
+{
+  const bytes = readFileSync(path('leaky.qcow2'));
+  setRefcount(bytes, 0, 2);
+  setRefcount(bytes, Number(bytes.readBigUInt64BE(48)) / 65536, 2);
+  writeFileSync(path('leaky.qcow2'), bytes);
+}
+qemuImg('convert', '-O', 'raw', path('leaky.qcow2'), path('leaky-want.raw'));
+
+qemuImg('create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', path('dirty.qcow2'), '16M');
+{
+  const r = spawnSync('qemu-io', ['-c', 'write -P 0x61 0 1M', '-c', 'write -P 0x62 8M 256k', '-c', 'sigraise 9',
+    path('dirty.qcow2')], { encoding: 'utf8' });
+  assert.equal(r.signal, 'SIGKILL', 'qemu-io was killed');
+}
+qemuImg('convert', '-O', 'raw', path('dirty.qcow2'), path('dirty-want.raw'));
+
+qemuImg('create', '-q', '-f', 'qcow2', path('maint.qcow2'), '64M');
+qemuIo(path('maint.qcow2'), 'write -P 0x71 0 1M');
+qemuIo(path('maint.qcow2'), 'write -P 0x72 40M 1M');
+qemuImg('snapshot', '-c', 'qsnap', path('maint.qcow2'));
+qemuImg('convert', '-O', 'raw', path('maint.qcow2'), path('maint-qsnap.raw'));
+qemuIo(path('maint.qcow2'), 'write -P 0x73 512k 1M');
+qemuImg('convert', '-O', 'raw', path('maint.qcow2'), path('maint-now.raw'));
+// The same image for the snapshot controls (choosing the same file again
+// fires no change event).
+writeFileSync(path('snapme.qcow2'), readFileSync(path('maint.qcow2')));
+
 // ---------- the browser ----------
 
 const server = await serve(dist);
@@ -158,6 +199,36 @@ async function convertAndCompare(image, label) {
   const bar = await page.$eval('#convert-progress', (b) => [b.value, b.max]);
   assert.equal(bar[0], bar[1], 'progress bar full');
 }
+
+/** Runs `action` (a click on a maintenance control) and waits for its outcome. */
+async function operate(action) {
+  await page.evaluate(() => { delete document.getElementById('maintenance').dataset.state; });
+  await action();
+  await page.waitForFunction(() => ['done', 'failed'].includes(document.getElementById('maintenance').dataset.state));
+  return page.getByTestId('maintenance').getAttribute('data-state');
+}
+
+/** Downloads the modified image; returns the saved file's path. */
+async function downloadModified(label) {
+  assert.equal(await page.getByTestId('download-modified').isVisible(), true, 'download offered');
+  const [dl] = await Promise.all([page.waitForEvent('download'), page.click('#download-modified')]);
+  const out = path(`${label}-page.qcow2`);
+  await dl.saveAs(out);
+  return { out, name: dl.suggestedFilename() };
+}
+
+/** qemu-img check of a file: exit status and output. */
+function qemuCheck(file) {
+  const r = spawnSync('qemu-img', ['check', file], { encoding: 'utf8' });
+  return { code: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+function assertSameGuest(raw, image) {
+  const r = spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, image], { encoding: 'utf8' });
+  assert.equal(r.status, 0, `qemu-img compare ${raw} ${image}: ${r.stdout}${r.stderr}`);
+}
+
+const snapshotRows = () => page.$$eval('[data-testid=snapshot]', (rows) => rows.map((r) => ({ id: r.dataset.id, name: r.dataset.name })));
 
 let failed = false;
 try {
@@ -364,6 +435,112 @@ try {
     assert.equal(await text('image-name'), 'dropped.qcow2');
     assert.equal(await page.getByTestId('fact-virtual-size').getAttribute('data-bytes'), String(3 * 2 ** 30));
     assert.equal(await text('fact-extended-l2'), 'on');
+  });
+
+  await check('maintenance: Repair leaks frees the leaked clusters of a copy; the download passes qemu-img check', async () => {
+    assert.equal(qemuCheck(path('leaky.qcow2')).code, 3, 'qemu-img finds leaks');
+    await choose(['leaky.qcow2']);
+    await waitOpened();
+    assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'leaks');
+    assert.equal(await page.getByTestId('download-modified').isVisible(), false, 'nothing modified yet');
+    assert.equal(await operate(() => page.click('#repair-leaks')), 'done');
+    const status = await text('maint-status');
+    assert.match(status, /fixed 2 leaked clusters and 0 corruptions/);
+    assert.match(status, /left: 0 leaked clusters, 0 corruptions/);
+    assert.match(await page.getByTestId('repair-log').textContent(), /Repairing cluster 0 refcount=2 reference=1/);
+    // The views show the repaired copy.
+    assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'clean');
+    assert.equal(await operate(() => page.click('#check-button')), 'done');
+    assert.match(await text('maint-status'), /No errors were found on the image/);
+    const { out, name } = await downloadModified('leaky');
+    assert.equal(name, 'leaky.qcow2');
+    const r = qemuCheck(out);
+    assert.equal(r.code, 0, `qemu-img check: ${r.out}`);
+    assertSameGuest(path('leaky-want.raw'), out);
+    await page.screenshot({ path: join(shots, '5-repair-leaks.png'), fullPage: true });
+  });
+
+  await check('maintenance: a dirty image needs Repair all (Repair leaks says so); the download is clean, same data', async () => {
+    assert.equal(qemuCheck(path('dirty.qcow2')).code, 2, 'qemu-img finds corruptions');
+    await choose(['dirty.qcow2']);
+    await waitOpened();
+    assert.equal(await text('fact-dirty'), 'yes');
+    assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'corrupt');
+    assert.equal(await operate(() => page.click('#repair-leaks')), 'failed');
+    assert.match(await page.getByRole('alert').innerText(), /must be rebuilt.*"all"/);
+    assert.equal(await operate(() => page.click('#repair-all')), 'done');
+    assert.equal(await page.getByTestId('error').isVisible(), false);
+    assert.match(await text('maint-status'), /refcount structure rebuilt.*left: 0 leaked clusters, 0 corruptions/);
+    assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'clean');
+    assert.equal(await text('fact-dirty'), 'no');
+    const { out } = await downloadModified('dirty');
+    const r = qemuCheck(out);
+    assert.equal(r.code, 0, `qemu-img check: ${r.out}`);
+    assertSameGuest(path('dirty-want.raw'), out);
+    assert.equal(JSON.parse(qemuImg('info', '--output=json', out))['dirty-flag'], false);
+  });
+
+  await check('maintenance: Resize grows, refuses to shrink unless allowed, shrinks; qemu-img info agrees', async () => {
+    await choose(['maint.qcow2']);
+    await waitOpened();
+    await page.fill('#resize-size', '+64M');
+    assert.equal(await operate(() => page.click('#resize-button')), 'done');
+    assert.match(await text('maint-status'), /Resized to 128 MiB/);
+    assert.equal(await page.getByTestId('fact-virtual-size').getAttribute('data-bytes'), String(128 * 2 ** 20));
+    let { out } = await downloadModified('grown');
+    assert.equal(JSON.parse(qemuImg('info', '--output=json', out))['virtual-size'], 128 * 2 ** 20);
+    assert.equal(qemuCheck(out).code, 0, qemuCheck(out).out);
+    assertSameGuest(path('maint-now.raw'), out); // the grown range reads as zeros
+    // Shrinking without the checkbox is refused, and nothing changes.
+    await page.fill('#resize-size', '32M');
+    assert.equal(await operate(() => page.click('#resize-button')), 'failed');
+    assert.match(await page.getByRole('alert').innerText(), /Tick "Allow shrinking" to perform a shrink operation/);
+    assert.equal(await page.getByTestId('fact-virtual-size').getAttribute('data-bytes'), String(128 * 2 ** 20));
+    await page.check('#resize-shrink');
+    assert.equal(await operate(() => page.click('#resize-button')), 'done');
+    assert.equal(await page.getByTestId('fact-virtual-size').getAttribute('data-bytes'), String(32 * 2 ** 20));
+    ({ out } = await downloadModified('shrunk'));
+    assert.equal(JSON.parse(qemuImg('info', '--output=json', out))['virtual-size'], 32 * 2 ** 20);
+    assert.equal(qemuCheck(out).code, 0, qemuCheck(out).out);
+    const want = readFileSync(path('maint-now.raw')).subarray(0, 32 * 2 ** 20);
+    writeFileSync(path('maint-32m.raw'), want);
+    assertSameGuest(path('maint-32m.raw'), out);
+    await page.uncheck('#resize-shrink');
+    await page.screenshot({ path: join(shots, '6-resize.png'), fullPage: true });
+  });
+
+  await check('maintenance: Take snapshot, Apply and Delete; qemu-img snapshot -l and check agree', async () => {
+    await choose(['snapme.qcow2']);
+    await waitOpened();
+    assert.deepEqual(await snapshotRows(), [{ id: '1', name: 'qsnap' }]);
+    await page.fill('#snapshot-name', 'from-the-page');
+    assert.equal(await operate(() => page.click('#snapshot-button')), 'done');
+    assert.match(await text('maint-status'), /Snapshot 2 "from-the-page" taken/);
+    assert.deepEqual(await snapshotRows(), [{ id: '1', name: 'qsnap' }, { id: '2', name: 'from-the-page' }]);
+    let { out } = await downloadModified('snap');
+    assert.equal(qemuCheck(out).code, 0, qemuCheck(out).out);
+    const listed = qemuImg('snapshot', '-l', out);
+    assert.match(listed, /^1\s+qsnap\s/m);
+    assert.match(listed, /^2\s+from-the-page\s/m);
+    const q = JSON.parse(qemuImg('info', '--output=json', out)).snapshots;
+    assert.deepEqual(await snapshotRows(), q.map((x) => ({ id: x.id, name: x.name })));
+    // The page's row shows the date qemu-img reads.
+    const date = new Date(q[1]['date-sec'] * 1000).toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC');
+    assert.match(await page.locator('[data-testid=snapshot][data-id="2"]').innerText(), new RegExp(date));
+    qemuImg('convert', '-l', 'from-the-page', '-O', 'raw', out, path('snap-taken.raw'));
+    assert.equal(sha256(path('snap-taken.raw')), sha256(path('maint-now.raw')), 'the snapshot holds the disk');
+    // Apply the qemu-img snapshot, then delete the page's.
+    assert.equal(await operate(() => page.click('[data-testid=snapshot][data-id="1"] [data-testid=snapshot-apply]')), 'done');
+    assert.match(await text('maint-status'), /Reverted the disk to snapshot 1 "qsnap"/);
+    assert.equal(await operate(() => page.click('[data-testid=snapshot][data-id="2"] [data-testid=snapshot-delete]')), 'done');
+    assert.deepEqual(await snapshotRows(), [{ id: '1', name: 'qsnap' }]);
+    ({ out } = await downloadModified('applied'));
+    assert.equal(qemuCheck(out).code, 0, qemuCheck(out).out);
+    assert.deepEqual(JSON.parse(qemuImg('info', '--output=json', out)).snapshots.map((x) => x.name), ['qsnap']);
+    assertSameGuest(path('maint-qsnap.raw'), out);
+    // The chosen file itself was never written.
+    assert.equal(sha256(path('snapme.qcow2')), sha256(path('maint.qcow2')));
+    await page.screenshot({ path: join(shots, '7-snapshots.png'), fullPage: true });
   });
 
   assert.deepEqual(pageErrors, [], 'no errors in the page console');

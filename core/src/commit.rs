@@ -197,7 +197,8 @@ impl<R: BlockWrite> WritableImage<R> {
     /// their data. A crash leaves part of the image emptied, at worst with
     /// leaked clusters.
     pub fn make_empty(&mut self) -> Res<(), R> {
-        self.begin_guest_change()?;
+        let size = self.img.header.size;
+        self.begin_guest_change(0, size)?;
         if self.img.header.data_file_raw() {
             return Err(Error::Unsupported(
                 "emptying an image whose external data file is raw",
@@ -205,7 +206,6 @@ impl<R: BlockWrite> WritableImage<R> {
         }
         let cs = self.cluster_size();
         let per_l2 = self.img.header.l2_coverage();
-        let size = self.img.header.size;
         for idx in 0..self.img.l1.len() {
             let start = crate::bytes::to_u64(idx).saturating_mul(per_l2);
             if start >= size {

@@ -57,6 +57,7 @@ mod allocate;
 mod amend;
 pub mod backing;
 pub mod bitmap;
+mod bitmap_write;
 mod bytes;
 mod cache;
 pub mod check;

@@ -36,10 +36,11 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Changes the guest disk's size to `size` bytes (a multiple of 512),
     /// preallocating a grown range as `prealloc` asks (only when growing).
     /// Shrinking deletes the data past the new end. Refused, as by QEMU,
-    /// for a version 2 image with snapshots; refused here for an image with
-    /// persistent bitmaps (their tables would have to be resized too).
+    /// for a version 2 image with snapshots or with a persistent bitmap
+    /// flagged in use (inconsistent); the bitmaps are resized with the
+    /// disk.
     pub fn resize(&mut self, size: u64, prealloc: Preallocation) -> Res<(), R> {
-        self.begin_guest_change()?;
+        self.require_intact()?;
         let old = self.img.header.size;
         if size % 512 != 0 {
             return Err(refuse("The new size must be a multiple of 512"));
@@ -52,9 +53,9 @@ impl<R: BlockWrite> WritableImage<R> {
                 "Can't resize a v2 image which has snapshots",
             ));
         }
-        if !self.img.bitmaps.is_empty() {
+        if self.bitmap_blocking_resize().is_some() {
             return Err(Error::Unsupported(
-                "resizing an image with persistent bitmaps (remove them first)",
+                "a persistent bitmap is inconsistent (in use) or of a kind this implementation cannot resize; remove it first",
             ));
         }
         let per_l2 = self.img.header.l2_coverage();
@@ -98,8 +99,37 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Writes a new size into the header (after a flush of what the new
     /// size relies on).
+    /// Persistent bitmaps are resized with it: new tables and a new
+    /// directory first, then one header write switching the size and the
+    /// directory together, then the old tables freed.
     fn set_size(&mut self, size: u64) -> Res<(), R> {
         self.img.io.flush().map_err(Error::Io)?;
+        if !self.img.bitmaps.is_empty() {
+            if let Some((ext, frees)) = self.resized_bitmaps(size)? {
+                let old = self.img.header.bitmaps;
+                let mut h = self.img.header.clone();
+                h.size = size;
+                h.bitmaps = Some(ext);
+                self.write_header_cluster(h)?;
+                if let Some(o) = old {
+                    self.metadata.remove(
+                        o.directory_offset,
+                        o.directory_size,
+                        overlap::BITMAP_DIRECTORY,
+                    );
+                }
+                self.metadata.insert(
+                    ext.directory_offset,
+                    ext.directory_size,
+                    overlap::BITMAP_DIRECTORY,
+                );
+                for (at, len) in frees {
+                    self.defer_free(at, len);
+                }
+                self.reload_bitmaps()?;
+                return self.flush();
+            }
+        }
         self.put(SIZE_FIELD, &size.to_be_bytes(), overlap::HEADER)?;
         self.img.io.flush().map_err(Error::Io)?;
         self.img.header.size = size;

@@ -160,8 +160,13 @@ impl<R: BlockWrite> WritableImage<R> {
     /// snapshot's tables gain a reference, the active L1 table gets the
     /// snapshot's entries, and the tables it held lose theirs. A crash
     /// leaves at worst leaks. Returns false when there is no such snapshot.
+    /// Refused, as by QEMU, while the image has persistent bitmaps.
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Res<bool, R> {
-        self.begin_guest_change()?;
+        self.require_intact()?;
+        if !self.img.bitmaps.is_empty() {
+            // As QEMU: the bitmaps could not say what the revert changed.
+            return Err(Error::Unsupported("Device has active dirty bitmaps"));
+        }
         let Some(index) = self.img.find_snapshot(id_or_name) else {
             return Ok(false);
         };

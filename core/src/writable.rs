@@ -59,8 +59,10 @@ pub struct WritableImage<R: BlockWrite> {
     /// Where the image's metadata is; every write is checked against it.
     pub(crate) metadata: MetadataMap,
     /// Enabled persistent bitmaps were flagged in use (before the first
-    /// change of guest data).
+    /// change of guest data since the last flush).
     pub(crate) bitmaps_marked: bool,
+    /// The enabled bitmaps kept up to date until the next flush.
+    pub(crate) tracked: Vec<crate::bitmap_write::Tracked>,
     /// A write was refused as an overlap: nothing more is written.
     pub(crate) corrupt: bool,
     /// While a dirty image's refcounts are rebuilt: the references counted.
@@ -199,10 +201,10 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Prepares an opened image for writing, as QEMU does on a read-write
     /// open: refuses corrupt images, rebuilds refcounts of dirty (lazy
     /// refcount) images, and clears autoclear bits this implementation does
-    /// not maintain (unknown ones). Enabled persistent bitmaps are flagged
-    /// in use before the first change of guest data (see
-    /// [`WritableImage::begin_guest_change`]); operations that leave guest
-    /// data alone keep them valid.
+    /// not maintain (unknown ones). Enabled persistent bitmaps are kept up to
+    /// date as QEMU keeps them: flagged in use before guest data changes,
+    /// their bits set for every change, stored (and the flag cleared) at
+    /// each [`WritableImage::flush`].
     pub fn new(img: Image<R>) -> Res<Self, R> {
         if img.header.corrupt() {
             return Err(Error::ReadOnly(
@@ -272,6 +274,7 @@ impl<R: BlockWrite> WritableImage<R> {
             data_dirty: false,
             metadata,
             bitmaps_marked: false,
+            tracked: Vec::new(),
             corrupt: false,
             rebuilding: None,
         };
@@ -310,54 +313,6 @@ impl<R: BlockWrite> WritableImage<R> {
     /// Number of refcount blocks held by the cache now.
     pub fn refcount_cache_len(&self) -> usize {
         self.refcounts.blocks.len()
-    }
-
-    /// Called before guest data changes (writes, zeroing, discards,
-    /// resizing, reverting to a snapshot): refuses a corrupt image, and the
-    /// first time flags enabled ("auto") persistent bitmaps in use
-    /// (inconsistent), as QEMU flags the bitmaps it has open, durably
-    /// before anything changes: they should record every write, which this
-    /// implementation does not do.
-    pub(crate) fn begin_guest_change(&mut self) -> Res<(), R> {
-        self.require_intact()?;
-        if !self.bitmaps_marked {
-            self.mark_auto_bitmaps_in_use()?;
-            self.bitmaps_marked = true;
-        }
-        Ok(())
-    }
-
-    fn mark_auto_bitmaps_in_use(&mut self) -> Res<(), R> {
-        use crate::bitmap::{decode_entry, encode_flags, FLAG_AUTO, FLAG_IN_USE};
-        let Some(ext) = self.img.header.bitmaps else {
-            return Ok(());
-        };
-        let mut dir = alloc::vec![0u8; to_usize(ext.directory_size).unwrap_or(0)];
-        self.img
-            .io
-            .read_at(ext.directory_offset, &mut dir)
-            .map_err(Error::Io)?;
-        let mut pos = 0usize;
-        let mut changed = false;
-        for _ in 0..ext.nb_bitmaps {
-            let Some((b, next)) = decode_entry(&dir, pos) else {
-                break;
-            };
-            if b.flags & FLAG_AUTO != 0 && b.flags & FLAG_IN_USE == 0 {
-                let (at, flags) = encode_flags(pos, b.flags | FLAG_IN_USE);
-                self.put(
-                    ext.directory_offset + to_u64(at),
-                    &flags,
-                    overlap::BITMAP_DIRECTORY,
-                )?;
-                changed = true;
-            }
-            pos = next;
-        }
-        if changed {
-            self.img.io.flush().map_err(Error::Io)?;
-        }
-        Ok(())
     }
 
     /// Makes `h` the image's header: the header, its extensions and the
@@ -541,6 +496,7 @@ impl<R: BlockWrite> WritableImage<R> {
         self.data_dirty = false;
         // 5: frees, now that nothing durable refers to those clusters.
         self.apply_pending_frees()?;
-        Ok(())
+        // 6: the bitmaps' bits, then their in-use flags cleared.
+        self.store_bitmaps()
     }
 }

@@ -35,8 +35,9 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Res<(), R> {
-        self.begin_guest_change()?;
+        self.require_intact()?;
         self.check_range(offset, to_u64(buf.len()))?;
+        self.begin_guest_change(offset, to_u64(buf.len()))?;
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -132,8 +133,9 @@ impl<R: BlockWrite> WritableImage<R> {
     }
 
     fn zero_range(&mut self, offset: u64, len: u64, kind: ZeroKind) -> Res<(), R> {
-        self.begin_guest_change()?;
+        self.require_intact()?;
         self.check_range(offset, len)?;
+        self.begin_guest_change(offset, len)?;
         let cs = self.cluster_size();
         let size = self.img.header.size;
         let end = offset + len;
@@ -620,8 +622,9 @@ impl<R: BlockWrite> WritableImage<R> {
     /// host packs consecutive compressed clusters like QEMU.
     pub fn place_compressed(&mut self, offset: u64, packed: &[u8]) -> Res<(), R> {
         self.check_compressed(offset, 1)?;
-        self.begin_guest_change()?;
         let cs = self.cluster_size();
+        let len = cs.min(self.img.header.size - offset);
+        self.begin_guest_change(offset, len)?;
         if packed.is_empty() || to_u64(packed.len()) >= cs {
             return Err(Error::Unsupported(
                 "compressed data must be smaller than a cluster",

@@ -174,7 +174,7 @@ fn resize_matches_qemu_img() {
 }
 
 #[test]
-fn resize_keeps_snapshots_and_data_files_and_refuses_bitmaps() {
+fn resize_keeps_snapshots_and_data_files() {
     let s = Scratch::new();
     let d = s.dir();
     // A v3 image with a snapshot: both ways; the snapshot still reads as
@@ -208,14 +208,6 @@ fn resize_keeps_snapshots_and_data_files_and_refuses_bitmaps() {
     assert_eq!(code(&out), 0, "{}", output_text(&out));
     assert_eq!(std::fs::metadata(s.path("df.raw")).unwrap().len(), 4 << 20);
     assert_qemu_img_check(d, "df.qcow2");
-    // Persistent bitmaps: refused, the file untouched.
-    qemu_create(d, "bm.qcow2", "", "1M");
-    qemu_img(d, &["bitmap", "--add", "bm.qcow2", "b0"]);
-    let before = std::fs::read(s.path("bm.qcow2")).unwrap();
-    let out = ours(d, &["resize", "bm.qcow2", "2M"]);
-    assert_eq!(code(&out), 1, "{}", output_text(&out));
-    assert!(stderr_of(&out).contains("bitmaps"), "{}", stderr_of(&out));
-    assert!(std::fs::read(s.path("bm.qcow2")).unwrap() == before);
 }
 
 /// The guest bytes of the first `len` bytes of `disk`.

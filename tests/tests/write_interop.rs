@@ -2549,50 +2549,6 @@ fn dirty_lazy_refcounts_image_from_qemu() {
     assert_eq!(byte_diff(&qemu_contents(d, "img.qcow2"), &want), None);
 }
 
-/// Persistent bitmaps made by qemu-img: after our writes the image passes
-/// `qemu-img check` (we do not update bitmaps, so they must not be trusted
-/// as up to date any more).
-#[test]
-fn image_with_bitmaps_from_qemu() {
-    let s = Scratch::new();
-    let d = s.dir();
-    qemu_create(d, "img.qcow2", "", "2M");
-    qio_ok(d, "img.qcow2", &["write -P 0x41 0 64k"]);
-    qemu_img(d, &["bitmap", "--add", "img.qcow2", "b0"]);
-    qio_ok(d, "img.qcow2", &["write -P 0x42 64k 64k"]);
-    write_ours(&s.path("img.qcow2"), |img| {
-        img.write_at(MIB, &[0x43; 4096]).unwrap();
-    });
-    assert_qemu_img_check(d, "img.qcow2");
-    let mut want = vec![0u8; 2 * MIB as usize];
-    want[..64 * 1024].fill(0x41);
-    want[64 * 1024..128 * 1024].fill(0x42);
-    want[MIB as usize..MIB as usize + 4096].fill(0x43);
-    assert_eq!(byte_diff(&qemu_contents(d, "img.qcow2"), &want), None);
-    // qemu can still write to it and add bitmaps.
-    qio_ok(d, "img.qcow2", &["write -P 0x44 1536k 4k"]);
-    qemu_img(d, &["bitmap", "--add", "img.qcow2", "b1"]);
-    assert_qemu_img_check(d, "img.qcow2");
-    // b0 was not updated by our write: QEMU must not trust it.
-    let i = qemu_info(d, "img.qcow2");
-    let bitmaps = i["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let b0 = bitmaps
-        .iter()
-        .find(|b| b["name"] == "b0")
-        .expect("bitmap b0 kept");
-    assert!(
-        b0["flags"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f == "in-use"),
-        "b0 looks consistent after writes that did not update it: {b0}"
-    );
-}
-
 /// Numbers are read as qemu-img reads them: sizes with suffixes, fractions
 /// (rounded), hexadecimal; `--pattern` in decimal, hex or octal; the same
 /// refusals and exit codes.

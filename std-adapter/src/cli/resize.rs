@@ -72,20 +72,6 @@ fn resize(a: &Args) -> Result<(), String> {
             .and_then(|mut io| crate::probe(&mut io))
             .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
     };
-    if format == Format::Qcow2 {
-        // Refused before a read-write open, which would mark enabled
-        // bitmaps in use: the file stays as it was.
-        let disk = super::open_disk(&a.filename, Some(format), OpenOptions::default(), false)
-            .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
-        if let crate::DiskImage::Qcow2(img) = disk.image() {
-            if !img.bitmaps().is_empty() {
-                return Err(
-                    "unsupported: resizing an image with persistent bitmaps (remove them first)"
-                        .into(),
-                );
-            }
-        }
-    }
     let mut img = match format {
         Format::Qcow2 => Some(
             crate::open_qcow2_rw_following(path, &OpenOptions::default(), Follow::Any)
@@ -93,6 +79,19 @@ fn resize(a: &Args) -> Result<(), String> {
         ),
         Format::Raw => None,
     };
+    if let Some(img) = &img {
+        // qemu-img's refusal, naming the bitmap, before anything is written.
+        if let Some(b) = img
+            .bitmaps()
+            .iter()
+            .find(|b| b.flags & qcowkit_core::bitmap::FLAG_IN_USE != 0)
+        {
+            return Err(format!(
+                "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
+                b.name
+            ));
+        }
+    }
     let current = match &img {
         Some(i) => i.size(),
         None => std::fs::metadata(path).map_err(|e| e.to_string())?.len(),

@@ -83,6 +83,9 @@ fn snapshot(a: &Args) -> Result<(), String> {
             Ok(false) => Err(format!(
                 "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
             )),
+            Err(qcowkit_core::Error::Unsupported(why)) => {
+                Err(format!("Could not apply snapshot '{name}': {why}"))
+            }
             Err(e) => Err(format!("Could not apply snapshot '{name}': {e}")),
         };
     }

@@ -33,7 +33,19 @@ fn measure_matches_qemu_img() {
     std::fs::write(s.path("r.raw"), &raw).unwrap();
     qemu_create(d, "v2.qcow2", "compat=0.10", "2M");
     qemu_io(d, "v2.qcow2", &["write 1M 4k"]);
+    qemu_create(d, "sn.qcow2", "", "4M");
+    qemu_io(d, "sn.qcow2", &["write 0 1M"]);
+    qemu_img(d, &["snapshot", "-c", "s", "sn.qcow2"]);
+    qemu_io(d, "sn.qcow2", &["write 2M 1M", "discard 0 512k"]);
     let cases: &[&[&str]] = &[
+        &["-O", "qcow2", "-l", "s", "sn.qcow2"],
+        &["-O", "qcow2", "-l", "snapshot.name=s", "sn.qcow2"],
+        &["-O", "qcow2", "-l", "snapshot.id=1", "sn.qcow2"],
+        &["--output=json", "-O", "qcow2", "-l", "1", "sn.qcow2"],
+        &["-O", "qcow2", "-l", "nosuch", "sn.qcow2"],
+        &["-O", "qcow2", "sn.qcow2"],
+        &["-l", "s", "--size", "1M"],
+        &["-f", "qcow2", "--size", "1M"],
         &["--size", "1G"],
         &["-O", "qcow2", "--size", "1G"],
         &["--output=json", "-O", "qcow2", "--size", "1G"],

@@ -104,7 +104,7 @@ fn convert(a: &Args) -> Result<(), (String, String)> {
 
 /// Switches `disk` to the internal snapshot `param` names (`ID_OR_NAME`,
 /// `snapshot.id=ID`, `snapshot.name=NAME`), with qemu-img's messages.
-fn load_snapshot(disk: &mut crate::Disk, param: &str) -> Result<(), (String, String)> {
+pub(super) fn load_snapshot(disk: &mut crate::Disk, param: &str) -> Result<(), (String, String)> {
     let fail = |why: String| ("Failed to load snapshot".to_string(), why);
     let mut key = param.to_string();
     for part in param.split(',') {

@@ -12,7 +12,7 @@ use qcowkit_core::{CreateOptions, OpenOptions, Preallocation};
 /// Arguments of `qcow2 measure`.
 #[derive(Debug, Parser)]
 #[command(
-    after_help = "Examples:\n  qcow2 measure -O qcow2 --size 20G\n  qcow2 measure -O qcow2 -o cluster_size=2M disk.raw\n  qcow2 measure --output=json -O qcow2 vm.qcow2"
+    after_help = "Examples:\n  qcow2 measure -O qcow2 --size 20G\n  qcow2 measure -O qcow2 -o cluster_size=2M disk.raw\n  qcow2 measure --output=json -O qcow2 vm.qcow2\n  qcow2 measure -O qcow2 -l before-upgrade vm.qcow2   as a snapshot saved it"
 )]
 pub struct Args {
     /// Format of the image measured (probed when omitted).
@@ -30,6 +30,10 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     pub output: Output,
+    /// Measure the image as internal snapshot SNAPSHOT saved it: its ID or
+    /// name, or `snapshot.id=ID` / `snapshot.name=NAME`.
+    #[arg(short = 'l')]
+    pub snapshot: Option<String>,
     /// Take no locks (measure an image in use).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -71,6 +75,9 @@ fn measure(a: &Args) -> Result<Measure, String> {
         }
         (None, Some(_)) => None,
     };
+    if a.filename.is_none() && (a.format.is_some() || a.snapshot.is_some()) {
+        return Err("--image-opts, -f, and -l require a filename argument.".into());
+    }
     if a.out_format != "raw" && a.out_format != "qcow2" {
         return Err(format!(
             "Block driver '{}' does not support size measurement",
@@ -89,6 +96,10 @@ fn measure(a: &Args) -> Result<Measure, String> {
         let fmt = parse_format(&a.format)?;
         let mut disk = open_disk(name, fmt, OpenOptions::default(), a.force_share)
             .map_err(|e| format!("Could not open '{name}': {e}"))?;
+        if let Some(sn) = &a.snapshot {
+            super::convert::load_snapshot(&mut disk, sn)
+                .map_err(|(what, why)| format!("{what}: {why}"))?;
+        }
         source = Some((disk.size(), data_clusters(&mut disk, c.cluster_size)?, {
             match disk.image() {
                 DiskImage::Qcow2(img) if img.header().version >= 3 => Some(img.bitmaps().to_vec()),

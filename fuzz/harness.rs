@@ -125,7 +125,7 @@ pub fn maintain(data: &[u8]) {
         Err(_) => return,
     };
     let before = guest_windows(data, &check_opts);
-    for op in 0..5 {
+    for op in 0..8 {
         let Ok(img) = Image::open(Bounded::new(data.to_vec()), &options()) else {
             return;
         };
@@ -148,10 +148,23 @@ pub fn maintain(data: &[u8]) {
                 Some((id, _)) => w.apply_snapshot(id).map(|_| ()),
                 None => continue,
             },
-            _ => match &first {
+            4 => match &first {
                 Some((_, name)) => w.delete_snapshot(name).map(|_| ()),
                 None => continue,
             },
+            5 => {
+                let other = if w.header().version == 2 { 3 } else { 2 };
+                w.set_version(other)
+            }
+            6 => {
+                let bits = if w.header().refcount_order == 4 {
+                    64
+                } else {
+                    16
+                };
+                w.set_refcount_bits(bits)
+            }
+            _ => w.make_empty(),
         }
         .and_then(|()| w.flush());
         if !clean || r.is_err() {
@@ -166,7 +179,9 @@ pub fn maintain(data: &[u8]) {
             rep.corruptions,
             rep.messages
         );
-        if op == 0 || op == 2 {
+        // Growing, taking a snapshot and changing the version or the
+        // refcount width keep what the guest reads.
+        if matches!(op, 0 | 2 | 5 | 6) {
             let mut old = 0u64;
             if let (Some(b), Ok(mut now)) = (&before, Image::open(&out[..], &check_opts)) {
                 let w = 256u64 << 10;

@@ -40,16 +40,11 @@ impl<R: BlockWrite> WritableImage<R> {
         if order == self.img.header.refcount_order {
             return Ok(());
         }
-        self.flush()?;
+        self.require_consistent()?;
         let mut quiet = |_: &str| {};
         let mut found = Findings::new(CheckReport::default(), Some(&mut quiet));
         let end = self.file_end;
         let (refs, blocks) = self.img.walk_references(&mut found, end)?;
-        if found.corruptions > 0 || found.check_errors > 0 {
-            return Err(Error::Unsupported(
-                "the image has errors: repair it first (check -r all)",
-            ));
-        }
         drop(found);
         let max = refcount::max_refcount(order);
         if (0..refs.clusters()).any(|c| refs.get(c) > max) {
@@ -111,7 +106,7 @@ impl<R: BlockWrite> WritableImage<R> {
     }
 
     fn upgrade(&mut self) -> Res<(), R> {
-        self.flush()?;
+        self.require_consistent()?;
         let size = self.img.header.size;
         if self.img.snapshots.iter().any(|s| s.disk_size.is_none()) {
             let mut snapshots = self.img.snapshots.clone();
@@ -171,6 +166,7 @@ impl<R: BlockWrite> WritableImage<R> {
             ));
         }
         let zstd = h.compression_type == CompressionType::Zstd;
+        self.require_consistent()?;
         let tables = self.every_l2_table()?;
         if zstd && self.any_compressed(&tables)? {
             return Err(Error::Unsupported(

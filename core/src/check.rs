@@ -263,7 +263,7 @@ impl<R: BlockRead> Image<R> {
             if s.l1_table_offset % cs != 0 {
                 rep.corruptions += 1;
                 rep.note(format!(
-                    "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned; snapshot table entry corrupted",
+                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     s.id, s.name, s.l1_table_offset
                 ));
                 continue;
@@ -271,7 +271,7 @@ impl<R: BlockRead> Image<R> {
             if u64::from(s.l1_size) * 8 > crate::header::MAX_L1_BYTES {
                 rep.corruptions += 1;
                 rep.note(format!(
-                    "ERROR snapshot {} ({}) L1 table is too large ({} entries); snapshot table entry corrupted",
+                    "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
                     s.id, s.name, s.l1_size
                 ));
                 continue;

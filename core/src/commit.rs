@@ -197,13 +197,15 @@ impl<R: BlockWrite> WritableImage<R> {
     /// their data. A crash leaves part of the image emptied, at worst with
     /// leaked clusters.
     pub fn make_empty(&mut self) -> Res<(), R> {
-        let size = self.img.header.size;
-        self.begin_guest_change(0, size)?;
+        self.require_intact()?;
         if self.img.header.data_file_raw() {
             return Err(Error::Unsupported(
                 "emptying an image whose external data file is raw",
             ));
         }
+        self.require_consistent()?;
+        let size = self.img.header.size;
+        self.begin_guest_change(0, size)?;
         let cs = self.cluster_size();
         let per_l2 = self.img.header.l2_coverage();
         for idx in 0..self.img.l1.len() {

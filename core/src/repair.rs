@@ -10,6 +10,7 @@
 //! written in free space past the end of the file and switched to with one
 //! header write, so a crash leaves either the old structure or the new one.
 
+use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::vec::Vec;
 
@@ -72,6 +73,7 @@ impl<R: BlockWrite> WritableImage<R> {
         let mut rebuilt = false;
         let (mut leaks_fixed, mut corruptions_fixed) = (0u64, 0u64);
         let mut too_low_left = false;
+        let mut now_one = BTreeSet::new();
         if found.corruptions + found.leaks > 0 {
             let mut quiet = |_: &str| {};
             let mut walk = Findings::new(CheckReport::default(), Some(&mut quiet));
@@ -95,19 +97,21 @@ impl<R: BlockWrite> WritableImage<R> {
                 corruptions_fixed += found.corruptions.saturating_sub(after.corruptions);
                 too_low_left = after.corruptions > 0;
             } else {
-                let (lowered, raised, low) = self.fix_refcounts(mode, &refs, blocks, on_problem)?;
+                let (lowered, raised, low) =
+                    self.fix_refcounts(mode, &refs, blocks, &mut now_one, on_problem)?;
                 leaks_fixed += lowered;
                 corruptions_fixed += raised;
                 too_low_left = low;
             }
         }
-        // COPIED flags: with `-r leaks` only when nothing else is wrong.
+        // COPIED flags: with `-r leaks` only when nothing else is wrong, as
+        // QEMU does, and always those of clusters this repair lowered to
+        // one reference (left alone, the repair would have made them wrong).
         let fix_flags = mode == RepairMode::All
             || (!too_low_left && found.check_errors == 0 && found.corruptions == 0);
-        let flags = self.fix_copied(fix_flags, on_problem)?;
-        if fix_flags {
-            corruptions_fixed += flags;
-        }
+        let (flags, flags_fixed) = self.fix_copied(fix_flags, &now_one, on_problem)?;
+        corruptions_fixed += flags_fixed;
+        let flags = flags - flags_fixed;
         self.flush()?;
         let mut left = if leaks_fixed + corruptions_fixed > 0 {
             self.img
@@ -172,6 +176,7 @@ impl<R: BlockWrite> WritableImage<R> {
         mode: RepairMode,
         refs: &Refs,
         blocks: Vec<u64>,
+        now_one: &mut BTreeSet<u64>,
         on_problem: &mut dyn FnMut(&str),
     ) -> Res<(u64, u64, bool), R> {
         let max = refcount::max_refcount(self.img.header.refcount_order);
@@ -199,6 +204,9 @@ impl<R: BlockWrite> WritableImage<R> {
             self.change_refcount(c, delta)?;
             if have > want {
                 lowered += 1;
+                if want == 1 {
+                    now_one.insert(c);
+                }
             } else {
                 raised += 1;
             }
@@ -215,12 +223,19 @@ impl<R: BlockWrite> WritableImage<R> {
 
     /// Counts the COPIED flags of the active L1 and L2 tables that do not
     /// match the refcounts (set exactly when the refcount is 1), each
-    /// reported, and when `fix` corrects them (written at the next flush,
-    /// after the refcounts). Snapshot tables are left alone, as QEMU does.
-    fn fix_copied(&mut self, fix: bool, on_problem: &mut dyn FnMut(&str)) -> Res<u64, R> {
+    /// reported, and corrects them (written at the next flush, after the
+    /// refcounts) when `fix`, or when their cluster is in `now_one`.
+    /// Snapshot tables are left alone, as QEMU does. Returns how many were
+    /// wrong and how many of those were corrected.
+    fn fix_copied(
+        &mut self,
+        fix: bool,
+        now_one: &BTreeSet<u64>,
+        on_problem: &mut dyn FnMut(&str),
+    ) -> Res<(u64, u64), R> {
         let cs = self.cluster_size();
         let fmt = self.img.fmt;
-        let mut wrong = 0u64;
+        let (mut wrong, mut fixed) = (0u64, 0u64);
         // One buffer for every table (a hostile L1 may name one table many
         // times).
         let mut table: Vec<u8> = Vec::new();
@@ -234,13 +249,15 @@ impl<R: BlockWrite> WritableImage<R> {
             let rc = self.refcount(l2_off / cs)?;
             if (rc == 1) != (e & COPIED != 0) {
                 wrong += 1;
-                let what = if fix { "Repairing" } else { "ERROR" };
+                let mend = fix || now_one.contains(&(l2_off / cs));
+                let what = if mend { "Repairing" } else { "ERROR" };
                 on_problem(&format!(
                     "{what} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
-                if fix {
+                if mend {
                     self.img.l1[i] = if rc == 1 { e | COPIED } else { e & !COPIED };
                     self.dirty_l1.insert(i);
+                    fixed += 1;
                 }
             }
             if fmt.data_file {
@@ -248,19 +265,22 @@ impl<R: BlockWrite> WritableImage<R> {
             }
             // The entries of the table that disagree with their refcounts.
             self.copied_mismatches(l2_off, &mut table, &mut flips)?;
-            let what = if fix { "Repairing" } else { "ERROR" };
-            for f in &flips {
+            flips.retain(|f| {
+                let mend = fix || now_one.contains(&((f.entry & l2::OFFSET_MASK) / cs));
+                let what = if mend { "Repairing" } else { "ERROR" };
                 on_problem(&format!(
                     "{what} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
                     f.entry, f.refcount
                 ));
-            }
-            wrong += to_u64(flips.len());
-            if fix && !flips.is_empty() {
+                wrong += 1;
+                mend
+            });
+            fixed += to_u64(flips.len());
+            if !flips.is_empty() {
                 self.correct_copied(l2_off, &flips)?;
             }
         }
-        Ok(wrong)
+        Ok((wrong, fixed))
     }
 
     /// Writes a new refcount structure holding exactly the references

@@ -65,13 +65,13 @@ impl<R: BlockWrite> WritableImage<R> {
                 "The image size is too large (try using a larger cluster size)",
             ));
         }
-        self.flush()?;
+        if size < old && prealloc != Preallocation::Off {
+            return Err(Error::Unsupported(
+                "Preallocation can't be used for shrinking an image",
+            ));
+        }
+        self.require_consistent()?;
         if size < old {
-            if prealloc != Preallocation::Off {
-                return Err(Error::Unsupported(
-                    "Preallocation can't be used for shrinking an image",
-                ));
-            }
             self.shrink(size, needed)?;
         } else {
             if needed > u64::from(self.img.header.l1_size) {

@@ -48,7 +48,7 @@ impl<R: BlockWrite> WritableImage<R> {
         if name.len() > usize::from(u16::MAX) {
             return Err(Error::Unsupported("snapshot name too long"));
         }
-        self.flush()?;
+        self.require_consistent()?;
         let cs = self.cluster_size();
         let id = next_id(&self.img.snapshots);
         // 1. One more reference to every table and cluster the active L1
@@ -115,10 +115,18 @@ impl<R: BlockWrite> WritableImage<R> {
         let Some(index) = self.img.snapshots.iter().position(|s| s.name == name) else {
             return Ok(false);
         };
-        self.flush()?;
         let gone = self.img.snapshots[index].clone();
         let mut rest = self.img.snapshots.clone();
         rest.remove(index);
+        let end = self.file_end;
+        if self.img.snapshot_l1(index, end).is_err() {
+            // A broken entry: dropped alone; what it held is left as
+            // leaked clusters (check -r leaks frees them).
+            self.flush()?;
+            self.write_snapshot_table(rest)?;
+            return Ok(true);
+        }
+        self.require_consistent()?;
         self.write_snapshot_table(rest)?;
         // The snapshot's L1 table, read as far as the file holds it.
         let cs = self.cluster_size();
@@ -178,7 +186,7 @@ impl<R: BlockWrite> WritableImage<R> {
         let sn = self.img.snapshots[index].clone();
         let end = self.file_end;
         let mut l1 = self.img.snapshot_l1(index, end)?;
-        self.flush()?;
+        self.require_consistent()?;
         if let Some(size) = sn.disk_size.filter(|&s| s != self.img.header.size) {
             self.resize(size, crate::create::Preallocation::Off)?;
         }

@@ -310,6 +310,20 @@ impl<R: BlockWrite> WritableImage<R> {
         self.img.check_file(end, None, true)
     }
 
+    /// Refuses an image whose metadata has errors (corruptions or check
+    /// errors; leaked clusters are harmless) before an operation that
+    /// restructures it, which could spread the damage: repair it first.
+    pub(crate) fn require_consistent(&mut self) -> Res<(), R> {
+        self.flush()?;
+        let r = self.check()?;
+        if r.corruptions > 0 || r.check_errors > 0 {
+            return Err(Error::Unsupported(
+                "the image has errors: repair it first (check -r all)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of refcount blocks held by the cache now.
     pub fn refcount_cache_len(&self) -> usize {
         self.refcounts.blocks.len()

@@ -49,11 +49,13 @@ impl<R: BlockWrite> WritableImage<R> {
     /// contents differ between what the guest reads today (through the
     /// backing chain) and `new` (zeros where `new` is `None` or shorter):
     /// the first half of a safe rebase onto `new`. Nothing the guest reads
-    /// changes. `codec` decodes `new`'s compressed clusters.
+    /// changes. `codec` decodes `new`'s compressed clusters; `progress` is
+    /// told the guest offset reached and the disk size as the walk goes.
     pub fn copy_backing_differences<D>(
         &mut self,
         mut new: Option<&mut D>,
         codec: &mut dyn Codec,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Res<(), R>
     where
         D: ChunkRead + ?Sized,
@@ -70,6 +72,7 @@ impl<R: BlockWrite> WritableImage<R> {
             let end = pos + run.clamp(1, size - pos);
             if held {
                 pos = end;
+                progress(pos, size);
                 continue;
             }
             // Cluster by cluster over the range the image does not hold.
@@ -85,6 +88,7 @@ impl<R: BlockWrite> WritableImage<R> {
                 }
                 pos += to_u64(n);
             }
+            progress(pos, size);
         }
         self.flush()
     }

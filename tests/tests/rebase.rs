@@ -168,8 +168,12 @@ fn a_safe_rebase_interrupted_anywhere_reads_the_same() {
     )
     .unwrap();
     let mut w = WritableImage::new(img).unwrap();
-    w.copy_backing_differences(Some(&mut new), &mut Decompressor::default())
-        .unwrap();
+    let mut reached = 0;
+    w.copy_backing_differences(Some(&mut new), &mut Decompressor::default(), &mut |d, _| {
+        reached = d
+    })
+    .unwrap();
+    assert_eq!(reached, w.size(), "progress reaches the end");
     w.set_backing_name(Some("new.qcow2"), Some("qcow2"))
         .unwrap();
     let log = w.into_inner().log;

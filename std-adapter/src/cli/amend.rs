@@ -26,7 +26,8 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// Accepted for qemu-img compatibility (the work is quick).
+    /// Show progress (by operation: version, refcount width, data file,
+    /// lazy refcounts, size).
     #[arg(short = 'p')]
     pub progress: bool,
     /// The image.
@@ -80,12 +81,27 @@ fn amend(a: &Args) -> Result<(), String> {
         }
     }
     // QEMU's order: upgrade, refcount width, data file, lazy refcounts,
-    // size, downgrade.
+    // size, downgrade; progress counts the operations done.
+    let steps = [
+        version > h.version,
+        o.refcount_bits.is_some(),
+        o.data_file_raw.is_some() || o.data_file.is_some(),
+        o.lazy.is_some(),
+        o.size.is_some(),
+        version < h.version,
+    ];
+    let pb = super::progress::steps(
+        a.progress && !a.quiet,
+        steps.iter().filter(|s| **s).count() as u64,
+    );
+    pb.set_position(0);
     if version > h.version {
         img.set_version(version).map_err(strip)?;
+        pb.inc(1);
     }
     if let Some(bits) = o.refcount_bits {
         img.set_refcount_bits(bits).map_err(strip)?;
+        pb.inc(1);
     }
     if let Some(raw) = o.data_file_raw {
         img.set_data_file_raw(raw).map_err(strip)?;
@@ -93,16 +109,23 @@ fn amend(a: &Args) -> Result<(), String> {
     if let Some(name) = &o.data_file {
         img.set_data_file_name(name).map_err(strip)?;
     }
+    if o.data_file_raw.is_some() || o.data_file.is_some() {
+        pb.inc(1);
+    }
     if let Some(on) = o.lazy {
         img.set_lazy_refcounts(on).map_err(strip)?;
+        pb.inc(1);
     }
     if let Some(size) = o.size {
         img.resize(size, qcowkit_core::Preallocation::Off)
             .map_err(strip)?;
+        pb.inc(1);
     }
     if version < h.version {
         img.set_version(version).map_err(strip)?;
+        pb.inc(1);
     }
+    pb.finish();
     img.flush().map_err(|e| e.to_string())
 }
 

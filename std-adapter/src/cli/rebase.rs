@@ -31,7 +31,7 @@ pub struct Args {
     /// backing file holds).
     #[arg(short = 'u')]
     pub unsafe_mode: bool,
-    /// Show progress (accepted; the copy is quick).
+    /// Show progress (of the copy of what differs).
     #[arg(short = 'p')]
     pub progress: bool,
     /// Quiet.
@@ -98,8 +98,14 @@ fn rebase(a: &Args) -> Result<(), String> {
                 })?)
             }
         };
-        img.copy_backing_differences(new.as_mut(), &mut crate::NativeCodec::all_cores())
-            .map_err(|e| format!("Error while rebasing: {e}"))?;
+        let pb = super::progress::bar(a.progress && !a.quiet, img.size());
+        img.copy_backing_differences(
+            new.as_mut(),
+            &mut crate::NativeCodec::all_cores(),
+            &mut |done, _| pb.set_position(done),
+        )
+        .map_err(|e| format!("Error while rebasing: {e}"))?;
+        pb.finish_and_clear();
     }
     img.set_backing_name(new_name, new_name.and(a.backing_format.as_deref()))
         .map_err(|e| format!("Could not change the backing file to '{}': {e}", a.backing))?;

@@ -67,11 +67,29 @@ impl CheckReport {
 pub(crate) struct Findings<'a> {
     report: CheckReport,
     sink: Option<&'a mut dyn FnMut(&str)>,
+    /// A repair's first pass (`-r all`): what to rewrite, as QEMU's check
+    /// does while it walks.
+    pub(crate) mend: Option<Mend>,
+}
+
+/// What a repair rewrites that its first check pass found.
+#[derive(Debug, Default)]
+pub(crate) struct Mend {
+    /// L2 entries of preallocated zero clusters with an unaligned host
+    /// offset: (file offset of the entry, its new bytes).
+    pub(crate) entries: Vec<(u64, Vec<u8>)>,
+    /// The snapshot table has entries without the extra data version 3
+    /// requires: it is written again.
+    pub(crate) snapshot_table: bool,
 }
 
 impl<'a> Findings<'a> {
     pub(crate) fn new(report: CheckReport, sink: Option<&'a mut dyn FnMut(&str)>) -> Self {
-        Findings { report, sink }
+        Findings {
+            report,
+            sink,
+            mend: None,
+        }
     }
 
     /// Records one problem line: streamed to the sink, or kept (capped).
@@ -162,6 +180,19 @@ impl<R: BlockRead> Image<R> {
         sink: Option<&mut dyn FnMut(&str)>,
         copied: bool,
     ) -> Result<CheckReport, Error<R::Error>> {
+        self.check_file_mending(file_len, sink, copied, None)
+    }
+
+    /// [`Image::check_file`] that, given `mend`, collects the L2 entries a
+    /// repair rewrites (see [`Findings::mend`]), saying `Repairing` for
+    /// them and counting neither them nor their reference.
+    pub(crate) fn check_file_mending(
+        &mut self,
+        file_len: u64,
+        sink: Option<&mut dyn FnMut(&str)>,
+        copied: bool,
+        mend: Option<&mut Mend>,
+    ) -> Result<CheckReport, Error<R::Error>> {
         let cb = self.header.cluster_bits;
         let cs = 1u64 << cb;
         let report = CheckReport {
@@ -169,7 +200,35 @@ impl<R: BlockRead> Image<R> {
             ..CheckReport::default()
         };
         let mut rep = Findings::new(report, sink);
-        let (refs, blocks) = self.walk_references(&mut rep, file_len)?;
+        if mend.is_some() {
+            rep.mend = Some(Mend::default());
+        }
+        // Version 3 snapshot entries carry at least the VM state size and
+        // the disk size (checked first, as QEMU reads the table first).
+        if self.header.version >= 3 {
+            for (i, sn) in self.snapshots.iter().enumerate() {
+                if sn.disk_size.is_none() {
+                    let what = if rep.mend.is_some() {
+                        "Repairing"
+                    } else {
+                        "ERROR"
+                    };
+                    rep.note(format!("{what} snapshot table entry {i} is incomplete"));
+                    match rep.mend.as_mut() {
+                        Some(m) => {
+                            m.snapshot_table = true;
+                            rep.corruptions_fixed += 1;
+                        }
+                        None => rep.corruptions += 1,
+                    }
+                }
+            }
+        }
+        let walked = self.walk_references(&mut rep, file_len);
+        if let (Some(out), Some(found)) = (mend, rep.mend.take()) {
+            *out = found;
+        }
+        let (refs, blocks) = walked?;
         let file_clusters = refs.file_clusters();
 
         // Compare references with refcounts.
@@ -438,10 +497,53 @@ impl<R: BlockRead> Image<R> {
                 let sub = match fmt.subcluster(entry, bitmap, 0) {
                     Ok(s) => s,
                     Err(l2::EntryError::Unaligned(off)) => {
+                        let holds_data = if fmt.extended {
+                            bitmap & l2::ALL_ALLOC != 0
+                        } else {
+                            entry & l2::ZERO == 0
+                        };
+                        if holds_data {
+                            rep.note(format!(
+                                "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                        } else {
+                            let what = if rep.mend.is_some() {
+                                "Repairing"
+                            } else {
+                                "ERROR"
+                            };
+                            rep.note(format!(
+                                "{what} offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                            let bytes = if fmt.extended {
+                                let zeros = (bitmap | bitmap << 32) & !l2::ALL_ALLOC;
+                                let mut b = alloc::vec![0u8; 16];
+                                b[8..].copy_from_slice(&zeros.to_be_bytes());
+                                b
+                            } else {
+                                alloc::vec::Vec::from(l2::ZERO.to_be_bytes())
+                            };
+                            if let Some(m) = rep.mend.as_mut() {
+                                // Rewritten as a plain zero cluster: neither
+                                // counted nor referenced any more.
+                                m.entries.push((l2_off + to_u64(at), bytes));
+                                rep.corruptions_fixed += 1;
+                                continue;
+                            }
+                        }
+                        // Counted like QEMU counts it: allocated, and a
+                        // reference to the clusters the range touches.
                         rep.corruptions += 1;
-                        rep.note(format!(
-                            "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
-                        ));
+                        if active {
+                            rep.allocated_clusters += 1;
+                            if next_contiguous != 0 && off != next_contiguous {
+                                rep.fragmented_clusters += 1;
+                            }
+                            next_contiguous = off + cs;
+                        }
+                        if !fmt.data_file {
+                            refs.inc(rep, off, cs);
+                        }
                         continue;
                     }
                     Err(err) => {

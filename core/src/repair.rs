@@ -15,7 +15,7 @@ use alloc::format;
 use alloc::vec::Vec;
 
 use crate::bytes::{put64, to_u64, to_usize};
-use crate::check::{CheckReport, Findings, OnDiskRefcounts, Refs};
+use crate::check::{CheckReport, Findings, Mend, OnDiskRefcounts, Refs};
 use crate::error::Error;
 use crate::header::incompat;
 use crate::heap;
@@ -67,14 +67,39 @@ impl<R: BlockWrite> WritableImage<R> {
         self.flush()?;
         // References against refcounts; the COPIED flags come after the
         // refcounts are fixed (a wrong refcount makes its flag look wrong).
-        let found = self
-            .img
-            .check_file(self.file_len(), Some(&mut *on_problem), false)?;
+        let mut mend = Mend::default();
+        let found = self.img.check_file_mending(
+            self.file_len(),
+            Some(&mut *on_problem),
+            false,
+            (mode == RepairMode::All).then_some(&mut mend),
+        )?;
+        // What QEMU's repair rewrites while it checks: L2 entries, and the
+        // snapshot table with every entry's extra data complete.
+        let cs = self.cluster_size();
+        for (at, bytes) in &mend.entries {
+            self.put(*at, bytes, overlap::ACTIVE_L2 | overlap::INACTIVE_L2)?;
+            self.img.l2_cache.forget(at - at % cs);
+        }
+        if !mend.entries.is_empty() {
+            self.img.io.flush().map_err(Error::Io)?;
+        }
+        if mend.snapshot_table {
+            let size = self.img.header.size;
+            let mut snapshots = self.img.snapshots.clone();
+            for sn in &mut snapshots {
+                sn.disk_size.get_or_insert(size);
+            }
+            self.write_snapshot_table(snapshots)?;
+        }
         let mut rebuilt = false;
-        let (mut leaks_fixed, mut corruptions_fixed) = (0u64, 0u64);
+        let (mut leaks_fixed, mut corruptions_fixed) = (0u64, found.corruptions_fixed);
         let mut too_low_left = false;
         let mut now_one = BTreeSet::new();
-        if found.corruptions + found.leaks > 0 {
+        // (Rewriting something may uncover clusters past the old end of the
+        // file that a crash left counted: compared again then too.)
+        let rewrote = mend.snapshot_table || !mend.entries.is_empty();
+        if found.corruptions + found.leaks > 0 || rewrote {
             let mut quiet = |_: &str| {};
             let mut walk = Findings::new(CheckReport::default(), Some(&mut quiet));
             let (refs, blocks) = self.img.walk_references(&mut walk, self.file_len())?;
@@ -89,6 +114,11 @@ impl<R: BlockWrite> WritableImage<R> {
                 rebuilt = true;
                 drop(refs);
                 // What the new structure fixed: what a count now misses.
+                // The walk's own problems are reported again, as QEMU's
+                // count after a rebuild reports them.
+                let mut walk = Findings::new(CheckReport::default(), Some(&mut *on_problem));
+                self.img.walk_references(&mut walk, self.file_len())?;
+                drop(walk);
                 let mut quiet = |_: &str| {};
                 let after = self
                     .img

@@ -185,6 +185,44 @@ const DAMAGES: &[(&str, Damage)] = &[
         l.set_refcount(b, l.l2 / l.cs, 2);
         true
     }),
+    // A preallocated zero cluster whose host offset is not aligned: -r all
+    // rewrites the entry as a plain zero cluster (and frees the leak).
+    ("unaligned_prealloc_zero", |b| {
+        let l = layout(b);
+        let (i, e) = l.first_data(b);
+        if l.entry == 16 {
+            put64(b, l.l2 + i * l.entry, e + 0x200);
+            put64(b, l.l2 + i * l.entry + 8, 0xffff_ffffu64 << 32);
+        } else {
+            put64(b, l.l2 + i * l.entry, (e | 1) + 0x200);
+        }
+        true
+    }),
+    // A version 3 snapshot entry with only 8 bytes of extra data (no disk
+    // size): -r all writes the snapshot table again.
+    ("snapshot_incomplete", |b| {
+        if get32(b, 60) != 1 {
+            return false;
+        }
+        let at = get64(b, 64) as usize;
+        let id = u16::from_be_bytes([b[at + 12], b[at + 13]]) as usize;
+        let name = u16::from_be_bytes([b[at + 14], b[at + 15]]) as usize;
+        let extra = get32(b, at + 36) as usize;
+        let mut e = b[at..at + 40].to_vec();
+        e[36..40].copy_from_slice(&8u32.to_be_bytes());
+        e.extend_from_slice(&b[at + 40..at + 48]);
+        e.extend_from_slice(&b[at + 40 + extra..at + 40 + extra + id + name]);
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        b[at..at + e.len()].copy_from_slice(&e);
+        true
+    }),
+    // A data cluster whose host offset is not aligned: never fixed.
+    ("unaligned_data", |b| {
+        let l = layout(b);
+        let (i, e) = l.first_data(b);
+        put64(b, l.l2 + i * l.entry, e + 0x200);
+        true
+    }),
     // Two guest clusters sharing one host cluster with refcount 1: a
     // refcount too low (-r all raises it and clears both COPIED flags).
     ("shared_cluster", |b| {
@@ -328,10 +366,23 @@ fn repairs_like_qemu_img_on_every_variant_and_damage() {
                         // Every guest byte kept (qemu-img's own repair may
                         // lose some: a failed `-r leaks` on an image with a
                         // bitmap stores the bitmap over a cluster in use).
-                        if let Err(e) =
-                            qemu_img_compare(d, "ours/t.qcow2", "qcow2", "damaged.qcow2", "qcow2")
-                        {
-                            problems.push(format!("{what}: guest data after the repair: {e}"));
+                        // An unaligned entry: qemu-img cannot read the
+                        // damaged image there; ours must read as qemu-img's
+                        // repair does, where that reads at all.
+                        let unreadable = damage.starts_with("unaligned");
+                        let against = if unreadable {
+                            "qemu-img/t.qcow2"
+                        } else {
+                            "damaged.qcow2"
+                        };
+                        let readable = !unreadable
+                            || qemu_img_compare(d, against, "qcow2", against, "qcow2").is_ok();
+                        if readable {
+                            if let Err(e) =
+                                qemu_img_compare(d, "ours/t.qcow2", "qcow2", against, "qcow2")
+                            {
+                                problems.push(format!("{what}: guest data after the repair: {e}"));
+                            }
                         }
                         if v.bitmap {
                             let bitmaps = |f: &str| {
@@ -430,7 +481,9 @@ fn a_repair_interrupted_anywhere_can_be_finished() {
             qemu_io(d, &base, &["write -P 0xef 0 4k"]);
         }
         let pristine = std::fs::read(s.path(&base)).unwrap();
-        for (damage, apply_damage) in DAMAGES {
+        // (Unaligned entries do not read at all: their repair is replayed
+        // by the first test, against qemu-img's.)
+        for (damage, apply_damage) in DAMAGES.iter().filter(|d| !d.0.starts_with("unaligned")) {
             let mut damaged = pristine.clone();
             if !apply_damage(&mut damaged) {
                 continue;

@@ -71,6 +71,7 @@ mod heap;
 mod image;
 mod io;
 pub mod l2;
+pub mod layout;
 pub mod map;
 pub mod measure;
 pub mod overlap;

@@ -534,16 +534,8 @@ impl<R: BlockRead> Image<R> {
                         // Counted like QEMU counts it: allocated, and a
                         // reference to the clusters the range touches.
                         rep.corruptions += 1;
-                        if active {
-                            rep.allocated_clusters += 1;
-                            if next_contiguous != 0 && off != next_contiguous {
-                                rep.fragmented_clusters += 1;
-                            }
-                            next_contiguous = off + cs;
-                        }
-                        if !fmt.data_file {
-                            refs.inc(rep, off, cs);
-                        }
+                        let place = (cs, active, fmt.data_file);
+                        count_host(rep, refs, off, place, &mut next_contiguous);
                         continue;
                     }
                     Err(err) => {
@@ -583,16 +575,8 @@ impl<R: BlockRead> Image<R> {
                     Subcluster::Normal { host }
                     | Subcluster::ZeroAlloc { host }
                     | Subcluster::UnallocatedAlloc { host } => {
-                        if active {
-                            rep.allocated_clusters += 1;
-                            if next_contiguous != 0 && host != next_contiguous {
-                                rep.fragmented_clusters += 1;
-                            }
-                            next_contiguous = host + cs;
-                        }
-                        if !fmt.data_file {
-                            refs.inc(rep, host, cs);
-                        }
+                        let place = (cs, active, fmt.data_file);
+                        count_host(rep, refs, host, place, &mut next_contiguous);
                     }
                     Subcluster::Zero | Subcluster::Unallocated => {}
                 }
@@ -643,6 +627,29 @@ impl<R: BlockRead> Image<R> {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts the host cluster at `host` an L2 entry holds: the statistics of
+/// the active tables (allocated, fragmented when it does not follow the
+/// previous one, `next`) and, without an external data file, a reference.
+/// `place` is (cluster size, active table, external data file).
+fn count_host(
+    rep: &mut Findings<'_>,
+    refs: &mut Refs,
+    host: u64,
+    (cs, active, data_file): (u64, bool, bool),
+    next: &mut u64,
+) {
+    if active {
+        rep.allocated_clusters += 1;
+        if *next != 0 && host != *next {
+            rep.fragmented_clusters += 1;
+        }
+        *next = host + cs;
+    }
+    if !data_file {
+        refs.inc(rep, host, cs);
     }
 }
 

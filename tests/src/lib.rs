@@ -131,6 +131,29 @@ pub fn ours_ok(cwd: &Path, args: &[&str]) -> String {
     ok_in(cwd, bin("qcow2").to_str().expect("utf-8 path"), args)
 }
 
+/// Runs `tool` in `cwd`: `"ours"` is our `qcow2` binary, anything else
+/// the program of that name (e.g. `"qemu-img"`), with the same arguments.
+pub fn run_tool(tool: &str, cwd: &Path, args: &[&str]) -> Output {
+    if tool == "ours" {
+        ours(cwd, args)
+    } else {
+        run_in(cwd, tool, args)
+    }
+}
+
+/// Compares what one case gave with our tool and with qemu-img, adding a
+/// problem naming the case and both results when they differ.
+pub fn note_difference<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    ours: &T,
+    qemu: &T,
+    problems: &mut Vec<String>,
+) {
+    if ours != qemu {
+        problems.push(format!("{what}: ours {ours:?}\n   qemu-img {qemu:?}"));
+    }
+}
+
 /// Parses JSON, panicking with the text on failure.
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}): {text}"))

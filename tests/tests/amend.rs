@@ -317,11 +317,7 @@ fn compat_changes_like_qemu_img() {
             });
             let file_before = std::fs::read(s.path(img)).unwrap();
             let args = ["amend", "-o", amend, img];
-            let out = if tool == "ours" {
-                ours(d, &args)
-            } else {
-                run_in(d, "qemu-img", &args)
-            };
+            let out = run_tool(tool, d, &args);
             let err = stderr_of(&out).replace("qemu-img:", "qcow2:");
             // Judged on ours only: qemu-img 10 writes the zeros of a
             // preallocated zero cluster into the cluster even where a
@@ -358,12 +354,7 @@ fn compat_changes_like_qemu_img() {
                 if snapshot { Vec::new() } else { shape(d, img) },
             ));
         }
-        if results[0] != results[1] {
-            problems.push(format!(
-                "{name}: ours {:?}\n   qemu-img {:?}",
-                results[0], results[1]
-            ));
-        }
+        note_difference(name, &results[0], &results[1], &mut problems);
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
@@ -433,11 +424,7 @@ fn data_file_size_and_backing_options_match_qemu_img() {
             }
             qemu_io(d, &img, &["write -P 5 0 64k", "write -P 6 1536k 64k"]);
             let args = ["amend", "-o", amend, &img];
-            let out = if tool == "ours" {
-                ours(d, &args)
-            } else {
-                run_in(d, "qemu-img", &args)
-            };
+            let out = run_tool(tool, d, &args);
             let err = stderr_of(&out).replace("qemu-img:", "qcow2:");
             let info = json(
                 &run_in(d, "qemu-img", &["info", "--output=json", "-U", &img])
@@ -467,12 +454,7 @@ fn data_file_size_and_backing_options_match_qemu_img() {
             }
             let _ = std::fs::remove_file(s.path("renamed.data"));
         }
-        if results[0] != results[1] {
-            problems.push(format!(
-                "{name}: ours {:?}\n   qemu-img {:?}",
-                results[0], results[1]
-            ));
-        }
+        note_difference(name, &results[0], &results[1], &mut problems);
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

@@ -149,11 +149,7 @@ fn resize_resizes_bitmaps_like_qemu_img() {
             a.extend(args.iter().take(args.len() - 1));
             a.push(img);
             a.push(args[args.len() - 1]);
-            let out = if tool == "ours" {
-                ours(d, &a)
-            } else {
-                run_in(d, "qemu-img", &a)
-            };
+            let out = run_tool(tool, d, &a);
             if code(&out) != 0 {
                 problems.push(format!("[{opts}] {args:?}: {tool}: {}", output_text(&out)));
                 continue;
@@ -221,11 +217,7 @@ fn maintenance_keeps_bitmaps_true() {
         let _ = std::fs::remove_file(s.path(&top));
         qemu_overlay(d, &top, "", (&base, "qcow2"), None);
         qemu_io(d, &top, &["write -P 9 1536k 64k", "write -P 8 3M 4k"]);
-        let out = if tool == "ours" {
-            ours(d, &["commit", &top])
-        } else {
-            run_in(d, "qemu-img", &["commit", &top])
-        };
+        let out = run_tool(tool, d, &["commit", &top]);
         assert_eq!(code(&out), 0, "{tool}: {}", output_text(&out));
         assert_qemu_img_check(d, &base);
     }
@@ -243,11 +235,7 @@ fn maintenance_keeps_bitmaps_true() {
         image_with_bitmaps(d, img, "");
         qemu_img(d, &["snapshot", "-c", "s", img]);
         let a = ["snapshot", "-a", "s", img];
-        let out = if tool == "ours" {
-            ours(d, &a)
-        } else {
-            run_in(d, "qemu-img", &a)
-        };
+        let out = run_tool(tool, d, &a);
         assert_eq!(code(&out), 1, "{tool}");
         assert_eq!(
             stderr_of(&out).replace("qemu-img:", "qcow2:"),
@@ -263,12 +251,8 @@ fn maintenance_keeps_bitmaps_true() {
     drop(w); // no flush: b0 and b2 stay flagged in use
     assert!(bitmaps(d, "i.qcow2")[0].1.contains(&"in-use".to_string()));
     let before = std::fs::read(s.path("i.qcow2")).unwrap();
-    for (tool, bin) in [("ours", None), ("qemu-img", Some("qemu-img"))] {
-        let a = ["resize", "i.qcow2", "8M"];
-        let out = match bin {
-            None => ours(d, &a),
-            Some(b) => run_in(d, b, &a),
-        };
+    for tool in ["ours", "qemu-img"] {
+        let out = run_tool(tool, d, &["resize", "i.qcow2", "8M"]);
         assert_eq!(code(&out), 1, "{tool}");
         assert_eq!(
             stderr_of(&out).replace("qemu-img:", "qcow2:"),

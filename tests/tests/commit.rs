@@ -228,11 +228,7 @@ fn commit_matches_qemu_img() {
             }
             a.push(top.clone());
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            let out = if tool == "ours" {
-                ours(d, &a)
-            } else {
-                run_in(d, "qemu-img", &a)
-            };
+            let out = run_tool(tool, d, &a);
             let err = stderr_of(&out)
                 .replace("qemu-img:", "qcow2:")
                 .replace(p, "");

@@ -60,11 +60,7 @@ fn rebase_matches_qemu_img() {
             let mut a = vec!["rebase"];
             a.extend_from_slice(args);
             a.push(img);
-            let out = if tool == "ours" {
-                ours(d, &a)
-            } else {
-                run_in(d, "qemu-img", &a)
-            };
+            let out = run_tool(tool, d, &a);
             let err = stderr_of(&out).replace("qemu-img:", "qcow2:");
             let info = qemu_info(d, img);
             let backing = (

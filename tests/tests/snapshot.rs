@@ -51,11 +51,7 @@ fn snapshots_we_take_are_qemu_img_snapshots() {
             );
             let before = qemu_contents(d, img);
             let take = |name: &str| {
-                let out = if tool == "ours" {
-                    ours(d, &["snapshot", "-c", name, img])
-                } else {
-                    run_in(d, "qemu-img", &["snapshot", "-c", name, img])
-                };
+                let out = run_tool(tool, d, &["snapshot", "-c", name, img]);
                 assert_eq!(code(&out), 0, "[{opts}] {tool}: {}", output_text(&out));
                 assert!(stdout_of(&out).is_empty(), "{}", stdout_of(&out));
                 assert_qemu_img_check(d, img);

@@ -163,11 +163,8 @@ impl<R: BlockRead> Image<R> {
         uses.mark(0, cs, HostUse::Header);
         let ok = |off: u64| off != 0 && off % cs == 0 && off < file_len;
 
-        // Active tables and their data.
-        let l1 = self.l1.clone();
-        uses.mark(h.l1_table_offset, u64::from(h.l1_size) * 8, HostUse::L1);
-        self.mark_tables(&mut uses, &l1, HostUse::L2, file_len)?;
-        // Snapshots.
+        // Snapshots first: a table the active L1 shares with a snapshot is
+        // then marked again as the active layer's.
         if h.nb_snapshots > 0 {
             uses.mark(
                 h.snapshots_offset,
@@ -186,6 +183,10 @@ impl<R: BlockRead> Image<R> {
                 self.mark_tables(&mut uses, &sl1, HostUse::SnapshotL2, file_len)?;
             }
         }
+        // Active tables and their data.
+        let l1 = self.l1.clone();
+        uses.mark(h.l1_table_offset, u64::from(h.l1_size) * 8, HostUse::L1);
+        self.mark_tables(&mut uses, &l1, HostUse::L2, file_len)?;
         // Refcount structure.
         let rt_len = u64::from(h.refcount_table_clusters) * cs;
         uses.mark(h.refcount_table_offset, rt_len, HostUse::RefcountTable);

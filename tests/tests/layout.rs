@@ -78,6 +78,21 @@ fn host_layout_agrees_with_qemu_img() {
             runs.iter().any(|r| r.kind == HostUse::SnapshotL1),
             "[{opts}]"
         );
+        // Every table of the active L1 is the active layer's, also those it
+        // shares with the snapshot (with 4 KiB clusters the table of the
+        // range not written after the snapshot is shared); the snapshot
+        // keeps the one the write after it copied.
+        let l1 = get64(&bytes, 40) as usize;
+        for i in 0..get32(&bytes, 36) as usize {
+            let t = get64(&bytes, l1 + i * 8) & 0x00ff_ffff_ffff_fe00;
+            if t != 0 {
+                assert_eq!(kind_at(&runs, t), HostUse::L2, "[{opts}] table {t:#x}");
+            }
+        }
+        assert!(
+            runs.iter().any(|r| r.kind == HostUse::SnapshotL2),
+            "[{opts}]"
+        );
         // Every host offset qemu-img maps holds data.
         let map = json(&qemu_img(d, &["map", "--output=json", "l.qcow2"]));
         for e in map.as_array().unwrap() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Cortex-M4 firmware and runs it under qemu-system-arm (MPS2
 # AN386) on IMAGE: it prints the partition table, the virtual size and the
-# sha256 of the first MiB of the guest disk.
+# sha256 of the whole guest disk.
 #   scripts/firmware-demo.sh [--small-heap] IMAGE
 # Installs what it needs (qemu-system-arm from bookworm-backports, which
 # keeps qemu-utils 10; the thumbv7em target).

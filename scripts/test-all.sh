@@ -18,6 +18,23 @@ if ! need strace; then
   echo "== installing strace"
   apt-get update -qq && apt-get install -y -qq strace
 fi
+# Partition and file system tools: tests/tests/contents.rs makes disks with
+# them and compares what we report with what they say (blkid, sfdisk --json,
+# dumpe2fs, xfs_db, cryptsetup luksDump); scripts/test-firmware.sh uses
+# mkfs.ext4, mkswap and blkid.
+missing=""
+for pair in sfdisk:fdisk fdisk:fdisk sgdisk:gdisk blkid:util-linux mkswap:util-linux \
+            mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs mkfs.vfat:dosfstools mkfs.exfat:exfatprogs \
+            mkfs.ntfs:ntfs-3g mkfs.xfs:xfsprogs xfs_db:xfsprogs mkfs.btrfs:btrfs-progs \
+            genisoimage:genisoimage cryptsetup:cryptsetup-bin; do
+  if ! need "${pair%%:*}" && [ ! -x "/usr/sbin/${pair%%:*}" ] && [ ! -x "/sbin/${pair%%:*}" ]; then
+    case " $missing " in *" ${pair#*:} "*) ;; *) missing="$missing ${pair#*:}" ;; esac
+  fi
+done
+if [ -n "$missing" ]; then
+  echo "== installing$missing"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+fi
 # Headless Chromium and its driver for the wasm tests in a browser worker.
 if ! need chromium || ! need chromedriver; then
   echo "== installing chromium and chromium-driver"

@@ -67,7 +67,7 @@ impl<R: BlockWrite> WritableImage<R> {
         let entry = self.refcounts.entry(to_u64(ti));
         let off = refcount::table_entry_offset(entry);
         if off != 0 {
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(Error::corrupt(
                     "refcount block not aligned to a cluster",
                     to_u64(ti),

@@ -201,7 +201,7 @@ impl<R: BlockWrite> WritableImage<R> {
             if t == 0 {
                 continue;
             }
-            if t % cs != 0 || t.saturating_add(cs) > end {
+            if !t.is_multiple_of(cs) || t.saturating_add(cs) > end {
                 return Err(Error::corrupt("L1 entry points outside the image", t, e));
             }
             tables.insert(t);
@@ -252,7 +252,7 @@ impl<R: BlockWrite> WritableImage<R> {
                     continue;
                 }
                 let mut host = entry & l2::OFFSET_MASK;
-                if host % cs != 0 {
+                if !host.is_multiple_of(cs) {
                     return Err(Error::corrupt(
                         "zero cluster with an unaligned host offset",
                         t,

@@ -67,7 +67,7 @@ fn set_bits(bits: &mut [u8], lo: u64, hi: u64) {
     let mut i = lo;
     while i <= hi {
         let byte = to_usize(i / 8).unwrap_or(usize::MAX);
-        if i % 8 == 0 && hi - i >= 7 {
+        if i.is_multiple_of(8) && hi - i >= 7 {
             // Whole bytes at once.
             let last = to_usize((hi + 1) / 8).unwrap_or(usize::MAX).min(bits.len());
             if let Some(run) = bits.get_mut(byte..last) {
@@ -224,7 +224,7 @@ impl<R: BlockWrite> WritableImage<R> {
             }
             let mut bits = heap::zeroed(cs, "a bitmap cluster")?;
             if off != 0 {
-                if off % cs != 0 || off.saturating_add(cs) > file_end {
+                if !off.is_multiple_of(cs) || off.saturating_add(cs) > file_end {
                     return Err(Error::corrupt(
                         "bitmap table entry points outside the image",
                         self.tracked[t].table_offset,
@@ -399,7 +399,7 @@ impl<R: BlockWrite> WritableImage<R> {
             // Bits past the new end in the last kept cluster (shrinking).
             let bits_total = size.div_ceil(1u64 << g);
             let per_cluster = cs * 8;
-            if size < old_size && new_n > 0 && bits_total % per_cluster != 0 {
+            if size < old_size && new_n > 0 && !bits_total.is_multiple_of(per_cluster) {
                 let i = to_usize(new_n - 1).unwrap_or(0);
                 let entry = table[i];
                 let off = entry & ENTRY_OFFSET;

@@ -414,7 +414,7 @@ impl<R: BlockRead> Image<R> {
                 blocks.push(0);
                 continue;
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 rep.corruptions += 1;
                 rep.note(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
@@ -469,7 +469,7 @@ impl<R: BlockRead> Image<R> {
                     "ERROR found L1 entry with reserved bits set: {e:x}"
                 ));
             }
-            if l2_off % cs != 0 {
+            if !l2_off.is_multiple_of(cs) {
                 rep.corruptions += 1;
                 rep.note(format!(
                     "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
@@ -599,7 +599,7 @@ impl<R: BlockRead> Image<R> {
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = l2::l1_offset(e);
-            if l2_off == 0 || l2_off % cs != 0 {
+            if l2_off == 0 || !l2_off.is_multiple_of(cs) {
                 continue;
             }
             let rc = refcount_of(&mut self.io, l2_off).map_err(Error::Io)?;

@@ -262,7 +262,7 @@ impl<'a, W: BlockWrite> ImageSink<'a, W> {
     fn whole_cluster(&self, at: u64, len: usize) -> bool {
         let cs = self.img.cluster_size();
         let end = at.saturating_add(to_u64(len));
-        at % cs == 0 && (end - at == cs || end == self.img.size())
+        at.is_multiple_of(cs) && (end - at == cs || end == self.img.size())
     }
 
     /// Decides what to do with one target cluster (or the disk's last,

@@ -161,7 +161,7 @@ impl<R: BlockRead> Image<R> {
         };
         let h = self.header.clone();
         uses.mark(0, cs, HostUse::Header);
-        let ok = |off: u64| off != 0 && off % cs == 0 && off < file_len;
+        let ok = |off: u64| off != 0 && off.is_multiple_of(cs) && off < file_len;
 
         // Snapshots first: a table the active L1 shares with a snapshot is
         // then marked again as the active layer's.
@@ -260,7 +260,8 @@ impl<R: BlockRead> Image<R> {
         let mut seen = alloc::collections::BTreeSet::new();
         for &e in l1 {
             let t = l2::l1_offset(e);
-            if t == 0 || t % cs != 0 || t.saturating_add(cs) > file_len || !seen.insert(t) {
+            if t == 0 || !t.is_multiple_of(cs) || t.saturating_add(cs) > file_len || !seen.insert(t)
+            {
                 continue;
             }
             uses.mark(t, cs, table_kind);

@@ -78,7 +78,7 @@ impl Refcounts {
         if block == 0 {
             return Ok(0);
         }
-        if block % cs != 0 {
+        if !block.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 "refcount block not aligned to a cluster",
                 self.table_offset + idx * 8,

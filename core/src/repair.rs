@@ -273,7 +273,7 @@ impl<R: BlockWrite> WritableImage<R> {
         for i in 0..self.img.l1.len() {
             let e = self.img.l1[i];
             let l2_off = l2::l1_offset(e);
-            if l2_off == 0 || l2_off % cs != 0 || l2_off >= self.file_len() {
+            if l2_off == 0 || !l2_off.is_multiple_of(cs) || l2_off >= self.file_len() {
                 continue;
             }
             let rc = self.refcount(l2_off / cs)?;

@@ -42,7 +42,7 @@ impl<R: BlockWrite> WritableImage<R> {
     pub fn resize(&mut self, size: u64, prealloc: Preallocation) -> Res<(), R> {
         self.require_intact()?;
         let old = self.img.header.size;
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(refuse("The new size must be a multiple of 512"));
         }
         if size > i64::MAX as u64 - 512 {

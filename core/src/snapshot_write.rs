@@ -136,7 +136,7 @@ impl<R: BlockWrite> WritableImage<R> {
             .saturating_sub(gone.l1_table_offset)
             .min(l1_bytes);
         let mut raw = heap::zeroed(readable, "a snapshot's L1 table")?;
-        if gone.l1_table_offset % cs == 0 && gone.l1_table_offset != 0 {
+        if gone.l1_table_offset.is_multiple_of(cs) && gone.l1_table_offset != 0 {
             self.img
                 .io
                 .read_at(gone.l1_table_offset, &mut raw)
@@ -146,7 +146,7 @@ impl<R: BlockWrite> WritableImage<R> {
         drop(raw);
         self.img.invalidate_decompressed();
         self.reference_tables(&l1, -1)?;
-        if l1_bytes > 0 && gone.l1_table_offset % cs == 0 && gone.l1_table_offset != 0 {
+        if l1_bytes > 0 && gone.l1_table_offset.is_multiple_of(cs) && gone.l1_table_offset != 0 {
             let cb = self.img.header.cluster_bits;
             for c in gone.l1_table_offset >> cb..=(gone.l1_table_offset + l1_bytes - 1) >> cb {
                 if self.refcount(c)? > 0 {
@@ -275,7 +275,7 @@ impl<R: BlockWrite> WritableImage<R> {
         let mut table: Vec<u8> = Vec::new();
         for &l1_entry in l1 {
             let l2_off = l2::l1_offset(l1_entry);
-            if l2_off == 0 || l2_off % cs != 0 || l2_off >= self.file_end {
+            if l2_off == 0 || !l2_off.is_multiple_of(cs) || l2_off >= self.file_end {
                 continue;
             }
             self.bump(l2_off >> cb, delta)?;

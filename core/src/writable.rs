@@ -155,7 +155,7 @@ pub(crate) fn metadata_of<R: BlockRead>(
             img.io.read_at(off + done, piece).map_err(Error::Io)?;
             for e in piece.chunks_exact(8) {
                 let l2 = l2::l1_offset(crate::bytes::be64(e, 0));
-                if l2 != 0 && l2 % cs == 0 {
+                if l2 != 0 && l2.is_multiple_of(cs) {
                     m.insert(l2, cs, overlap::INACTIVE_L2);
                 }
             }

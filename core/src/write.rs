@@ -42,7 +42,7 @@ impl<R: BlockWrite> WritableImage<R> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + to_u64(done);
-            if pos % cs == 0 {
+            if pos.is_multiple_of(cs) {
                 let n = self.write_new_run(pos, &buf[done..])?;
                 if n > 0 {
                     done += n;
@@ -174,7 +174,7 @@ impl<R: BlockWrite> WritableImage<R> {
             to_u64(idx),
         ))?;
         let l2_off = l2::l1_offset(l1e);
-        if l2_off != 0 && l2_off % cs != 0 {
+        if l2_off != 0 && !l2_off.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 "L1 entry points to an unaligned L2 table",
                 offset,
@@ -602,7 +602,7 @@ impl<R: BlockWrite> WritableImage<R> {
     fn check_compressed(&self, offset: u64, len: usize) -> Res<(), R> {
         self.require_intact()?;
         let cs = self.cluster_size();
-        if offset % cs != 0 || to_u64(len) > cs || len == 0 {
+        if !offset.is_multiple_of(cs) || to_u64(len) > cs || len == 0 {
             return Err(Error::Unsupported(
                 "compressed writes cover exactly one cluster",
             ));

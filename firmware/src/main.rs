@@ -1,11 +1,13 @@
 //! Firmware for the MPS2 AN386 board (Cortex-M4) under qemu-system-arm:
 //! opens a qcow2 disk image on the host through ARM semihosting (following
-//! its backing files), prints its partition table (MBR, and GPT where
-//! present), then exactly
+//! its backing files), prints its partition table and what each partition
+//! holds (the core's `partition` and `signature` modules: MBR with logical
+//! partitions, GPT from the primary or the backup header; file systems by
+//! their superblocks), then exactly
 //!
 //! ```text
 //! virtual-size: <bytes>
-//! sha256-first-mib: <hex>
+//! sha256-disk: <hex of the whole guest disk>
 //! ```
 //!
 //! and exits with status 0 (non-zero, with the error printed, on failure).
@@ -26,6 +28,8 @@ use embedded_alloc::LlffHeap as Heap;
 use qcowkit_core::backing::resolve_name;
 use qcowkit_core::compress::Decompressor;
 use qcowkit_core::copy::{copy, CopyOptions, Sink};
+use qcowkit_core::partition::{self, GptHeader, PartitionTable, Scheme, TableError};
+use qcowkit_core::signature;
 use qcowkit_core::{BlockRead, FileRole, Image, OpenOptions, Opened, Opener};
 use sha2::{Digest, Sha256};
 
@@ -165,72 +169,119 @@ fn image_name() -> Option<String> {
     line.split_whitespace().last().map(String::from)
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+/// Prints what `probe` finds in `len` bytes at `offset` of the guest disk,
+/// as `<what> filesystem: ...` (nothing when it finds nothing).
+fn print_filesystem<R: BlockRead>(
+    img: &mut Image<R>,
+    what: &str,
+    offset: u64,
+    len: u64,
+) -> Result<(), qcowkit_core::Error<R::Error>> {
+    let Some(c) = signature::probe(img, offset, len)? else {
+        return Ok(());
+    };
+    let mut line = String::new();
+    let _ = write!(line, "{what} filesystem: {}", c.kind);
+    if let Some(v) = c.version {
+        let _ = write!(line, " version {v}");
+    }
+    if !c.label.is_empty() {
+        let _ = write!(line, " label \"{}\"", c.label);
+    }
+    if let Some(id) = c.id {
+        let _ = write!(line, " uuid {id}");
+    }
+    if let Some(b) = c.block_size {
+        let _ = write!(line, " block-size {b}");
+    }
+    if let Some(size) = c.size {
+        let _ = write!(line, " size {size}");
+    }
+    if let Some(cipher) = &c.cipher {
+        let _ = write!(line, " cipher {}-{}", cipher.name, cipher.mode);
+    }
+    hprintln!("{}", line);
+    Ok(())
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
-
+/// Prints the partition table (through the core's `partition` module) and
+/// what the disk and each partition hold.
 fn print_partitions<R: BlockRead>(img: &mut Image<R>) -> Result<(), qcowkit_core::Error<R::Error>> {
-    let mut sector = [0u8; 512];
-    img.read_at(0, &mut sector)?;
-    if sector[510..512] != [0x55, 0xaa] {
+    let size = img.size();
+    let table = match PartitionTable::read(img, size) {
+        Ok(t) => t,
+        Err(TableError::Io(e)) => return Err(e),
+        Err(e) => {
+            // A broken table is reported; the disk is still hashed.
+            hprintln!("partition table: {}", e);
+            None
+        }
+    };
+    print_filesystem(img, "disk", 0, size)?;
+    let Some(table) = table else {
         hprintln!("partition table: none");
         return Ok(());
-    }
-    let mut gpt = false;
-    for i in 0..4 {
-        let e = &sector[446 + i * 16..446 + (i + 1) * 16];
-        let kind = e[4];
-        if kind == 0 {
-            continue;
+    };
+    let gpt = match &table.scheme {
+        Scheme::Mbr { disk_id } => {
+            hprintln!("partition table: mbr, disk id {:#010x}", disk_id);
+            false
         }
-        gpt |= kind == 0xee;
-        hprintln!(
-            "mbr partition {}: type 0x{:02x} start {} sectors {}",
-            i + 1,
-            kind,
-            le32(e, 8),
-            le32(e, 12)
-        );
-    }
-    if gpt && img.size() >= 2 * 512 {
-        img.read_at(512, &mut sector)?;
-        if &sector[0..8] == b"EFI PART" {
-            let entries_lba = le64(&sector, 72);
-            let count = le32(&sector, 80).min(128);
-            let entry_size = le32(&sector, 84) as u64;
-            for i in 0..u64::from(count) {
-                let mut e = [0u8; 128];
-                let at = entries_lba
-                    .saturating_mul(512)
-                    .saturating_add(i * entry_size.max(128));
-                if at.saturating_add(128) > img.size() {
-                    break;
-                }
-                img.read_at(at, &mut e)?;
-                if e[0..16].iter().all(|b| *b == 0) {
-                    continue;
-                }
-                let mut name = String::new();
-                for c in e[56..128].chunks(2) {
-                    let u = u16::from_le_bytes([c[0], c[1]]);
-                    if u == 0 {
-                        break;
-                    }
-                    name.push(char::from_u32(u32::from(u)).unwrap_or('?'));
-                }
-                hprintln!(
-                    "gpt partition {}: first {} last {} name {}",
-                    i + 1,
-                    le64(&e, 32),
-                    le64(&e, 40),
-                    name
-                );
+        Scheme::Gpt(g) => {
+            let header = match g.header {
+                GptHeader::Primary => "primary",
+                GptHeader::Backup => "backup",
+            };
+            hprintln!(
+                "partition table: gpt, {} header, {}-byte sectors, disk guid {:X}",
+                header,
+                g.sector_size,
+                g.disk_guid
+            );
+            if let Some(p) = g.primary_problem {
+                hprintln!("primary gpt header damaged: {}", p);
             }
+            if let Some(p) = g.backup_problem {
+                hprintln!("backup gpt header damaged: {}", p);
+            }
+            true
         }
+    };
+    let sector = match &table.scheme {
+        Scheme::Gpt(g) => u64::from(g.sector_size),
+        Scheme::Mbr { .. } => partition::SECTOR_SIZE,
+    };
+    for p in &table.partitions {
+        let first = p.start / sector;
+        let sectors = p.size / sector;
+        if gpt {
+            hprintln!(
+                "gpt partition {}: first {} last {} name {} type {}",
+                p.number,
+                first,
+                (first + sectors).saturating_sub(1),
+                p.name,
+                p.kind
+            );
+        } else {
+            hprintln!(
+                "mbr partition {}: type {} start {} sectors {}{}",
+                p.number,
+                p.kind,
+                first,
+                sectors,
+                if p.bootable { " bootable" } else { "" }
+            );
+        }
+        if !p.kind.is_extended() {
+            let (offset, len) = p.region(size);
+            let mut what = String::new();
+            let _ = write!(what, "partition {}", p.number);
+            print_filesystem(img, &what, offset, len)?;
+        }
+    }
+    if table.omitted > 0 {
+        hprintln!("{} more partitions not listed", table.omitted);
     }
     Ok(())
 }
@@ -247,7 +298,7 @@ impl Sink for HashSink {
     }
 
     fn zeroes(&mut self, _offset: u64, len: u64) -> Result<(), Self::Error> {
-        const ZEROS: [u8; 512] = [0; 512];
+        const ZEROS: [u8; 4096] = [0; 4096];
         let mut left = len;
         while left > 0 {
             let n = left.min(ZEROS.len() as u64);
@@ -269,16 +320,17 @@ fn run() -> Result<(), String> {
     let mut img = Image::open_with(io, &name, &name, &mut HostOpener, &opts)
         .map_err(|e| alloc::format!("{name}: {e}"))?;
     print_partitions(&mut img).map_err(|e| alloc::format!("{e}"))?;
+    // The whole guest disk, across every L2 table.
     let mut hasher = HashSink(Sha256::new());
-    let first_mib = img.size().min(1 << 20);
     let opts = CopyOptions {
         chunk: 4096,
         align: 1,
     };
+    let size = img.size();
     copy(
         &mut img,
         0,
-        first_mib,
+        size,
         opts,
         &mut Decompressor::default(),
         &mut hasher,
@@ -290,7 +342,7 @@ fn run() -> Result<(), String> {
         let _ = write!(hex, "{b:02x}");
     }
     hprintln!("virtual-size: {}", img.size());
-    hprintln!("sha256-first-mib: {}", hex);
+    hprintln!("sha256-disk: {}", hex);
     Ok(())
 }
 

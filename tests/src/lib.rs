@@ -9,12 +9,15 @@
 //! - [`diff`]: describing where bytes and files differ;
 //! - [`be`]: big-endian fields of a byte buffer (reading and patching);
 //! - [`heap`]: a counting global allocator for tests that bound heap use;
-//! - [`record`]: a storage recording every operation, for crash replays.
+//! - [`record`]: a storage recording every operation, for crash replays;
+//! - [`contents`]: disks with partitions and file systems made by the
+//!   real tools, and what those tools say about them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod be;
+pub mod contents;
 pub mod diff;
 pub mod heap;
 pub mod mem;

@@ -16,15 +16,28 @@ use qcowkit_tests::*;
 /// The dirty ranges (start, length) of bitmap `name` of `img` in `d`, as
 /// QEMU reads them: qemu-nbd exports the image with the bitmap on a Unix
 /// socket (`--fork`: it is serving when it returns, and it exits when the
-/// one client leaves), `qemu-img map` reads the bitmap as allocation.
+/// one client leaves; it takes no file locks), `qemu-img map` reads the
+/// bitmap as allocation.
 fn dirty(d: &Path, img: &str, name: &str) -> Vec<(u64, u64)> {
     let sock = d.join(format!("{img}.{name}.sock"));
     let _ = std::fs::remove_file(&sock);
     let sock_s = sock.to_str().unwrap();
+    // Without file locks: the server exits on its own after the client
+    // leaves, and must not hold the image from the next command meanwhile.
+    let image = format!("driver=qcow2,file.driver=file,file.filename={img},file.locking=off");
     ok_in(
         d,
         "qemu-nbd",
-        &["-r", "--fork", "-k", sock_s, "-B", name, "-f", "qcow2", img],
+        &[
+            "-r",
+            "--fork",
+            "-k",
+            sock_s,
+            "-B",
+            name,
+            "--image-opts",
+            &image,
+        ],
     );
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={sock_s},x-dirty-bitmap=qemu:dirty-bitmap:{name}"

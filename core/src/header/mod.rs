@@ -153,7 +153,7 @@ pub(crate) fn validate_table(
         .checked_mul(entry_len)
         .filter(|b| *b <= max_bytes)
         .ok_or(FormatError::field(field_size, entries, "table too large"))?;
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(FormatError::field(
             field_offset,
             offset,

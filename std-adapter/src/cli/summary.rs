@@ -7,6 +7,8 @@ use serde::Serialize;
 use super::human;
 use crate::{Disk, DiskImage, DiskOptions, FileIo};
 use qcowkit_core::map::Allocation;
+use qcowkit_core::partition::{self, GptHeader, PartitionTable, Scheme};
+use qcowkit_core::signature::{self, Content};
 use qcowkit_core::{Backing, BlockRead, Image, OpenOptions};
 
 /// Allocation statistics of the whole disk, in the core's categories.
@@ -98,6 +100,373 @@ pub struct Summary {
     /// Allocation statistics (when the chain could be opened).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation: Option<Allocation>,
+    /// What the guest disk holds: partitions and file systems (when the
+    /// chain could be opened).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents: Option<Contents>,
+}
+
+/// What the guest disk holds, in a [`Summary`].
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Contents {
+    /// The partition table, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_table: Option<TableRef>,
+    /// Why the partition table could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The partitions, in number order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionRef>,
+    /// Partitions beyond what the core keeps (128).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub omitted_partitions: u32,
+    /// What the whole disk holds, when a file system or other content
+    /// starts at its first byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<FilesystemRef>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A partition table, in [`Contents`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TableRef {
+    /// `gpt` or `mbr`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Bytes per sector.
+    pub sector_size: u32,
+    /// MBR: the disk identifier (`0x1234abcd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_id: Option<String>,
+    /// GPT: the disk GUID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_guid: Option<String>,
+    /// GPT: `primary` or `backup`, the header the partitions come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<&'static str>,
+    /// GPT: why the primary header was not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_problem: Option<String>,
+    /// GPT: what is wrong with the backup header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_problem: Option<String>,
+}
+
+/// A partition, in [`Contents`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PartitionRef {
+    /// Its number (GPT entry + 1; MBR 1-4 primary, 5 and up logical).
+    pub number: u32,
+    /// Start in bytes.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Type in words (or the id/GUID when unknown).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The MBR type id (`0x83`) or GPT type GUID.
+    pub type_id: String,
+    /// GPT partition name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GPT unique partition GUID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// MBR: a logical partition.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub logical: bool,
+    /// Flags and attributes in words.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    /// What the partition holds, if recognised.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<FilesystemRef>,
+    /// An MBR extended partition (a container, not probed).
+    #[serde(skip)]
+    pub extended: bool,
+}
+
+/// A file system or other content, in [`Contents`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FilesystemRef {
+    /// In words: `ext4`, `FAT32`, `LUKS`, `LVM2 PV`, ...
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// blkid's `TYPE` (`vfat`, `crypto_LUKS`, `LVM2_member`, ...).
+    pub blkid_type: &'static str,
+    /// Label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// UUID or serial number, as blkid prints it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The format's version (LUKS, swap, XFS, qcow2, exFAT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Block, cluster or page size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    /// The size the volume says it has (a qcow2 image: its virtual size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// ext2/3/4 feature names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<String>>,
+    /// LUKS cipher (`aes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<String>,
+    /// LUKS cipher mode (`xts-plain64`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher_mode: Option<String>,
+}
+
+impl FilesystemRef {
+    fn of(c: &Content) -> FilesystemRef {
+        FilesystemRef {
+            kind: c.kind.name(),
+            blkid_type: c.kind.blkid_type(),
+            label: (!c.label.is_empty()).then(|| c.label.to_string()),
+            uuid: c.id.map(|i| i.to_string()),
+            version: c.version,
+            block_size: c.block_size,
+            size: c.size,
+            features: c
+                .ext_features
+                .map(|f| f.iter().map(|f| f.to_string()).collect()),
+            cipher: c.cipher.as_ref().map(|c| c.name.to_string()),
+            cipher_mode: c.cipher.as_ref().map(|c| c.mode.to_string()),
+        }
+    }
+
+    /// One line: `ext4, label "root", UUID ..., block size 4 KiB, ...`.
+    fn text(&self) -> String {
+        let mut t = self.kind.to_string();
+        if let Some(v) = self.version {
+            if self.kind == "LUKS" || self.kind == "qcow2" {
+                t += &format!(" version {v}");
+            }
+        }
+        if let Some(l) = &self.label {
+            t += &format!(", label {l:?}");
+        }
+        if let Some(u) = &self.uuid {
+            t += &format!(", UUID {u}");
+        }
+        if let (Some(c), Some(m)) = (&self.cipher, &self.cipher_mode) {
+            t += &format!(", cipher {c}-{m}");
+        }
+        if let Some(s) = self.size {
+            let what = if self.kind == "qcow2" {
+                "virtual size"
+            } else {
+                "size"
+            };
+            t += &format!(", {what} {}", human::size(s));
+        }
+        if let Some(b) = self.block_size {
+            let what = match self.kind {
+                "FAT12" | "FAT16" | "FAT32" | "exFAT" | "NTFS" | "qcow2" => "cluster size",
+                "Linux swap" => "page size",
+                "Btrfs" => "sector size",
+                _ => "block size",
+            };
+            t += &format!(", {what} {}", human::size(b.into()));
+        }
+        if let Some(f) = &self.features {
+            t += &format!(", features: {}", f.join(" "));
+        }
+        t
+    }
+}
+
+/// Reads the partition table and probes the disk and each partition.
+pub fn contents(disk: &mut Disk) -> Contents {
+    let size = disk.size();
+    let mut io = partition::from_fn(|off: u64, buf: &mut [u8]| disk.read_at(off, buf));
+    let mut c = Contents::default();
+    let probe = |io: &mut _, offset, len| -> Option<FilesystemRef> {
+        match signature::probe(io, offset, len) {
+            Ok(found) => found.as_ref().map(FilesystemRef::of),
+            Err(_) => None,
+        }
+    };
+    match PartitionTable::read(&mut io, size) {
+        Ok(Some(table)) => {
+            c.partition_table = Some(table_ref(&table));
+            c.omitted_partitions = table.omitted;
+            for p in &table.partitions {
+                let (offset, len) = p.region(size);
+                let filesystem = if p.kind.is_extended() {
+                    None
+                } else {
+                    probe(&mut io, offset, len)
+                };
+                c.partitions.push(PartitionRef {
+                    number: p.number,
+                    start: p.start,
+                    size: p.size,
+                    kind: p.kind.to_string(),
+                    type_id: match p.kind {
+                        partition::PartitionType::Mbr(id) => format!("{id:#04x}"),
+                        partition::PartitionType::Gpt(g) => format!("{g:X}"),
+                    },
+                    name: p.guid.map(|_| p.name.to_string()),
+                    uuid: p.guid.map(|g| format!("{g:X}")),
+                    logical: p.logical,
+                    flags: p.flags().map(|f| f.to_string()).collect(),
+                    filesystem,
+                    extended: p.kind.is_extended(),
+                });
+            }
+        }
+        Ok(None) => {}
+        Err(e) => c.error = Some(e.to_string()),
+    }
+    c.filesystem = probe(&mut io, 0, size);
+    c
+}
+
+fn table_ref(t: &PartitionTable) -> TableRef {
+    match &t.scheme {
+        Scheme::Mbr { disk_id } => TableRef {
+            kind: "mbr",
+            sector_size: 512,
+            disk_id: Some(format!("{disk_id:#010x}")),
+            disk_guid: None,
+            header: None,
+            primary_problem: None,
+            backup_problem: None,
+        },
+        Scheme::Gpt(g) => TableRef {
+            kind: "gpt",
+            sector_size: g.sector_size,
+            disk_id: None,
+            disk_guid: Some(format!("{:X}", g.disk_guid)),
+            header: Some(match g.header {
+                GptHeader::Primary => "primary",
+                GptHeader::Backup => "backup",
+            }),
+            primary_problem: g.primary_problem.map(|p| p.to_string()),
+            backup_problem: g.backup_problem.map(|p| p.to_string()),
+        },
+    }
+}
+
+/// The contents in lines of the human summary.
+fn contents_text(c: &Contents) -> String {
+    let mut t = String::new();
+    match &c.partition_table {
+        Some(p) if p.kind == "gpt" => {
+            t += &format!(
+                "  contents:      GPT partition table, {}-byte sectors, disk GUID {}, {} header
+",
+                p.sector_size,
+                p.disk_guid.as_deref().unwrap_or(""),
+                p.header.unwrap_or("")
+            );
+            if let Some(pp) = &p.primary_problem {
+                t += &format!(
+                    "    the primary GPT header is damaged ({pp}): read from the backup
+"
+                );
+            }
+            if let Some(bp) = &p.backup_problem {
+                t += &format!(
+                    "    the backup GPT header is damaged ({bp})
+"
+                );
+            }
+        }
+        Some(p) => {
+            t += &format!(
+                "  contents:      MBR partition table, disk id {}
+",
+                p.disk_id.as_deref().unwrap_or("")
+            );
+        }
+        None => match (&c.error, &c.filesystem) {
+            (Some(e), _) => {
+                t += &format!(
+                    "  contents:      {e}
+"
+                )
+            }
+            (None, Some(f)) => {
+                t += &format!(
+                    "  contents:      {}
+",
+                    f.text()
+                )
+            }
+            (None, None) => {
+                t += "  contents:      no partition table or file system recognised
+"
+            }
+        },
+    }
+    if c.partition_table.is_some() {
+        if let Some(f) = &c.filesystem {
+            t += &format!(
+                "    whole disk: {}
+",
+                f.text()
+            );
+        }
+    }
+    for p in &c.partitions {
+        let mut line = format!(
+            "    partition {}: {} at {}, {}",
+            p.number,
+            human::size(p.size),
+            human::size(p.start),
+            p.kind
+        );
+        if p.logical {
+            line += " (logical)";
+        }
+        if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            line += &format!(", name {n:?}");
+        }
+        if !p.flags.is_empty() {
+            line += &format!(", {}", p.flags.join(", "));
+        }
+        t += &line;
+        t += "
+";
+        let indent = " ".repeat(6);
+        match &p.filesystem {
+            Some(f) => {
+                t += &format!(
+                    "{indent}{}
+",
+                    f.text()
+                )
+            }
+            None if p.extended => {}
+            None => {
+                t += &format!(
+                    "{indent}no file system recognised
+"
+                )
+            }
+        }
+    }
+    if c.omitted_partitions > 0 {
+        t += &format!(
+            "    ({} more partitions not shown)
+",
+            c.omitted_partitions
+        );
+    }
+    t
 }
 
 /// A snapshot in a [`Summary`].
@@ -295,6 +664,11 @@ pub fn describe(
             human::size(a.unallocated)
         );
         j.allocation = Some(a);
+        // What the guest disk holds (only with the whole chain open: without
+        // it the guest view is incomplete).
+        let c = contents(&mut disk);
+        t += &contents_text(&c);
+        j.contents = Some(c);
     }
     Ok((t, j))
 }

@@ -1,41 +1,86 @@
 /**
  * @file Promise-based client for the qcowkit wasm module running in a
- * dedicated module worker.
+ * dedicated module worker (types: client.d.ts).
  *
  * ```js
- * import { QcowClient } from './client.js';
- * const q = await QcowClient.start(new URL('./qcowkit_wasm.js', import.meta.url));
+ * import { QcowClient } from 'qcowkit-wasm/client';
+ * const q = await QcowClient.start();
  * console.log(await q.inspect(file.name, file));  // without opening backing files
  * const id = await q.open(file.name, file, { 'base.qcow2': baseFile });
  * console.log(await q.info(id));
- * console.log(await q.allocation(id));              // bytes per allocation category
  *
- * // Maintenance works on a writable copy in the origin private file system:
- * await q.copyToOpfs(file, 'work.qcow2');
- * const w = await q.openForRepair(file.name, { opfs: 'work.qcow2' });
- * console.log(await q.repair(w, 'all', (line) => console.log(line)));
- * await q.close(w);                                  // releases the OPFS file
+ * // Long work: progress, and cancellation with an AbortSignal.
+ * const ac = new AbortController();
+ * await q.convertToRawOpfs(id, 'disk.raw', { signal: ac.signal,
+ *   onProgress: (done, total) => console.log(done / total) });
  * ```
  *
  * Every method returns a promise; failures reject with an `Error` whose
- * message is the core's message.
+ * `code` is one of the package's `ErrorCode`s (`"aborted"`, with the name
+ * `AbortError`, when cancelled).
  */
+
+const CODES = new Set(['invalid-argument', 'format', 'unsupported', 'corrupt', 'missing-backing',
+  'missing-data-file', 'io', 'out-of-bounds', 'read-only', 'not-found', 'out-of-memory', 'busy',
+  'aborted', 'internal']);
+
+/** An Error with a code (and `AbortError` as the name of `"aborted"`). */
+function coded(code, message, extra) {
+  const e = new Error(message);
+  e.code = CODES.has(code) ? code : 'internal';
+  if (e.code === 'aborted') e.name = 'AbortError';
+  return Object.assign(e, extra || {});
+}
+
+/** The AbortError of a cancelled call. */
+function abortError(signal, what) {
+  const r = signal && signal.reason;
+  const why = r instanceof Error && r.name !== 'AbortError' ? `: ${r.message}` : '';
+  return coded('aborted', `${what} was cancelled${why}`);
+}
+
+/** Options given as a bare callback (older signatures) become `{ [key]: fn }`. */
+const opts = (o, key) => (typeof o === 'function' ? { [key]: o } : o || {});
+
+/** Calls whose work the worker does in steps: cancelled there, between steps. */
+const STEPPED = new Set(['map', 'allocation', 'allocationMap', 'copyToOpfs', 'convertToRawOpfs',
+  'convertToQcow2Opfs', 'convertRawToQcow2Opfs']);
+
+/** The Uint8Array buffers among `values`, to transfer. */
+function buffers(...values) {
+  const out = [];
+  for (const v of values) {
+    if (v instanceof Uint8Array) out.push(v.buffer);
+    else if (v && typeof v === 'object' && !(v instanceof Blob)) {
+      for (const x of Object.values(v)) if (x instanceof Uint8Array) out.push(x.buffer);
+    }
+  }
+  return out;
+}
+
+const isMemory = (s) => s instanceof Uint8Array;
 
 /**
  * A handle on one worker running the wasm module.
  */
 export class QcowClient {
-  /** @param {Worker} worker a started worker running worker.js */
-  constructor(worker) {
-    /** @private */ this.worker = worker;
+  /**
+   * Use {@link QcowClient.start}.
+   * @param {string} moduleUrl the wasm-bindgen module's URL
+   * @param {URL} workerUrl worker.js's URL
+   */
+  constructor(moduleUrl, workerUrl) {
+    /** @private */ this.moduleUrl = moduleUrl;
+    /** @private */ this.workerUrl = workerUrl;
     /** @private */ this.pending = new Map();
     /** @private */ this.seq = 1;
-    worker.onmessage = (ev) => this._onMessage(ev.data);
-    worker.onerror = (ev) => {
-      const err = new Error(ev.message || 'the qcowkit worker failed');
-      for (const p of this.pending.values()) p.reject(err);
-      this.pending.clear();
-    };
+    /** @private images by id: how to open them again after a restart */
+    this.opened = new Map();
+    /** @private ids lost in a restart */
+    this.lost = new Set();
+    /** @private */ this.nextImage = 1;
+    /** @private */ this.ready = Promise.resolve();
+    /** @private */ this.worker = null;
   }
 
   /**
@@ -48,9 +93,22 @@ export class QcowClient {
   static async start(moduleUrl, workerUrl) {
     const mod = new URL(moduleUrl || './qcowkit_wasm.js', import.meta.url).href;
     const wurl = new URL(workerUrl || './worker.js', import.meta.url);
-    const client = new QcowClient(new Worker(wurl, { type: 'module' }));
+    const client = new QcowClient(mod, wurl);
+    client._spawn();
     await client._call('init', [mod]);
     return client;
+  }
+
+  /** @private */
+  _spawn() {
+    const worker = new Worker(this.workerUrl, { type: 'module' });
+    worker.onmessage = (ev) => this._onMessage(ev.data);
+    worker.onerror = (ev) => {
+      const err = coded('internal', ev.message || 'the qcowkit worker failed');
+      for (const p of this.pending.values()) p.fail(err);
+      this.pending.clear();
+    };
+    this.worker = worker;
   }
 
   /** @private */
@@ -66,87 +124,173 @@ export class QcowClient {
       return;
     }
     this.pending.delete(msg.id);
-    if (msg.ok) p.resolve(msg.result);
-    else p.reject(new Error(msg.error));
+    if (msg.ok) p.done(msg.result);
+    else {
+      const { message, code, name, ...extra } = msg.error;
+      const e = coded(code, message, extra);
+      if (name === 'AbortError') e.name = name;
+      p.fail(e);
+    }
   }
 
-  /** @private */
-  _call(op, args, onProgress, transfer, onLine) {
+  /**
+   * Posts one call. `signal` cancels it: calls the worker runs in steps
+   * are cancelled there (within one step); the others (check, repair,
+   * hostLayout) stop when the worker is stopped and started again.
+   * @private
+   */
+  _call(op, args, { onProgress, onLine, signal, transfer } = {}) {
+    if (signal && signal.aborted) return Promise.reject(abortError(signal, op));
     const id = this.seq++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, onProgress, onLine });
-      this.worker.postMessage({ id, op, args }, transfer || []);
+      let unlisten = () => {};
+      const p = {
+        op,
+        onProgress,
+        onLine,
+        done: (v) => { unlisten(); resolve(v); },
+        fail: (e) => { unlisten(); reject(e); },
+      };
+      this.pending.set(id, p);
+      if (signal) {
+        const onAbort = () => {
+          if (this.pending.get(id) !== p) return;
+          if (STEPPED.has(op)) {
+            this.worker.postMessage({ op: 'abort', args: [id] });
+          } else {
+            this.pending.delete(id);
+            p.fail(abortError(signal, op));
+            this._restart(op);
+          }
+        };
+        signal.addEventListener('abort', onAbort, { once: true });
+        unlisten = () => signal.removeEventListener('abort', onAbort);
+      }
+      this.ready.then(() => {
+        if (this.pending.get(id) === p) this.worker.postMessage({ id, op, args }, transfer || []);
+      });
     });
   }
 
   /**
+   * Stops the worker in the middle of `op` (cancelled), starts a new one
+   * and opens the images again (those that can be: not images in memory
+   * opened writable or handed over with `transfer`). Other calls in
+   * flight reject with code "aborted".
+   * @private
+   */
+  _restart(op) {
+    this.worker.terminate();
+    const err = coded('aborted', `interrupted: the worker was restarted to cancel ${op}`);
+    for (const p of this.pending.values()) p.fail(err);
+    this.pending.clear();
+    const images = [...this.opened.entries()];
+    this.ready = (async () => {
+      this._spawn();
+      await this._send('init', [this.moduleUrl]).catch(() => {});
+      for (const [id, rec] of images) {
+        if (!rec.restorable) {
+          this.opened.delete(id);
+          this.lost.add(id);
+          continue;
+        }
+        // The stopped worker's OPFS locks are released shortly after it ends.
+        let ok = false;
+        for (let i = 0; i < 100 && !ok; i++) {
+          try {
+            await this._send(rec.op, rec.args);
+            ok = true;
+          } catch (e) {
+            if (e.code !== 'busy') break;
+            await new Promise((r) => setTimeout(r, 50));
+          }
+        }
+        if (!ok) {
+          this.opened.delete(id);
+          this.lost.add(id);
+        }
+      }
+    })();
+  }
+
+  /** A call posted now, not waiting for `ready` (for restarts). @private */
+  _send(op, args) {
+    const id = this.seq++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { op, done: resolve, fail: reject });
+      this.worker.postMessage({ id, op, args });
+    });
+  }
+
+  /** The id, or a rejection when the image was lost in a restart. @private */
+  _image(id) {
+    if (this.lost.has(id)) {
+      throw coded('not-found', `image ${id} was closed when the worker was restarted to cancel a call; open it again`);
+    }
+    return id;
+  }
+
+  /** Calls `op` on image `id`. @private */
+  _on(op, id, args = [], options) {
+    try {
+      this._image(id);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this._call(op, [id, ...args], options);
+  }
+
+  /** Opens an image under a new id, remembered for restarts. @private */
+  async _open(op, name, storage, files, options = {}) {
+    const id = this.nextImage++;
+    const args = op === 'openForRepair' ? [id, name, storage] : [id, name, storage, files || {}];
+    const transfer = options.transfer ? buffers(storage, files) : [];
+    await this._call(op, args, { transfer });
+    const restorable = !options.transfer && !(op !== 'open' && isMemory(storage));
+    this.opened.set(id, { op, args, restorable });
+    return id;
+  }
+
+  /**
    * Opens an image read-only.
-   * @param {string} name the image's file name (used for messages and backing lookups)
+   * @param {string} name the image's file name (for messages and backing lookups)
    * @param {Blob|File|Uint8Array|{opfs: string}} storage the image's contents; `{ opfs: fileName }`
    *   names a file of the OPFS root directory, read as a File (no lock is held)
-   * @param {Object<string, Blob|File|Uint8Array>} [files] backing/data files by name
-   *   (looked up by exact name, then by basename)
+   * @param {Object<string, Blob|File|Uint8Array|{opfs: string}>} [files] backing/data files by name
+   * @param {{transfer?: boolean}} [options] `transfer`: hand Uint8Array buffers over instead of copying
    * @returns {Promise<number>} an image id for the other methods
    */
-  open(name, storage, files) {
-    return this._call('open', [name, storage, files || {}]);
+  open(name, storage, files, options) {
+    return this._open('open', name, storage, files, options);
   }
 
   /**
-   * Opens an image for reading and writing: `resize`, the snapshot methods
-   * and `repair` then work on it. A File/Blob is read-only, so the image is
-   * usually a file of the origin private file system, given as
-   * `{ opfs: fileName }` (see {@link QcowClient#copyToOpfs}); the worker
-   * holds a sync access handle on it until {@link QcowClient#close}.
-   * Rejects for an image marked corrupt (use {@link QcowClient#openForRepair}).
-   * @param {string} name the image's file name (used for messages and backing lookups)
-   * @param {{opfs: string}|Uint8Array} storage the image (bytes in memory are a private copy)
-   * @param {Object<string, Blob|File|Uint8Array>} [files] backing/data files by name
+   * Opens an image for reading and writing: `write`, `resize`, the snapshot
+   * methods and `repair` then work on it. Usually a file of the origin
+   * private file system, given as `{ opfs: fileName }` (see copyToOpfs);
+   * the worker holds a sync access handle on it until close.
    * @returns {Promise<number>} an image id
    */
-  openWritable(name, storage, files) {
-    return this._call('openWritable', [name, storage, files || {}]);
+  openWritable(name, storage, files, options) {
+    return this._open('openWritable', name, storage, files, options);
   }
 
   /**
-   * Opens an image for {@link QcowClient#repair}, as `qemu-img check -r`
-   * does: also an image marked corrupt or dirty. No backing or data file
-   * is opened (only the image's own metadata is read and fixed), and the
-   * guest disk cannot be changed through this id (reopen with
-   * {@link QcowClient#openWritable}). Held until {@link QcowClient#close}.
-   * @param {string} name the image's file name
-   * @param {{opfs: string}|Uint8Array} storage the image
+   * Opens an image for repair, as `qemu-img check -r` does: also one marked
+   * corrupt or dirty; no backing or data file is opened.
    * @returns {Promise<number>} an image id
    */
-  openForRepair(name, storage) {
-    return this._call('openForRepair', [name, storage]);
+  openForRepair(name, storage, options) {
+    return this._open('openForRepair', name, storage, undefined, options);
   }
 
   /**
-   * Copies a File/Blob into the file `fileName` of the OPFS root directory
-   * (created or replaced), for opening it writable as `{ opfs: fileName }`.
-   * @param {Blob|File} blob the contents
-   * @param {string} fileName name of the OPFS file
-   * @param {(done: number, total: number) => void} [onProgress] bytes copied so far
-   * @returns {Promise<{fileName: string, size: number}>}
+   * The facts of one file without opening any file it names: `format` is
+   * `"raw"` for a non-qcow2 file.
+   * @returns {Promise<object>} an `ImageInfo`
    */
-  copyToOpfs(blob, fileName, onProgress) {
-    return this._call('copyToOpfs', [blob, fileName], onProgress);
-  }
-
-  /**
-   * The facts of one file, as `qemu-img info --output=json` prints them,
-   * without opening any file it names (backing or data files): `format` is
-   * `"raw"` when the file is not a qcow2 image, and a qcow2 image's backing
-   * file name is in `"backing-filename"` (absent when it has none). For
-   * telling which of several files is the top of a backing chain.
-   * Rejects with the core's message for a malformed qcow2 header.
-   * @param {string} name the file's name
-   * @param {Blob|File|Uint8Array} storage the file's contents
-   * @returns {Promise<object>} an `ImageInfo` object
-   */
-  inspect(name, storage) {
-    return this._call('inspect', [name, storage]);
+  inspect(name, storage, options = {}) {
+    return this._call('inspect', [name, storage], { transfer: options.transfer ? buffers(storage) : [] });
   }
 
   /**
@@ -154,189 +298,149 @@ export class QcowClient {
    * @param {number} id
    * @returns {Promise<boolean>}
    */
-  close(id) {
+  async close(id) {
+    this.opened.delete(id);
+    if (this.lost.delete(id)) return true;
     return this._call('close', [id]);
   }
 
-  /**
-   * The image's facts, as `qemu-img info --output=json` prints them.
-   * @param {number} id
-   * @returns {Promise<object>}
-   */
+  /** `qemu-img info --output=json` of the image. */
   info(id) {
-    return this._call('info', [id]);
+    return this._on('info', id);
   }
 
-  /**
-   * The info of the image and of each backing file below it (top first),
-   * as far as the supplied files reach.
-   * @param {number} id
-   * @returns {Promise<object[]>}
-   */
+  /** The info of the image and of each backing file below it (top first). */
   chain(id) {
-    return this._call('chain', [id]);
+    return this._on('chain', id);
+  }
+
+  /** `qemu-img map --output=json`, walked in pages (progress: guest bytes). */
+  map(id, options = {}) {
+    return this._on('map', id, [], options);
+  }
+
+  /** Bytes of the guest disk per allocation category (in steps). */
+  allocation(id, options = {}) {
+    return this._on('allocation', id, [], options);
+  }
+
+  /** The guest space as `{ start, length, category }` ranges (in steps). */
+  allocationMap(id, options = {}) {
+    return this._on('allocationMap', id, [], options);
+  }
+
+  /** What each cluster of the image file holds: `{ start, len, kind }` runs. */
+  hostLayout(id, options = {}) {
+    return this._on('hostLayout', id, [], options);
   }
 
   /**
-   * The allocation map, as `qemu-img map --output=json` prints it: entries
-   * `{ start, length, depth, present, zero, data, compressed, offset? }`.
-   * @param {number} id
-   * @returns {Promise<object[]>}
+   * `qemu-img check --output=json` as an object; `onProblem` gets each
+   * problem line. Cancelling restarts the worker (see the README).
    */
-  map(id) {
-    return this._call('map', [id]);
+  check(id, options) {
+    const o = opts(options, 'onProblem');
+    return this._on('check', id, [], { signal: o.signal, onLine: o.onProblem });
   }
 
   /**
-   * Bytes of the guest disk in each allocation category, as the core
-   * defines them: from a backing file; else compressed; else data (also a
-   * range flagged zero over preallocated data); else zero clusters the
-   * image records; else unallocated.
-   * @param {number} id
-   * @returns {Promise<{data: number, compressed: number, zero: number, backing: number, unallocated: number}>}
+   * Repairs the image (`qemu-img check -r leaks|all`); `onProblem` gets each
+   * problem and `Repairing` line. Cancelling stops the worker mid-repair
+   * (the image is then as a crash leaves it: at worst leaked clusters).
    */
-  allocation(id) {
-    return this._call('allocation', [id]);
+  repair(id, mode, options) {
+    const o = opts(options, 'onProblem');
+    return this._on('repair', id, [mode], { signal: o.signal, onLine: o.onProblem });
   }
 
-  /**
-   * The guest space as consecutive ranges of one allocation category each
-   * (the categories of {@link QcowClient#allocation}), in guest order.
-   * @param {number} id
-   * @returns {Promise<{start: number, length: number,
-   *   category: 'data'|'compressed'|'zero'|'backing'|'unallocated'}[]>}
-   */
-  allocationMap(id) {
-    return this._call('allocationMap', [id]);
-  }
-
-  /**
-   * A read-only consistency check, as `qemu-img check --output=json` prints it.
-   * @param {number} id
-   * @returns {Promise<object>}
-   */
-  check(id) {
-    return this._call('check', [id]);
-  }
-
-  /**
-   * Repairs the image, as `qemu-img check -r leaks|all --output=json`:
-   * resolves to the check after the repair (`"leaks-fixed"`,
-   * `"corruptions-fixed"`: what was fixed; `leaks`, `corruptions`: what is
-   * left), with `found` (the check before) and `rebuilt` (whether the
-   * refcount structure was rebuilt). `"leaks"` rejects when the refcount
-   * structure must be rebuilt. Guest data is never changed.
-   * @param {number} id an image opened with openForRepair or openWritable
-   * @param {'leaks'|'all'} mode what to fix
-   * @param {(line: string) => void} [onProblem] each problem and repair line, as
-   *   `qemu-img check -r` prints them
-   * @returns {Promise<object>} a `RepairResult`
-   */
-  repair(id, mode, onProblem) {
-    return this._call('repair', [id, mode], undefined, undefined, onProblem);
-  }
-
-  /**
-   * Changes the guest disk's size (`qemu-img resize`); resolves to the new
-   * size in bytes. Shrinking is refused unless `options.shrink` is true.
-   * @param {number} id an image opened with openWritable
-   * @param {number|string} size bytes, or e.g. `"10G"`, `"+1G"`, `"-512M"`
-   * @param {{shrink?: boolean, preallocation?: 'off'|'metadata'|'falloc'|'full'}} [options]
-   * @returns {Promise<number>}
-   */
+  /** `qemu-img resize`; resolves to the new size in bytes. */
   resize(id, size, options) {
-    return this._call('resize', [id, size, options || null]);
+    return this._on('resize', id, [size, options || null]);
   }
 
-  /**
-   * The internal snapshots, as `qemu-img snapshot -l` lists them:
-   * `{ id, name, "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec",
-   * "vm-clock-nsec", icount? }` each.
-   * @param {number} id
-   * @returns {Promise<object[]>}
-   */
+  /** The internal snapshots, as `qemu-img snapshot -l` lists them. */
   snapshots(id) {
-    return this._call('snapshots', [id]);
+    return this._on('snapshots', id);
   }
 
-  /**
-   * Takes an internal snapshot named `name`, dated now (`qemu-img snapshot -c`).
-   * @param {number} id an image opened with openWritable
-   * @param {string} name
-   * @returns {Promise<string>} the new snapshot's ID
-   */
+  /** Takes a snapshot (`qemu-img snapshot -c`); resolves to its ID. */
   createSnapshot(id, name) {
-    return this._call('createSnapshot', [id, name]);
+    return this._on('createSnapshot', id, [name]);
   }
 
-  /**
-   * Deletes the snapshot named `name` (`qemu-img snapshot -d`); rejects when there is none.
-   * @param {number} id an image opened with openWritable
-   * @param {string} name
-   * @returns {Promise<boolean>}
-   */
+  /** Deletes a snapshot by name (`qemu-img snapshot -d`). */
   deleteSnapshot(id, name) {
-    return this._call('deleteSnapshot', [id, name]);
+    return this._on('deleteSnapshot', id, [name]);
   }
 
-  /**
-   * Reverts the disk to the snapshot with this ID or name (`qemu-img snapshot -a`).
-   * @param {number} id an image opened with openWritable
-   * @param {string} idOrName
-   * @returns {Promise<boolean>}
-   */
+  /** Reverts the disk to a snapshot by ID or name (`qemu-img snapshot -a`). */
   applySnapshot(id, idOrName) {
-    return this._call('applySnapshot', [id, idOrName]);
+    return this._on('applySnapshot', id, [idOrName]);
   }
 
-  /**
-   * Makes what was written durable.
-   * @param {number} id
-   * @returns {Promise<boolean>}
-   */
+  /** Makes what was written durable. */
   flush(id) {
-    return this._call('flush', [id]);
+    return this._on('flush', id);
   }
 
-  /**
-   * Reads guest bytes.
-   * @param {number} id
-   * @param {number} offset guest offset in bytes
-   * @param {number} length number of bytes
-   * @returns {Promise<Uint8Array>}
-   */
+  /** Reads guest bytes (the result's buffer is transferred, not copied). */
   read(id, offset, length) {
-    return this._call('read', [id, offset, length]);
+    return this._on('read', id, [offset, length]);
+  }
+
+  /** Writes guest bytes (`transfer: true` hands the buffer over instead of copying it). */
+  write(id, offset, bytes, options = {}) {
+    return this._on('write', id, [offset, bytes], { transfer: options.transfer ? buffers(bytes) : [] });
   }
 
   /**
-   * Writes the guest contents as a raw image into the OPFS file `fileName`
-   * (created or replaced), through a sync access handle in the worker.
-   * Zero ranges are left as holes.
-   * @param {number} id
-   * @param {string} fileName name of the file in the OPFS root directory
-   * @param {(done: number, total: number) => void} [onProgress] called with bytes done so far
-   * @returns {Promise<{fileName: string, size: number}>}
+   * Copies a File/Blob/Uint8Array (or an OPFS file) into the OPFS file
+   * `fileName` (created or replaced). Cancelled or failed: the file is removed.
    */
-  convertToRawOpfs(id, fileName, onProgress) {
-    return this._call('convertToRawOpfs', [id, fileName, null], onProgress);
+  copyToOpfs(source, fileName, options) {
+    const o = opts(options, 'onProgress');
+    return this._call('copyToOpfs', [source, fileName], { ...o, transfer: o.transfer ? buffers(source) : [] });
   }
 
   /**
-   * Creates a new empty qcow2 image in memory.
-   * @param {object} options qemu-img creation options, e.g.
-   *   `{ size: '1G', cluster_size: 65536, extended_l2: true, compression_type: 'zstd' }`
-   * @returns {Promise<Uint8Array>} the image's bytes
+   * The guest contents as a raw image in the OPFS file `fileName`, in
+   * steps; zero ranges are holes. Cancelled or failed: the file is removed.
    */
+  convertToRawOpfs(id, fileName, options) {
+    return this._on('convertToRawOpfs', id, [fileName], opts(options, 'onProgress'));
+  }
+
+  /**
+   * The guest contents as a new standalone qcow2 image in the OPFS file
+   * `fileName` (qemu-img's creation options, `compress`), in steps.
+   */
+  convertToQcow2Opfs(id, fileName, options = {}) {
+    const { signal, onProgress, ...create } = options;
+    return this._on('convertToQcow2Opfs', id, [fileName, create], { signal, onProgress });
+  }
+
+  /** A raw disk (File/Blob/Uint8Array/OPFS file) as a new qcow2 image in the OPFS file `fileName`. */
+  convertRawToQcow2Opfs(source, fileName, options = {}) {
+    const { signal, onProgress, transfer, ...create } = options;
+    return this._call('convertRawToQcow2Opfs', [source, fileName, create],
+      { signal, onProgress, transfer: transfer ? buffers(source) : [] });
+  }
+
+  /** Removes a file of the OPFS root directory; resolves to false when there was none. */
+  removeOpfs(fileName) {
+    return this._call('removeOpfs', [fileName]);
+  }
+
+  /** A new empty qcow2 image in memory (its bytes, transferred). */
   createImage(options) {
     return this._call('createImage', [options]);
   }
 
-  /** Stops the worker; pending calls reject. */
+  /** Stops the worker; pending calls reject with code "aborted". */
   terminate() {
     this.worker.terminate();
-    const err = new Error('the qcowkit worker was stopped');
-    for (const p of this.pending.values()) p.reject(err);
+    const err = coded('aborted', 'the qcowkit worker was stopped');
+    for (const p of this.pending.values()) p.fail(err);
     this.pending.clear();
   }
 }

@@ -3,8 +3,11 @@
  *
  * Started by {@link ./client.js}; not meant to be used directly. The worker
  * receives `{ id, op, args }` messages and answers with
- * `{ id, ok: true, result }`, `{ id, ok: false, error }` or, while a long
- * operation runs, `{ id, progress: { done, total } }`.
+ * `{ id, ok: true, result }` (Uint8Array results are transferred, not
+ * copied), `{ id, ok: false, error: { message, code, name } }` or, while a
+ * long operation runs, `{ id, progress: { done, total } }` and
+ * `{ id, line }`. `{ op: "abort", target }` cancels the call `target`:
+ * long operations run in steps and look for it between steps.
  *
  * File/Blob storages are read synchronously with FileReaderSync and OPFS
  * sync access handles exist only in dedicated workers, which is why the
@@ -14,15 +17,50 @@
 /** @type {any} the imported wasm-bindgen module (namespace) */
 let wasm = null;
 /**
- * @type {Map<number, {img: any, name: string, storage: any, files: Object<string, any>,
- *   handle: FileSystemSyncAccessHandle|null}>}
+ * Open images by the id the client gave them.
+ * @type {Map<number, {img: any, handle: FileSystemSyncAccessHandle|null}>}
  */
 const images = new Map();
-let nextImageId = 1;
+/** Calls the client cancelled. */
+const aborted = new Set();
+
+const CODES = new Set(['invalid-argument', 'format', 'unsupported', 'corrupt', 'missing-backing',
+  'missing-data-file', 'io', 'out-of-bounds', 'read-only', 'not-found', 'out-of-memory', 'busy',
+  'aborted', 'internal']);
+
+/** An Error with a code (the package's convention). */
+function coded(code, message) {
+  const e = new Error(message);
+  e.code = code;
+  if (code === 'aborted') e.name = 'AbortError';
+  return e;
+}
+
+/** What crosses to the client for a failure: message, code, name. */
+function errorOf(err) {
+  const name = err && err.name;
+  let code = err && err.code;
+  if (typeof code !== 'string' || !CODES.has(code)) {
+    code = {
+      AbortError: 'aborted',
+      NotFoundError: 'not-found',
+      NoModificationAllowedError: 'busy',
+      TypeError: 'invalid-argument',
+      DataCloneError: 'invalid-argument',
+      QuotaExceededError: 'io',
+      NotReadableError: 'io',
+      InvalidStateError: 'io',
+    }[name] || 'internal';
+  }
+  const message = err && err.message ? err.message : String(err);
+  const out = { message, code, name: code === 'aborted' ? 'AbortError' : 'Error' };
+  if (err && typeof err.remains === 'string') out.remains = err.remains;
+  return out;
+}
 
 function entry(id) {
   const e = images.get(id);
-  if (!e) throw new Error(`no open image with id ${id}`);
+  if (!e) throw coded('not-found', `no open image with id ${id}`);
   return e;
 }
 
@@ -30,6 +68,18 @@ function entry(id) {
 async function opfsFile(fileName, create = false) {
   const root = await navigator.storage.getDirectory();
   return root.getFileHandle(fileName, { create });
+}
+
+/** Removes an OPFS file of the root directory; false when there was none. */
+async function removeOpfs(fileName) {
+  const root = await navigator.storage.getDirectory();
+  try {
+    await root.removeEntry(fileName);
+    return true;
+  } catch (err) {
+    if (err && err.name === 'NotFoundError') return false;
+    throw err;
+  }
 }
 
 const isOpfs = (storage) =>
@@ -49,53 +99,135 @@ async function resolve(storage, writable) {
   return { storage: handle, handle };
 }
 
-/** Opens an image with `how(storage)` and registers it; returns its id. */
-async function register(name, storage, files, writable, how) {
+/** The files map with `{ opfs }` values read as Files. */
+async function resolveFiles(files) {
+  const out = {};
+  for (const [k, v] of Object.entries(files || {})) out[k] = (await resolve(v, false)).storage;
+  return out;
+}
+
+/** Opens an image with `how(storage, files)` and registers it under `imageId`. */
+async function register(imageId, storage, files, writable, how) {
+  if (images.has(imageId)) throw coded('busy', `image id ${imageId} is in use`);
   const r = await resolve(storage, writable);
   let img;
   try {
-    img = how(r.storage);
+    img = how(r.storage, await resolveFiles(files));
   } catch (err) {
     if (r.handle) r.handle.close();
     throw err;
   }
-  const id = nextImageId++;
-  images.set(id, { img, name, storage, files: files || {}, handle: r.handle });
-  return id;
+  images.set(imageId, { img, handle: r.handle });
+  return imageId;
+}
+
+/** Lets queued messages (an abort) run: a task, without timer clamping. */
+function yieldTask() {
+  return new Promise((resolve) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = () => {
+      ch.port1.close();
+      resolve();
+    };
+    ch.port2.postMessage(null);
+  });
+}
+
+/** Throws an AbortError when the client cancelled call `id`. */
+function checkAborted(id) {
+  if (aborted.has(id)) throw coded('aborted', 'the operation was cancelled');
+}
+
+/**
+ * Runs `step(start, end)` over `[0, total)` in steps of adaptive length
+ * (aligned to `align`, about 50 ms each), reporting progress and yielding
+ * between steps so that a cancellation is seen within one step.
+ */
+async function stepped(call, total, step, align = 2 << 20) {
+  let len = 4 << 20;
+  let pos = 0;
+  let last = 0;
+  call.progress(0, total);
+  while (pos < total) {
+    checkAborted(call.id);
+    const end = Math.min(total, pos + len);
+    const t0 = performance.now();
+    await step(pos, end);
+    const dt = performance.now() - t0;
+    pos = end;
+    if (dt < 25) len = Math.min(len * 2, 2 ** 40);
+    else if (dt > 100) len = Math.max(align, Math.floor(len / 2 / align) * align);
+    const now = performance.now();
+    if (now - last > 50 || pos >= total) {
+      last = now;
+      call.progress(pos, total);
+    }
+    await yieldTask();
+  }
+  checkAborted(call.id);
+}
+
+/**
+ * Writes into a new OPFS file `fileName` with `fill(handle)`; on failure
+ * or cancellation the file is removed, so no half-written target is left.
+ */
+async function intoOpfs(fileName, fill) {
+  const handle = await (await opfsFile(fileName, true)).createSyncAccessHandle();
+  try {
+    handle.truncate(0);
+    await fill(handle);
+    handle.flush();
+    const size = handle.getSize();
+    handle.close();
+    return { fileName, size };
+  } catch (err) {
+    handle.close();
+    const e = errorOf(err);
+    try {
+      await removeOpfs(fileName);
+      e.message += ` (the partial OPFS file "${fileName}" was removed)`;
+    } catch (why) {
+      e.message += ` (the partial OPFS file "${fileName}" remains: ${errorOf(why).message})`;
+      e.remains = fileName;
+    }
+    throw Object.assign(coded(e.code, e.message), e.remains ? { remains: e.remains } : {});
+  }
+}
+
+/** Reads `[start, end)` of a Blob, Uint8Array or OPFS File asynchronously. */
+async function readRange(source, start, end) {
+  if (source instanceof Uint8Array) return source.subarray(start, end);
+  return new Uint8Array(await source.slice(start, end).arrayBuffer());
 }
 
 const ops = {
-  async init(moduleUrl) {
+  async init(call, moduleUrl) {
     const mod = await import(moduleUrl);
     await mod.default();
     wasm = mod;
     return true;
   },
 
-  open(name, storage, files) {
-    return register(name, storage, files, false, (s) => wasm.QcowImage.open(name, s, files || {}));
+  open(call, imageId, name, storage, files) {
+    return register(imageId, storage, files, false, (s, f) => wasm.QcowImage.open(name, s, f));
   },
 
   /** Opens an image for reading and writing (OPFS or bytes in memory). */
-  openWritable(name, storage, files) {
-    return register(name, storage, files, true,
-      (s) => wasm.QcowImage.openWritable(name, s, files || {}));
+  openWritable(call, imageId, name, storage, files) {
+    return register(imageId, storage, files, true, (s, f) => wasm.QcowImage.openWritable(name, s, f));
   },
 
   /** Opens an image for repair (also corrupt or dirty ones; no backing file). */
-  openForRepair(name, storage) {
-    return register(name, storage, {}, true, (s) => wasm.QcowImage.openForRepair(name, s));
+  openForRepair(call, imageId, name, storage) {
+    return register(imageId, storage, {}, true, (s) => wasm.QcowImage.openForRepair(name, s));
   },
 
-  /**
-   * inspect() of one file without opening the files it names: an info
-   * object whose format is "raw" for a non-qcow2 file.
-   */
-  inspect(name, storage) {
-    return wasm.inspect(name, storage);
+  /** inspect() of one file without opening the files it names. */
+  async inspect(call, name, storage) {
+    return wasm.inspect(name, (await resolve(storage, false)).storage);
   },
 
-  close(id) {
+  close(call, id) {
     const e = images.get(id);
     if (e) {
       images.delete(id);
@@ -114,143 +246,231 @@ const ops = {
     return true;
   },
 
-  info(id) {
+  info(call, id) {
     return entry(id).img.info();
   },
 
-  /** info() of the image and of each backing file below it, top first. */
-  chain(id) {
+  chain(call, id) {
     return entry(id).img.chain();
   },
 
-  map(id) {
-    return entry(id).img.map();
+  /** The map, walked a page at a time (progress: guest bytes mapped). */
+  async map(call, id) {
+    const img = entry(id).img;
+    const total = img.virtualSize();
+    const out = [];
+    let at = 0;
+    let last = 0;
+    call.progress(0, total);
+    while (at !== null && at < total) {
+      checkAborted(call.id);
+      const page = entry(id).img.mapPage(at, 4096);
+      for (const e of page.entries) out.push(e);
+      at = page.next;
+      const now = performance.now();
+      if (now - last > 50) {
+        last = now;
+        call.progress(at === null ? total : at, total);
+      }
+      await yieldTask();
+    }
+    checkAborted(call.id);
+    call.progress(total, total);
+    return out;
   },
 
-  /** Bytes per allocation category (the core's definition). */
-  allocation(id) {
-    return entry(id).img.allocation();
+  /** Bytes per allocation category, summed over steps of the guest space. */
+  async allocation(call, id) {
+    const total = entry(id).img.virtualSize();
+    const sums = { data: 0, compressed: 0, zero: 0, backing: 0, unallocated: 0 };
+    await stepped(call, total, (start, end) => {
+      const a = entry(id).img.allocation({ start, end });
+      for (const k of Object.keys(a)) sums[k] = (sums[k] || 0) + a[k];
+    });
+    return sums;
   },
 
-  /** The guest space as `{ start, length, category }` ranges. */
-  allocationMap(id) {
-    return entry(id).img.allocationMap();
+  /** The allocation ranges, walked in steps and joined. */
+  async allocationMap(call, id) {
+    const total = entry(id).img.virtualSize();
+    const out = [];
+    await stepped(call, total, (start, end) => {
+      for (const r of entry(id).img.allocationMap({ start, end })) {
+        const prev = out[out.length - 1];
+        if (prev && prev.category === r.category && prev.start + prev.length === r.start) {
+          prev.length += r.length;
+        } else {
+          out.push(r);
+        }
+      }
+    });
+    return out;
   },
 
-  check(id) {
-    return entry(id).img.check();
+  hostLayout(call, id) {
+    return entry(id).img.hostLayout();
   },
 
-  read(id, offset, length) {
+  check(call, id) {
+    return entry(id).img.check((text) => call.line(text));
+  },
+
+  read(call, id, offset, length) {
     return entry(id).img.read(offset, length);
   },
 
-  /** Repairs (`mode`: "leaks" or "all"); problem lines go out as `{ id, line }`. */
-  repair(id, mode, _progress, line) {
-    return entry(id).img.repair(mode, (text) => line(text));
+  write(call, id, offset, bytes) {
+    entry(id).img.write(offset, bytes);
   },
 
-  resize(id, size, options) {
+  /** Repairs (`mode`: "leaks" or "all"); problem lines go out as `{ id, line }`. */
+  repair(call, id, mode) {
+    return entry(id).img.repair(mode, (text) => call.line(text));
+  },
+
+  resize(call, id, size, options) {
     return entry(id).img.resize(size, options || undefined);
   },
 
-  snapshots(id) {
+  snapshots(call, id) {
     return entry(id).img.snapshots();
   },
 
-  createSnapshot(id, name) {
+  createSnapshot(call, id, name) {
     return entry(id).img.createSnapshot(name);
   },
 
-  deleteSnapshot(id, name) {
+  deleteSnapshot(call, id, name) {
     entry(id).img.deleteSnapshot(name);
     return true;
   },
 
-  applySnapshot(id, idOrName) {
+  applySnapshot(call, id, idOrName) {
     entry(id).img.applySnapshot(idOrName);
     return true;
   },
 
-  flush(id) {
+  flush(call, id) {
     entry(id).img.flush();
     return true;
   },
 
   /**
-   * Copies a File/Blob into the OPFS file `fileName` (created or replaced),
-   * read with FileReaderSync and written through a sync access handle.
+   * Copies a File/Blob/Uint8Array into the OPFS file `fileName` (created
+   * or replaced), read asynchronously in pieces and written through a
+   * sync access handle.
    */
-  async copyToOpfs(blob, fileName, progress) {
-    const handle = await (await opfsFile(fileName, true)).createSyncAccessHandle();
-    try {
-      handle.truncate(0);
-      const total = blob.size;
-      const reader = new FileReaderSync();
-      const chunk = 4 << 20;
-      progress(0, total);
-      for (let at = 0; at < total; at += chunk) {
-        const bytes = new Uint8Array(reader.readAsArrayBuffer(blob.slice(at, Math.min(total, at + chunk))));
+  async copyToOpfs(call, source, fileName) {
+    const src = (await resolve(source, false)).storage;
+    const total = src instanceof Uint8Array ? src.length : src.size;
+    return intoOpfs(fileName, async (handle) => {
+      const piece = 16 << 20;
+      let done = 0;
+      call.progress(0, total);
+      for (let at = 0; at < total; at += piece) {
+        checkAborted(call.id);
+        const bytes = await readRange(src, at, Math.min(total, at + piece));
         const n = handle.write(bytes, { at });
-        if (n < bytes.length) throw new Error(`short write at ${at}`);
-        progress(at + bytes.length, total);
+        if (n < bytes.length) throw coded('io', `short write at ${at}`);
+        done = at + bytes.length;
+        call.progress(done, total);
+        await yieldTask();
       }
-      handle.flush();
-      return { fileName, size: total };
-    } finally {
-      handle.close();
-    }
+      checkAborted(call.id);
+    });
   },
 
-  async convertToRawOpfs(id, fileName, _unused, progress) {
-    const e = entry(id);
-    const total = e.img.virtualSize();
-    const root = await navigator.storage.getDirectory();
-    const fh = await root.getFileHandle(fileName, { create: true });
-    const handle = await fh.createSyncAccessHandle();
-    try {
-      handle.truncate(0);
+  /** The guest contents as a raw image in the OPFS file `fileName`, in steps. */
+  async convertToRawOpfs(call, id, fileName) {
+    const total = entry(id).img.virtualSize();
+    return intoOpfs(fileName, async (handle) => {
       handle.truncate(total);
-      let last = 0;
-      progress(0, total);
-      e.img.convertToRaw((offset, bytes, length) => {
-        if (bytes) {
-          const n = handle.write(bytes, { at: offset });
-          if (n < bytes.length) throw new Error(`short write at ${offset}`);
-        }
-        const done = offset + length;
-        const now = Date.now();
-        if (now - last > 50 || done >= total) {
-          last = now;
-          progress(done, total);
-        }
-      }, 1 << 20);
-      handle.flush();
-    } finally {
-      handle.close();
-    }
-    progress(total, total);
-    return { fileName, size: total };
+      await stepped(call, total, (start, end) => {
+        entry(id).img.convertToRawStorage(handle, { start, end });
+      });
+    });
   },
 
-  createImage(options) {
+  /** The guest contents as a new qcow2 image in the OPFS file `fileName`, in steps. */
+  async convertToQcow2Opfs(call, id, fileName, options) {
+    const total = entry(id).img.virtualSize();
+    return intoOpfs(fileName, async (handle) => {
+      const writer = new wasm.Qcow2Writer(handle, { ...(options || {}), size: total });
+      try {
+        await stepped(call, total, (start, end) => {
+          writer.copyFrom(entry(id).img, { start, end });
+        });
+        writer.finish();
+      } finally {
+        writer.free();
+      }
+    });
+  },
+
+  /**
+   * A raw disk (File/Blob/Uint8Array/OPFS file) as a new qcow2 image in
+   * the OPFS file `fileName`: read asynchronously in 16 MiB pieces and
+   * handed to a Qcow2Writer.
+   */
+  async convertRawToQcow2Opfs(call, source, fileName, options) {
+    const src = (await resolve(source, false)).storage;
+    const total = src instanceof Uint8Array ? src.length : src.size;
+    return intoOpfs(fileName, async (handle) => {
+      const writer = new wasm.Qcow2Writer(handle, { ...(options || {}), size: total });
+      try {
+        const piece = 16 << 20;
+        let last = 0;
+        call.progress(0, total);
+        for (let at = 0; at < total; at += piece) {
+          checkAborted(call.id);
+          const end = Math.min(total, at + piece);
+          writer.write(at, await readRange(src, at, end));
+          const now = performance.now();
+          if (now - last > 50 || end >= total) {
+            last = now;
+            call.progress(end, total);
+          }
+          await yieldTask();
+        }
+        checkAborted(call.id);
+        writer.finish();
+      } finally {
+        writer.free();
+      }
+    });
+  },
+
+  createImage(call, options) {
     return wasm.createImageBytes(options);
+  },
+
+  removeOpfs(call, fileName) {
+    return removeOpfs(fileName);
   },
 };
 
 self.onmessage = async (ev) => {
   const { id, op, args } = ev.data;
-  const progress = (done, total) => self.postMessage({ id, progress: { done, total } });
-  const line = (text) => self.postMessage({ id, line: text });
+  if (op === 'abort') {
+    aborted.add(args[0]);
+    return;
+  }
+  const call = {
+    id,
+    progress: (done, total) => self.postMessage({ id, progress: { done, total } }),
+    line: (text) => self.postMessage({ id, line: text }),
+  };
   try {
     const fn = ops[op];
-    if (!fn) throw new Error(`unknown operation ${op}`);
-    if (op !== 'init' && !wasm) throw new Error('the wasm module is not initialised');
-    const result = await fn(...(args || []), progress, line);
+    if (!fn) throw coded('invalid-argument', `unknown operation ${op}`);
+    if (op !== 'init' && !wasm) throw coded('internal', 'the wasm module is not initialised');
+    checkAborted(id);
+    const result = await fn(call, ...(args || []));
     const transfer = result instanceof Uint8Array ? [result.buffer] : [];
     self.postMessage({ id, ok: true, result }, transfer);
   } catch (err) {
-    const message = err && err.message ? err.message : String(err);
-    self.postMessage({ id, ok: false, error: message });
+    self.postMessage({ id, ok: false, error: errorOf(err) });
+  } finally {
+    aborted.delete(id);
   }
 };

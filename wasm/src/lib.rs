@@ -20,9 +20,13 @@
 //! worker), an OPFS `FileSystemSyncAccessHandle` (read-write, dedicated
 //! worker), or any object with synchronous `read(offset, length)`,
 //! `write(offset, bytes)`, `size()` and `flush()` methods. Errors are thrown
-//! as JS `Error`s carrying the core's message.
+//! as JS `Error`s carrying the core's message and a stable `code` (see
+//! [`Code`]). Offsets and sizes are numbers, exact up to
+//! `Number.MAX_SAFE_INTEGER`: larger ones are refused, never rounded.
 
+mod convert;
 mod create;
+mod error;
 mod maintain;
 mod reports;
 mod sinks;
@@ -37,24 +41,23 @@ use qcowkit_core::report::{CheckSummary, Info, MapEntry};
 use qcowkit_core::{Backing, FileRole, Image, OpenOptions, Opened, Opener, WritableImage};
 use wasm_bindgen::prelude::*;
 
-pub use create::{convert_raw_to_qcow2, create_image, create_image_bytes};
+pub use convert::{convert_raw_to_qcow2, Qcow2Writer};
+pub use create::{create_image, create_image_bytes};
+pub use error::{Code, QcowError};
 pub use reports::inspect;
 pub use storage::{Storage, StorageError};
 
-use reports::{info_of, offset_arg, to_js, AllocationRange, MapPage};
-use sinks::{FnSink, StorageSink};
-
-fn js_err(e: impl core::fmt::Display) -> JsError {
-    JsError::new(&e.to_string())
-}
+use error::{CoreError, Res};
+use reports::{info_of, offset_arg, safe_number, to_js, AllocationRange, HostRun, MapPage};
+use sinks::{FnSink, Progress, StorageSink};
 
 /// Runs `f` with a sink that hands each problem line to `on_problem` (when
 /// given). The first exception `on_problem` throws stops the forwarding
-/// and is returned, as an error, once `f` is done.
+/// and is returned, as an error (with its code), once `f` is done.
 fn with_lines<T>(
     on_problem: Option<&Function>,
-    f: impl FnOnce(&mut dyn FnMut(&str)) -> Result<T, JsError>,
-) -> Result<T, JsError> {
+    f: impl FnOnce(&mut dyn FnMut(&str)) -> Res<T>,
+) -> Res<T> {
     let mut thrown = None;
     let r = f(&mut |line| {
         if let (Some(cb), None) = (on_problem, &thrown) {
@@ -64,17 +67,89 @@ fn with_lines<T>(
         }
     });
     if let Some(e) = thrown {
-        return Err(JsError::new(&format!(
-            "onProblem threw: {}",
-            StorageError::from(e)
-        )));
+        let e = StorageError::from(e);
+        return Err(QcowError::new(e.code, format!("onProblem threw: {e}")));
     }
     r
 }
 
+/// A property of an options object (absent, `undefined` or `null`: `None`).
+pub(crate) fn option(options: &JsValue, key: &str) -> Res<Option<JsValue>> {
+    if options.is_undefined() || options.is_null() {
+        return Ok(None);
+    }
+    if !options.is_object() {
+        return Err(QcowError::arg(format!(
+            "options must be an object, not {}",
+            options.js_typeof().as_string().unwrap_or_default()
+        )));
+    }
+    let v = Reflect::get(options, &JsValue::from_str(key))?;
+    Ok((!v.is_undefined() && !v.is_null()).then_some(v))
+}
+
+/// A numeric option (bytes, offsets): exact, at most `Number.MAX_SAFE_INTEGER`.
+pub(crate) fn number_option(options: &JsValue, key: &str) -> Res<Option<u64>> {
+    match option(options, key)? {
+        None => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(n) => offset_arg(&format!("options.{key}"), n).map(Some),
+            None => Err(QcowError::arg(format!("options.{key} must be a number"))),
+        },
+    }
+}
+
+/// A function option (callbacks).
+pub(crate) fn function_option(options: &JsValue, key: &str) -> Res<Option<Function>> {
+    match option(options, key)? {
+        None => Ok(None),
+        Some(v) => v
+            .dyn_into::<Function>()
+            .map(Some)
+            .map_err(|_| QcowError::arg(format!("options.{key} must be a function"))),
+    }
+}
+
+/// The guest range `[start, end)` of `options` (`start`, `end`), within a
+/// disk of `size` bytes.
+pub(crate) fn range_option(options: &JsValue, size: u64) -> Res<(u64, u64)> {
+    let start = number_option(options, "start")?.unwrap_or(0);
+    let end = number_option(options, "end")?.unwrap_or(size);
+    if start > end || end > size {
+        return Err(QcowError::new(
+            Code::OutOfBounds,
+            format!("range {start}..{end} is not within the disk of {size} bytes"),
+        ));
+    }
+    Ok((start, end))
+}
+
+/// `path` without `.` components and with `dir/..` pairs removed
+/// (`"vm/../base.qcow2"` is `"base.qcow2"`); a leading `/` is kept.
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let joined = parts.join("/");
+    if path.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
+}
+
 /// The files an image may name (backing files, data files), supplied by the
 /// caller: a plain object or `Map` from file name to storage. A name is
-/// found by its exact spelling, then by its last path component.
+/// found as QEMU resolves it (relative to the naming image's directory,
+/// also with `..` removed), then by its exact spelling, then by its last
+/// path component.
 struct NamedFiles {
     files: JsValue,
 }
@@ -96,8 +171,9 @@ impl NamedFiles {
             (!v.is_undefined() && !v.is_null()).then_some(v)
         };
         let resolved = resolve_name(parent, name);
+        let normal = normalize(&resolved);
         let base = name.rsplit('/').next().unwrap_or(name);
-        let found = [resolved.as_str(), name, base]
+        let found = [resolved.as_str(), normal.as_str(), name, base]
             .into_iter()
             .find_map(|key| get(key).map(|v| (key.to_string(), v)));
         found
@@ -112,13 +188,14 @@ impl Opener<Storage> for NamedFiles {
         role: FileRole,
     ) -> Result<Opened<Storage>, StorageError> {
         let (key, value) = self.lookup(parent, name).ok_or_else(|| {
-            StorageError(format!(
-                "the image needs its {} '{name}': supply it with the image",
-                match role {
-                    FileRole::Backing => "backing file",
-                    FileRole::DataFile => "data file",
-                }
-            ))
+            let (code, what) = match role {
+                FileRole::Backing => (Code::MissingBacking, "backing file"),
+                FileRole::DataFile => (Code::MissingDataFile, "data file"),
+            };
+            StorageError::with(
+                code,
+                format!("the image needs its {what} '{name}': supply it with the image"),
+            )
         })?;
         Ok(Opened {
             io: Storage::from_js(value)?,
@@ -162,15 +239,34 @@ impl QcowImage {
 
     /// The image, for writing (an error when opened read-only or for a
     /// repair).
-    fn writer(&mut self) -> Result<&mut WritableImage<Storage>, JsError> {
+    fn writer(&mut self) -> Res<&mut WritableImage<Storage>> {
         match &mut self.img {
             Access::Write(img) => Ok(img),
-            Access::Read(_) => Err(js_err(qcowkit_core::Error::<StorageError>::ReadOnly(
-                "opened read-only",
-            ))),
-            Access::Repair(_) => Err(js_err(qcowkit_core::Error::<StorageError>::ReadOnly(
+            Access::Read(_) => Err(CoreError::ReadOnly("opened read-only").into()),
+            Access::Repair(_) => Err(CoreError::ReadOnly(
                 "opened for repair only (reopen it with openWritable to change the disk)",
-            ))),
+            )
+            .into()),
+        }
+    }
+
+    /// The file as it is now, opened afresh over the same storage without
+    /// its backing or data files, when the image is opened for writing
+    /// (what was written is flushed first: the writer knows a longer file
+    /// than the one it opened); `None` for a read-only image.
+    fn current_file(&mut self) -> Res<Option<Image<Storage>>> {
+        match &mut self.img {
+            Access::Read(_) => Ok(None),
+            Access::Write(img) | Access::Repair(img) => {
+                img.flush()?;
+                let opts = OpenOptions {
+                    no_backing: true,
+                    no_data_file: true,
+                    check_mode: true,
+                    ..OpenOptions::default()
+                };
+                Ok(Some(Image::open(img.storage().share(), &opts)?))
+            }
         }
     }
 }
@@ -178,12 +274,18 @@ impl QcowImage {
 #[wasm_bindgen]
 impl QcowImage {
     /// Opens `storage` (see the crate docs for the kinds) named `name`;
-    /// `files` supplies backing/data files by name (object or Map; optional).
-    pub fn open(name: &str, storage: JsValue, files: JsValue) -> Result<QcowImage, JsError> {
-        let io = Storage::from_js(storage).map_err(js_err)?;
+    /// `files` supplies backing/data files by name (object or Map; optional):
+    /// a name the image stores is looked up resolved as QEMU resolves it
+    /// (relative to the directory of the image naming it), then as stored,
+    /// then by its last path component.
+    pub fn open(
+        name: &str,
+        #[wasm_bindgen(unchecked_param_type = "Storage")] storage: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "NamedFiles")] files: JsValue,
+    ) -> Res<QcowImage> {
+        let io = Storage::from_js(storage)?;
         let mut opener = NamedFiles { files };
-        let img = Image::open_with(io, name, name, &mut opener, &OpenOptions::default())
-            .map_err(js_err)?;
+        let img = Image::open_with(io, name, name, &mut opener, &OpenOptions::default())?;
         Ok(QcowImage {
             img: Access::Read(Box::new(img)),
             name: name.to_string(),
@@ -195,13 +297,12 @@ impl QcowImage {
     #[wasm_bindgen(js_name = openWritable)]
     pub fn open_writable(
         name: &str,
-        storage: JsValue,
-        files: JsValue,
-    ) -> Result<QcowImage, JsError> {
-        let io = Storage::from_js(storage).map_err(js_err)?;
+        #[wasm_bindgen(unchecked_param_type = "Storage")] storage: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "NamedFiles")] files: JsValue,
+    ) -> Res<QcowImage> {
+        let io = Storage::from_js(storage)?;
         let mut opener = NamedFiles { files };
-        let img = WritableImage::open_with(io, name, name, &mut opener, &OpenOptions::default())
-            .map_err(js_err)?;
+        let img = WritableImage::open_with(io, name, name, &mut opener, &OpenOptions::default())?;
         Ok(QcowImage {
             img: Access::Write(Box::new(img)),
             name: name.to_string(),
@@ -210,13 +311,13 @@ impl QcowImage {
 
     /// Virtual size in bytes.
     #[wasm_bindgen(js_name = virtualSize)]
-    pub fn virtual_size(&self) -> f64 {
-        self.image().size() as f64
+    pub fn virtual_size(&self) -> Res<f64> {
+        safe_number("the virtual size", self.image().size())
     }
 
     /// `qemu-img info --output=json` for this image, as an object.
     #[wasm_bindgen(unchecked_return_type = "ImageInfo")]
-    pub fn info(&mut self) -> Result<JsValue, JsError> {
+    pub fn info(&mut self) -> Res<JsValue> {
         let name = self.name.clone();
         to_js(&info_of(self.reader(), &name))
     }
@@ -224,7 +325,7 @@ impl QcowImage {
     /// `info()` of this image and of every backing file below it, top
     /// first (the chain opened with the image).
     #[wasm_bindgen(unchecked_return_type = "ImageInfo[]")]
-    pub fn chain(&mut self) -> Result<JsValue, JsError> {
+    pub fn chain(&mut self) -> Res<JsValue> {
         let name = self.name.clone();
         let top = self.reader();
         let mut out = vec![info_of(top, &name)];
@@ -248,10 +349,9 @@ impl QcowImage {
 
     /// `qemu-img map --output=json` for this image, as an array of objects.
     #[wasm_bindgen(unchecked_return_type = "MapEntry[]")]
-    pub fn map(&mut self) -> Result<JsValue, JsError> {
+    pub fn map(&mut self) -> Res<JsValue> {
         let img = self.reader();
-        let entries =
-            merged_map(0, img.size(), |pos, len| img.block_status(pos, len)).map_err(js_err)?;
+        let entries = merged_map(0, img.size(), |pos, len| img.block_status(pos, len))?;
         let entries: Vec<MapEntry> = entries
             .iter()
             .map(|(start, len, st)| MapEntry::new(*start, *len, st))
@@ -275,13 +375,16 @@ impl QcowImage {
         &mut self,
         start: f64,
         #[wasm_bindgen(js_name = maxEntries)] max_entries: u32,
-    ) -> Result<JsValue, JsError> {
+    ) -> Res<JsValue> {
+        let start = offset_arg("start", start)?;
         let img = self.reader();
-        let start = offset_arg("start", start)?.min(img.size());
-        let (entries, next) = merged_page(start, img.size(), max_entries as usize, |pos, len| {
-            img.block_status(pos, len)
-        })
-        .map_err(js_err)?;
+        let start = start.min(img.size());
+        let (entries, next) = merged_page(
+            start,
+            img.size(),
+            max_entries.max(1) as usize,
+            |pos, len| img.block_status(pos, len),
+        )?;
         let entries = entries
             .iter()
             .map(|(start, len, st)| MapEntry::new(*start, *len, st))
@@ -290,12 +393,16 @@ impl QcowImage {
     }
 
     /// The guest space by allocation category (the core's one definition),
-    /// as `{ start, length, category }` ranges.
+    /// as `{ start, length, category }` ranges; `options.start`/`end`
+    /// limit it to a range (a long walk can go in steps).
     #[wasm_bindgen(js_name = allocationMap, unchecked_return_type = "AllocationRange[]")]
-    pub fn allocation_map(&mut self) -> Result<JsValue, JsError> {
+    pub fn allocation_map(
+        &mut self,
+        #[wasm_bindgen(unchecked_optional_param_type = "RangeOptions")] options: JsValue,
+    ) -> Res<JsValue> {
         let img = self.reader();
-        let entries =
-            merged_map(0, img.size(), |pos, len| img.block_status(pos, len)).map_err(js_err)?;
+        let (start, end) = range_option(&options, img.size())?;
+        let entries = merged_map(start, end, |pos, len| img.block_status(pos, len))?;
         let mut ranges: Vec<AllocationRange> = Vec::new();
         for (start, length, st) in &entries {
             let category = Category::of(st);
@@ -313,13 +420,40 @@ impl QcowImage {
         to_js(&ranges)
     }
 
-    /// Bytes of the guest disk in each allocation category.
+    /// Bytes of the guest disk (or of `options.start`..`end`) in each
+    /// allocation category.
     #[wasm_bindgen(unchecked_return_type = "Allocation")]
-    pub fn allocation(&mut self) -> Result<JsValue, JsError> {
+    pub fn allocation(
+        &mut self,
+        #[wasm_bindgen(unchecked_optional_param_type = "RangeOptions")] options: JsValue,
+    ) -> Res<JsValue> {
         let img = self.reader();
-        let a =
-            Allocation::of(0, img.size(), |pos, len| img.block_status(pos, len)).map_err(js_err)?;
+        let (start, end) = range_option(&options, img.size())?;
+        let a = Allocation::of(start, end, |pos, len| img.block_status(pos, len))?;
         to_js(&a)
+    }
+
+    /// What each cluster of the image file holds, as runs covering the
+    /// file in order: `{ start, len, kind }` with `kind` one of `HostUse`
+    /// (header, tables, refcount structure, snapshot and bitmap metadata,
+    /// guest data, compressed data, leaked or free clusters). On an image
+    /// opened for writing, what was written is flushed first and the file
+    /// is described as it is now.
+    #[wasm_bindgen(js_name = hostLayout, unchecked_return_type = "HostRun[]")]
+    pub fn host_layout(&mut self) -> Res<JsValue> {
+        let runs = match self.current_file()? {
+            Some(mut now) => now.host_layout()?,
+            None => self.reader().host_layout()?,
+        };
+        let runs: Vec<HostRun> = runs
+            .iter()
+            .map(|r| HostRun {
+                start: r.start,
+                len: r.len,
+                kind: r.kind.name(),
+            })
+            .collect();
+        to_js(&runs)
     }
 
     /// `qemu-img check --output=json` as an object (a read-only check).
@@ -332,98 +466,117 @@ impl QcowImage {
         &mut self,
         #[wasm_bindgen(js_name = onProblem, unchecked_optional_param_type = "(line: string) => void")]
         on_problem: Option<Function>,
-    ) -> Result<JsValue, JsError> {
-        let r = match &mut self.img {
-            Access::Read(img) => with_lines(on_problem.as_ref(), |sink| {
-                img.check_with(sink).map_err(js_err)
-            })?,
-            Access::Write(img) | Access::Repair(img) => {
-                // The writer knows a longer file than the one it opened:
-                // the file as it is now, opened afresh over the same storage.
-                img.flush().map_err(js_err)?;
-                let opts = OpenOptions {
-                    no_backing: true,
-                    no_data_file: true,
-                    check_mode: true,
-                    ..OpenOptions::default()
-                };
-                let mut now = Image::open(img.storage().share(), &opts).map_err(js_err)?;
-                with_lines(on_problem.as_ref(), |sink| {
-                    now.check_with(sink).map_err(js_err)
-                })?
+    ) -> Res<JsValue> {
+        let r = match self.current_file()? {
+            Some(mut now) => with_lines(on_problem.as_ref(), |sink| Ok(now.check_with(sink)?))?,
+            None => {
+                let img = self.reader();
+                with_lines(on_problem.as_ref(), |sink| Ok(img.check_with(sink)?))?
             }
         };
         to_js(&CheckSummary::of(&r, &self.name))
     }
 
     /// Reads `length` guest bytes at `offset`.
-    pub fn read(&mut self, offset: f64, length: u32) -> Result<Uint8Array, JsError> {
-        let mut buf = vec![0u8; length as usize];
-        self.reader()
-            .read_at(offset_arg("offset", offset)?, &mut buf)
-            .map_err(js_err)?;
+    pub fn read(&mut self, offset: f64, length: u32) -> Res<Uint8Array> {
+        let offset = offset_arg("offset", offset)?;
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(length as usize).map_err(|_| {
+            QcowError::new(
+                Code::OutOfMemory,
+                format!("cannot allocate {length} bytes for a read"),
+            )
+        })?;
+        buf.resize(length as usize, 0);
+        self.reader().read_at(offset, &mut buf)?;
         Ok(Uint8Array::from(&buf[..]))
     }
 
     /// Writes `bytes` at guest `offset` (image opened writable).
-    pub fn write(&mut self, offset: f64, bytes: &[u8]) -> Result<(), JsError> {
-        self.writer()?
-            .write_at(offset_arg("offset", offset)?, bytes)
-            .map_err(js_err)
+    pub fn write(&mut self, offset: f64, bytes: &[u8]) -> Res<()> {
+        let offset = offset_arg("offset", offset)?;
+        Ok(self.writer()?.write_at(offset, bytes)?)
     }
 
     /// Makes written data durable.
-    pub fn flush(&mut self) -> Result<(), JsError> {
+    pub fn flush(&mut self) -> Res<()> {
         match &mut self.img {
-            Access::Write(img) | Access::Repair(img) => img.flush().map_err(js_err),
+            Access::Write(img) | Access::Repair(img) => Ok(img.flush()?),
             Access::Read(_) => Ok(()),
         }
     }
 
-    /// Streams the guest contents as raw bytes: calls `sink(offset, bytes)`
-    /// for consecutive chunks of at most `chunk_size` bytes; chunks that
-    /// read as zeros are passed as `null` with their length as the third
-    /// argument (so a file sink can leave holes and a stream can write
-    /// zeros). Never holds more than one chunk in memory.
+    /// Streams the guest contents (or `options.start`..`end` of them) as
+    /// raw bytes: calls `sink(offset, bytes, length)` for consecutive
+    /// chunks of at most `options.chunkSize` bytes (1 MiB by default);
+    /// chunks that read as zeros are passed as `null` with their length
+    /// (so a file sink can leave holes and a stream can write zeros).
+    /// Never holds more than one chunk in memory. A sink that throws stops
+    /// the conversion with its error (an `AbortError`: code `"aborted"`).
     #[wasm_bindgen(js_name = convertToRaw)]
-    pub fn convert_to_raw(&mut self, sink: &Function, chunk_size: u32) -> Result<(), JsError> {
-        let chunk = chunk_size.max(4096) as usize;
-        let size = self.image().size();
+    pub fn convert_to_raw(
+        &mut self,
+        #[wasm_bindgen(
+            unchecked_param_type = "(offset: number, bytes: Uint8Array | null, length: number) => void"
+        )]
+        sink: &Function,
+        #[wasm_bindgen(unchecked_optional_param_type = "ConvertToRawOptions")] options: JsValue,
+    ) -> Res<()> {
+        let chunk = number_option(&options, "chunkSize")?
+            .unwrap_or(1 << 20)
+            .clamp(4096, 64 << 20) as usize;
+        let (start, end) = range_option(&options, self.image().size())?;
         let opts = CopyOptions { chunk, align: 1 };
         let mut target = FnSink { sink, chunk };
         copy(
             self.reader(),
-            0,
-            size,
+            start,
+            end,
             opts,
             &mut Decompressor::default(),
             &mut target,
-        )
-        .map_err(js_err)
+        )?;
+        Ok(())
     }
 
     /// Copies the guest contents into `target` (an OPFS handle or storage
-    /// object) as a raw image, leaving zero ranges unwritten.
+    /// object) as a raw image, leaving zero ranges unwritten (holes):
+    /// the target is emptied and sized to the virtual size first. With
+    /// `options.start`/`end`, only that range is copied and the target is
+    /// left as it is otherwise (a long conversion can go in steps: size
+    /// the empty target first). `options.onProgress(done, total)` is
+    /// called as the copy goes (bytes of the range).
     #[wasm_bindgen(js_name = convertToRawStorage)]
-    pub fn convert_to_raw_storage(&mut self, target: JsValue) -> Result<(), JsError> {
+    pub fn convert_to_raw_storage(
+        &mut self,
+        #[wasm_bindgen(unchecked_param_type = "Storage")] target: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "ConvertToRawOptions")] options: JsValue,
+    ) -> Res<()> {
         use qcowkit_core::BlockWrite;
-        let mut out = Storage::from_js(target).map_err(js_err)?;
+        let mut out = Storage::from_js(target)?;
         let size = self.image().size();
-        out.set_len(0).map_err(js_err)?;
-        out.set_len(size).map_err(js_err)?;
+        let ranged = option(&options, "start")?.is_some() || option(&options, "end")?.is_some();
+        let (start, end) = range_option(&options, size)?;
+        let on_progress = function_option(&options, "onProgress")?;
+        if !ranged {
+            out.set_len(0)?;
+            out.set_len(size)?;
+        }
         let opts = CopyOptions {
-            chunk: 1 << 20,
+            chunk: 4 << 20,
             align: 1,
         };
+        let mut sink = Progress::new(StorageSink(&mut out), on_progress.as_ref(), start, end);
+        sink.report(start)?;
         copy(
             self.reader(),
-            0,
-            size,
+            start,
+            end,
             opts,
             &mut Decompressor::default(),
-            &mut StorageSink(&mut out),
-        )
-        .map_err(js_err)?;
-        out.flush().map_err(js_err)
+            &mut sink,
+        )?;
+        out.flush()?;
+        Ok(())
     }
 }

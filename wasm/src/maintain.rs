@@ -6,44 +6,28 @@ use qcowkit_core::report::{CheckSummary, SnapshotInfo};
 use qcowkit_core::{Image, OpenOptions, Preallocation, RepairMode, WritableImage};
 use wasm_bindgen::prelude::*;
 
-use crate::reports::{offset_arg, to_js};
-use crate::{js_err, with_lines, Access, QcowImage, Storage, StorageError};
-
-/// The core's errors, with the storages' error type.
-type CoreError = qcowkit_core::Error<StorageError>;
+use crate::error::{Code, CoreError, QcowError, Res};
+use crate::reports::{offset_arg, safe_number, to_js};
+use crate::{option, with_lines, Access, QcowImage, Storage};
 
 /// qemu-img's sentence alone for a refused value (the CLI prints it so).
-fn core_err(e: CoreError) -> JsError {
+fn core_err(e: CoreError) -> QcowError {
     match e {
         CoreError::Format(qcowkit_core::FormatError::InvalidOption { reason, .. }) => {
-            JsError::new(reason)
+            QcowError::arg(reason)
         }
-        CoreError::NeedsRebuild => JsError::new(
+        CoreError::NeedsRebuild => QcowError::new(
+            Code::Corrupt,
             "the refcount structure must be rebuilt: repair with mode \"all\" (qemu-img check -r all)",
         ),
-        e => js_err(e),
+        e => e.into(),
     }
-}
-
-/// A boolean or string property of an options object (absent: `None`).
-fn option(options: &JsValue, key: &str) -> Result<Option<JsValue>, JsError> {
-    if options.is_undefined() || options.is_null() {
-        return Ok(None);
-    }
-    if !options.is_object() {
-        return Err(JsError::new(
-            "options must be an object like { shrink: true, preallocation: 'off' }",
-        ));
-    }
-    let v = Reflect::get(options, &JsValue::from_str(key))
-        .map_err(|e| js_err(StorageError::from(e)))?;
-    Ok((!v.is_undefined() && !v.is_null()).then_some(v))
 }
 
 /// A new size as `qemu-img resize` takes it: bytes as a number, or a
 /// string with an optional suffix (`"10G"`) and an optional sign for a
 /// size relative to `current` (`"+1G"`, `"-512M"`).
-fn new_size(size: &JsValue, current: u64) -> Result<u64, JsError> {
+fn new_size(size: &JsValue, current: u64) -> Res<u64> {
     let total = if let Some(n) = size.as_f64() {
         Some(offset_arg("size", n)?)
     } else if let Some(text) = size.as_string() {
@@ -54,7 +38,7 @@ fn new_size(size: &JsValue, current: u64) -> Result<u64, JsError> {
             _ => (0, text),
         };
         let n = qcowkit_options::parse_size(number).ok_or_else(|| {
-            JsError::new(&format!(
+            QcowError::arg(format!(
                 "invalid size '{text}': expected bytes, or a number with an optional suffix k, M, G, T, P or E, optionally preceded by + or -"
             ))
         })?;
@@ -64,23 +48,24 @@ fn new_size(size: &JsValue, current: u64) -> Result<u64, JsError> {
             _ => Some(n),
         }
     } else {
-        return Err(JsError::new(
+        return Err(QcowError::arg(
             "size must be a number of bytes or a string like '10G', '+1G' or '-512M'",
         ));
     };
     total
         .filter(|t| *t > 0)
-        .ok_or_else(|| JsError::new("New image size must be positive"))
+        .ok_or_else(|| QcowError::arg("New image size must be positive"))
 }
 
 /// The image, for changing its structure: opened for writing or for a
 /// repair.
-fn maintainer(img: &mut QcowImage) -> Result<&mut WritableImage<Storage>, JsError> {
+fn maintainer(img: &mut QcowImage) -> Res<&mut WritableImage<Storage>> {
     match &mut img.img {
         Access::Write(w) | Access::Repair(w) => Ok(w),
-        Access::Read(_) => Err(js_err(CoreError::ReadOnly(
+        Access::Read(_) => Err(CoreError::ReadOnly(
             "opened read-only (open it with openForRepair or openWritable)",
-        ))),
+        )
+        .into()),
     }
 }
 
@@ -101,16 +86,19 @@ impl QcowImage {
     /// img.free();
     /// ```
     #[wasm_bindgen(js_name = openForRepair)]
-    pub fn open_for_repair(name: &str, storage: JsValue) -> Result<QcowImage, JsError> {
-        let io = Storage::from_js(storage).map_err(js_err)?;
+    pub fn open_for_repair(
+        name: &str,
+        #[wasm_bindgen(unchecked_param_type = "Storage")] storage: JsValue,
+    ) -> Res<QcowImage> {
+        let io = Storage::from_js(storage)?;
         let opts = OpenOptions {
             no_backing: true,
             no_data_file: true,
             check_mode: true,
             ..OpenOptions::default()
         };
-        let img = Image::open(io, &opts).map_err(js_err)?;
-        let w = WritableImage::for_repair(img).map_err(js_err)?;
+        let img = Image::open(io, &opts)?;
+        let w = WritableImage::for_repair(img)?;
         Ok(QcowImage {
             img: Access::Repair(Box::new(w)),
             name: name.to_string(),
@@ -137,12 +125,12 @@ impl QcowImage {
         #[wasm_bindgen(unchecked_param_type = "RepairMode")] mode: &str,
         #[wasm_bindgen(js_name = onProblem, unchecked_optional_param_type = "(line: string) => void")]
         on_problem: Option<Function>,
-    ) -> Result<JsValue, JsError> {
+    ) -> Res<JsValue> {
         let mode = match mode {
             "leaks" => RepairMode::Leaks,
             "all" => RepairMode::All,
             other => {
-                return Err(JsError::new(&format!(
+                return Err(QcowError::arg(format!(
                     "repair mode must be \"leaks\" or \"all\", not \"{other}\""
                 )))
             }
@@ -152,13 +140,12 @@ impl QcowImage {
         let report = with_lines(on_problem.as_ref(), |sink| {
             img.repair(mode, sink).map_err(core_err)
         })?;
-        img.flush().map_err(js_err)?;
+        img.flush()?;
         let out = to_js(&CheckSummary::of(&report.left, &name))?;
         let found = to_js(&CheckSummary::of(&report.found, &name))?;
-        let set = |k: &str, v: &JsValue| {
-            Reflect::set(&out, &JsValue::from_str(k), v)
-                .map(|_| ())
-                .map_err(|e| js_err(StorageError::from(e)))
+        let set = |k: &str, v: &JsValue| -> Res<()> {
+            Reflect::set(&out, &JsValue::from_str(k), v)?;
+            Ok(())
         };
         set("found", &found)?;
         set("rebuilt", &JsValue::from_bool(report.rebuilt))?;
@@ -182,44 +169,44 @@ impl QcowImage {
         &mut self,
         #[wasm_bindgen(unchecked_param_type = "number | string")] size: JsValue,
         #[wasm_bindgen(unchecked_optional_param_type = "ResizeOptions")] options: JsValue,
-    ) -> Result<f64, JsError> {
+    ) -> Res<f64> {
         let shrink = match option(&options, "shrink")? {
             None => false,
             Some(v) => v
                 .as_bool()
-                .ok_or_else(|| JsError::new("options.shrink must be a boolean"))?,
+                .ok_or_else(|| QcowError::arg("options.shrink must be a boolean"))?,
         };
         let prealloc = match option(&options, "preallocation")? {
             None => Preallocation::Off,
             Some(v) => {
                 let p = v.as_string().unwrap_or_default();
                 qcowkit_options::parse_preallocation(&p)
-                    .ok_or_else(|| JsError::new(&format!("Invalid preallocation mode '{p}'")))?
+                    .ok_or_else(|| QcowError::arg(format!("Invalid preallocation mode '{p}'")))?
             }
         };
         let img = self.writer()?;
         let current = img.size();
         let total = new_size(&size, current)?;
         if total <= current && prealloc != Preallocation::Off {
-            return Err(JsError::new(
+            return Err(QcowError::arg(
                 "Preallocation can only be used for growing images",
             ));
         }
         if total < current && !shrink {
-            return Err(JsError::new(
+            return Err(QcowError::arg(
                 "Use the shrink: true option to perform a shrink operation.\nShrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
             ));
         }
         img.resize(total, prealloc).map_err(core_err)?;
-        img.flush().map_err(js_err)?;
-        Ok(img.size() as f64)
+        img.flush()?;
+        safe_number("the new size", img.size())
     }
 
     /// The internal snapshots, as `qemu-img snapshot -l` lists them (and
     /// `info().snapshots` has them): ID, name, VM state size, date, VM
     /// clock and instruction count of each, in the image's order.
     #[wasm_bindgen(unchecked_return_type = "SnapshotInfo[]")]
-    pub fn snapshots(&self) -> Result<JsValue, JsError> {
+    pub fn snapshots(&self) -> Res<JsValue> {
         let list: Vec<SnapshotInfo> = self
             .image()
             .snapshots()
@@ -234,15 +221,18 @@ impl QcowImage {
     /// state; returns its ID (the next free number). The image must be
     /// opened with `openWritable`.
     #[wasm_bindgen(js_name = createSnapshot)]
-    pub fn create_snapshot(&mut self, name: &str) -> Result<String, JsError> {
+    pub fn create_snapshot(&mut self, name: &str) -> Res<String> {
         let now = js_sys::Date::now();
         let secs = (now / 1000.0).floor();
         let nsecs = ((now - secs * 1000.0) * 1_000_000.0) as u32;
         let img = self.writer()?;
         let id = img
             .create_snapshot(name, secs as u32, nsecs.min(999_999_999))
-            .map_err(|e| JsError::new(&format!("Could not create snapshot '{name}': {e}")))?;
-        img.flush().map_err(js_err)?;
+            .map_err(|e| {
+                let code = Code::of(&e);
+                QcowError::new(code, format!("Could not create snapshot '{name}': {e}"))
+            })?;
+        img.flush()?;
         Ok(id)
     }
 
@@ -250,16 +240,18 @@ impl QcowImage {
     /// throws when there is none. The image must be opened with
     /// `openWritable`.
     #[wasm_bindgen(js_name = deleteSnapshot)]
-    pub fn delete_snapshot(&mut self, name: &str) -> Result<(), JsError> {
+    pub fn delete_snapshot(&mut self, name: &str) -> Res<()> {
         let img = self.writer()?;
         match img.delete_snapshot(name) {
-            Ok(true) => img.flush().map_err(js_err),
-            Ok(false) => Err(JsError::new(&format!(
-                "Could not delete snapshot '{name}': snapshot not found"
-            ))),
-            Err(e) => Err(JsError::new(&format!(
-                "Could not delete snapshot '{name}': {e}"
-            ))),
+            Ok(true) => Ok(img.flush()?),
+            Ok(false) => Err(QcowError::new(
+                Code::NotFound,
+                format!("Could not delete snapshot '{name}': snapshot not found"),
+            )),
+            Err(e) => Err(QcowError::new(
+                Code::of(&e),
+                format!("Could not delete snapshot '{name}': {e}"),
+            )),
         }
     }
 
@@ -271,16 +263,18 @@ impl QcowImage {
     pub fn apply_snapshot(
         &mut self,
         #[wasm_bindgen(js_name = idOrName)] id_or_name: &str,
-    ) -> Result<(), JsError> {
+    ) -> Res<()> {
         let img = self.writer()?;
         match img.apply_snapshot(id_or_name) {
-            Ok(true) => img.flush().map_err(js_err),
-            Ok(false) => Err(JsError::new(&format!(
-                "Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory"
-            ))),
-            Err(e) => Err(JsError::new(&format!(
-                "Could not apply snapshot '{id_or_name}': {e}"
-            ))),
+            Ok(true) => Ok(img.flush()?),
+            Ok(false) => Err(QcowError::new(
+                Code::NotFound,
+                format!("Could not apply snapshot '{id_or_name}': Failed to load snapshot: No such file or directory"),
+            )),
+            Err(e) => Err(QcowError::new(
+                Code::of(&e),
+                format!("Could not apply snapshot '{id_or_name}': {e}"),
+            )),
         }
     }
 }

@@ -7,7 +7,10 @@ use qcowkit_core::report::{Info, InfoParams, MapEntry};
 use qcowkit_core::{Image, OpenOptions};
 use wasm_bindgen::prelude::*;
 
-use crate::{js_err, Storage, StorageError};
+use crate::error::{Code, QcowError, Res};
+use crate::storage::MAX_SAFE;
+use crate::Storage;
+use js_sys::Reflect;
 
 /// A guest range and its allocation category ([`QcowImage::allocation_map`]).
 #[derive(serde::Serialize)]
@@ -17,9 +20,6 @@ pub(crate) struct AllocationRange {
     pub(crate) category: Category,
 }
 
-/// A report as a plain JavaScript object: the same content `JSON.parse`
-/// gives for qemu-img's JSON (numbers beyond 2^53 lose precision there
-/// too).
 /// One page of a map (`QcowImage.mapPage`).
 #[derive(serde::Serialize)]
 pub(crate) struct MapPage {
@@ -27,34 +27,110 @@ pub(crate) struct MapPage {
     pub next: Option<u64>,
 }
 
+/// A run of the image file with one use ([`QcowImage::host_layout`]).
+#[derive(serde::Serialize)]
+pub(crate) struct HostRun {
+    pub start: u64,
+    pub len: u64,
+    pub kind: &'static str,
+}
+
 /// A guest offset or length given by JavaScript as a number: a finite,
-/// whole, non-negative number no larger than 2^53 (beyond that numbers are
-/// not exact).
-pub(crate) fn offset_arg(name: &str, v: f64) -> Result<u64, JsError> {
-    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_992.0 {
+/// whole, non-negative number no larger than `Number.MAX_SAFE_INTEGER`
+/// (beyond that numbers are not exact).
+pub(crate) fn offset_arg(name: &str, v: f64) -> Res<u64> {
+    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= MAX_SAFE as f64 {
         Ok(v as u64)
     } else {
-        Err(JsError::new(&format!(
-            "{name} must be a whole number from 0 to 2^53, not {v}"
+        Err(QcowError::arg(format!(
+            "{name} must be a whole number from 0 to Number.MAX_SAFE_INTEGER (2^53 - 1), not {v}"
         )))
     }
 }
 
-pub(crate) fn to_js<T: serde::Serialize>(v: &T) -> Result<JsValue, JsError> {
-    let text = serde_json::to_string(v).map_err(js_err)?;
-    js_sys::JSON::parse(&text).map_err(|e| js_err(StorageError::from(e)))
+/// A 64-bit value returned as a number: refused above
+/// `Number.MAX_SAFE_INTEGER`, never rounded.
+pub(crate) fn safe_number(what: &str, v: u64) -> Res<f64> {
+    if v <= MAX_SAFE {
+        Ok(v as f64)
+    } else {
+        Err(too_large(what, v))
+    }
+}
+
+fn too_large(what: &str, v: u64) -> QcowError {
+    QcowError::new(
+        Code::Unsupported,
+        format!("{what} is {v}, beyond Number.MAX_SAFE_INTEGER (2^53 - 1): it cannot be returned exactly as a JavaScript number"),
+    )
+}
+
+/// A report as a plain JavaScript object, with the content of qemu-img's
+/// JSON: every integer exact (one above `Number.MAX_SAFE_INTEGER` is
+/// refused, naming the field).
+pub(crate) fn to_js<T: serde::Serialize>(v: &T) -> Res<JsValue> {
+    let value =
+        serde_json::to_value(v).map_err(|e| QcowError::new(Code::Internal, e.to_string()))?;
+    let mut path = String::from("value");
+    js_value(&value, &mut path)
+}
+
+fn js_value(v: &serde_json::Value, path: &mut String) -> Res<JsValue> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => JsValue::NULL,
+        Value::Bool(b) => JsValue::from_bool(*b),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                safe_number(path, u)?.into()
+            } else if let Some(i) = n.as_i64() {
+                if i.unsigned_abs() > MAX_SAFE {
+                    return Err(too_large(path, i.unsigned_abs()));
+                }
+                (i as f64).into()
+            } else {
+                n.as_f64().unwrap_or(f64::NAN).into()
+            }
+        }
+        Value::String(s) => JsValue::from_str(s),
+        Value::Array(items) => {
+            let out = js_sys::Array::new_with_length(items.len() as u32);
+            for (i, item) in items.iter().enumerate() {
+                let at = path.len();
+                path.push_str(&format!("[{i}]"));
+                out.set(i as u32, js_value(item, path)?);
+                path.truncate(at);
+            }
+            out.into()
+        }
+        Value::Object(map) => {
+            let out = js_sys::Object::new();
+            for (k, item) in map {
+                let at = path.len();
+                path.push('.');
+                path.push_str(k);
+                let value = js_value(item, path)?;
+                path.truncate(at);
+                Reflect::set(&out, &JsValue::from_str(k), &value)?;
+            }
+            out.into()
+        }
+    })
 }
 
 /// `qemu-img info` of `storage` named `name`, without opening any file it
 /// names: `format` is `raw` when the storage is not a qcow2 image. For
 /// telling which of several files is the top of a chain.
 #[wasm_bindgen(unchecked_return_type = "ImageInfo")]
-pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
+pub fn inspect(
+    name: &str,
+    #[wasm_bindgen(unchecked_param_type = "Storage")] storage: JsValue,
+) -> Res<JsValue> {
     use qcowkit_core::BlockRead;
-    let mut io = Storage::from_js(storage).map_err(js_err)?;
+    let mut io = Storage::from_js(storage)?;
     let mut magic = [0u8; 4];
-    io.read_at(0, &mut magic).map_err(js_err)?;
-    let actual = io.len().map_err(js_err)?;
+    io.read_at(0, &mut magic)?;
+    let actual = io.len()?;
     if !qcowkit_core::header::Header::has_magic(&magic) {
         return to_js(&Info::raw(name, actual, actual));
     }
@@ -63,7 +139,7 @@ pub fn inspect(name: &str, storage: JsValue) -> Result<JsValue, JsError> {
         no_data_file: true,
         ..OpenOptions::default()
     };
-    let mut img = Image::open(io, &opts).map_err(js_err)?;
+    let mut img = Image::open(io, &opts)?;
     to_js(&info_of(&mut img, name))
 }
 
@@ -124,6 +200,52 @@ export interface MapPage {
   entries: MapEntry[];
   next: number | null;
 }
+/** A run of the image file with one use (`hostLayout()`): `kind` is what its clusters hold. */
+export interface HostRun {
+  /** Offset in the file, in bytes. */
+  start: number;
+  /** Length in bytes. */
+  len: number;
+  kind: HostUse;
+}
+/**
+ * What a cluster of the image file holds: the header, the active L1 and L2 tables, the refcount
+ * table and blocks, the snapshot table and the tables only snapshots use, bitmap metadata, the
+ * encryption header, guest data (plain or compressed), a leaked cluster (its refcount says in use
+ * but nothing refers to it) or nothing.
+ */
+export type HostUse =
+  | "header" | "l1" | "l2" | "refcount-table" | "refcount-block" | "snapshot-table"
+  | "snapshot-l1" | "snapshot-l2" | "bitmap" | "crypto-header" | "data" | "compressed"
+  | "leaked" | "free";
+/** A guest range `[start, end)` of an operation (default: the whole disk). */
+export interface RangeOptions {
+  start?: number;
+  end?: number;
+}
+/**
+ * A storage: bytes in memory (a private copy), a read-only `Blob`/`File` (synchronous reads:
+ * in a worker), an OPFS sync access handle (read-write, in a dedicated worker), or an object
+ * with synchronous methods (e.g. over Node's `fs.readSync`/`fs.writeSync`).
+ */
+export type Storage = Uint8Array | Blob | FileSystemSyncAccessHandle | StorageObject;
+/** A storage made of synchronous methods; offsets and lengths are exact numbers. */
+export interface StorageObject {
+  /** `length` bytes at `offset` (shorter at the end of the file: the rest reads as zeros). */
+  read(offset: number, length: number): Uint8Array;
+  /** The file's length in bytes. */
+  size(): number;
+  /** Writes `bytes` at `offset` (writable storages only). */
+  write?(offset: number, bytes: Uint8Array): void;
+  /** Sets the file's length. */
+  truncate?(length: number): void;
+  /** Makes what was written durable. */
+  flush?(): void;
+}
+/** Backing and data files an image may name, by name (see `QcowImage.open`). */
+export type NamedFiles = Record<string, Storage> | Map<string, Storage>;
+/** Called with the bytes done so far and the total; throwing (e.g. `signal.throwIfAborted()`) stops the operation with that error. */
+export type ProgressCallback = (done: number, total: number) => void;
 /** A guest range and its allocation category. */
 export interface AllocationRange {
   start: number;

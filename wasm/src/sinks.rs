@@ -5,10 +5,8 @@ use js_sys::{Function, Uint8Array};
 use qcowkit_core::copy::Sink;
 use wasm_bindgen::prelude::*;
 
+use crate::error::CoreError;
 use crate::{Storage, StorageError};
-
-/// Errors of the converters: the core's, with the storages' error type.
-pub(crate) type CoreError = qcowkit_core::Error<StorageError>;
 
 /// A JS function `sink(offset, bytes | null, length)` as a copy's sink;
 /// zero runs are passed in pieces of at most `chunk` bytes.
@@ -68,5 +66,53 @@ impl Sink for StorageSink<'_> {
 
     fn zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), CoreError> {
         Ok(())
+    }
+}
+
+/// A sink that reports progress: `on_progress(done, total)` after each
+/// piece, with the bytes of `[start, end)` done so far. An exception the
+/// callback throws stops the copy with its error (and code).
+pub(crate) struct Progress<'a, S> {
+    inner: S,
+    on_progress: Option<&'a Function>,
+    start: u64,
+    total: u64,
+}
+
+impl<'a, S> Progress<'a, S> {
+    pub(crate) fn new(inner: S, on_progress: Option<&'a Function>, start: u64, end: u64) -> Self {
+        Progress {
+            inner,
+            on_progress,
+            start,
+            total: end - start,
+        }
+    }
+
+    /// Reports that the copy reached guest offset `pos`.
+    pub(crate) fn report(&self, pos: u64) -> Result<(), CoreError> {
+        if let Some(cb) = self.on_progress {
+            cb.call2(
+                &JsValue::NULL,
+                &((pos - self.start) as f64).into(),
+                &(self.total as f64).into(),
+            )
+            .map_err(|e| CoreError::Io(StorageError::from(e)))?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Sink<Error = CoreError>> Sink for Progress<'_, S> {
+    type Error = CoreError;
+
+    fn data(&mut self, offset: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), CoreError> {
+        self.inner.data(offset, buf, len)?;
+        self.report(offset + len as u64)
+    }
+
+    fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), CoreError> {
+        self.inner.zeroes(offset, len)?;
+        self.report(offset + len)
     }
 }

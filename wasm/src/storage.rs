@@ -9,24 +9,83 @@ use js_sys::{Function, Reflect, Uint8Array};
 use qcowkit_core::{BlockRead, BlockWrite};
 use wasm_bindgen::{JsCast, JsValue};
 
-/// An error from a JS storage, with its message.
+use crate::error::Code;
+
+/// An error from a JS storage (or a JS callback), with its message and
+/// the code it maps to.
 #[derive(Debug, Clone)]
-pub struct StorageError(pub String);
+pub struct StorageError {
+    /// What went wrong.
+    pub message: String,
+    /// Its code (`"io"` unless the thrown error says otherwise).
+    pub code: Code,
+}
+
+impl StorageError {
+    /// An I/O error.
+    pub fn io(message: impl Into<String>) -> StorageError {
+        StorageError::with(Code::Io, message)
+    }
+
+    /// An error with `code`.
+    pub fn with(code: Code, message: impl Into<String>) -> StorageError {
+        StorageError {
+            message: message.into(),
+            code,
+        }
+    }
+}
 
 impl core::fmt::Display for StorageError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
 impl From<JsValue> for StorageError {
+    /// A thrown JS value: its message, and its code when it carries one
+    /// of ours (`err.code`) or is a DOMException we know (`AbortError`:
+    /// aborted, `NotFoundError`: not found, `NoModificationAllowedError`:
+    /// busy); otherwise `"io"`.
     fn from(v: JsValue) -> Self {
-        let msg = v
-            .dyn_ref::<js_sys::Error>()
-            .map(|e| String::from(e.message()))
-            .or_else(|| v.as_string())
-            .unwrap_or_else(|| format!("{v:?}"));
-        StorageError(msg)
+        let prop = |k: &str| Reflect::get(&v, &JsValue::from_str(k)).ok()?.as_string();
+        let message = if v.is_object() {
+            prop("message")
+        } else {
+            v.as_string()
+        }
+        .unwrap_or_else(|| format!("{v:?}"));
+        let code = v
+            .is_object()
+            .then(|| {
+                prop("code").and_then(|c| Code::parse(&c)).or_else(|| {
+                    match prop("name").as_deref() {
+                        Some("AbortError") => Some(Code::Aborted),
+                        Some("NotFoundError") => Some(Code::NotFound),
+                        Some("NoModificationAllowedError") => Some(Code::Busy),
+                        _ => None,
+                    }
+                })
+            })
+            .flatten()
+            .unwrap_or(Code::Io);
+        StorageError { message, code }
+    }
+}
+
+/// The largest integer JavaScript numbers hold exactly (2^53 - 1).
+pub const MAX_SAFE: u64 = (1 << 53) - 1;
+
+/// Refuses file ranges JS storages cannot address exactly.
+fn addressable(offset: u64, len: usize) -> Result<(), StorageError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= MAX_SAFE => Ok(()),
+        _ => Err(StorageError::with(
+            Code::OutOfBounds,
+            format!(
+                "file offset {offset} (+{len} bytes) is beyond Number.MAX_SAFE_INTEGER: JS storages address at most 2^53 - 1 bytes"
+            ),
+        )),
     }
 }
 
@@ -69,8 +128,9 @@ impl Storage {
                 return Ok(Storage::Blob(value.unchecked_into()));
             }
         }
-        Err(StorageError(
-            "unsupported storage: expected a Uint8Array, Blob/File, OPFS sync access handle, or an object with read/size methods".into(),
+        Err(StorageError::with(
+            Code::InvalidArgument,
+            "unsupported storage: expected a Uint8Array, Blob/File, OPFS sync access handle, or an object with read/size methods",
         ))
     }
 
@@ -106,8 +166,9 @@ impl BlockRead for Storage {
         match self {
             Storage::Memory(v) => v
                 .read_at(offset, buf)
-                .map_err(|e| StorageError(e.to_string())),
+                .map_err(|e| StorageError::io(e.to_string())),
             Storage::Blob(b) => {
+                addressable(offset, buf.len())?;
                 buf.fill(0);
                 let size = b.size() as u64;
                 if offset >= size || buf.is_empty() {
@@ -123,6 +184,7 @@ impl BlockRead for Storage {
                 Ok(())
             }
             Storage::Opfs(h) => {
+                addressable(offset, buf.len())?;
                 buf.fill(0);
                 let opts = web_sys::FileSystemReadWriteOptions::new();
                 opts.set_at(offset as f64);
@@ -130,12 +192,14 @@ impl BlockRead for Storage {
                 Ok(())
             }
             Storage::Object(o) => {
+                addressable(offset, buf.len())?;
                 buf.fill(0);
-                let f = method(o, "read").ok_or(StorageError("storage has no read()".into()))?;
+                let f =
+                    method(o, "read").ok_or_else(|| StorageError::io("storage has no read()"))?;
                 let r = f.call2(o, &num(offset), &num(buf.len() as u64))?;
                 let bytes = r
                     .dyn_into::<Uint8Array>()
-                    .map_err(|_| StorageError("read() must return a Uint8Array".into()))?;
+                    .map_err(|_| StorageError::io("read() must return a Uint8Array"))?;
                 let n = (bytes.length() as usize).min(buf.len());
                 bytes.subarray(0, n as u32).copy_to(&mut buf[..n]);
                 Ok(())
@@ -149,11 +213,18 @@ impl BlockRead for Storage {
             Storage::Blob(b) => Ok(b.size() as u64),
             Storage::Opfs(h) => Ok(h.get_size()? as u64),
             Storage::Object(o) => {
-                let f = method(o, "size").ok_or(StorageError("storage has no size()".into()))?;
+                let f =
+                    method(o, "size").ok_or_else(|| StorageError::io("storage has no size()"))?;
                 f.call0(o)?
                     .as_f64()
+                    .filter(|v| *v >= 0.0 && v.fract() == 0.0 && *v <= MAX_SAFE as f64)
                     .map(|v| v as u64)
-                    .ok_or(StorageError("size() must return a number".into()))
+                    .ok_or_else(|| {
+                        StorageError::with(
+                            Code::InvalidArgument,
+                            "size() must return a whole number of bytes from 0 to Number.MAX_SAFE_INTEGER",
+                        )
+                    })
             }
         }
     }
@@ -164,20 +235,26 @@ impl BlockWrite for Storage {
         match self {
             Storage::Memory(v) => v
                 .write_at(offset, buf)
-                .map_err(|e| StorageError(e.to_string())),
-            Storage::Blob(_) => Err(StorageError("a Blob/File is read-only".into())),
+                .map_err(|e| StorageError::io(e.to_string())),
+            Storage::Blob(_) => Err(StorageError::with(
+                Code::ReadOnly,
+                "a Blob/File is read-only",
+            )),
             Storage::Opfs(h) => {
+                addressable(offset, buf.len())?;
                 let opts = web_sys::FileSystemReadWriteOptions::new();
                 opts.set_at(offset as f64);
                 let n = h.write_with_u8_array_and_options(buf, &opts)?;
                 if (n as usize) < buf.len() {
-                    return Err(StorageError(format!("short write at {offset}")));
+                    return Err(StorageError::io(format!("short write at {offset}")));
                 }
                 Ok(())
             }
             Storage::Object(o) => {
-                let f = method(o, "write")
-                    .ok_or(StorageError("storage is read-only (no write())".into()))?;
+                addressable(offset, buf.len())?;
+                let f = method(o, "write").ok_or_else(|| {
+                    StorageError::with(Code::ReadOnly, "storage is read-only (no write())")
+                })?;
                 f.call2(o, &num(offset), &Uint8Array::from(buf))?;
                 Ok(())
             }
@@ -187,15 +264,20 @@ impl BlockWrite for Storage {
     fn set_len(&mut self, len: u64) -> Result<(), StorageError> {
         match self {
             Storage::Memory(v) => {
-                BlockWrite::set_len(v, len).map_err(|e| StorageError(e.to_string()))
+                BlockWrite::set_len(v, len).map_err(|e| StorageError::io(e.to_string()))
             }
-            Storage::Blob(_) => Err(StorageError("a Blob/File is read-only".into())),
+            Storage::Blob(_) => Err(StorageError::with(
+                Code::ReadOnly,
+                "a Blob/File is read-only",
+            )),
             Storage::Opfs(h) => {
+                addressable(len, 0)?;
                 h.truncate_with_f64(len as f64)?;
                 Ok(())
             }
             Storage::Object(o) => match method(o, "truncate") {
                 Some(f) => {
+                    addressable(len, 0)?;
                     f.call1(o, &num(len))?;
                     Ok(())
                 }

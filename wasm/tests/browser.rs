@@ -66,7 +66,8 @@ async fn opfs_images_are_created_written_and_converted() {
     assert!(get(&check, &["corruptions"]).is_undefined());
 
     let raw = opfs_handle("test.raw").await;
-    img.convert_to_raw_storage(raw.clone().into()).unwrap();
+    img.convert_to_raw_storage(raw.clone().into(), JsValue::UNDEFINED)
+        .unwrap();
     assert_eq!(raw.get_size().unwrap(), 16.0 * 1024.0 * 1024.0);
     let mut buf = vec![0u8; 16];
     let ro = web_sys::FileSystemReadWriteOptions::new();
@@ -163,7 +164,7 @@ async fn opfs_images_are_repaired_resized_and_snapshotted() {
     assert!(get(&check, &["corruptions"]).is_undefined());
     assert!(get(&check, &["leaks"]).is_undefined());
     img.apply_snapshot("before").unwrap();
-    assert_eq!(img.virtual_size(), 64.0 * 1048576.0);
+    assert_eq!(img.virtual_size().unwrap(), 64.0 * 1048576.0);
     assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), want);
     drop(img);
     let mut img =
@@ -194,4 +195,62 @@ fn a_blob_is_checked_but_not_repaired() {
     let err: JsValue = img.repair("leaks", None).err().unwrap().into();
     let msg = get(&err, &["message"]).as_string().unwrap();
     assert!(msg.contains("read-only"), "{msg}");
+}
+
+#[wasm_bindgen_test]
+async fn opfs_targets_of_the_converters_and_error_codes_in_a_worker() {
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let want = img.read(0.0, 4 << 20).unwrap().to_vec();
+    // A Qcow2Writer into an OPFS handle, in steps.
+    let handle = opfs_handle("writer.qcow2").await;
+    let opts = js_sys::Object::new();
+    Reflect::set(&opts, &"size".into(), &"64M".into()).unwrap();
+    Reflect::set(&opts, &"compress".into(), &true.into()).unwrap();
+    let mut w = qcowkit_wasm::Qcow2Writer::new(handle.clone().into(), opts.into()).unwrap();
+    for step in 0..8 {
+        let range = js_sys::Object::new();
+        Reflect::set(&range, &"start".into(), &(step as f64 * 8388608.0).into()).unwrap();
+        Reflect::set(
+            &range,
+            &"end".into(),
+            &((step + 1) as f64 * 8388608.0).into(),
+        )
+        .unwrap();
+        w.copy_from(&mut img, range.into()).unwrap();
+    }
+    w.finish().unwrap();
+    drop(w);
+    let mut back =
+        QcowImage::open("writer.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    assert_eq!(back.read(0.0, 4 << 20).unwrap().to_vec(), want);
+    let check = back.check(None).unwrap();
+    assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
+    // Its layout covers the OPFS file, compressed clusters included.
+    let runs = Array::from(&back.host_layout().unwrap());
+    let total: f64 = runs
+        .iter()
+        .map(|r| get(&r, &["len"]).as_f64().unwrap())
+        .sum();
+    assert_eq!(total, handle.get_size().unwrap());
+    assert!(runs
+        .iter()
+        .any(|r| get(&r, &["kind"]).as_string().unwrap() == "compressed"));
+    drop(back);
+    handle.close();
+    // A closed handle fails with code "io"; a Blob is read-only.
+    let err: JsValue = QcowImage::open("closed", handle.into(), JsValue::UNDEFINED)
+        .err()
+        .unwrap()
+        .into();
+    assert_eq!(get(&err, &["code"]).as_string().unwrap(), "io");
+    let parts = Array::of1(&Uint8Array::from(DEMO));
+    let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
+    let mut ro = QcowImage::open_for_repair("demo.qcow2", blob.into()).unwrap();
+    let err: JsValue = ro.create_snapshot("x").err().unwrap().into();
+    assert_eq!(get(&err, &["code"]).as_string().unwrap(), "read-only");
 }

@@ -1,7 +1,9 @@
 //! wasm-bindgen tests of the JS API (run in Node by `wasm-pack test --node`).
 
 use js_sys::{Function, Object, Reflect, Uint8Array};
-use qcowkit_wasm::{convert_raw_to_qcow2, create_image, create_image_bytes, inspect, QcowImage};
+use qcowkit_wasm::{
+    convert_raw_to_qcow2, create_image, create_image_bytes, inspect, QcowError, QcowImage,
+};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_test::*;
 
@@ -113,14 +115,18 @@ fn inspect_and_allocation_report_what_the_core_computes() {
         JsValue::UNDEFINED,
     )
     .unwrap();
-    let totals = img.allocation().unwrap();
+    let totals = img.allocation(JsValue::UNDEFINED).unwrap();
     let sum: f64 = ["data", "compressed", "zero", "backing", "unallocated"]
         .iter()
         .map(|k| get(&totals, &[k]).as_f64().unwrap())
         .sum();
     assert_eq!(sum, 67108864.0);
     assert!(get(&totals, &["compressed"]).as_f64().unwrap() > 0.0);
-    let ranges: js_sys::Array = img.allocation_map().unwrap().dyn_into().unwrap();
+    let ranges: js_sys::Array = img
+        .allocation_map(JsValue::UNDEFINED)
+        .unwrap()
+        .dyn_into()
+        .unwrap();
     let mut covered = 0.0;
     let mut compressed = 0.0;
     for r in ranges.iter() {
@@ -242,7 +248,8 @@ fn convert_to_raw_streams_the_guest_contents() {
     )
     .unwrap();
     let sink = collector();
-    img.convert_to_raw(&sink, 1 << 20).unwrap();
+    img.convert_to_raw(&sink, options(&[("chunkSize", (1 << 20).into())]))
+        .unwrap();
     let result: Function = get(&sink, &["result"]).dyn_into().unwrap();
     let raw = result
         .call0(&JsValue::NULL)
@@ -400,8 +407,8 @@ fn map_pages_join_to_the_map_and_check_streams_its_problems() {
         .contains("onProblem threw"));
 }
 
-/// The message of a thrown `JsError`.
-fn message<T>(r: Result<T, JsError>) -> String {
+/// The message of a thrown error (as JavaScript sees it).
+fn message<T>(r: Result<T, QcowError>) -> String {
     let err: JsValue = r.err().expect("an error").into();
     get(&err, &["message"]).as_string().unwrap()
 }
@@ -584,7 +591,7 @@ fn resize_grows_and_shrinks_by_qemu_img_rules() {
         img.resize("+12M".into(), JsValue::UNDEFINED).unwrap(),
         16.0 * 1048576.0
     );
-    assert_eq!(img.virtual_size(), 16.0 * 1048576.0);
+    assert_eq!(img.virtual_size().unwrap(), 16.0 * 1048576.0);
     let info = img.info().unwrap();
     assert_eq!(num(&info, "virtual-size"), Some(16.0 * 1048576.0));
     img.write(15.0 * 1048576.0, &[0x88; 4096]).unwrap();
@@ -597,7 +604,7 @@ fn resize_grows_and_shrinks_by_qemu_img_rules() {
     );
     let msg = message(img.resize("2M".into(), options(&[("shrink", false.into())])));
     assert!(msg.contains("shrink: true"), "{msg}");
-    assert_eq!(img.virtual_size(), 16.0 * 1048576.0);
+    assert_eq!(img.virtual_size().unwrap(), 16.0 * 1048576.0);
     // qemu-img's other refusals.
     assert_eq!(
         message(img.resize(
@@ -670,7 +677,7 @@ fn resize_grows_and_shrinks_by_qemu_img_rules() {
     drop(img);
     assert_eq!(guest(storage.clone(), 1 << 20), pattern(1 << 20));
     let mut ro = QcowImage::open("z.qcow2", storage, JsValue::UNDEFINED).unwrap();
-    assert_eq!(ro.virtual_size(), 8.0 * 1048576.0);
+    assert_eq!(ro.virtual_size().unwrap(), 8.0 * 1048576.0);
     assert!(message(ro.resize("+1M".into(), JsValue::UNDEFINED)).contains("read-only"));
 }
 
@@ -744,4 +751,295 @@ fn snapshots_are_taken_listed_applied_and_deleted() {
     assert!(message(ro.apply_snapshot("two")).contains("read-only"));
     let check = ro.check(None).unwrap();
     assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
+}
+
+/// The `code` of a thrown error (as JavaScript sees it), and its name.
+fn code<T>(r: Result<T, QcowError>) -> (String, String) {
+    let err: JsValue = r.err().expect("an error").into();
+    assert!(err.is_instance_of::<js_sys::Error>(), "a JS Error");
+    (
+        get(&err, &["code"]).as_string().unwrap(),
+        get(&err, &["name"]).as_string().unwrap(),
+    )
+}
+
+#[wasm_bindgen_test]
+fn host_layout_covers_the_file_and_names_what_each_cluster_holds() {
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let runs = js_sys::Array::from(&img.host_layout().unwrap());
+    let mut pos = 0.0;
+    let mut kinds = std::collections::BTreeMap::new();
+    let at = |offset: u64| -> String {
+        runs.iter()
+            .find(|r| {
+                let s = num(r, "start").unwrap();
+                s <= offset as f64 && (offset as f64) < s + num(r, "len").unwrap()
+            })
+            .map(|r| get(&r, &["kind"]).as_string().unwrap())
+            .unwrap()
+    };
+    assert_eq!(at(0), "header");
+    assert_eq!(at(be64(DEMO, 40)), "l1");
+    assert_eq!(at(be64(DEMO, 48)), "refcount-table");
+    assert_eq!(at(be64(DEMO, 64)), "snapshot-table");
+    for r in runs.iter() {
+        assert_eq!(num(&r, "start"), Some(pos), "runs are consecutive");
+        let len = num(&r, "len").unwrap();
+        *kinds
+            .entry(get(&r, &["kind"]).as_string().unwrap())
+            .or_insert(0.0) += len;
+        pos += len;
+    }
+    assert_eq!(pos, DEMO.len() as f64, "runs cover the file");
+    for k in [
+        "l2",
+        "refcount-block",
+        "compressed",
+        "bitmap",
+        "snapshot-l1",
+    ] {
+        assert!(kinds.contains_key(k), "{k} in {kinds:?}");
+    }
+    assert!(!kinds.contains_key("leaked"), "{kinds:?}");
+
+    // A writable image: what was written is flushed and described.
+    let storage = memStorage(JsValue::UNDEFINED);
+    create_image(storage.clone(), options(&[("size", "8M".into())])).unwrap();
+    let mut w = QcowImage::open_writable("w.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    w.write(0.0, &[9u8; 3 * 65536]).unwrap();
+    let runs = js_sys::Array::from(&w.host_layout().unwrap());
+    let data: f64 = runs
+        .iter()
+        .filter(|r| get(r, &["kind"]).as_string().unwrap() == "data")
+        .map(|r| num(&r, "len").unwrap())
+        .sum();
+    assert_eq!(data, 3.0 * 65536.0);
+}
+
+#[wasm_bindgen_test]
+fn errors_are_js_errors_with_stable_codes() {
+    let code_only = |r: (String, String)| r.0;
+    assert_eq!(
+        code_only(code(QcowImage::open(
+            "x",
+            Uint8Array::from(&b"not an image at all"[..]).into(),
+            JsValue::UNDEFINED
+        ))),
+        "format"
+    );
+    assert_eq!(
+        code_only(code(QcowImage::open(
+            "x",
+            JsValue::from(42),
+            JsValue::UNDEFINED
+        ))),
+        "invalid-argument"
+    );
+    let top = create_image_bytes(options(&[
+        ("size", "1M".into()),
+        ("backing_file", "base.qcow2".into()),
+    ]))
+    .unwrap();
+    assert_eq!(
+        code_only(code(QcowImage::open(
+            "top.qcow2",
+            top.into(),
+            JsValue::UNDEFINED
+        ))),
+        "missing-backing"
+    );
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    assert_eq!(code_only(code(img.read(67108864.0, 1))), "out-of-bounds");
+    assert_eq!(code_only(code(img.write(0.0, &[1]))), "read-only");
+    assert_eq!(code_only(code(img.read(-1.0, 1))), "invalid-argument");
+    assert_eq!(
+        code_only(code(img.read(9_007_199_254_740_992.0, 1))),
+        "invalid-argument"
+    );
+    assert_eq!(
+        code_only(code(img.allocation(options(&[("end", 1e18.into())])))),
+        "invalid-argument"
+    );
+    assert_eq!(
+        code_only(code(
+            img.allocation(options(&[("start", 67108865.0.into())]))
+        )),
+        "out-of-bounds"
+    );
+    assert_eq!(
+        code_only(code(create_image_bytes(options(&[
+            ("size", "1M".into()),
+            ("cluster_size", 3000.into())
+        ])))),
+        "invalid-argument"
+    );
+    let mut w = QcowImage::open_writable("r.qcow2", written_image(), JsValue::UNDEFINED).unwrap();
+    assert_eq!(code_only(code(w.delete_snapshot("none"))), "not-found");
+    // A callback that throws an AbortError stops the work: code "aborted".
+    let mut leaky = DEMO.to_vec();
+    let block = (be64(&leaky, be64(&leaky, 48) as usize) & !511) as usize;
+    leaky[block + 1] = 2;
+    let mut leaky =
+        QcowImage::open("l", Uint8Array::from(&leaky[..]).into(), JsValue::UNDEFINED).unwrap();
+    let (c, name) = code(leaky.check(Some(abort_thrower())));
+    assert_eq!((c.as_str(), name.as_str()), ("aborted", "AbortError"));
+    let sink = abort_thrower();
+    assert_eq!(
+        code(img.convert_to_raw(&sink, JsValue::UNDEFINED)).0,
+        "aborted"
+    );
+    // A storage failure: "io"; one carrying one of our codes keeps it.
+    let failing = failing_storage(DEMO.len() as f64, "");
+    assert_eq!(
+        code_only(code(QcowImage::open("f", failing, JsValue::UNDEFINED))),
+        "io"
+    );
+    let failing = failing_storage(DEMO.len() as f64, "busy");
+    assert_eq!(
+        code_only(code(QcowImage::open("f", failing, JsValue::UNDEFINED))),
+        "busy"
+    );
+}
+
+#[wasm_bindgen(inline_js = r#"
+export function abort_thrower() {
+  return () => { const e = new Error("stop"); e.name = "AbortError"; throw e; };
+}
+export function failing_storage(size, code) {
+  return {
+    read() { const e = new Error("disk on fire"); if (code) e.code = code; throw e; },
+    size() { return size; },
+  };
+}
+export function far_storage(inner) {
+  // Records every offset the wasm asks for.
+  const seen = [];
+  return { seen, read(o, n) { seen.push(o); return inner.read(o, n); }, size() { return inner.size(); } };
+}
+"#)]
+extern "C" {
+    fn abort_thrower() -> Function;
+    fn failing_storage(size: f64, code: &str) -> JsValue;
+    fn far_storage(inner: &JsValue) -> JsValue;
+}
+
+#[wasm_bindgen_test]
+fn file_offsets_beyond_2_pow_53_are_refused_not_rounded() {
+    // Guest cluster 0 of a small image pointed at host offset 2^54 + 65536
+    // (valid qcow2; beyond what a JS number holds exactly).
+    let storage = written_image();
+    let mut bytes = storage_bytes(&storage);
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let far = (1u64 << 54) + 65536;
+    bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | far).to_be_bytes());
+    let inner = memStorage(Uint8Array::from(&bytes[..]).into());
+    let spy = far_storage(&inner);
+    let mut img = QcowImage::open("far.qcow2", spy.clone(), JsValue::UNDEFINED).unwrap();
+    let (c, _) = code(img.read(0.0, 512));
+    assert_eq!(c, "out-of-bounds");
+    let seen = js_sys::Array::from(&get(&spy, &["seen"]));
+    assert!(
+        seen.iter()
+            .all(|o| o.as_f64().unwrap() <= 9_007_199_254_740_991.0),
+        "the storage never saw a rounded offset"
+    );
+    // qemu-img map's offset of that cluster is refused the same way.
+    let err: JsValue = img.map().err().unwrap().into();
+    assert_eq!(get(&err, &["code"]).as_string().unwrap(), "unsupported");
+    let msg = get(&err, &["message"]).as_string().unwrap();
+    assert!(msg.contains("18014398509547520"), "{msg}");
+    assert!(msg.contains("MAX_SAFE_INTEGER"), "{msg}");
+}
+
+#[wasm_bindgen(inline_js = r#"
+export function progress_log() {
+  const got = [];
+  const f = (done, total) => { got.push([done, total]); };
+  f.got = got;
+  return f;
+}
+"#)]
+extern "C" {
+    fn progress_log() -> Function;
+}
+
+#[wasm_bindgen_test]
+fn conversions_into_qcow2_with_progress_read_back_the_same() {
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
+    let want = img.read(0.0, 8 << 20).unwrap().to_vec();
+    // One call, zstd-compressed, 16 KiB clusters, extended L2.
+    let target = memStorage(JsValue::UNDEFINED);
+    let log = progress_log();
+    img.convert_to_qcow2(
+        target.clone(),
+        options(&[
+            ("compress", true.into()),
+            ("compression_type", "zstd".into()),
+            ("cluster_size", 16384.into()),
+            ("extended_l2", true.into()),
+            ("onProgress", log.clone().into()),
+        ]),
+    )
+    .unwrap();
+    let got = js_sys::Array::from(&get(&log, &["got"]));
+    assert!(got.length() >= 2);
+    assert_eq!(json(&got.get(0)), "[0,67108864]");
+    assert_eq!(json(&got.get(got.length() - 1)), "[67108864,67108864]");
+    let mut back = QcowImage::open("c.qcow2", target, JsValue::UNDEFINED).unwrap();
+    assert_eq!(back.read(0.0, 8 << 20).unwrap().to_vec(), want);
+    let check = back.check(None).unwrap();
+    assert!(num(&check, "compressed-clusters").unwrap() > 0.0);
+    assert!(get(&check, &["corruptions"]).is_undefined());
+    // In steps through a Qcow2Writer: copyFrom ranges, then write().
+    let target = memStorage(JsValue::UNDEFINED);
+    let mut w = qcowkit_wasm::Qcow2Writer::new(
+        target.clone(),
+        options(&[("size", "64M".into()), ("cluster_size", 65536.into())]),
+    )
+    .unwrap();
+    assert_eq!(w.virtual_size().unwrap(), 67108864.0);
+    let step = 6.0 * 1048576.0;
+    let mut at = 0.0;
+    while at < 67108864.0 {
+        let end = f64::min(at + step, 67108864.0);
+        w.copy_from(
+            &mut img,
+            options(&[("start", at.into()), ("end", end.into())]),
+        )
+        .unwrap();
+        at = end;
+    }
+    w.write(65536.0, vec![0xee; 65536]).unwrap();
+    assert_eq!(code(w.write(100.0, vec![1; 512])).0, "invalid-argument");
+    w.finish().unwrap();
+    let mut back = QcowImage::open("w.qcow2", target, JsValue::UNDEFINED).unwrap();
+    let mut expect = want.clone();
+    expect[65536..131072].fill(0xee);
+    assert_eq!(back.read(0.0, 8 << 20).unwrap().to_vec(), expect);
+    assert!(get(&back.check(None).unwrap(), &["leaks"]).is_undefined());
+    // Conversion options a standalone target cannot take are refused.
+    assert_eq!(
+        code(img.convert_to_qcow2(
+            memStorage(JsValue::UNDEFINED),
+            options(&[("backing_file", "b.qcow2".into())])
+        ))
+        .0,
+        "invalid-argument"
+    );
 }

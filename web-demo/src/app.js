@@ -19,6 +19,32 @@ const CATEGORIES = [
 ];
 const CAT_INDEX = Object.fromEntries(CATEGORIES.map((c, i) => [c.key, i]));
 
+/**
+ * What a cluster of the image file holds (the wasm's hostLayout() kinds,
+ * the core's HostUse names), in legend order, with how the page shows them.
+ */
+const HOST_KINDS = [
+  { key: 'header', label: 'Header', color: '#111827' },
+  { key: 'l1', label: 'L1 table', color: '#b45309' },
+  { key: 'l2', label: 'L2 tables', color: '#f59e0b' },
+  { key: 'refcount-table', label: 'Refcount table', color: '#be123c' },
+  { key: 'refcount-block', label: 'Refcount blocks', color: '#fb7185' },
+  { key: 'snapshot-table', label: 'Snapshot table', color: '#0f766e' },
+  { key: 'snapshot-l1', label: 'Snapshot L1 tables', color: '#14b8a6' },
+  { key: 'snapshot-l2', label: 'Snapshot-only L2 tables', color: '#99f6e4' },
+  { key: 'bitmap', label: 'Bitmaps', color: '#65a30d' },
+  { key: 'crypto-header', label: 'Encryption header', color: '#4b5563' },
+  { key: 'data', label: 'Guest data', color: '#2a6fdb' },
+  { key: 'compressed', label: 'Compressed guest data', color: '#9b3fd1' },
+  { key: 'leaked', label: 'Leaked (refcount without a user)', color: '#dc2626' },
+  { key: 'free', label: 'Free', color: '#e4e7eb' },
+];
+const KIND_INDEX = Object.fromEntries(HOST_KINDS.map((k, i) => [k.key, i]));
+
+/** Bytes per guest sector row in the hex viewer, and per sector. */
+const HEX_ROW = 16;
+const SECTOR = 512;
+
 let client = null;
 /**
  * The image shown: `id` of its read-only view in the worker (null while
@@ -76,6 +102,7 @@ function clearError() {
 }
 
 function download(blob, name) {
+  // (A File from OPFS is read from disk as it is saved: images larger than memory work.)
   const url = URL.createObjectURL(blob);
   const a = el('a', { href: url, download: name });
   document.body.append(a);
@@ -84,35 +111,118 @@ function download(blob, name) {
   setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
-// ---------- choosing the top image ----------
+// ---------- assembling the backing chain ----------
+
+const baseName = (p) => p.slice(p.lastIndexOf('/') + 1);
+const dirOf = (p) => p.slice(0, p.lastIndexOf('/') + 1);
+
+/** `p` without `.` components and with `dir/..` pairs removed. */
+function normalize(p) {
+  const out = [];
+  for (const part of p.split('/')) {
+    if (part === '' || part === '.') continue;
+    if (part === '..' && out.length && out[out.length - 1] !== '..') out.pop();
+    else out.push(part);
+  }
+  return (p.startsWith('/') ? '/' : '') + out.join('/');
+}
 
 /**
  * What the wasm's inspect() says of a file without opening the files it
- * names; null when the file is not a qcow2 image or inspect() rejects it
- * (a malformed header: opening it then shows the core's message).
+ * names (`format` "raw" for a file that is not a qcow2 image); null when
+ * inspect() rejects it (a malformed header: opening it then shows the
+ * core's message).
  */
 async function inspectOrNull(file) {
   try {
-    const info = await client.inspect(file.name, file);
-    return info.format === 'qcow2' ? info : null;
+    return await client.inspect(file.name, file);
   } catch {
     return null;
   }
 }
 
 /**
- * The top image: the first qcow2 file that no other file names as its
- * backing file (by name or basename); else the first file.
+ * The file a backing name stored in the image at `parent` stands for, as
+ * QEMU resolves it: relative to the directory of the naming image (or
+ * absolute), else by its last path component. Returns `{ entry, tried }`.
  */
-async function chooseTop(files) {
-  const infos = await Promise.all(files.map(inspectOrNull));
+function resolveBacking(parent, name, entries) {
+  const byPath = new Map(entries.map((e) => [e.path, e]));
+  const tried = [];
+  const wanted = name.startsWith('/') ? normalize(name) : normalize(dirOf(parent) + name);
+  tried.push(wanted);
+  if (byPath.has(wanted)) return { entry: byPath.get(wanted), tried };
+  const base = baseName(name);
+  tried.push(`any file named ${base}`);
+  const entry = entries.find((e) => baseName(e.path) === base) || null;
+  return { entry, tried };
+}
+
+/** An error with a code, shown as it is. */
+function coded(code, message) {
+  return Object.assign(new Error(message), { code });
+}
+
+/**
+ * The image to show among the chosen files (`{ file, path }`, paths
+ * relative to a dropped folder): the first qcow2 file that no other file
+ * names as its backing file; its chain is followed through the files, and
+ * a backing file that is not among them is named in the error. `others`
+ * maps every other file's path (and, where free, its base name) to it,
+ * for the wasm to resolve the names it reads the same way.
+ */
+async function assemble(entries) {
+  const all = await Promise.all(entries.map((e) => inspectOrNull(e.file)));
+  const infos = all.map((i) => (i && i.format === 'qcow2' ? i : null));
   const named = new Set();
-  infos.forEach((info) => {
-    const b = info && info['backing-filename'];
-    if (b) { named.add(b); named.add(b.split('/').pop()); }
+  entries.forEach((e, k) => {
+    const b = infos[k] && infos[k]['backing-filename'];
+    if (b) {
+      const r = resolveBacking(e.path, b, entries);
+      if (r.entry) named.add(r.entry);
+    }
   });
-  const i = files.findIndex((f, k) => infos[k] !== null && !named.has(f.name));
-  return files[i >= 0 ? i : 0];
+  // Candidates: qcow2 files no other file names. The top is the one with
+  // the longest chain among the files (a folder may hold unrelated images).
+  const depth = (i) => {
+    let n = 0;
+    for (let at = i; n < 64; n++) {
+      const b = infos[at] && infos[at]['backing-filename'];
+      const r = b ? resolveBacking(entries[at].path, b, entries) : null;
+      if (!r || !r.entry) return n + (b ? 1 : 0);
+      at = entries.indexOf(r.entry);
+    }
+    return n;
+  };
+  let k = -1;
+  entries.forEach((e, i) => {
+    if (infos[i] !== null && !named.has(e) && (k < 0 || depth(i) > depth(k))) k = i;
+  });
+  if (k < 0) {
+    // No qcow2 image: a raw disk (or a malformed image, which then shows the core's error).
+    return { top: entries[0], raw: !!all[0] && all[0].format === 'raw', others: {}, chain: [entries[0].path] };
+  }
+  const top = entries[k];
+  // Follow the chain through the files: a missing link is named here.
+  const chain = [top.path];
+  for (let at = k, depth = 0; depth < 64; depth++) {
+    const b = infos[at] && infos[at]['backing-filename'];
+    if (!b) break;
+    const r = resolveBacking(entries[at].path, b, entries);
+    if (!r.entry) {
+      throw coded('missing-backing', `Missing backing file "${b}", named by ${entries[at].path}: ` +
+        `looked for ${r.tried.join(', then for ')}. Drop it together with the image (or drop their folder).`);
+    }
+    chain.push(r.entry.path);
+    at = entries.indexOf(r.entry);
+  }
+  const others = {};
+  for (const e of entries) if (e !== top) others[e.path] = e.file;
+  for (const e of entries) {
+    const b = baseName(e.path);
+    if (e !== top && !(b in others)) others[b] = e.file;
+  }
+  return { top, raw: false, others, chain };
 }
 
 // ---------- rendering ----------
@@ -280,6 +390,153 @@ function renderMap(ranges, allocation, size) {
   }
 }
 
+/**
+ * Draws the host-file layout from the wasm's hostLayout() runs: each pixel
+ * an equal share of the image file, coloured by what most of it holds
+ * (any metadata before data, data before free space), with a legend of
+ * bytes per kind and how fragmented the guest data is.
+ */
+function renderLayout(runs) {
+  const canvas = $('layout-canvas');
+  const ctx = canvas.getContext('2d');
+  const size = runs.reduce((n, r) => n + r.len, 0);
+  const pixels = canvas.width * canvas.height;
+  const per = Math.max(size / pixels, 1);
+  const used = Math.min(pixels, Math.ceil(size / per));
+  const n = HOST_KINDS.length;
+  const acc = new Float64Array(used * n);
+  const totals = Object.fromEntries(HOST_KINDS.map((k) => [k.key, 0]));
+  for (const r of runs) {
+    const c = KIND_INDEX[r.kind];
+    if (c === undefined) throw new Error(`unknown host cluster kind ${r.kind}`);
+    totals[r.kind] += r.len;
+    const end = r.start + r.len;
+    const p0 = Math.floor(r.start / per);
+    const p1 = Math.min(used - 1, Math.floor((end - 1) / per));
+    for (let p = p0; p <= p1; p++) {
+      const lo = Math.max(r.start, p * per);
+      const hi = Math.min(end, (p + 1) * per);
+      if (hi > lo) acc[p * n + c] += hi - lo;
+    }
+  }
+  const rank = (c) => (HOST_KINDS[c].key === 'free' ? 0 : ['data', 'compressed', 'leaked'].includes(HOST_KINDS[c].key) ? 1 : 2);
+  const rgb = HOST_KINDS.map((k) => [1, 3, 5].map((i) => parseInt(k.color.slice(i, i + 2), 16)));
+  const img = ctx.createImageData(canvas.width, canvas.height);
+  for (let p = 0; p < pixels; p++) {
+    let color = [255, 255, 255];
+    if (p < used) {
+      let best = KIND_INDEX.free;
+      for (let c = 0; c < n; c++) {
+        const bytes = acc[p * n + c];
+        if (!bytes) continue;
+        if (rank(c) > rank(best) || (rank(c) === rank(best) && bytes > acc[p * n + best])) best = c;
+      }
+      color = rgb[best];
+    }
+    img.data.set([...color, 255], p * 4);
+  }
+  ctx.putImageData(img, 0, 0);
+  // Fragmentation: the guest data's pieces in the file.
+  const pieces = runs.filter((r) => r.kind === 'data' || r.kind === 'compressed');
+  const dataBytes = pieces.reduce((n, r) => n + r.len, 0);
+  const largest = pieces.reduce((m, r) => Math.max(m, r.len), 0);
+  const stats = $('layout-stats');
+  stats.dataset.fileBytes = String(size);
+  stats.dataset.dataExtents = String(pieces.length);
+  stats.dataset.runs = String(runs.length);
+  stats.textContent = `File: ${sizeText(size)} in ${runs.length} runs. Each pixel: ${human(Math.ceil(per))} of the file. ` +
+    `Guest data: ${human(dataBytes)} in ${pieces.length} ${pieces.length === 1 ? 'piece' : 'pieces'}` +
+    (pieces.length ? ` (largest ${human(largest)}, average ${human(Math.round(dataBytes / pieces.length))})` : '') +
+    `; free: ${human(totals.free)}; leaked: ${human(totals.leaked)}.`;
+  const legend = $('layout-legend');
+  legend.replaceChildren();
+  for (const k of HOST_KINDS) {
+    if (!totals[k.key] && !['header', 'data', 'free'].includes(k.key)) continue;
+    legend.append(el('li', { 'data-testid': `layout-${k.key}`, 'data-bytes': String(totals[k.key]) },
+      el('span', { class: 'swatch', style: `background:${k.color}` }), `${k.label}: ${human(totals[k.key])}`));
+  }
+}
+
+// ---------- hex viewer ----------
+
+/** The hex viewer's sector: its guest offset (a multiple of 512). */
+let hexAt = 0;
+
+/**
+ * A guest offset typed by the user: decimal bytes, 0x-prefixed hex, or a
+ * number with a K, M, G or T suffix (binary units). Parsed with BigInt, so
+ * no digit is lost; beyond Number.MAX_SAFE_INTEGER it is refused.
+ */
+function parseOffset(text) {
+  const t = text.trim().replace(/_/g, '');
+  let v;
+  const m = /^(\d+)\s*([kmgt])(?:i?b)?$/i.exec(t);
+  if (/^0x[0-9a-f]+$/i.test(t)) v = BigInt(t);
+  else if (/^\d+$/.test(t)) v = BigInt(t);
+  else if (m) v = BigInt(m[1]) << BigInt(10 * ' kmgt'.indexOf(m[2].toLowerCase()));
+  else throw coded('invalid-argument', `"${text}" is not an offset: use bytes, 0x… (hex) or a K, M, G, T suffix`);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw coded('invalid-argument', `offset ${v} is beyond 2^53 - 1`);
+  return Number(v);
+}
+
+const hex = (n, width) => n.toString(16).padStart(width, '0');
+
+/** Shows the 512-byte guest sector at `offset` (rounded down to a sector). */
+async function showSector(offset) {
+  const size = current.size;
+  const where = $('hex-where');
+  const view = $('hex');
+  if (offset >= size) {
+    where.textContent = `Offset ${offset} (0x${hex(offset, 1)}) is beyond the end of the disk (${sizeText(size)}).`;
+    where.className = 'bad';
+    view.dataset.state = 'out-of-range';
+    return;
+  }
+  const at = offset - (offset % SECTOR);
+  const len = Math.min(SECTOR, size - at);
+  const bytes = await client.read(current.id, at, len);
+  const lines = [];
+  for (let row = 0; row < bytes.length; row += HEX_ROW) {
+    const part = bytes.subarray(row, row + HEX_ROW);
+    const cells = Array.from(part, (b) => hex(b, 2));
+    const ascii = Array.from(part, (b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.')).join('');
+    lines.push(`${hex(at + row, 16)}  ${cells.slice(0, 8).join(' ')}  ${cells.slice(8).join(' ')}`.padEnd(68) + ` |${ascii}|`);
+  }
+  hexAt = at;
+  view.textContent = lines.join('\n');
+  view.dataset.offset = String(at);
+  view.dataset.state = 'shown';
+  where.className = '';
+  where.textContent = `Sector ${Math.floor(at / SECTOR)} — guest bytes ${at} to ${at + len - 1} ` +
+    `(0x${hex(at, 1)}–0x${hex(at + len - 1, 1)}) of ${sizeText(size)}.`;
+  $('hex-prev').disabled = at === 0;
+  $('hex-next').disabled = at + SECTOR >= size;
+}
+
+function hexGo(ev) {
+  ev.preventDefault();
+  if (!current || current.raw) return Promise.resolve();
+  let offset;
+  try {
+    offset = parseOffset($('hex-offset').value);
+  } catch (err) {
+    $('hex-where').textContent = err.message;
+    $('hex-where').className = 'bad';
+    $('hex').dataset.state = 'invalid';
+    return Promise.resolve();
+  }
+  return serial(() => showSector(offset)).catch((err) => showError(err.message));
+}
+
+function hexStep(delta) {
+  if (!current || current.raw) return Promise.resolve();
+  return serial(() => {
+    const next = Math.max(0, hexAt + delta * SECTOR);
+    $('hex-offset').value = `0x${hex(next, 1)}`;
+    return showSector(next);
+  }).catch((err) => showError(err.message));
+}
+
 // ---------- actions ----------
 
 /**
@@ -291,7 +548,9 @@ async function showImage() {
   current.id = await client.open(current.name, storage, current.others);
   const id = current.id;
   const info = await client.info(id);
+  current.size = info['virtual-size'];
   $('image-name').textContent = current.name;
+  $('result').dataset.kind = 'qcow2';
   renderFacts(info);
   renderSnapshots(await client.snapshots(id));
   renderBitmaps(info);
@@ -300,6 +559,14 @@ async function showImage() {
   $('result').hidden = false;
   renderChain(await client.chain(id));
   renderMap(await client.allocationMap(id), await client.allocation(id), info['virtual-size']);
+  try {
+    renderLayout(await client.hostLayout(id));
+  } catch (err) {
+    // (e.g. a file of more clusters than the core draws): the other views still show.
+    $('layout-stats').textContent = `No layout: ${err.message}`;
+    $('layout-legend').replaceChildren();
+  }
+  await showSector(Math.min(hexAt, info['virtual-size'] - 1));
   renderCheck(await client.check(id));
   $('download-modified').hidden = !current.modified;
 }
@@ -331,41 +598,101 @@ function resetMaintenance() {
   $('download-modified').hidden = true;
 }
 
-function openFiles(fileList) {
-  const files = Array.from(fileList || []);
-  if (!files.length) return Promise.resolve();
+/**
+ * Opens the chosen files: `entries` are `{ file, path }` (a dropped
+ * folder's files carry their path inside it). A qcow2 image is shown with
+ * every view; a raw disk alone gets its size and the conversion panel.
+ */
+function openEntries(entries) {
+  if (!entries.length) return Promise.resolve();
   return serial(async () => {
     clearError();
     $('result').hidden = true;
-    $('convert-status').textContent = '';
-    $('convert-progress').hidden = true;
+    resetConvert();
     resetMaintenance();
     if (current) {
       await closeView().catch(() => {});
       current = null;
     }
-    $('status').textContent = `Opening ${files.map((f) => f.name).join(', ')}…`;
+    hexAt = 0;
+    $('hex-offset').value = '0';
+    $('status').textContent = `Opening ${entries.map((e) => e.path).join(', ')}…`;
     try {
       if (!client) throw new Error('the wasm module is not loaded');
       await removeCopies().catch(() => {});
-      const top = await chooseTop(files);
-      const others = {};
-      for (const f of files) if (f !== top) others[f.name] = f;
-      current = { id: null, name: top.name, top, others, copy: null, modified: false };
-      await showImage();
-      $('status').textContent = `Opened ${top.name}.`;
+      const { top, raw, others, chain } = await assemble(entries);
+      current = { id: null, name: top.path, top: top.file, others, copy: null, modified: false, raw, size: 0 };
+      if (raw) {
+        showRaw();
+      } else {
+        await showImage();
+      }
+      $('status').textContent = raw ? `Opened ${top.path} (a raw disk).` : `Opened ${chain.join(' → ')}.`;
       $('result').dataset.ready = 'true';
     } catch (err) {
       $('status').textContent = 'Could not open the image.';
-      showError(`${err.message}`);
+      showError(err.message);
+      $('error').dataset.code = err.code || '';
     }
   });
+}
+
+/** A raw disk: its size and the conversion to qcow2 (the other views need a qcow2 image). */
+function showRaw() {
+  const size = current.top.size;
+  current.size = size;
+  $('image-name').textContent = current.name;
+  $('result').dataset.kind = 'raw';
+  const dl = $('facts');
+  dl.replaceChildren(
+    el('dt', {}, 'Format'), el('dd', { 'data-testid': 'fact-format', id: 'fact-format' }, 'raw'),
+    el('dt', {}, 'Virtual size'), el('dd', { 'data-testid': 'fact-virtual-size', id: 'fact-virtual-size' }, sizeText(size)));
+  $('fact-virtual-size').dataset.bytes = String(size);
+  $('convert-format').value = 'qcow2';
+  updateConvertForm();
+  $('result').hidden = false;
+}
+
+function openFiles(fileList) {
+  const files = Array.from(fileList || []);
+  return openEntries(files.map((f) => ({ file: f, path: f.webkitRelativePath || f.name })));
+}
+
+/**
+ * The files of a drop: a dropped folder is walked (its files keep their
+ * paths inside it), dropped files are taken as they are. The entries are
+ * taken synchronously, as the drop's data is gone after the event.
+ */
+function dropEntries(dt) {
+  const roots = Array.from(dt.items || [])
+    .map((item) => (item.kind === 'file' && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null))
+    .filter(Boolean);
+  const files = Array.from(dt.files || []);
+  if (!roots.length) return Promise.resolve(files.map((f) => ({ file: f, path: f.name })));
+  const out = [];
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      const file = await new Promise((res, rej) => entry.file(res, rej));
+      out.push({ file, path: entry.fullPath.replace(/^\/+/, '') });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((res, rej) => reader.readEntries(res, rej));
+        if (!batch.length) break;
+        for (const e of batch) await walk(e);
+      }
+    }
+  };
+  return (async () => {
+    for (const r of roots) await walk(r);
+    return out;
+  })();
 }
 
 // ---------- maintenance ----------
 
 const MAINT_CONTROLS = ['check-button', 'repair-leaks', 'repair-all', 'resize-button', 'snapshot-button',
-  'download-modified', 'convert-raw'];
+  'download-modified', 'convert-button'];
 
 function setBusy(busy) {
   for (const id of MAINT_CONTROLS) $(id).disabled = busy;
@@ -550,42 +877,128 @@ function downloadModified() {
   });
 }
 
-function convertRaw() {
-  if (!current) return Promise.resolve();
-  return serial(convertCurrent);
+// ---------- conversion ----------
+
+/** Prefix of the OPFS files conversions write (removed before the next one). */
+const CONVERT_PREFIX = 'qcowkit-convert-';
+/** The running conversion's AbortController. */
+let converting = null;
+
+function updateConvertForm() {
+  const toQcow2 = $('convert-format').value === 'qcow2';
+  $('convert-qcow2-options').hidden = !toQcow2;
+  const raw = current && current.raw;
+  $('convert-format').querySelector('option[value=raw]').disabled = !!raw;
 }
 
-async function convertCurrent() {
-  const button = $('convert-raw');
-  const bar = $('convert-progress');
-  const status = $('convert-status');
-  button.disabled = true;
-  bar.hidden = false;
-  bar.value = 0;
-  status.textContent = 'Converting…';
-  delete status.dataset.done;
-  const rawName = current.name.replace(/\.(qcow2?|img)$/i, '') + '.raw';
-  const opfsName = `qcowkit-convert-${Date.now()}.raw`;
-  try {
-    const root = await navigator.storage.getDirectory();
-    for await (const name of root.keys()) {
-      if (name.startsWith('qcowkit-convert-')) await root.removeEntry(name).catch(() => {});
-    }
-    await client.convertToRawOpfs(current.id, opfsName, (done, total) => {
+function resetConvert() {
+  const panel = $('convert-panel');
+  delete panel.dataset.state;
+  $('convert-status').textContent = '';
+  $('convert-status').className = '';
+  $('convert-progress').hidden = true;
+  $('convert-progress').value = 0;
+  $('convert-cancel').hidden = true;
+  const link = $('convert-download');
+  if (link.href && link.href.startsWith('blob:')) URL.revokeObjectURL(link.href);
+  link.hidden = true;
+  link.removeAttribute('href');
+  delete $('convert-status').dataset.opfs;
+}
+
+/** The conversion options the form says (qemu-img's names). */
+function convertOptions() {
+  const compression = $('convert-compression').value;
+  const options = {
+    cluster_size: Number($('convert-cluster').value),
+    extended_l2: $('convert-extended-l2').checked,
+  };
+  if (compression !== 'none') {
+    options.compress = true;
+    options.compression_type = compression;
+  }
+  return options;
+}
+
+/**
+ * Converts the image shown (qcow2 with its chain, or a raw disk) into an
+ * OPFS file in the worker, with a progress bar and a cancel button, and
+ * offers the result for download. The panel's `data-state` ends as
+ * "done", "cancelled" or "failed".
+ */
+function convert() {
+  if (!current) return Promise.resolve();
+  return serial(async () => {
+    const panel = $('convert-panel');
+    const bar = $('convert-progress');
+    const status = $('convert-status');
+    resetConvert();
+    clearError();
+    const format = current.raw ? 'qcow2' : $('convert-format').value;
+    const stem = baseName(current.name).replace(/\.(qcow2?|img|raw)$/i, '');
+    const outName = `${stem}${format === 'raw' ? '.raw' : '.qcow2'}`;
+    const opfsName = `${CONVERT_PREFIX}${Date.now()}-${outName.replace(/[^\w.-]/g, '_')}`;
+    const ac = new AbortController();
+    converting = ac;
+    panel.dataset.state = 'busy';
+    $('convert-button').disabled = true;
+    $('convert-cancel').hidden = false;
+    bar.hidden = false;
+    bar.value = 0;
+    status.textContent = 'Converting…';
+    const onProgress = (done, total) => {
       bar.max = total || 1;
       bar.value = done;
+      bar.dataset.done = String(done);
       status.textContent = `${((done / (total || 1)) * 100).toFixed(0)} % (${human(done)} of ${human(total)})`;
-    });
-    const file = await (await root.getFileHandle(opfsName)).getFile();
-    download(file, rawName);
-    status.textContent = `Done: ${rawName}, ${sizeText(file.size)}.`;
-    status.dataset.done = 'true';
-  } catch (err) {
-    status.textContent = 'Conversion failed.';
-    showError(err.message);
-  } finally {
-    button.disabled = false;
-  }
+    };
+    try {
+      const root = await navigator.storage.getDirectory();
+      for await (const name of root.keys()) {
+        if (name.startsWith(CONVERT_PREFIX)) await root.removeEntry(name).catch(() => {});
+      }
+      const opts = { signal: ac.signal, onProgress };
+      const t0 = performance.now();
+      let r;
+      if (current.raw) {
+        r = await client.convertRawToQcow2Opfs(current.top, opfsName, { ...opts, ...convertOptions() });
+      } else {
+        // The view (of the chosen file, or of the working copy once one was made).
+        r = format === 'raw'
+          ? await client.convertToRawOpfs(current.id, opfsName, opts)
+          : await client.convertToQcow2Opfs(current.id, opfsName, { ...opts, ...convertOptions() });
+      }
+      const file = await (await root.getFileHandle(opfsName)).getFile();
+      const link = $('convert-download');
+      link.href = URL.createObjectURL(file);
+      link.download = outName;
+      link.textContent = `Download ${outName} (${sizeText(file.size)})`;
+      link.hidden = false;
+      status.textContent = `Done: ${outName}, ${sizeText(r.size)}, in ${((performance.now() - t0) / 1000).toFixed(1)} s.`;
+      status.className = 'ok';
+      status.dataset.opfs = opfsName;
+      status.dataset.size = String(r.size);
+      panel.dataset.state = 'done';
+    } catch (err) {
+      if (err.code === 'aborted') {
+        status.textContent = `Cancelled: ${err.message}.`;
+        panel.dataset.state = 'cancelled';
+      } else {
+        status.textContent = 'Conversion failed.';
+        status.className = 'bad';
+        showError(err.message);
+        panel.dataset.state = 'failed';
+      }
+    } finally {
+      converting = null;
+      $('convert-button').disabled = false;
+      $('convert-cancel').hidden = true;
+    }
+  });
+}
+
+function cancelConvert() {
+  if (converting) converting.abort();
 }
 
 async function createImage(ev) {
@@ -619,13 +1032,19 @@ function wire() {
   zone.addEventListener('drop', (e) => {
     e.preventDefault();
     zone.classList.remove('over');
-    openFiles(e.dataTransfer.files);
+    dropEntries(e.dataTransfer).then(openEntries, (err) => showError(err.message));
   });
   // Dropping outside the zone must not navigate away.
   window.addEventListener('dragover', (e) => e.preventDefault());
   window.addEventListener('drop', (e) => e.preventDefault());
   $('file-input').addEventListener('change', (e) => openFiles(e.target.files));
-  $('convert-raw').addEventListener('click', convertRaw);
+  $('folder-input').addEventListener('change', (e) => openFiles(e.target.files));
+  $('convert-button').addEventListener('click', convert);
+  $('convert-cancel').addEventListener('click', cancelConvert);
+  $('convert-format').addEventListener('change', updateConvertForm);
+  $('hex-form').addEventListener('submit', hexGo);
+  $('hex-prev').addEventListener('click', () => hexStep(-1));
+  $('hex-next').addEventListener('click', () => hexStep(1));
   $('create-form').addEventListener('submit', createImage);
   $('check-button').addEventListener('click', recheck);
   $('repair-leaks').addEventListener('click', () => repair('leaks'));

@@ -8,7 +8,7 @@
 import { createServer } from 'node:http';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, existsSync, statSync } from 'node:fs';
+import { linkSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, existsSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, extname, join, normalize, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -18,8 +18,10 @@ import { chromium } from 'playwright-core';
 const here = dirname(fileURLToPath(import.meta.url));
 const dist = join(here, '..', 'dist');
 const tmp = mkdtempSync(join(tmpdir(), 'qcowkit-e2e-'));
-const shots = join(tmp, 'screenshots');
-execFileSync('mkdir', ['-p', shots]);
+// Screenshots are the run's artifacts: web-demo/test-artifacts/ (git-ignored).
+const shots = join(here, '..', 'test-artifacts');
+rmSync(shots, { recursive: true, force: true });
+mkdirSync(shots, { recursive: true });
 
 if (!existsSync(join(dist, 'index.html'))) {
   console.error(`${dist} is missing: run "npm run build" in web-demo first`);
@@ -156,18 +158,69 @@ qemuImg('convert', '-O', 'raw', path('maint.qcow2'), path('maint-now.raw'));
 // fires no change event).
 writeFileSync(path('snapme.qcow2'), readFileSync(path('maint.qcow2')));
 
+
+// For the host-file layout: a cluster past the data whose refcount is 1
+// but that nothing uses (leaked).
+qemuImg('create', '-q', '-f', 'qcow2', path('layout-leak.qcow2'), '16M');
+qemuIo(path('layout-leak.qcow2'), 'write -P 0x41 0 192k');
+{
+  const bytes = readFileSync(path('layout-leak.qcow2'));
+  const grown = Buffer.concat([bytes, Buffer.alloc(65536)]);
+  setRefcount(grown, bytes.length / 65536, 1);
+  writeFileSync(path('layout-leak.qcow2'), grown);
+}
+
+// A folder: vm/images/top.qcow2 -> ../bases/mid.qcow2 -> base.qcow2 (in
+// bases/), with a decoy vm/other/base.qcow2 of other contents (a lookup
+// by file name alone would take the wrong one).
+for (const d of ['vm/images', 'vm/bases', 'vm/other']) mkdirSync(path(d), { recursive: true });
+qemuImg('create', '-q', '-f', 'qcow2', path('vm/bases/base.qcow2'), '32M');
+qemuIo(path('vm/bases/base.qcow2'), 'write -P 0x42 0 1M'); // 'B'
+qemuImg('create', '-q', '-f', 'qcow2', path('vm/other/base.qcow2'), '32M');
+qemuIo(path('vm/other/base.qcow2'), 'write -P 0x58 0 1M'); // 'X'
+qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path('vm/bases/mid.qcow2'));
+qemuIo(path('vm/bases/mid.qcow2'), 'write -P 0x4d 64k 64k'); // 'M'
+qemuImg('create', '-q', '-f', 'qcow2', '-b', '../bases/mid.qcow2', '-F', 'qcow2', path('vm/images/top.qcow2'));
+qemuIo(path('vm/images/top.qcow2'), 'write -P 0x54 128k 64k'); // 'T'
+// The same without the base: the error names it.
+mkdirSync(path('vm2/images'), { recursive: true });
+mkdirSync(path('vm2/bases'), { recursive: true });
+writeFileSync(path('vm2/images/top.qcow2'), readFileSync(path('vm/images/top.qcow2')));
+writeFileSync(path('vm2/bases/mid.qcow2'), readFileSync(path('vm/bases/mid.qcow2')));
+// An absolute backing name that exists nowhere here: found by its last component.
+mkdirSync(path('abs'), { recursive: true });
+writeFileSync(path('abs/top.qcow2'), readFileSync(path('vm/images/top.qcow2')));
+qemuImg('rebase', '-u', '-b', '/srv/elsewhere/mid.qcow2', '-F', 'qcow2', path('abs/top.qcow2'));
+writeFileSync(path('abs/mid.qcow2'), readFileSync(path('vm/bases/mid.qcow2')));
+writeFileSync(path('abs/base.qcow2'), readFileSync(path('vm/bases/base.qcow2')));
+
+// Several GiB, sparse: 4 GiB + 64 MiB with data at 0, at 2 GiB, across the
+// 4 GiB boundary and at the end (converted to raw and back in the page).
+const BIG = 4160 * 2 ** 20;
+qemuImg('create', '-q', '-f', 'qcow2', path('big.qcow2'), String(BIG));
+qemuIo(path('big.qcow2'), 'write -P 0x11 0 1M');
+qemuIo(path('big.qcow2'), 'write -P 0x22 2G 1M');
+qemuIo(path('big.qcow2'), 'write -P 0x33 4095M 2M');
+qemuIo(path('big.qcow2'), 'write -P 0x61 4096M 512'); // 'a' at exactly 4 GiB
+qemuIo(path('big.qcow2'), 'write -P 0x44 4159M 1M');
+
 // ---------- the browser ----------
 
 const server = await serve(dist);
 // E2E_BASE_URL runs the same checks against another server (e.g. python3 -m http.server).
 const base = process.env.E2E_BASE_URL || `http://127.0.0.1:${server.address().port}/`;
-const browser = await chromium.launch({
+// A profile on disk: OPFS files then live in files of it (sparse), not in
+// memory as in an incognito context, so multi-GiB conversions fit.
+const profile = join(tmp, 'profile');
+const context = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  acceptDownloads: true,
+  viewport: { width: 1280, height: 900 },
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
-const context = await browser.newContext({ acceptDownloads: true });
-const page = await context.newPage();
+const browser = { close: () => context.close() };
+const page = context.pages()[0] || await context.newPage();
 const pageErrors = [];
 page.on('pageerror', (e) => pageErrors.push(e.message));
 page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(m.text()); });
@@ -186,12 +239,39 @@ async function waitOpened() {
   if (await err.isVisible()) throw new Error(`page shows an error: ${await err.innerText()}`);
 }
 
+/**
+ * Runs the conversion panel with `options` (format, compression, cluster
+ * size, extended L2) and waits for its outcome ("done", "cancelled",
+ * "failed").
+ */
+async function runConversion({ format = 'qcow2', compression = 'none', cluster = '65536', extendedL2 = false } = {},
+  during = null) {
+  await page.selectOption('#convert-format', format);
+  if (format === 'qcow2') {
+    await page.selectOption('#convert-compression', compression);
+    await page.selectOption('#convert-cluster', cluster);
+    await page.setChecked('#convert-extended-l2', extendedL2);
+  }
+  await page.evaluate(() => { delete document.getElementById('convert-panel').dataset.state; });
+  await page.click('#convert-button');
+  await page.waitForFunction(() => document.getElementById('convert-panel').dataset.state);
+  if (during) await during();
+  await page.waitForFunction(() => document.getElementById('convert-panel').dataset.state !== 'busy',
+    null, { timeout: 300_000 });
+  return page.getByTestId('convert-panel').getAttribute('data-state');
+}
+
+/** Downloads the conversion's result (the panel's link); returns the saved path. */
+async function downloadConverted(label) {
+  const [dl] = await Promise.all([page.waitForEvent('download', { timeout: 120_000 }), page.click('#convert-download')]);
+  const out = path(`${label}-page-${dl.suggestedFilename()}`);
+  await dl.saveAs(out);
+  return out;
+}
+
 async function convertAndCompare(image, label) {
-  const [dl] = await Promise.all([page.waitForEvent('download', { timeout: 60_000 }),
-    page.click('#convert-raw')]);
-  const got = path(`${label}-page.raw`);
-  await dl.saveAs(got);
-  await page.waitForFunction(() => document.getElementById('convert-status').dataset.done === 'true');
+  assert.equal(await runConversion({ format: 'raw' }), 'done');
+  const got = await downloadConverted(label);
   const want = path(`${label}-qemu.raw`);
   qemuImg('convert', '-O', 'raw', path(image), want);
   assert.equal(statSync(got).size, statSync(want).size, 'raw size');
@@ -228,6 +308,21 @@ function assertSameGuest(raw, image) {
   assert.equal(r.status, 0, `qemu-img compare ${raw} ${image}: ${r.stdout}${r.stderr}`);
 }
 
+/** The one file of the browser profile `size` bytes long (an OPFS file, stored as it is). */
+function findProfileFile(size) {
+  const found = [];
+  const walk = (dir) => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      const p = join(dir, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.isFile() && statSync(p).size === size) found.push(p);
+    }
+  };
+  walk(profile);
+  assert.equal(found.length, 1, `one file of ${size} bytes in the profile: ${found.join(', ')}`);
+  return found[0];
+}
+
 const snapshotRows = () => page.$$eval('[data-testid=snapshot]', (rows) => rows.map((r) => ({ id: r.dataset.id, name: r.dataset.name })));
 
 let failed = false;
@@ -236,7 +331,8 @@ try {
     await page.goto(base);
     await page.waitForFunction(() => document.body.dataset.ready === 'true'
       || !document.getElementById('error').hidden);
-    assert.equal(await page.getByTestId('error').isVisible(), false);
+    assert.equal(await page.getByTestId('error').isVisible(), false,
+      await page.getByTestId('error').textContent());
   });
 
   await check('facts equal qemu-img info', async () => {
@@ -543,6 +639,286 @@ try {
     await page.screenshot({ path: join(shots, '7-snapshots.png'), fullPage: true });
   });
 
+
+  await check('hex viewer: sectors by offset, next and previous, with ASCII', async () => {
+    await choose(['features.qcow2']);
+    await waitOpened();
+    // Opened at sector 0: the first MiB holds 0xab.
+    let rows = (await text('hex')).split('\n');
+    assert.equal(rows.length, 32, '512 bytes in rows of 16');
+    assert.equal(rows[0], `0000000000000000  ${'ab '.repeat(8).trim()}  ${'ab '.repeat(8).trim()}`.padEnd(68) + ` |${'.'.repeat(16)}|`);
+    await page.fill('#hex-offset', '8M');
+    await page.click('#hex-go');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(8 * 2 ** 20));
+    rows = (await text('hex')).split('\n');
+    assert.equal(rows[0], `0000000000800000  ${'5c '.repeat(8).trim()}  ${'5c '.repeat(8).trim()}`.padEnd(68) + ` |${'\\'.repeat(16)}|`);
+    assert.match(rows[31], /^00000000008001f0 /);
+    assert.match(await text('hex-where'), /Sector 16384 — guest bytes 8388608 to 8389119/);
+    await page.click('#hex-next');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(8 * 2 ** 20 + 512));
+    await page.click('#hex-prev');
+    await page.click('#hex-prev');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(8 * 2 ** 20 - 512));
+    assert.match((await text('hex')).split('\n')[0], /^00000000007ffe00  00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 +\|\.{16}\|$/);
+    // An unaligned hex offset shows its sector; beyond the end is refused.
+    await page.fill('#hex-offset', '0x6400123');
+    await page.click('#hex-go');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(100 * 2 ** 20));
+    assert.match((await text('hex')).split('\n')[0], /^0000000006400000  11 11 11/);
+    await page.fill('#hex-offset', '1T');
+    await page.click('#hex-go');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.state === 'out-of-range');
+    assert.match(await text('hex-where'), /beyond the end of the disk/);
+    await page.screenshot({ path: join(shots, '8-hex.png'), fullPage: true });
+  });
+
+  await check('host file layout: header, tables, refcounts, data and free space where qemu-img says', async () => {
+    // (features.qcow2 is still shown: choosing the same file again fires no change event.)
+    assert.equal(await text('image-name'), 'features.qcow2');
+    const file = readFileSync(path('features.qcow2'));
+    const bytes = async (kind) => Number(await page.getByTestId(`layout-${kind}`).getAttribute('data-bytes'));
+    const shown = Number(await page.getByTestId('layout-stats').getAttribute('data-file-bytes'));
+    assert.equal(shown, file.length, 'the layout covers the file');
+    assert.equal(await bytes('header'), 32768, 'one cluster of header');
+    // The L1 and L2 tables (shared with the snapshot, so the active layer's),
+    // refcount table, snapshot table, bitmaps and compressed clusters are there.
+    for (const k of ['l1', 'l2', 'refcount-table', 'refcount-block', 'snapshot-table', 'snapshot-l1', 'bitmap', 'compressed']) {
+      assert.ok(await bytes(k) > 0, `${k} shown`);
+    }
+    // Guest data: the host clusters qemu-img map names.
+    const map = JSON.parse(qemuImg('map', '--output=json', path('features.qcow2')))
+      .filter((e) => e.data && !e.compressed && e.offset !== undefined);
+    const clusters = new Set(map.flatMap((e) => Array.from({ length: e.length / 32768 }, (_, k) => e.offset / 32768 + k)));
+    assert.equal(await bytes('data'), clusters.size * 32768, 'data clusters as qemu-img map says');
+    const extents = Number(await page.getByTestId('layout-stats').getAttribute('data-data-extents'));
+    assert.ok(extents >= 2, 'data and compressed pieces counted');
+    assert.match(await text('layout-stats'), new RegExp(`File: .*\\(${file.length} bytes\\) in \\d+ runs`));
+    assert.equal(await page.getByTestId('layout-leaked').count(), 0, 'no leaks');
+    // Next to the guest allocation map.
+    assert.equal(await page.getByTestId('map-canvas').isVisible(), true);
+    assert.equal(await page.getByTestId('layout-canvas').isVisible(), true);
+    await page.screenshot({ path: join(shots, '9-layout.png'), fullPage: true });
+
+    await choose(['layout-leak.qcow2']);
+    await waitOpened();
+    assert.equal(await bytes('leaked'), 65536, 'the leaked cluster');
+    assert.equal(await bytes('data'), 3 * 65536);
+    assert.equal(await bytes('l2'), 65536, 'one L2 table');
+    assert.equal(await bytes('header'), 65536);
+    assert.match(await text('layout-stats'), /leaked: 64 KiB/);
+    // The last pixel of the file's picture is the leaked cluster's colour.
+    const used = await page.$eval('#layout-canvas', (c) => {
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let last = 0;
+      for (let p = 0; p < c.width * c.height; p++) if (d[p * 4] !== 255 || d[p * 4 + 1] !== 255) last = p;
+      return Array.from(d.slice(last * 4, last * 4 + 4));
+    });
+    assert.deepEqual(used, [0xdc, 0x26, 0x26, 255]);
+  });
+
+  await check('convert qcow2 -> qcow2 with the options picked (zstd, 16 KiB clusters, extended L2): qemu-img check and compare', async () => {
+    await choose(['base.qcow2', 'mid.qcow2', 'top.qcow2']);
+    await waitOpened();
+    assert.equal(await runConversion({ format: 'qcow2', compression: 'zstd', cluster: '16384', extendedL2: true }), 'done');
+    const out = await downloadConverted('chain-zstd');
+    assert.match(out, /top\.qcow2$/);
+    assert.equal(qemuCheck(out).code, 0, qemuCheck(out).out);
+    const r = spawnSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', path('top.qcow2'), out], { encoding: 'utf8' });
+    assert.equal(r.status, 0, `qemu-img compare: ${r.stdout}${r.stderr}`);
+    const q = JSON.parse(qemuImg('info', '--output=json', out));
+    assert.equal(q['cluster-size'], 16384);
+    assert.equal(q['backing-filename'], undefined, 'standalone');
+    assert.equal(q['format-specific'].data['compression-type'], 'zstd');
+    assert.equal(q['format-specific'].data['extended-l2'], true);
+    assert.ok(JSON.parse(qemuImg('map', '--output=json', out)).some((e) => e.compressed), 'compressed clusters');
+    const bar = await page.$eval('#convert-progress', (b) => [b.value, b.max]);
+    assert.equal(bar[0], bar[1], 'progress bar full');
+    // No compression, 4 KiB clusters: plain clusters.
+    assert.equal(await runConversion({ format: 'qcow2', compression: 'none', cluster: '4096' }), 'done');
+    const plain = await downloadConverted('chain-plain');
+    assert.equal(qemuCheck(plain).code, 0);
+    assert.equal(JSON.parse(qemuImg('info', '--output=json', plain))['cluster-size'], 4096);
+    assert.ok(!JSON.parse(qemuImg('map', '--output=json', plain)).some((e) => e.compressed));
+    assert.equal(spawnSync('qemu-img', ['compare', path('top.qcow2'), plain]).status, 0);
+    await page.screenshot({ path: join(shots, '10-convert-qcow2.png'), fullPage: true });
+  });
+
+  await check('a folder: the chain is assembled by the names the images store, relative to their folders', async () => {
+    await page.evaluate(() => { delete document.getElementById('result').dataset.ready; });
+    await page.setInputFiles('#folder-input', path('vm'));
+    await waitOpened();
+    assert.equal(await text('image-name'), 'vm/images/top.qcow2');
+    const names = await page.$$eval('[data-testid=chain-item]', (li) => li.map((x) => x.dataset.name));
+    assert.deepEqual(names, ['vm/images/top.qcow2', 'vm/bases/mid.qcow2', 'vm/bases/base.qcow2']);
+    // The guest reads the right base (B), not the decoy (X); mid's M and top's T above it.
+    const rowAt = async (offset) => {
+      await page.fill('#hex-offset', String(offset));
+      await page.click('#hex-go');
+      await page.waitForFunction((o) => document.getElementById('hex').dataset.offset === String(o), offset);
+      return (await text('hex')).split('\n')[0];
+    };
+    assert.match(await rowAt(0), /\|B{16}\|$/);
+    assert.match(await rowAt(65536), /\|M{16}\|$/);
+    assert.match(await rowAt(131072), /\|T{16}\|$/);
+    assert.match(await text('status'), /vm\/images\/top\.qcow2 → vm\/bases\/mid\.qcow2 → vm\/bases\/base\.qcow2/);
+    await page.screenshot({ path: join(shots, '11-folder.png'), fullPage: true });
+
+    // Without the base: the error names it and the image naming it.
+    await page.setInputFiles('#folder-input', path('vm2'));
+    const alert = page.getByRole('alert');
+    await alert.waitFor({ state: 'visible' });
+    const msg = await alert.innerText();
+    assert.match(msg, /Missing backing file "base\.qcow2", named by vm2\/bases\/mid\.qcow2/);
+    assert.match(msg, /looked for vm2\/bases\/base\.qcow2, then for any file named base\.qcow2/);
+    assert.equal(await page.getByTestId('error').getAttribute('data-code'), 'missing-backing');
+
+    // An absolute name found by its last path component.
+    await choose(['abs/mid.qcow2', 'abs/top.qcow2', 'abs/base.qcow2']);
+    await waitOpened();
+    assert.equal(await text('image-name'), 'top.qcow2');
+    assert.equal(await text('fact-backing-file'), '/srv/elsewhere/mid.qcow2');
+    const chain = await page.$$eval('[data-testid=chain-item]', (li) => li.map((x) => x.dataset.name));
+    assert.deepEqual(chain, ['top.qcow2', 'mid.qcow2', 'base.qcow2']);
+  });
+
+  await check('client API: error codes, AbortSignal (stepped and restarting), progress, transfers', async () => {
+    const got = await page.evaluate(async () => {
+      const { QcowClient } = await import(new URL('pkg/client.js', location.href).href);
+      const q = await QcowClient.start(new URL('pkg/qcowkit_wasm.js', location.href));
+      const files = Object.fromEntries(Array.from(document.getElementById('file-input').files).map((f) => [f.name, f]));
+      const out = {};
+      const fail = (p) => p.then(() => null, (e) => ({ code: e.code, name: e.name, message: e.message, isError: e instanceof Error }));
+      try {
+        out.format = await fail(q.open('x', new Uint8Array(4096)));
+        out.missing = await fail(q.open('top.qcow2', files['top.qcow2']));
+        const id = await q.open('top.qcow2', files['top.qcow2'], { 'mid.qcow2': files['mid.qcow2'], 'base.qcow2': files['base.qcow2'] });
+        out.bounds = await fail(q.read(id, 2 ** 40, 1));
+        out.readOnly = await fail(q.write(id, 0, new Uint8Array(1)));
+        out.notFound = await fail(q.info(12345));
+        // Progress of a map walk; an aborted signal before the call.
+        const seen = [];
+        out.mapEntries = (await q.map(id, { onProgress: (d, t) => seen.push([d, t]) })).length;
+        out.mapProgress = seen[seen.length - 1];
+        const ac0 = new AbortController();
+        ac0.abort();
+        out.pre = await fail(q.map(id, { signal: ac0.signal }));
+        // Cancelled in the middle of a copy: rejected, the OPFS file removed.
+        const big = new Uint8Array(64 << 20).fill(1);
+        const ac = new AbortController();
+        const copying = q.copyToOpfs(big, 'e2e-cancelled.bin', {
+          signal: ac.signal, onProgress: (d) => { if (d > 0) ac.abort(); },
+        });
+        out.copy = await fail(copying);
+        const root = await navigator.storage.getDirectory();
+        out.leftover = await root.getFileHandle('e2e-cancelled.bin').then(() => true, () => false);
+        // check() cancelled: the worker is restarted, the image opened again.
+        const ac2 = new AbortController();
+        const checking = q.check(id, { signal: ac2.signal });
+        ac2.abort();
+        out.check = await fail(checking);
+        out.afterRestart = (await q.info(id))['virtual-size'];
+        // Transfers: a written buffer handed over is detached; a read result arrives whole.
+        const mem = await q.createImage({ size: '1M' });
+        const w = await q.openWritable('m.qcow2', mem, {}, { transfer: true });
+        out.memDetached = mem.byteLength === 0;
+        const bytes = new Uint8Array(4096).fill(7);
+        await q.write(w, 0, bytes, { transfer: true });
+        out.writeDetached = bytes.byteLength === 0;
+        out.readBack = Array.from((await q.read(w, 0, 4)));
+      } finally {
+        q.terminate();
+      }
+      return out;
+    });
+    assert.deepEqual(got.format && [got.format.code, got.format.isError], ['format', true]);
+    assert.equal(got.missing.code, 'missing-backing');
+    assert.match(got.missing.message, /mid\.qcow2/);
+    assert.equal(got.bounds.code, 'out-of-bounds');
+    assert.equal(got.readOnly.code, 'read-only');
+    assert.equal(got.notFound.code, 'not-found');
+    assert.ok(got.mapEntries > 0);
+    assert.deepEqual(got.mapProgress, [32 * 2 ** 20, 32 * 2 ** 20]);
+    assert.deepEqual([got.pre.code, got.pre.name], ['aborted', 'AbortError']);
+    assert.deepEqual([got.copy.code, got.copy.name], ['aborted', 'AbortError']);
+    assert.match(got.copy.message, /partial OPFS file "e2e-cancelled\.bin" was removed/);
+    assert.equal(got.leftover, false, 'no half-written OPFS file');
+    assert.deepEqual([got.check.code, got.check.name], ['aborted', 'AbortError']);
+    assert.equal(got.afterRestart, 32 * 2 ** 20, 'the image works after the restart');
+    assert.equal(got.memDetached, true);
+    assert.equal(got.writeDetached, true);
+    assert.deepEqual(got.readBack, [7, 7, 7, 7]);
+  });
+
+  await check('a 4 GiB + 64 MiB sparse image: hex past 4 GiB, to raw and back through OPFS, cancel, responsive page', async () => {
+    await choose(['big.qcow2']);
+    await waitOpened();
+    assert.equal(await page.getByTestId('fact-virtual-size').getAttribute('data-bytes'), String(BIG));
+    // Exactly at 4 GiB, and the sector before it.
+    await page.fill('#hex-offset', '0x100000000');
+    await page.click('#hex-go');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(2 ** 32));
+    assert.match((await text('hex')).split('\n')[0], /^0000000100000000  61 61 61 61 61 61 61 61  61 61 61 61 61 61 61 61 +\|a{16}\|$/);
+    assert.match(await text('hex-where'), /Sector 8388608 — guest bytes 4294967296 to 4294967807 \(0x100000000–0x1000001ff\)/);
+    await page.click('#hex-prev');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(2 ** 32 - 512));
+    assert.match((await text('hex')).split('\n')[31], /^00000000fffffff0  33 33 33/);
+    await page.click('#hex-next');
+    await page.click('#hex-next');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(2 ** 32 + 512));
+    assert.match((await text('hex')).split('\n')[0], /^0000000100000200  33 33/);
+    await page.screenshot({ path: join(shots, '12-big-hex.png'), fullPage: true });
+
+    // To raw through OPFS; the result read from the profile's files and judged by qemu-img compare.
+    assert.equal(await runConversion({ format: 'raw' }), 'done');
+    assert.equal(await page.getByTestId('convert-status').getAttribute('data-size'), String(BIG));
+    const opfsRaw = findProfileFile(BIG);
+    const raw = path('big-page.raw');
+    linkSync(opfsRaw, raw);
+    assertSameGuest(raw, path('big.qcow2'));
+    assert.ok(statSync(raw).blocks * 512 < 64 * 2 ** 20, 'the raw result is sparse');
+
+    // Back: the raw file dropped, converted to qcow2 (zlib). First cancelled midway.
+    await choose(['big-page.raw']);
+    await waitOpened();
+    assert.equal(await text('fact-format'), 'raw');
+    assert.equal(await page.getByTestId('convert-format').inputValue(), 'qcow2');
+    const state = await runConversion({ format: 'qcow2', compression: 'zlib' }, async () => {
+      await page.waitForFunction(() => Number(document.getElementById('convert-progress').dataset.done || 0) >= 2 ** 28);
+      await page.click('#convert-cancel');
+    });
+    assert.equal(state, 'cancelled');
+    assert.match(await text('convert-status'), /Cancelled: .*was removed/);
+    const leftovers = await page.evaluate(async () => {
+      const names = [];
+      for await (const n of (await navigator.storage.getDirectory()).keys()) if (n.startsWith('qcowkit-convert-')) names.push(n);
+      return names;
+    });
+    assert.deepEqual(leftovers, [], 'no half-written OPFS target');
+    // Then to the end, the page answering all along (rAF round trips while the worker converts).
+    const samples = [];
+    const final = await runConversion({ format: 'qcow2', compression: 'zlib' }, async () => {
+      while (await page.getByTestId('convert-panel').getAttribute('data-state') === 'busy' && samples.length < 40) {
+        const t0 = Date.now();
+        const busy = await page.evaluate(() => new Promise((r) => requestAnimationFrame(() =>
+          r(document.getElementById('convert-panel').dataset.state === 'busy'))));
+        if (busy) samples.push(Date.now() - t0);
+      }
+    });
+    assert.equal(final, 'done');
+    assert.ok(samples.length >= 5, `sampled the page ${samples.length} times during the conversion`);
+    const worst = Math.max(...samples);
+    console.log(`    main thread during the conversion: ${samples.length} frames, worst round trip ${worst} ms`);
+    assert.ok(worst < 1000, `the page answered within 1 s (worst ${worst} ms)`);
+    const back = await downloadConverted('big-back');
+    assert.equal(qemuCheck(back).code, 0, qemuCheck(back).out);
+    assertSameGuest(raw, back);
+    const r = spawnSync('qemu-img', ['compare', path('big.qcow2'), back], { encoding: 'utf8' });
+    assert.equal(r.status, 0, `qemu-img compare: ${r.stdout}${r.stderr}`);
+    assert.equal(JSON.parse(qemuImg('info', '--output=json', back))['virtual-size'], BIG);
+    assert.ok(statSync(back).size < 32 * 2 ** 20, 'the qcow2 result holds the data only');
+    await page.screenshot({ path: join(shots, '13-big-convert.png'), fullPage: true });
+  });
+
   assert.deepEqual(pageErrors, [], 'no errors in the page console');
 } catch (err) {
   failed = true;
@@ -552,8 +928,9 @@ try {
 } finally {
   await browser.close();
   server.close();
-  // Keep the screenshots and images, drop the large raw conversions.
+  // Keep the images, drop the large raw conversions and the profile.
   for (const f of readdirSync(tmp)) if (f.endsWith('.raw')) rmSync(join(tmp, f));
+  rmSync(profile, { recursive: true, force: true });
 }
 console.log(`screenshots: ${shots}`);
 console.log(failed ? 'FAILED' : `all ${step} checks passed`);

@@ -1,0 +1,116 @@
+/**
+ * Types of the worker client (`client.js`): the wasm module runs in a dedicated
+ * module worker (`worker.js`) and every method returns a promise.
+ */
+import type {
+  Allocation, AllocationRange, CheckResult, CreateOptions, ConvertOptions, ErrorCode, HostRun,
+  ImageInfo, MapEntry, RepairMode, RepairResult, ResizeOptions, SnapshotInfo,
+} from "./qcowkit_wasm.js";
+
+export type { ErrorCode } from "./qcowkit_wasm.js";
+
+/**
+ * What the worker client takes as an image or file: a `Blob`/`File`, bytes (copied, or
+ * handed over with `transfer: true`), or `{ opfs: fileName }`, a file of the origin private
+ * file system's root directory (read as a `File`, or through a sync access handle by
+ * `openWritable`/`openForRepair`).
+ */
+export type ClientStorage = Blob | Uint8Array | { opfs: string };
+
+/** Backing and data files by name (resolved as `QcowImage.open` resolves them). */
+export type ClientFiles = Record<string, ClientStorage>;
+
+/** What every rejection is: an `Error` with a stable `code` (`"aborted"`: name `"AbortError"`). */
+export interface ClientError extends Error {
+  code: ErrorCode;
+  /** A partial OPFS file a failed or cancelled operation could not remove. */
+  remains?: string;
+}
+
+/** Cancellation: an aborted signal rejects the call with code `"aborted"`. */
+export interface Cancellable {
+  signal?: AbortSignal;
+}
+
+/** Long work: cancellation and progress (bytes done so far and the total). */
+export interface LongWork extends Cancellable {
+  onProgress?: (done: number, total: number) => void;
+}
+
+/** Hand `Uint8Array` buffers to the worker instead of copying them (they are detached). */
+export interface Transfer {
+  transfer?: boolean;
+}
+
+/** The OPFS file an operation wrote. */
+export interface OpfsResult {
+  fileName: string;
+  /** Its length in bytes. */
+  size: number;
+}
+
+export class QcowClient {
+  private constructor();
+  /**
+   * Starts a worker and loads the wasm module in it (by default the `qcowkit_wasm.js` and
+   * `worker.js` next to `client.js`).
+   */
+  static start(moduleUrl?: string | URL, workerUrl?: string | URL): Promise<QcowClient>;
+
+  /** Opens an image read-only; resolves to an image id. */
+  open(name: string, storage: ClientStorage, files?: ClientFiles, options?: Transfer): Promise<number>;
+  /** Opens an image for reading and writing (`{ opfs }` or bytes); the worker holds the OPFS file until `close`. */
+  openWritable(name: string, storage: ClientStorage, files?: ClientFiles, options?: Transfer): Promise<number>;
+  /** Opens an image for `repair`, as `qemu-img check -r` does (also corrupt or dirty images). */
+  openForRepair(name: string, storage: ClientStorage, options?: Transfer): Promise<number>;
+  /** `info()` of one file without opening the files it names (`format: "raw"` for other files). */
+  inspect(name: string, storage: ClientStorage, options?: Transfer): Promise<ImageInfo>;
+  /** Releases an image (and the OPFS file it held). */
+  close(id: number): Promise<boolean>;
+
+  info(id: number): Promise<ImageInfo>;
+  chain(id: number): Promise<ImageInfo[]>;
+  /** `qemu-img map --output=json`, walked a page at a time (progress: guest bytes mapped). */
+  map(id: number, options?: LongWork): Promise<MapEntry[]>;
+  /** Bytes per allocation category, in steps. */
+  allocation(id: number, options?: LongWork): Promise<Allocation>;
+  /** The guest space as allocation ranges, in steps. */
+  allocationMap(id: number, options?: LongWork): Promise<AllocationRange[]>;
+  /** What each cluster of the image file holds (cancelling restarts the worker). */
+  hostLayout(id: number, options?: Cancellable): Promise<HostRun[]>;
+  /** `qemu-img check` (cancelling restarts the worker). */
+  check(id: number, options?: Cancellable & { onProblem?: (line: string) => void }): Promise<CheckResult>;
+  /**
+   * `qemu-img check -r` (cancelling stops the worker mid-repair: the image is left as a crash
+   * leaves it, at worst with leaked clusters; check it again).
+   */
+  repair(id: number, mode: RepairMode,
+    options?: Cancellable & { onProblem?: (line: string) => void }): Promise<RepairResult>;
+  resize(id: number, size: number | string, options?: ResizeOptions): Promise<number>;
+  snapshots(id: number): Promise<SnapshotInfo[]>;
+  createSnapshot(id: number, name: string): Promise<string>;
+  deleteSnapshot(id: number, name: string): Promise<boolean>;
+  applySnapshot(id: number, idOrName: string): Promise<boolean>;
+  flush(id: number): Promise<boolean>;
+  /** Guest bytes (the buffer is transferred from the worker, not copied). */
+  read(id: number, offset: number, length: number): Promise<Uint8Array>;
+  /** Writes guest bytes into an image opened writable. */
+  write(id: number, offset: number, bytes: Uint8Array, options?: Transfer): Promise<void>;
+
+  /** Copies a file into the OPFS file `fileName`; cancelled or failed, the file is removed. */
+  copyToOpfs(source: ClientStorage, fileName: string, options?: LongWork & Transfer): Promise<OpfsResult>;
+  /** The guest contents as a raw image in the OPFS file `fileName` (holes for zeros), in steps. */
+  convertToRawOpfs(id: number, fileName: string, options?: LongWork): Promise<OpfsResult>;
+  /** The guest contents as a new standalone qcow2 image in the OPFS file `fileName`, in steps. */
+  convertToQcow2Opfs(id: number, fileName: string,
+    options?: LongWork & Omit<ConvertOptions, "onProgress">): Promise<OpfsResult>;
+  /** A raw disk as a new qcow2 image in the OPFS file `fileName` (read in 16 MiB pieces). */
+  convertRawToQcow2Opfs(source: ClientStorage, fileName: string,
+    options?: LongWork & Transfer & Omit<ConvertOptions, "onProgress">): Promise<OpfsResult>;
+  /** Removes a file of the OPFS root directory (false when there was none). */
+  removeOpfs(fileName: string): Promise<boolean>;
+  /** A new empty qcow2 image in memory. */
+  createImage(options: CreateOptions): Promise<Uint8Array>;
+  /** Stops the worker; calls in flight reject with code `"aborted"`. */
+  terminate(): void;
+}

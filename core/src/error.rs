@@ -18,7 +18,8 @@ pub enum Error<E> {
     /// A header field or option has a value the format (or QEMU's limits)
     /// forbid: what the decoders report, without the storage's error type.
     Format(FormatError),
-    /// The image is encrypted; reading encrypted images is not supported yet.
+    /// The image is encrypted and no passphrase was given to open it (or
+    /// its method is one this implementation cannot read).
     Encrypted {
         /// `"aes"` or `"luks"` (or `"unknown"` for other values).
         method: &'static str,
@@ -77,6 +78,8 @@ pub enum Error<E> {
         /// What went wrong in it.
         source: Box<Error<E>>,
     },
+    /// No key slot of an encrypted image opens with the passphrase given.
+    InvalidPassphrase,
     /// The image needs an external data file that was not supplied.
     MissingDataFile,
     /// The backing file format is not one this crate reads.
@@ -140,8 +143,11 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::Format(e) => e.fmt(f),
             Error::Encrypted { method } => write!(
                 f,
-                "image is encrypted with {method}; encrypted images are not supported"
+                "image is encrypted with {method}: a passphrase is required to open it"
             ),
+            Error::InvalidPassphrase => {
+                f.write_str("Invalid password, cannot unlock any keyslot")
+            }
             Error::Corrupt {
                 what,
                 offset,

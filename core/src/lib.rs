@@ -72,6 +72,7 @@ mod image;
 mod io;
 pub mod l2;
 pub mod layout;
+pub mod luks;
 pub mod map;
 pub mod measure;
 pub mod overlap;

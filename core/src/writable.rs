@@ -206,6 +206,9 @@ impl<R: BlockWrite> WritableImage<R> {
     /// their bits set for every change, stored (and the flag cleared) at
     /// each [`WritableImage::flush`].
     pub fn new(img: Image<R>) -> Res<Self, R> {
+        if img.crypt.is_some() {
+            return Err(Error::Unsupported("writing encrypted images"));
+        }
         if img.header.corrupt() {
             return Err(Error::ReadOnly(
                 "the image is marked corrupt; repair it first",
@@ -233,6 +236,9 @@ impl<R: BlockWrite> WritableImage<R> {
     /// and bitmaps are left as they are (they stay consistent: no guest
     /// write happens).
     pub fn for_repair(img: Image<R>) -> Res<Self, R> {
+        if img.crypt.is_some() {
+            return Err(Error::Unsupported("repairing encrypted images"));
+        }
         let mut w = Self::assemble(img)?;
         if w.clear_unknown_autoclear() {
             w.write_header_fields()?;

@@ -56,6 +56,13 @@ pub struct OpenOptions {
     /// Open for a consistency check: accept images without a refcount
     /// table (QEMU's check mode), so that the check can report them.
     pub check_mode: bool,
+    /// The passphrase of an encrypted image (LUKS or the legacy AES
+    /// method). Without it an encrypted image opens for its metadata only
+    /// (info, check, map); reading its data fails.
+    pub passphrase: Option<crate::luks::Secret>,
+    /// Passphrases of encrypted backing files, by the name the image
+    /// naming them stores (or their resolved name).
+    pub backing_passphrases: Vec<(String, crate::luks::Secret)>,
 }
 
 impl Default for OpenOptions {
@@ -68,6 +75,8 @@ impl Default for OpenOptions {
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             no_data_file: false,
             check_mode: false,
+            passphrase: None,
+            backing_passphrases: Vec::new(),
         }
     }
 }
@@ -135,6 +144,8 @@ pub struct Image<R: BlockRead> {
     pub(crate) codec: Option<HostCodec>,
     /// Refcount blocks a writer may cache (from the open options).
     pub(crate) refcount_cache_blocks: usize,
+    /// How guest data is encrypted, if it is.
+    pub(crate) crypt: Crypt,
     metadata_prealloc: Option<bool>,
     /// Reused buffers of the read path.
     extent_scratch: Vec<Extent>,
@@ -143,6 +154,69 @@ pub struct Image<R: BlockRead> {
 }
 
 pub(crate) type Res<T, R> = Result<T, Error<<R as BlockRead>::Error>>;
+
+/// How an image's guest data is encrypted.
+#[derive(Debug, Clone)]
+pub(crate) enum Crypt {
+    /// Not encrypted.
+    None,
+    /// Encrypted, opened without its passphrase (`"aes"` or `"luks"`):
+    /// metadata only.
+    Locked(&'static str),
+    /// Encrypted, unlocked: data sectors go through the cipher, numbered by
+    /// their host offset (LUKS) or their guest offset (legacy AES).
+    Open {
+        cipher: alloc::boxed::Box<crate::luks::SectorCipher>,
+        host_sectors: bool,
+    },
+}
+
+impl Crypt {
+    /// Reads `dst.len()` bytes of guest data at `host` in `io` (guest
+    /// offset `guest`), decrypted: whole sectors are read (and the part
+    /// asked for copied out).
+    pub(crate) fn read<R: BlockRead>(
+        &self,
+        io: &mut R,
+        host: u64,
+        guest: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Error<R::Error>> {
+        let (cipher, host_sectors) = match self {
+            Crypt::None => return io.read_at(host, dst).map_err(Error::Io),
+            Crypt::Locked(method) => return Err(Error::Encrypted { method }),
+            Crypt::Open {
+                cipher,
+                host_sectors,
+            } => (cipher, *host_sectors),
+        };
+        let sector = crate::luks::SECTOR as u64;
+        let len = crate::bytes::to_u64(dst.len());
+        let start = host - host % sector;
+        let end = (host + len).div_ceil(sector) * sector;
+        let first = if host_sectors {
+            start
+        } else {
+            guest - host % sector
+        } / sector;
+        if start == host && end == host + len {
+            io.read_at(host, dst).map_err(Error::Io)?;
+            cipher.decrypt(first, dst);
+            return Ok(());
+        }
+        let mut tmp = crate::heap::zeroed(end - start, "a decryption buffer")?;
+        io.read_at(start, &mut tmp).map_err(Error::Io)?;
+        cipher.decrypt(first, &mut tmp);
+        let skip = crate::bytes::to_usize(host - start).unwrap_or(0);
+        dst.copy_from_slice(&tmp[skip..skip + dst.len()]);
+        Ok(())
+    }
+
+    /// Whether data is encrypted (unlocked or not).
+    pub(crate) fn is_some(&self) -> bool {
+        !matches!(self, Crypt::None)
+    }
+}
 
 impl<R: BlockRead> Image<R> {
     /// Opens a standalone image: fails if it needs a backing file (unless

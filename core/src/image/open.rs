@@ -7,6 +7,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::Backing;
+use super::Crypt;
 use super::{Image, OpenOptions, Res, DEFAULT_L2_CACHE_MAX};
 use crate::backing::{FileRole, Opener};
 use crate::bitmap::{self, Bitmap};
@@ -50,11 +51,7 @@ impl<R: BlockRead> Image<R> {
                 "image does not contain a reference count table",
             ));
         }
-        match header.crypt_method {
-            CryptMethod::None => {}
-            CryptMethod::Aes => return Err(Error::Encrypted { method: "aes" }),
-            CryptMethod::Luks => return Err(Error::Encrypted { method: "luks" }),
-        }
+        let crypt = open_crypt(&mut io, &header, opts.passphrase.as_ref())?;
         let fmt = EntryFormat {
             cluster_bits,
             extended: header.extended_l2(),
@@ -163,12 +160,86 @@ impl<R: BlockRead> Image<R> {
             decompressor: compress::Decompressor::default(),
             codec: None,
             refcount_cache_blocks: rc_capacity,
+            crypt,
             metadata_prealloc: None,
             extent_scratch: Vec::new(),
             run_scratch: Vec::new(),
             input_scratch: Vec::new(),
             header,
         })
+    }
+}
+
+/// The encryption of an image: none, locked (no passphrase) or unlocked.
+/// A LUKS header is read from where the crypto header extension says,
+/// never past its length.
+fn open_crypt<R: BlockRead>(
+    io: &mut R,
+    header: &Header,
+    passphrase: Option<&crate::luks::Secret>,
+) -> Res<Crypt, R> {
+    use crate::luks::{legacy_aes, LuksHeader, HEADER_LEN};
+    match header.crypt_method {
+        CryptMethod::None => Ok(Crypt::None),
+        CryptMethod::Aes => Ok(match passphrase {
+            None => Crypt::Locked("aes"),
+            Some(p) => Crypt::Open {
+                cipher: Box::new(legacy_aes(p)),
+                host_sectors: false,
+            },
+        }),
+        CryptMethod::Luks => {
+            let ext = header.crypto.ok_or(Error::field(
+                "crypt_method",
+                2,
+                "Missing CRYPTO header for crypt method 2",
+            ))?;
+            if ext.offset % header.cluster_size() != 0 {
+                return Err(Error::field(
+                    "encryption header offset",
+                    ext.offset,
+                    "not a multiple of the cluster size",
+                ));
+            }
+            if ext.length < to_u64(HEADER_LEN) {
+                return Err(Error::field(
+                    "encryption header length",
+                    ext.length,
+                    "shorter than a LUKS header",
+                ));
+            }
+            let mut raw = [0u8; HEADER_LEN];
+            io.read_at(ext.offset, &mut raw).map_err(Error::Io)?;
+            let luks = LuksHeader::decode(&raw).map_err(Error::Format)?;
+            let Some(p) = passphrase else {
+                return Ok(Crypt::Locked("luks"));
+            };
+            let mut read = |at: u64, buf: &mut [u8]| -> Result<(), Error<R::Error>> {
+                if at.saturating_add(to_u64(buf.len())) > ext.length {
+                    return Err(Error::field(
+                        "encryption header length",
+                        ext.length,
+                        "Request for data outside of extension header",
+                    ));
+                }
+                io.read_at(ext.offset + at, buf).map_err(Error::Io)
+            };
+            let cipher = luks.unlock(p, &mut read).map_err(flatten)?;
+            Ok(Crypt::Open {
+                cipher: Box::new(cipher),
+                host_sectors: true,
+            })
+        }
+    }
+}
+
+/// An error of a reader that itself returns core errors.
+fn flatten<E>(e: Error<Error<E>>) -> Error<E> {
+    match e {
+        Error::Io(inner) => inner,
+        Error::Format(f) => Error::Format(f),
+        Error::InvalidPassphrase => Error::InvalidPassphrase,
+        _ => Error::Internal("unlocking the LUKS header"),
     }
 }
 
@@ -192,8 +263,17 @@ fn open_backing<R: BlockRead>(
         }
     };
     if is_qcow2 {
+        // Its own passphrase (by the name the parent stores, or its
+        // resolved name), never the parent's.
+        let stored = parent.backing_file.as_deref().unwrap_or("");
+        let passphrase = opts
+            .backing_passphrases
+            .iter()
+            .find(|(n, _)| n == stored || *n == name)
+            .map(|(_, p)| p.clone());
         let child_opts = OpenOptions {
             no_backing: false,
+            passphrase,
             ..opts.clone()
         };
         let img = Image::open_inner(io, name, Some(opener), &child_opts, seen)?;

@@ -147,7 +147,7 @@ impl<R: BlockRead> Image<R> {
                 Mapping::Data {
                     host_offset,
                     external: false,
-                } => return self.io.read_at(host_offset, buf).map_err(Error::Io),
+                } => return self.crypt.read(&mut self.io, host_offset, offset, buf),
                 Mapping::Zero { .. } => {
                     buf.fill(0);
                     return Ok(());
@@ -428,14 +428,15 @@ impl<R: BlockRead> Image<R> {
                         Ok(())
                     }
                     (Source::Data { host, external }, Some(layer)) => {
-                        let io = match layer {
-                            Layer::Raw(io) => io,
+                        let at = host + (s - e.start);
+                        match layer {
+                            Layer::Raw(io) => io.read_at(at, dst).map_err(Error::Io),
                             Layer::Qcow2(img) if external => {
-                                img.data_file.as_mut().ok_or(Error::MissingDataFile)?
+                                let io = img.data_file.as_mut().ok_or(Error::MissingDataFile)?;
+                                img.crypt.read(io, at, s, dst)
                             }
-                            Layer::Qcow2(img) => &mut img.io,
-                        };
-                        io.read_at(host + (s - e.start), dst).map_err(Error::Io)
+                            Layer::Qcow2(img) => img.crypt.read(&mut img.io, at, s, dst),
+                        }
                     }
                     (
                         Source::Compressed {

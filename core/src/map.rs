@@ -280,7 +280,8 @@ impl<R: BlockRead> Image<R> {
             } => {
                 s.present = true;
                 s.data = true;
-                s.offset = Some(host_offset);
+                // Like QEMU, no host offsets for encrypted images.
+                s.offset = (!self.crypt.is_some()).then_some(host_offset);
                 s.external = external;
                 // Like QEMU, look for holes in the file under data ranges of
                 // metadata-preallocated images: they read as zeros.
@@ -305,7 +306,7 @@ impl<R: BlockRead> Image<R> {
             Mapping::Zero { host_offset } => {
                 s.present = true;
                 s.zero = true;
-                s.offset = host_offset;
+                s.offset = host_offset.filter(|_| !self.crypt.is_some());
                 s.external = host_offset.is_some() && self.fmt.data_file;
             }
             Mapping::Unallocated { host_offset } => {
@@ -322,7 +323,7 @@ impl<R: BlockRead> Image<R> {
                     }
                     _ => {
                         s.zero = true;
-                        s.offset = host_offset;
+                        s.offset = host_offset.filter(|_| !self.crypt.is_some());
                         s.external = host_offset.is_some() && self.fmt.data_file;
                     }
                 }

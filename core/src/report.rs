@@ -60,6 +60,9 @@ pub struct Info {
     /// The backing file name as stored.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub backing_filename: Option<String>,
+    /// The image is encrypted (absent when it is not).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub encrypted: Option<bool>,
     /// The dirty bit (lazy refcounts in use).
     pub dirty_flag: bool,
     /// The files this image names that opening it would open (not a
@@ -149,6 +152,9 @@ pub struct Qcow2Info {
     pub bitmaps: Option<Vec<BitmapInfo>>,
     /// Refcount width in bits.
     pub refcount_bits: u32,
+    /// The encryption (LUKS facts, or the legacy AES method).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub encrypt: Option<EncryptInfo>,
     /// External data file name, when recorded.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub data_file: Option<String>,
@@ -161,6 +167,102 @@ pub struct Qcow2Info {
     /// Extended L2 entries (version 3).
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub extended_l2: Option<bool>,
+}
+
+/// The encryption facts of [`Qcow2Info`], in qemu-img's key order (only
+/// `format` for the legacy AES method).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct EncryptInfo {
+    /// IV generator (`plain`, `plain64`, `essiv`).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub ivgen_alg: Option<String>,
+    /// Whether the LUKS header is detached (never, inside qcow2).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub detached_header: Option<bool>,
+    /// PBKDF2 and anti-forensic hash.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub hash_alg: Option<String>,
+    /// Cipher with its key size (`aes-256`).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub cipher_alg: Option<String>,
+    /// The LUKS volume UUID.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub uuid: Option<String>,
+    /// ESSIV's hash.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub ivgen_hash_alg: Option<String>,
+    /// `luks` or `aes`.
+    pub format: &'static str,
+    /// Cipher mode (`xts`, `cbc`, ...).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub cipher_mode: Option<String>,
+    /// The eight key slots.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub slots: Option<Vec<SlotInfo>>,
+    /// Payload offset in bytes.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub payload_offset: Option<u64>,
+    /// PBKDF2 iterations of the master key digest.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub master_key_iters: Option<u32>,
+}
+
+/// One LUKS key slot of [`EncryptInfo`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub struct SlotInfo {
+    /// The slot holds a key.
+    pub active: bool,
+    /// PBKDF2 iterations (active slots).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub iters: Option<u32>,
+    /// Offset of its key material in bytes.
+    pub key_offset: u64,
+    /// Anti-forensic stripes (active slots).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub stripes: Option<u32>,
+}
+
+impl EncryptInfo {
+    /// The facts of a LUKS header.
+    pub fn luks(h: &crate::luks::LuksHeader) -> EncryptInfo {
+        let (mode, rest) = h
+            .cipher_mode
+            .split_once('-')
+            .unwrap_or((&h.cipher_mode, ""));
+        let (ivgen, ivhash) = match rest.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        let xts = mode == "xts";
+        let key_bits = u64::from(h.key_bytes) * 8 / if xts { 2 } else { 1 };
+        EncryptInfo {
+            ivgen_alg: Some(String::from(ivgen)),
+            detached_header: Some(false),
+            hash_alg: Some(h.hash_spec.clone()),
+            cipher_alg: Some(alloc::format!("{}-{key_bits}", h.cipher_name)),
+            uuid: Some(h.uuid.clone()),
+            ivgen_hash_alg: ivhash.filter(|_| ivgen == "essiv").map(String::from),
+            format: "luks",
+            cipher_mode: Some(String::from(mode)),
+            slots: Some(
+                h.slots
+                    .iter()
+                    .map(|s| SlotInfo {
+                        active: s.active,
+                        iters: s.active.then_some(s.iterations),
+                        key_offset: u64::from(s.key_offset_sector) * 512,
+                        stripes: s.active.then_some(s.stripes),
+                    })
+                    .collect(),
+            ),
+            payload_offset: Some(u64::from(h.payload_offset_sector) * 512),
+            master_key_iters: Some(h.mk_iterations),
+        }
+    }
 }
 
 /// One persistent bitmap in [`Qcow2Info`].
@@ -195,6 +297,14 @@ impl Info {
                     .collect()
             }),
             refcount_bits: h.refcount_bits(),
+            encrypt: match h.crypt_method {
+                crate::header::CryptMethod::None => None,
+                crate::header::CryptMethod::Aes => Some(EncryptInfo {
+                    format: "aes",
+                    ..EncryptInfo::default()
+                }),
+                crate::header::CryptMethod::Luks => img.luks_header().map(EncryptInfo::luks),
+            },
             data_file: h.data_file.clone().filter(|_| v3 && h.has_data_file()),
             data_file_raw: (v3 && h.has_data_file()).then(|| h.data_file_raw()),
             corrupt: v3.then(|| h.corrupt()),
@@ -220,6 +330,7 @@ impl Info {
                 .as_deref()
                 .map(|b| String::from(p.full_backing_filename.unwrap_or(b))),
             backing_filename: h.backing_file.clone(),
+            encrypted: (h.crypt_method != crate::header::CryptMethod::None).then_some(true),
             dirty_flag: h.dirty(),
             files_to_open: files_to_open(h, p),
         }
@@ -238,6 +349,7 @@ impl Info {
             format_specific: None,
             full_backing_filename: None,
             backing_filename: None,
+            encrypted: None,
             dirty_flag: false,
             files_to_open: Vec::new(),
         }

@@ -283,3 +283,131 @@ fn encrypted_chains_and_data_files_read_like_qemu_img() {
     img.read_at(0, &mut got).unwrap();
     assert_eq!(byte_diff(&got, &want), None, "data file");
 }
+
+/// The command line: info (human and JSON) as qemu-img's without a
+/// passphrase, check without one as qemu-img's with one, map without host
+/// offsets, convert and compare with `--passphrase-file`, and a wrong
+/// passphrase refused with qemu-img's words.
+#[test]
+fn the_command_line_reads_encrypted_images_like_qemu_img() {
+    let s = Scratch::new();
+    let d = s.dir();
+    create(
+        d,
+        "c.qcow2",
+        "luks",
+        "abc",
+        "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        &[],
+    );
+    write(
+        d,
+        "c.qcow2",
+        "abc",
+        &["write -P 0x5a 0 100k", "write -P 0x11 1M 4k"],
+    );
+    create(d, "a.qcow2", "aes", "abc", "", &[]);
+    std::fs::write(s.path("pass"), "abc").unwrap();
+    std::fs::write(s.path("wrong"), "abd").unwrap();
+    let secret = "secret,id=sec0,data=abc";
+    let opts = "driver=qcow2,file.filename=c.qcow2,encrypt.key-secret=sec0";
+    // info, without a passphrase on either side.
+    for img in ["c.qcow2", "a.qcow2"] {
+        for out in ["human", "json"] {
+            let o = ours_ok(d, &["info", &format!("--output={out}"), img]);
+            let q = qemu_img(d, &["info", &format!("--output={out}"), img]);
+            let (o, q) = if out == "json" {
+                let mut q = json(&q);
+                q.as_object_mut().unwrap().remove("children");
+                (json(&o), q)
+            } else {
+                let q = q.split("Child node").next().unwrap().to_string();
+                (serde_json::Value::String(o), serde_json::Value::String(q))
+            };
+            assert_eq!(o, q, "info --output={out} {img}");
+        }
+    }
+    // check: ours needs no passphrase (it reads no data).
+    let o = ours(d, &["check", "c.qcow2"]);
+    let q = run_in(
+        d,
+        "qemu-img",
+        &["check", "--object", secret, "--image-opts", opts],
+    );
+    assert_eq!((code(&o), stdout_of(&o)), (code(&q), stdout_of(&q)));
+    // map: no host offsets, as qemu-img.
+    let o = ours_ok(d, &["map", "--output=json", "c.qcow2"]);
+    let q = qemu_img(
+        d,
+        &[
+            "map",
+            "--output=json",
+            "--object",
+            secret,
+            "--image-opts",
+            opts,
+        ],
+    );
+    assert_eq!(json(&o), json(&q));
+    // convert and compare with the passphrase.
+    ours_ok(
+        d,
+        &[
+            "convert",
+            "--passphrase-file",
+            "pass",
+            "-O",
+            "raw",
+            "c.qcow2",
+            "ours.raw",
+        ],
+    );
+    assert_eq!(
+        byte_diff(
+            &std::fs::read(s.path("ours.raw")).unwrap(),
+            &contents(d, "c.qcow2", "abc")
+        ),
+        None
+    );
+    let o = ours(
+        d,
+        &[
+            "compare",
+            "--passphrase-file",
+            "pass",
+            "c.qcow2",
+            "ours.raw",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", output_text(&o));
+    // Without it, or with a wrong one: refused.
+    let o = ours(d, &["convert", "-O", "raw", "c.qcow2", "x.raw"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr_of(&o).contains("a passphrase is required"),
+        "{}",
+        output_text(&o)
+    );
+    let o = ours(
+        d,
+        &[
+            "convert",
+            "--passphrase-file",
+            "wrong",
+            "-O",
+            "raw",
+            "c.qcow2",
+            "x.raw",
+        ],
+    );
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr_of(&o).contains("Invalid password, cannot unlock any keyslot"),
+        "{}",
+        output_text(&o)
+    );
+    assert!(
+        !stderr_of(&o).contains("abd"),
+        "the secret is never printed"
+    );
+}

@@ -146,6 +146,9 @@ pub struct Image<R: BlockRead> {
     pub(crate) refcount_cache_blocks: usize,
     /// How guest data is encrypted, if it is.
     pub(crate) crypt: Crypt,
+    /// The LUKS header of a LUKS-encrypted image (read with or without
+    /// the passphrase).
+    pub(crate) luks: Option<crate::luks::LuksHeader>,
     metadata_prealloc: Option<bool>,
     /// Reused buffers of the read path.
     extent_scratch: Vec<Extent>,
@@ -237,6 +240,12 @@ impl<R: BlockRead> Image<R> {
     ) -> Res<Self, R> {
         let mut seen = alloc::vec![String::from(identity)];
         Self::open_inner(io, String::from(name), Some(opener), opts, &mut seen)
+    }
+
+    /// The LUKS header of a LUKS-encrypted image (its algorithms, key
+    /// slots and iterations; no secret).
+    pub fn luks_header(&self) -> Option<&crate::luks::LuksHeader> {
+        self.luks.as_ref()
     }
 
     /// The decoded header.

@@ -51,7 +51,7 @@ impl<R: BlockRead> Image<R> {
                 "image does not contain a reference count table",
             ));
         }
-        let crypt = open_crypt(&mut io, &header, opts.passphrase.as_ref())?;
+        let (crypt, luks) = open_crypt(&mut io, &header, opts.passphrase.as_ref())?;
         let fmt = EntryFormat {
             cluster_bits,
             extended: header.extended_l2(),
@@ -161,6 +161,7 @@ impl<R: BlockRead> Image<R> {
             codec: None,
             refcount_cache_blocks: rc_capacity,
             crypt,
+            luks,
             metadata_prealloc: None,
             extent_scratch: Vec::new(),
             run_scratch: Vec::new(),
@@ -177,17 +178,20 @@ fn open_crypt<R: BlockRead>(
     io: &mut R,
     header: &Header,
     passphrase: Option<&crate::luks::Secret>,
-) -> Res<Crypt, R> {
+) -> Res<(Crypt, Option<crate::luks::LuksHeader>), R> {
     use crate::luks::{legacy_aes, LuksHeader, HEADER_LEN};
     match header.crypt_method {
-        CryptMethod::None => Ok(Crypt::None),
-        CryptMethod::Aes => Ok(match passphrase {
-            None => Crypt::Locked("aes"),
-            Some(p) => Crypt::Open {
-                cipher: Box::new(legacy_aes(p)),
-                host_sectors: false,
+        CryptMethod::None => Ok((Crypt::None, None)),
+        CryptMethod::Aes => Ok((
+            match passphrase {
+                None => Crypt::Locked("aes"),
+                Some(p) => Crypt::Open {
+                    cipher: Box::new(legacy_aes(p)),
+                    host_sectors: false,
+                },
             },
-        }),
+            None,
+        )),
         CryptMethod::Luks => {
             let ext = header.crypto.ok_or(Error::field(
                 "crypt_method",
@@ -212,7 +216,7 @@ fn open_crypt<R: BlockRead>(
             io.read_at(ext.offset, &mut raw).map_err(Error::Io)?;
             let luks = LuksHeader::decode(&raw).map_err(Error::Format)?;
             let Some(p) = passphrase else {
-                return Ok(Crypt::Locked("luks"));
+                return Ok((Crypt::Locked("luks"), Some(luks)));
             };
             let mut read = |at: u64, buf: &mut [u8]| -> Result<(), Error<R::Error>> {
                 if at.saturating_add(to_u64(buf.len())) > ext.length {
@@ -225,10 +229,13 @@ fn open_crypt<R: BlockRead>(
                 io.read_at(ext.offset + at, buf).map_err(Error::Io)
             };
             let cipher = luks.unlock(p, &mut read).map_err(flatten)?;
-            Ok(Crypt::Open {
-                cipher: Box::new(cipher),
-                host_sectors: true,
-            })
+            Ok((
+                Crypt::Open {
+                    cipher: Box::new(cipher),
+                    host_sectors: true,
+                },
+                Some(luks),
+            ))
         }
     }
 }

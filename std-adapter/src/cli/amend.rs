@@ -7,7 +7,6 @@ use std::path::Path;
 use clap::Parser;
 
 use crate::Follow;
-use qcowkit_core::OpenOptions;
 
 /// Arguments of `qcow2 amend`.
 #[derive(Debug, Parser)]
@@ -61,7 +60,7 @@ fn amend(a: &Args) -> Result<(), String> {
         }
     }
     let path = Path::new(&a.filename);
-    let mut img = crate::open_qcow2_rw_following(path, &OpenOptions::default(), Follow::Any)
+    let mut img = crate::open_qcow2_rw_following(path, &super::open_options(), Follow::Any)
         .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
     let h = img.header().clone();
     let version = o.version.unwrap_or(h.version);

@@ -8,7 +8,6 @@ use clap::Parser;
 
 use super::{parse_format, parse_size, report};
 use crate::{CacheMode, Disk, DiskOptions, Format};
-use qcowkit_core::OpenOptions;
 
 /// Arguments of `qcow2 bench`.
 #[derive(Debug, Parser)]
@@ -140,7 +139,7 @@ fn bench(a: &Args) -> Result<(), String> {
         Target::Rw(Box::new(
             crate::open_qcow2_rw_with(
                 Path::new(&a.filename),
-                &OpenOptions::default(),
+                &super::open_options(),
                 a.files.policy(),
                 a.cache,
             )
@@ -149,7 +148,7 @@ fn bench(a: &Args) -> Result<(), String> {
     } else {
         let opts = DiskOptions {
             format: fmt,
-            qcow2: OpenOptions::default(),
+            qcow2: super::open_options(),
             follow: a.files.policy(),
             force_share: a.force_share,
             // Each request reaches the file, as qemu-img bench's do.

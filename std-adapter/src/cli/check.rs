@@ -65,7 +65,7 @@ pub fn run(a: &Args) -> u8 {
         no_backing: true,
         no_data_file: true,
         check_mode: true,
-        ..OpenOptions::default()
+        ..super::open_options()
     };
     let disk = match open_disk(&a.filename, fmt, opts, a.force_share) {
         Ok(d) => d,

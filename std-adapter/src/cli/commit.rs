@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 use crate::{CacheMode, DiskImage, FileIo, Follow, Format, NativeCodec};
 use qcowkit_core::commit::{commit, ChainLayer, StorageSink};
 use qcowkit_core::copy::{CopyOptions, ImageSink, Sink};
-use qcowkit_core::{OpenOptions, Preallocation};
+use qcowkit_core::Preallocation;
 
 /// Arguments of `qcow2 commit`.
 #[derive(Debug, Parser)]
@@ -92,7 +92,7 @@ fn commit_image(a: &Args) -> Result<(), String> {
     let held = vec![crate::identity_of(base_path).map_err(|e| open_err(&base.path, &e))?];
     let mut target = match base.format {
         Format::Qcow2 => Target::Qcow2(Box::new(
-            crate::open_qcow2_rw_with(base_path, &OpenOptions::default(), Follow::Any, a.cache)
+            crate::open_qcow2_rw_with(base_path, &super::open_options(), Follow::Any, a.cache)
                 .map_err(|e| open_err(&base.path, &e))?,
         )),
         Format::Raw => {
@@ -104,7 +104,7 @@ fn commit_image(a: &Args) -> Result<(), String> {
         }
     };
     let mut top =
-        crate::open_qcow2_rw_beside(path, &OpenOptions::default(), Follow::Any, a.cache, &held)
+        crate::open_qcow2_rw_beside(path, &super::open_options(), Follow::Any, a.cache, &held)
             .map_err(|e| open_err(&a.filename, &e))?;
     if top.chain_layer(base.depth).map(|l| l.name().to_string()) != Some(base.path.clone()) {
         return Err(format!(
@@ -166,7 +166,7 @@ fn commit_image(a: &Args) -> Result<(), String> {
 /// Finds the base in the chain of the image (opened without locks, only
 /// to read the chain's names).
 fn find_base(a: &Args, format: Option<Format>) -> Result<Base, String> {
-    let disk = super::open_disk(&a.filename, format, OpenOptions::default(), true)
+    let disk = super::open_disk(&a.filename, format, super::open_options(), true)
         .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
     let DiskImage::Qcow2(img) = disk.image() else {
         return Err("Image does not have a backing file".into());

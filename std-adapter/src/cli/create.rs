@@ -80,7 +80,7 @@ pub fn build(
                 format: fmt,
                 qcow2: OpenOptions {
                     no_backing: false,
-                    ..OpenOptions::default()
+                    ..super::open_options()
                 },
                 follow: crate::Follow::Any,
                 ..DiskOptions::default()

@@ -4,7 +4,6 @@ use super::convert::{CopyError, Writing};
 use super::{parse_size, report};
 use crate::{CacheMode, Format, NativeCodec};
 use qcowkit_core::copy::{copy, CopyOptions, ImageSink};
-use qcowkit_core::OpenOptions;
 
 /// Parsed dd arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +101,7 @@ pub fn run(args: &[String]) -> u8 {
             return 1;
         }
     };
-    let opened = super::open_disk_with(&a.input, a.format, OpenOptions::default(), a.follow, false);
+    let opened = super::open_disk_with(&a.input, a.format, super::open_options(), a.follow, false);
     let mut disk = match opened {
         Ok(d) => d,
         Err(e) => {

@@ -47,7 +47,7 @@ pub fn run(a: &Args) -> u8 {
         let opts = OpenOptions {
             no_backing: true,
             no_data_file: true,
-            ..OpenOptions::default()
+            ..super::open_options()
         };
         let disk = match open_disk(&name, fmt, opts, a.force_share) {
             Ok(d) => d,
@@ -158,6 +158,9 @@ pub fn human_info(v: &Info) -> String {
         v.virtual_size
     );
     out += &format!("disk size: {}\n", human::size(v.actual_size));
+    if v.encrypted == Some(true) {
+        out += "encrypted: yes\n";
+    }
     if let Some(cs) = v.cluster_size {
         out += &format!("cluster_size: {cs}\n");
     }
@@ -197,6 +200,9 @@ pub fn human_info(v: &Info) -> String {
             }
         }
         out += &format!("    refcount bits: {}\n", d.refcount_bits);
+        if let Some(e) = &d.encrypt {
+            out += &encrypt_block(e);
+        }
         if let Some(df) = &d.data_file {
             out += &format!("    data file: {df}\n");
         }
@@ -209,6 +215,55 @@ pub fn human_info(v: &Info) -> String {
         if let Some(e) = d.extended_l2 {
             out += &format!("    extended l2: {e}\n");
         }
+    }
+    out
+}
+
+/// qemu-img's human layout of the encryption facts.
+fn encrypt_block(e: &qcowkit_core::report::EncryptInfo) -> String {
+    let mut out = String::from("    encrypt:\n");
+    let mut line = |k: &str, v: &dyn std::fmt::Display| out += &format!("        {k}: {v}\n");
+    if let Some(v) = &e.ivgen_alg {
+        line("ivgen alg", v);
+    }
+    if let Some(v) = e.detached_header {
+        line("detached header", &v);
+    }
+    if let Some(v) = &e.hash_alg {
+        line("hash alg", v);
+    }
+    if let Some(v) = &e.cipher_alg {
+        line("cipher alg", v);
+    }
+    if let Some(v) = &e.uuid {
+        line("uuid", v);
+    }
+    if let Some(v) = &e.ivgen_hash_alg {
+        line("ivgen hash alg", v);
+    }
+    line("format", &e.format);
+    if let Some(v) = &e.cipher_mode {
+        line("cipher mode", v);
+    }
+    if let Some(slots) = &e.slots {
+        out += "        slots:\n";
+        for (i, s) in slots.iter().enumerate() {
+            out += &format!("            [{i}]:\n");
+            out += &format!("                active: {}\n", s.active);
+            if let Some(n) = s.iters {
+                out += &format!("                iters: {n}\n");
+            }
+            out += &format!("                key offset: {}\n", s.key_offset);
+            if let Some(n) = s.stripes {
+                out += &format!("                stripes: {n}\n");
+            }
+        }
+    }
+    if let Some(v) = e.payload_offset {
+        out += &format!("        payload offset: {v}\n");
+    }
+    if let Some(v) = e.master_key_iters {
+        out += &format!("        master key iters: {v}\n");
     }
     out
 }

@@ -7,7 +7,7 @@ use clap::Parser;
 use super::{json_text, open_disk, options, parse_format, parse_size, Output};
 use crate::DiskImage;
 use qcowkit_core::measure::{bitmaps_size, fully_allocated_size, Measure};
-use qcowkit_core::{CreateOptions, OpenOptions, Preallocation};
+use qcowkit_core::{CreateOptions, Preallocation};
 
 /// Arguments of `qcow2 measure`.
 #[derive(Debug, Parser)]
@@ -94,7 +94,7 @@ fn measure(a: &Args) -> Result<Measure, String> {
     let mut source = None;
     if let Some(name) = &a.filename {
         let fmt = parse_format(&a.format)?;
-        let mut disk = open_disk(name, fmt, OpenOptions::default(), a.force_share)
+        let mut disk = open_disk(name, fmt, super::open_options(), a.force_share)
             .map_err(|e| format!("Could not open '{name}': {e}"))?;
         if let Some(sn) = &a.snapshot {
             super::convert::load_snapshot(&mut disk, sn)

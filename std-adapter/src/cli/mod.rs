@@ -42,6 +42,58 @@ pub struct Cli {
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
+    /// The passphrase of encrypted images (LUKS or the legacy AES
+    /// method), read from FILE: its whole contents, a trailing newline
+    /// included, as qemu-img's `--object secret,file=FILE` reads it.
+    #[arg(long = "passphrase-file", global = true, value_name = "FILE")]
+    pub passphrase_file: Option<std::path::PathBuf>,
+    /// The passphrase of the encrypted backing file NAME (as the image
+    /// names it), read from FILE; repeatable.
+    #[arg(
+        long = "backing-passphrase-file",
+        global = true,
+        value_name = "NAME=FILE"
+    )]
+    pub backing_passphrase_files: Vec<String>,
+}
+
+/// The passphrases given on the command line: the images' own, and
+/// those of named backing files.
+type Secrets = (
+    Option<qcowkit_core::luks::Secret>,
+    Vec<(String, qcowkit_core::luks::Secret)>,
+);
+
+/// The passphrases given on the command line.
+static SECRETS: std::sync::OnceLock<Secrets> = std::sync::OnceLock::new();
+
+/// Reads the passphrase files of the command line once.
+fn load_secrets(cli: &Cli) -> Result<(), String> {
+    let read = |f: &std::path::Path| {
+        std::fs::read(f)
+            .map(qcowkit_core::luks::Secret::from)
+            .map_err(|e| format!("Could not read the passphrase file '{}': {e}", f.display()))
+    };
+    let top = cli.passphrase_file.as_deref().map(read).transpose()?;
+    let mut backing = Vec::new();
+    for b in &cli.backing_passphrase_files {
+        let (name, file) = b.split_once('=').ok_or(format!(
+            "--backing-passphrase-file expects NAME=FILE, got '{b}'"
+        ))?;
+        backing.push((name.to_string(), read(std::path::Path::new(file))?));
+    }
+    let _ = SECRETS.set((top, backing));
+    Ok(())
+}
+
+/// Default open options with the passphrases given on the command line.
+pub fn open_options() -> qcowkit_core::OpenOptions {
+    let mut o = qcowkit_core::OpenOptions::default();
+    if let Some((top, backing)) = SECRETS.get() {
+        o.passphrase = top.clone();
+        o.backing_passphrases = backing.clone();
+    }
+    o
 }
 
 /// Output format of `--output`.
@@ -142,6 +194,10 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Err(e) = load_secrets(&cli) {
+        eprintln!("qcow2: {e}");
+        return ExitCode::from(1);
+    }
     let code = match cli.command {
         Command::Amend(a) => amend::run(&a),
         Command::Bench(a) => bench::run(&a),
@@ -163,7 +219,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
 
 /// Open options with an optional `--l2-cache-size` value applied.
 pub fn cache_options(l2_cache_size: &Option<String>) -> Result<qcowkit_core::OpenOptions, String> {
-    let mut opts = qcowkit_core::OpenOptions::default();
+    let mut opts = open_options();
     if let Some(s) = l2_cache_size {
         opts.l2_cache_bytes =
             Some(parse_size(s).ok_or_else(|| format!("invalid l2-cache-size '{s}'"))?);

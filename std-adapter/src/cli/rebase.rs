@@ -71,7 +71,7 @@ fn rebase(a: &Args) -> Result<(), String> {
     };
     let opts = OpenOptions {
         no_backing: a.unsafe_mode,
-        ..OpenOptions::default()
+        ..super::open_options()
     };
     let mut img = crate::open_qcow2_rw_following(path, &opts, follow)
         .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use super::parse_format;
 use crate::{Follow, Format};
-use qcowkit_core::{OpenOptions, Preallocation};
+use qcowkit_core::Preallocation;
 
 /// Arguments of `qcow2 resize`.
 #[derive(Debug, Parser)]
@@ -74,7 +74,7 @@ fn resize(a: &Args) -> Result<(), String> {
     };
     let mut img = match format {
         Format::Qcow2 => Some(
-            crate::open_qcow2_rw_following(path, &OpenOptions::default(), Follow::Any)
+            crate::open_qcow2_rw_following(path, &super::open_options(), Follow::Any)
                 .map_err(|e| format!("Could not open '{}': {e}", a.filename))?,
         ),
         Format::Raw => None,

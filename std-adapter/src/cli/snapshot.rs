@@ -59,7 +59,7 @@ fn snapshot(a: &Args) -> Result<(), String> {
         let opts = OpenOptions {
             no_backing: true,
             no_data_file: true,
-            ..OpenOptions::default()
+            ..super::open_options()
         };
         let disk = open_disk(&a.filename, fmt, opts, a.force_share)
             .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
@@ -71,12 +71,9 @@ fn snapshot(a: &Args) -> Result<(), String> {
         }
         return Ok(());
     }
-    let mut img = crate::open_qcow2_rw_following(
-        Path::new(&a.filename),
-        &OpenOptions::default(),
-        Follow::Any,
-    )
-    .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
+    let mut img =
+        crate::open_qcow2_rw_following(Path::new(&a.filename), &super::open_options(), Follow::Any)
+            .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
     if let Some(name) = &a.apply {
         return match img.apply_snapshot(name) {
             Ok(true) => Ok(()),

@@ -513,7 +513,7 @@ pub fn describe(
                 qcow2: OpenOptions {
                     no_backing: true,
                     no_data_file: true,
-                    ..OpenOptions::default()
+                    ..super::open_options()
                 },
                 follow: crate::Follow::None,
                 force_share,

@@ -206,8 +206,18 @@ impl<R: BlockWrite> WritableImage<R> {
     /// their bits set for every change, stored (and the flag cleared) at
     /// each [`WritableImage::flush`].
     pub fn new(img: Image<R>) -> Res<Self, R> {
-        if img.crypt.is_some() {
-            return Err(Error::Unsupported("writing encrypted images"));
+        match &img.crypt {
+            crate::image::Crypt::None => {}
+            crate::image::Crypt::Locked(method) => return Err(Error::Encrypted { method }),
+            crate::image::Crypt::Open {
+                host_sectors: false,
+                ..
+            } => {
+                return Err(Error::Unsupported(
+                    "writing images encrypted with the legacy AES method (convert them to LUKS)",
+                ))
+            }
+            crate::image::Crypt::Open { .. } => {}
         }
         if img.header.corrupt() {
             return Err(Error::ReadOnly(
@@ -236,9 +246,6 @@ impl<R: BlockWrite> WritableImage<R> {
     /// and bitmaps are left as they are (they stay consistent: no guest
     /// write happens).
     pub fn for_repair(img: Image<R>) -> Res<Self, R> {
-        if img.crypt.is_some() {
-            return Err(Error::Unsupported("repairing encrypted images"));
-        }
         let mut w = Self::assemble(img)?;
         if w.clear_unknown_autoclear() {
             w.write_header_fields()?;

@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use crate::bytes::{be64, put64, to_u64, to_usize};
 use crate::compress::Codec;
 use crate::error::Error;
+use crate::image::Crypt;
 use crate::image::Res;
 use crate::io::BlockWrite;
 use crate::l2::{self, Subcluster, COPIED, ZERO};
@@ -331,6 +332,32 @@ impl<R: BlockWrite> WritableImage<R> {
         self.data_dirty = true;
         // Host space may be reused: a cached decompressed cluster is stale.
         self.img.invalidate_decompressed();
+        if let Crypt::Open { cipher, .. } = &self.img.crypt {
+            // Whole sectors, encrypted by their host sector number; the
+            // sectors a write covers in part are read and decrypted first.
+            let cipher = cipher.clone();
+            let sector = crate::luks::SECTOR as u64;
+            let start = host - host % sector;
+            let end = (host + to_u64(data.len())).div_ceil(sector) * sector;
+            let mut buf = crate::heap::zeroed(end - start, "an encryption buffer")?;
+            let skip = to_usize(host - start).unwrap_or(0);
+            if start != host || end != host + to_u64(data.len()) {
+                let crypt = self.img.crypt.clone();
+                match (self.img.fmt.data_file, self.img.data_file.as_mut()) {
+                    (true, Some(df)) => crypt.read(df, start, start, &mut buf)?,
+                    (true, None) => return Err(Error::MissingDataFile),
+                    (false, _) => crypt.read(&mut self.img.io, start, start, &mut buf)?,
+                }
+            }
+            buf[skip..skip + data.len()].copy_from_slice(data);
+            cipher.encrypt(start / sector, &mut buf);
+            return self.write_plain(start, &buf);
+        }
+        self.write_plain(host, data)
+    }
+
+    /// Writes `data` at `host` of the file holding guest data as it is.
+    fn write_plain(&mut self, host: u64, data: &[u8]) -> Res<(), R> {
         if self.img.fmt.data_file {
             let df = self.img.data_file.as_mut().ok_or(Error::MissingDataFile)?;
             return df.write_at(host, data).map_err(Error::Io);
@@ -412,7 +439,8 @@ impl<R: BlockWrite> WritableImage<R> {
                     let whole = n == cend - cstart;
                     // Read (and decompress) what is kept before allocating:
                     // a failure then allocates nothing.
-                    let buf = if zeros && !whole {
+                    // (Zeros of an encrypted image are written encrypted.)
+                    let buf = if zeros && !whole && !self.img.crypt.is_some() {
                         None
                     } else {
                         Some(self.merged(cstart, cend - cstart, pos, data)?)
@@ -465,7 +493,9 @@ impl<R: BlockWrite> WritableImage<R> {
                 // Shared with a snapshot: copy the whole cluster first.
                 let old = host_of(sub).unwrap_or(0);
                 let mut buf = alloc::vec![0u8; to_usize(cs).unwrap_or(0)];
-                self.img.io.read_at(old, &mut buf).map_err(Error::Io)?;
+                // (Decrypted where it is, encrypted again where it goes.)
+                let crypt = self.img.crypt.clone();
+                crypt.read(&mut self.img.io, old, cstart, &mut buf)?;
                 let host = self.alloc_data_cluster(cstart)?;
                 self.write_data(host, &buf)?;
                 self.release(entry, bitmap, pos)?;
@@ -601,6 +631,11 @@ impl<R: BlockWrite> WritableImage<R> {
     /// one of the disk may be shorter) of an image that can hold it.
     fn check_compressed(&self, offset: u64, len: usize) -> Res<(), R> {
         self.require_intact()?;
+        if self.img.crypt.is_some() {
+            return Err(Error::Unsupported(
+                "Compression and encryption not supported at the same time",
+            ));
+        }
         let cs = self.cluster_size();
         if !offset.is_multiple_of(cs) || to_u64(len) > cs || len == 0 {
             return Err(Error::Unsupported(

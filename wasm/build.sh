@@ -6,6 +6,31 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 wasm-pack build --target web --release "$@"
+# The module's function names (its "name" section, about 40 KiB gzipped) are
+# for debuggers only: dropped from the package unless KEEP_NAMES=1 (the
+# package must stay within 250 KiB gzipped; wasm-opt, which would also drop
+# them, is off: see Cargo.toml).
+if [ "${KEEP_NAMES:-0}" != 1 ]; then
+  node -e '
+const fs = require("fs");
+const path = "pkg/qcowkit_wasm_bg.wasm";
+const b = fs.readFileSync(path);
+const leb = (at) => { let v = 0, s = 0, x; do { x = b[at++]; v += (x & 0x7f) * 2 ** s; s += 7; } while (x & 0x80); return [v, at]; };
+const kept = [b.subarray(0, 8)];
+for (let at = 8; at < b.length;) {
+  const [size, body] = leb(at + 1);
+  const end = body + size;
+  let drop = false;
+  if (b[at] === 0) {
+    const [n, name] = leb(body);
+    drop = b.toString("utf8", name, name + n) === "name";
+  }
+  if (!drop) kept.push(b.subarray(at, end));
+  at = end;
+}
+fs.writeFileSync(path, Buffer.concat(kept));
+'
+fi
 cp js/*.js js/*.d.ts pkg/
 cp ../LICENSE pkg/LICENSE
 node -e '

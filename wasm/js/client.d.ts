@@ -3,11 +3,13 @@
  * module worker (`worker.js`) and every method returns a promise.
  */
 import type {
-  Allocation, AllocationRange, CheckResult, CreateOptions, ConvertOptions, ErrorCode, HostRun,
-  ImageInfo, MapEntry, RepairMode, RepairResult, ResizeOptions, SnapshotInfo,
+  Allocation, AllocationRange, CheckResult, CreateOptions, ConvertOptions, DiskContents, ErrorCode,
+  HostRun, ImageInfo, MapEntry, RepairMode, RepairResult, ResizeOptions, SnapshotInfo,
 } from "./qcowkit_wasm.js";
 
-export type { ErrorCode } from "./qcowkit_wasm.js";
+export type {
+  DiskContents, ErrorCode, FilesystemInfo, FilesystemType, PartitionInfo, PartitionTableInfo,
+} from "./qcowkit_wasm.js";
 
 /**
  * What the worker client takes as an image or file: a `Blob`/`File`, bytes (copied, or
@@ -78,6 +80,12 @@ export class QcowClient {
   allocationMap(id: number, options?: LongWork): Promise<AllocationRange[]>;
   /** What each cluster of the image file holds (cancelling restarts the worker). */
   hostLayout(id: number, options?: Cancellable): Promise<HostRun[]>;
+  /**
+   * What the guest disk holds: partition table (MBR or GPT), partitions and the file system of
+   * each and of the whole disk (`qcow2-info --json`'s "contents"); a broken table is reported in
+   * `error`, not rejected (cancelling restarts the worker).
+   */
+  contents(id: number, options?: Cancellable): Promise<DiskContents>;
   /** `qemu-img check` (cancelling restarts the worker). */
   check(id: number, options?: Cancellable & { onProblem?: (line: string) => void }): Promise<CheckResult>;
   /**

@@ -136,7 +136,7 @@ export class QcowClient {
   /**
    * Posts one call. `signal` cancels it: calls the worker runs in steps
    * are cancelled there (within one step); the others (check, repair,
-   * hostLayout) stop when the worker is stopped and started again.
+   * hostLayout, contents) stop when the worker is stopped and started again.
    * @private
    */
   _call(op, args, { onProgress, onLine, signal, transfer } = {}) {
@@ -332,6 +332,16 @@ export class QcowClient {
   /** What each cluster of the image file holds: `{ start, len, kind }` runs. */
   hostLayout(id, options = {}) {
     return this._on('hostLayout', id, [], options);
+  }
+
+  /**
+   * What the guest disk holds: the partition table (MBR or GPT) and the
+   * file system of each partition and of the whole disk, with the keys of
+   * `qcow2-info --json`'s "contents"; a broken table is reported in its
+   * `error`. Cancelling restarts the worker (see the README).
+   */
+  contents(id, options = {}) {
+    return this._on('contents', id, [], options);
   }
 
   /**

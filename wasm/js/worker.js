@@ -311,6 +311,11 @@ const ops = {
     return entry(id).img.hostLayout();
   },
 
+  /** The partition table and file systems of the guest disk. */
+  contents(call, id) {
+    return entry(id).img.contents();
+  },
+
   check(call, id) {
     return entry(id).img.check((text) => call.line(text));
   },

@@ -14,7 +14,8 @@
 //! Maintenance, as qemu-img does it: `QcowImage.openForRepair` and
 //! `repair("leaks" | "all")` (`check -r`), `resize(size, { shrink })`,
 //! `snapshots()`, `createSnapshot(name)`, `deleteSnapshot(name)` and
-//! `applySnapshot(idOrName)` (see `README.md`).
+//! `applySnapshot(idOrName)` (see `README.md`). What the guest disk holds:
+//! `contents()` (partition table and file systems).
 //!
 //! Storages: `Uint8Array`, `Blob`/`File` (read-only; synchronous reads need a
 //! worker), an OPFS `FileSystemSyncAccessHandle` (read-write, dedicated
@@ -24,6 +25,7 @@
 //! [`Code`]). Offsets and sizes are numbers, exact up to
 //! `Number.MAX_SAFE_INTEGER`: larger ones are refused, never rounded.
 
+mod contents;
 mod convert;
 mod create;
 mod error;

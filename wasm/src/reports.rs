@@ -158,6 +158,8 @@ export interface ImageInfo {
   "full-backing-filename"?: string;
   "backing-filename"?: string;
   "dirty-flag": boolean;
+  /** The image is encrypted (its data needs a passphrase, which this package does not take yet). */
+  encrypted?: true;
   /** The files this image names that opening it would open (not a qemu-img key). */
   "files-to-open"?: { role: "backing" | "data-file"; name: string; path: string }[];
 }
@@ -183,6 +185,22 @@ export interface Qcow2Info {
   "data-file-raw"?: boolean;
   corrupt?: boolean;
   "extended-l2"?: boolean;
+  /** The encryption, as `qemu-img info` shows it (readable without the passphrase). */
+  encrypt?: EncryptInfo;
+}
+/** The encryption facts of `qemu-img info`: LUKS (all of them) or the legacy AES method (`format` only). */
+export interface EncryptInfo {
+  format: "luks" | "aes";
+  "cipher-alg"?: string;
+  "cipher-mode"?: string;
+  "ivgen-alg"?: string;
+  "ivgen-hash-alg"?: string;
+  "hash-alg"?: string;
+  uuid?: string;
+  "detached-header"?: boolean;
+  "payload-offset"?: number;
+  "master-key-iters"?: number;
+  slots?: { active: boolean; iters?: number; "key-offset": number; stripes?: number }[];
 }
 /** One entry of `qemu-img map --output=json`. */
 export interface MapEntry {

@@ -87,6 +87,15 @@ fn blobs_are_read_with_file_reader_sync() {
     assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
     let mbr = img.read(0.0, 512).unwrap().to_vec();
     assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+    // What the disk holds, read from the Blob: an MBR with one Linux partition.
+    let c = img.contents().unwrap();
+    assert_eq!(
+        get(&c, &["partition-table", "type"]).as_string().unwrap(),
+        "mbr"
+    );
+    let first = Reflect::get(&get(&c, &["partitions"]), &0.into()).unwrap();
+    assert_eq!(get(&first, &["start"]).as_f64(), Some(1048576.0));
+    assert_eq!(get(&first, &["type"]).as_string().unwrap(), "Linux");
     // Blobs are read-only.
     let parts = Array::of1(&Uint8Array::from(DEMO));
     let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();

@@ -51,9 +51,10 @@ let client = null;
  * an operation changes the file), `name`, the chosen `top` File and the
  * `others` (its backing files), `copy`: the OPFS file name of the working
  * copy once one was made (the view shows it from then on), `modified`:
- * whether an operation changed the copy.
+ * whether an operation changed the copy, `contents`: what the wasm's
+ * contents() says the guest disk holds (partitions, file systems).
  * @type {{id: number|null, name: string, top: File, others: Object<string, File>,
- *   copy: string|null, modified: boolean}|null}
+ *   copy: string|null, modified: boolean, contents: object|null}|null}
  */
 let current = null;
 
@@ -227,6 +228,13 @@ async function assemble(entries) {
 
 // ---------- rendering ----------
 
+/** The encryption facts of info() in words (the guest data of an encrypted image cannot be read here). */
+function encryptionText(e) {
+  if (!e) return 'none';
+  const cipher = e['cipher-alg'] ? ` (${[e['cipher-alg'], e['cipher-mode'], e['ivgen-alg']].filter(Boolean).join('-')})` : '';
+  return `${e.format}${cipher}: the guest data needs its passphrase, which this page cannot take`;
+}
+
 function renderFacts(info) {
   const d = (info['format-specific'] || {}).data || {};
   const facts = [
@@ -238,6 +246,7 @@ function renderFacts(info) {
     ['extended-l2', 'Extended L2 entries (subclusters)', onOff(d['extended-l2'])],
     ['lazy-refcounts', 'Lazy refcounts', onOff(d['lazy-refcounts'])],
     ['refcount-bits', 'Refcount width', `${d['refcount-bits']} bits`],
+    ['encryption', 'Encryption', encryptionText(d.encrypt)],
     ['data-file', 'External data file', d['data-file'] ? `${d['data-file']}${d['data-file-raw'] ? ' (raw)' : ''}` : 'none'],
     ['corrupt', 'Marked corrupt', d.corrupt ? 'yes' : 'no'],
     ['dirty', 'Dirty (needs repair after crash)', info['dirty-flag'] ? 'yes' : 'no'],
@@ -457,6 +466,157 @@ function renderLayout(runs) {
   }
 }
 
+// ---------- partitions and file systems ----------
+
+/** MBR extended partition types (containers of the logical partitions, not probed). */
+const EXTENDED = ['0x05', '0x0f', '0x85'];
+
+/** One line about a file system (the wasm's `FilesystemInfo`) besides its label and UUID. */
+function fsDetails(f) {
+  const parts = [];
+  if (f.version !== undefined && ['LUKS', 'qcow2', 'Linux swap', 'XFS'].includes(f.type)) parts.push(`version ${f.version}`);
+  if (f.cipher) parts.push(`cipher ${f.cipher}${f['cipher-mode'] ? `-${f['cipher-mode']}` : ''}`);
+  if (f.size !== undefined) parts.push(`${f.type === 'qcow2' ? 'virtual size' : 'size'} ${human(f.size)}`);
+  if (f['block-size'] !== undefined) {
+    const what = ['FAT12', 'FAT16', 'FAT32', 'exFAT', 'NTFS', 'qcow2'].includes(f.type) ? 'cluster'
+      : f.type === 'Linux swap' ? 'page' : f.type === 'Btrfs' ? 'sector' : 'block';
+    const bs = f['block-size'];
+    parts.push(`${bs < 1024 ? `${bs}-byte` : human(bs)} ${what}s`);
+  }
+  return parts.join(' · ');
+}
+
+/**
+ * A table row of one partition (or of the whole disk: `p` null) and the
+ * file system found in it, with a button that shows its first sector in
+ * the hex viewer.
+ */
+function contentsRow(p, fs, sectorSize) {
+  const start = p ? p.start : 0;
+  const row = el('tr', {
+    'data-testid': 'partition',
+    'data-number': p ? String(p.number) : 'disk',
+    'data-start': String(start),
+    'data-size': String(p ? p.size : current.size),
+  });
+  const sub = (text) => el('span', { class: 'sub' }, text);
+  const cell = (testid, ...children) => el('td', { 'data-testid': testid }, ...children);
+  if (p) {
+    row.dataset.typeId = p['type-id'];
+    if (p.logical) row.dataset.logical = 'true';
+    const typeText = `${p.type}${p['type-id'].startsWith('0x') && p.type !== p['type-id'] ? ` (${p['type-id']})` : ''}`;
+    row.append(
+      cell('partition-number', String(p.number)),
+      cell('partition-start', human(start), sub(`sector ${start / sectorSize}`)),
+      el('td', { 'data-testid': 'partition-size', title: `${p.size} bytes` }, human(p.size)),
+      el('td', { 'data-testid': 'partition-type', title: p['type-id'] }, typeText,
+        ...(p.logical ? [sub('logical')] : [])),
+      cell('partition-name', p.name || ''),
+      cell('partition-flags', (p.flags || []).join(', ')),
+    );
+  } else {
+    row.append(cell('partition-number', 'disk'), cell('partition-start', human(0), sub('sector 0')),
+      el('td', { 'data-testid': 'partition-size', title: `${current.size} bytes` }, human(current.size)),
+      cell('partition-type', 'whole disk'), cell('partition-name', ''), cell('partition-flags', ''));
+  }
+  if (fs) {
+    row.dataset.fs = fs.type;
+    const details = fsDetails(fs);
+    const attrs = { 'data-testid': 'partition-fs' };
+    if (fs.features) attrs.title = `features: ${fs.features.join(' ')}`;
+    row.append(el('td', attrs, fs.type, ...(details ? [sub(details)] : [])));
+  } else {
+    const extended = p && EXTENDED.includes(p['type-id']);
+    row.append(el('td', { 'data-testid': 'partition-fs', class: 'none' },
+      extended ? 'extended: holds the logical partitions' : 'not recognised'));
+  }
+  row.append(
+    cell('partition-label', fs && fs.label ? fs.label : ''),
+    el('td', { 'data-testid': 'partition-uuid', class: 'id' }, fs && fs.uuid ? fs.uuid : ''),
+    el('td', {}, el('button', {
+      type: 'button', class: 'partition-jump', 'data-testid': 'partition-jump', 'data-start': String(start),
+      title: `Show the first sector${p ? ` of partition ${p.number}` : ' of the disk'} in the hex viewer`,
+    }, 'First sector')),
+  );
+  return row;
+}
+
+/**
+ * Shows what the wasm's contents() says the guest disk holds: the
+ * partition table (with the problems of a damaged one) and a table of the
+ * partitions with their file systems, plus the whole disk's file system.
+ */
+function renderContents(c) {
+  const panel = $('contents-panel');
+  const summary = $('contents-summary');
+  const notes = $('contents-notes');
+  const t = c['partition-table'];
+  const lines = [];
+  summary.className = '';
+  if (t && t.type === 'gpt') {
+    panel.dataset.scheme = 'gpt';
+    summary.textContent = `GPT partition table, ${t['sector-size']}-byte sectors, disk GUID ${t['disk-guid']}, ` +
+      `read from the ${t.header} header.`;
+    if (t['primary-problem']) lines.push(`The primary GPT header is damaged (${t['primary-problem']}): the partitions were read from the backup.`);
+    if (t['backup-problem']) lines.push(`The backup GPT header is damaged (${t['backup-problem']}).`);
+  } else if (t) {
+    panel.dataset.scheme = 'mbr';
+    summary.textContent = `MBR partition table, disk id ${t['disk-id']}.`;
+  } else if (c.error) {
+    panel.dataset.scheme = 'broken';
+    summary.textContent = `The partition table cannot be read: ${c.error}`;
+    summary.className = 'bad';
+  } else {
+    panel.dataset.scheme = 'none';
+    summary.textContent = c.filesystem ? 'No partition table: a file system on the whole disk.'
+      : 'No partition table or file system recognised.';
+  }
+  if (c['omitted-partitions']) lines.push(`${c['omitted-partitions']} more partitions are not shown.`);
+  notes.replaceChildren(...lines.map((l) => el('li', { 'data-testid': 'contents-note' }, l)));
+  notes.hidden = lines.length === 0;
+  const parts = c.partitions || [];
+  if (!parts.length && !c.filesystem) {
+    $('contents-table').replaceChildren();
+  } else {
+    const ss = t ? t['sector-size'] : SECTOR;
+    const table = el('table', {}, el('tr', {}, ...['#', 'Start', 'Size', 'Type', 'Name', 'Flags', 'File system',
+      'Label', 'UUID / serial', ''].map((h) => el('th', {}, h))));
+    if (c.filesystem) table.append(contentsRow(null, c.filesystem, ss));
+    for (const p of parts) table.append(contentsRow(p, p.filesystem, ss));
+    $('contents-table').replaceChildren(table);
+  }
+  panel.dataset.state = 'shown';
+}
+
+/** The partitions (not MBR extended ones) starting at guest offset `at`, for the hex viewer. */
+function partitionsAt(at) {
+  const c = current && current.contents;
+  if (!c) return [];
+  return (c.partitions || []).filter((p) => p.start === at && !EXTENDED.includes(p['type-id']));
+}
+
+function resetContents() {
+  const panel = $('contents-panel');
+  delete panel.dataset.state;
+  delete panel.dataset.scheme;
+  $('contents-summary').textContent = 'Reading the partition table…';
+  $('contents-summary').className = '';
+  $('contents-notes').hidden = true;
+  $('contents-table').replaceChildren();
+}
+
+/** Shows the first sector of a partition (the button in its row) in the hex viewer. */
+function jumpToPartition(ev) {
+  const b = ev.target.closest('button.partition-jump');
+  if (!b || !current || current.raw) return Promise.resolve();
+  const start = Number(b.dataset.start);
+  $('hex-offset').value = `0x${hex(start, 1)}`;
+  return serial(async () => {
+    await showSector(start);
+    $('hex-panel').scrollIntoView({ block: 'nearest' });
+  }).catch((err) => showError(err.message));
+}
+
 // ---------- hex viewer ----------
 
 /** The hex viewer's sector: its guest offset (a multiple of 512). */
@@ -509,6 +669,14 @@ async function showSector(offset) {
   where.className = '';
   where.textContent = `Sector ${Math.floor(at / SECTOR)} — guest bytes ${at} to ${at + len - 1} ` +
     `(0x${hex(at, 1)}–0x${hex(at + len - 1, 1)}) of ${sizeText(size)}.`;
+  const starting = partitionsAt(at);
+  if (starting.length) {
+    where.textContent += ' The first sector of ' + starting.map((p) => `partition ${p.number} (${p.type}` +
+      `${p.filesystem ? `, ${p.filesystem.type}` : ''})`).join(', ') + '.';
+    view.dataset.partition = starting.map((p) => p.number).join(',');
+  } else {
+    delete view.dataset.partition;
+  }
   $('hex-prev').disabled = at === 0;
   $('hex-next').disabled = at + SECTOR >= size;
 }
@@ -566,7 +734,27 @@ async function showImage() {
     $('layout-stats').textContent = `No layout: ${err.message}`;
     $('layout-legend').replaceChildren();
   }
-  await showSector(Math.min(hexAt, info['virtual-size'] - 1));
+  current.contents = null;
+  try {
+    current.contents = await client.contents(id);
+    renderContents(current.contents);
+  } catch (err) {
+    // (the storage failed, or a value beyond 2^53): the other views still show.
+    $('contents-summary').textContent = `The partitions cannot be shown: ${err.message}`;
+    $('contents-summary').className = 'bad';
+    $('contents-notes').hidden = true;
+    $('contents-table').replaceChildren();
+    $('contents-panel').dataset.state = 'failed';
+  }
+  try {
+    await showSector(Math.min(hexAt, info['virtual-size'] - 1));
+  } catch (err) {
+    // (an encrypted image's data, a storage that failed): the other views still show.
+    $('hex').textContent = '';
+    $('hex').dataset.state = 'failed';
+    $('hex-where').textContent = `The guest data cannot be read: ${err.message}`;
+    $('hex-where').className = 'bad';
+  }
   renderCheck(await client.check(id));
   $('download-modified').hidden = !current.modified;
 }
@@ -610,6 +798,7 @@ function openEntries(entries) {
     $('result').hidden = true;
     resetConvert();
     resetMaintenance();
+    resetContents();
     if (current) {
       await closeView().catch(() => {});
       current = null;
@@ -621,7 +810,8 @@ function openEntries(entries) {
       if (!client) throw new Error('the wasm module is not loaded');
       await removeCopies().catch(() => {});
       const { top, raw, others, chain } = await assemble(entries);
-      current = { id: null, name: top.path, top: top.file, others, copy: null, modified: false, raw, size: 0 };
+      current = { id: null, name: top.path, top: top.file, others, copy: null, modified: false, raw, size: 0,
+        contents: null };
       if (raw) {
         showRaw();
       } else {
@@ -1052,6 +1242,7 @@ function wire() {
   $('resize-form').addEventListener('submit', resize);
   $('snapshot-form').addEventListener('submit', takeSnapshot);
   $('snapshots').addEventListener('click', snapshotAction);
+  $('contents-table').addEventListener('click', jumpToPartition);
   $('download-modified').addEventListener('click', downloadModified);
 }
 

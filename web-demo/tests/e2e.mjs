@@ -14,6 +14,9 @@ import { dirname, extname, join, normalize, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
+import {
+  blkid, flagsOfAttrs, fsWords, gptTypeNames, makeGptDisk, makeMbrDisk, mbrTypeId, PAGE_GPT, toQcow2,
+} from '../../wasm/tests/disks.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const dist = join(here, '..', 'dist');
@@ -106,9 +109,12 @@ qemuImg('create', '-q', '-f', 'qcow2', path('huge.qcow2'), '64T');
 qemuIo(path('huge.qcow2'), 'write -P 0x7 0 64k');
 qemuIo(path('huge.qcow2'), 'write -P 0x8 70368744112128 64k');
 
-// Encrypted (LUKS): the core does not decrypt; the page must say so.
+// Encrypted (LUKS), with data: the page takes no passphrase; it shows the
+// metadata and says that the data needs one.
 qemuImg('create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=e2e-secret',
   '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', path('encrypted.qcow2'), '16M');
+sh('qemu-io', ['--object', 'secret,id=sec0,data=e2e-secret', '--image-opts',
+  `driver=qcow2,file.filename=${path('encrypted.qcow2')},encrypt.key-secret=sec0`, '-c', 'write -P 0x5a 0 64k']);
 
 // Malformed: a qcow2 magic with an impossible header (cluster_bits = 99).
 const bad = Buffer.alloc(4096);
@@ -193,6 +199,25 @@ writeFileSync(path('abs/top.qcow2'), readFileSync(path('vm/images/top.qcow2')));
 qemuImg('rebase', '-u', '-b', '/srv/elsewhere/mid.qcow2', '-F', 'qcow2', path('abs/top.qcow2'));
 writeFileSync(path('abs/mid.qcow2'), readFileSync(path('vm/bases/mid.qcow2')));
 writeFileSync(path('abs/base.qcow2'), readFileSync(path('vm/bases/base.qcow2')));
+
+// What the guest disk holds (the partitions panel): a GPT disk made by
+// sgdisk with FAT32 (mkfs.vfat), ext4 with a label (mkfs.ext4), swap
+// (mkswap) and NTFS (mkfs.ntfs) at the partition offsets, and an MBR disk
+// made by sfdisk with logical partitions (FAT16, ext4, swap, ext2, NTFS),
+// converted by qemu-img with 4 KiB clusters (an L2 table covers 2 MiB: the
+// partitions span many). A missing tool fails here, naming its package.
+const PARTS_GPT = makeGptDisk(tmp, 'parts-gpt.raw', PAGE_GPT);
+toQcow2(tmp, 'parts-gpt.raw', 'parts-gpt.qcow2', 4096);
+const PARTS_MBR = makeMbrDisk(tmp, 'parts-mbr.raw');
+toQcow2(tmp, 'parts-mbr.raw', 'parts-mbr.qcow2', 4096);
+// Both GPT headers gone: a table that cannot be read (shown in the panel).
+{
+  const d = readFileSync(path('parts-gpt.raw'));
+  d.fill(0, 512, 1024);
+  d.fill(0, d.length - 512);
+  writeFileSync(path('parts-broken.raw'), d);
+  toQcow2(tmp, 'parts-broken.raw', 'parts-broken.qcow2', 4096);
+}
 
 // Several GiB, sparse: 4 GiB + 64 MiB with data at 0, at 2 GiB, across the
 // 4 GiB boundary and at the end (converted to raw and back in the page).
@@ -321,6 +346,26 @@ function findProfileFile(size) {
   walk(profile);
   assert.equal(found.length, 1, `one file of ${size} bytes in the profile: ${found.join(', ')}`);
   return found[0];
+}
+
+/** The partitions panel's rows: their data attributes and the text of each cell. */
+const partitionRows = () => page.$$eval('[data-testid=partition]', (rows) => rows.map((r) => {
+  const cell = (k) => r.querySelector(`[data-testid=partition-${k}]`).innerText.replace(/\s*\n\s*/g, '');
+  return {
+    number: r.dataset.number, start: r.dataset.start, size: r.dataset.size, typeId: r.dataset.typeId,
+    logical: r.dataset.logical, fs: r.dataset.fs,
+    cells: Object.fromEntries(['start', 'type', 'name', 'flags', 'fs', 'label', 'uuid'].map((k) => [k, cell(k)])),
+  };
+}));
+
+/** Clicks "First sector" of partition `number`; returns the hex viewer's rows once it shows its start. */
+async function jumpTo(number) {
+  const row = page.locator(`[data-testid=partition][data-number="${number}"]`);
+  const start = await row.getAttribute('data-start');
+  await page.evaluate(() => { delete document.getElementById('hex').dataset.offset; });
+  await row.getByTestId('partition-jump').click();
+  await page.waitForFunction((o) => document.getElementById('hex').dataset.offset === o, start);
+  return (await text('hex')).split('\n');
 }
 
 const snapshotRows = () => page.$$eval('[data-testid=snapshot]', (rows) => rows.map((r) => ({ id: r.dataset.id, name: r.dataset.name })));
@@ -481,13 +526,19 @@ try {
     await page.screenshot({ path: join(shots, '3-malformed.png'), fullPage: true });
   });
 
-  await check('an encrypted image shows the core error', async () => {
+  await check('an encrypted image opens for its metadata; its guest data needs a passphrase (the core says so)', async () => {
     await choose(['encrypted.qcow2']);
-    const alert = page.getByRole('alert');
-    await alert.waitFor({ state: 'visible' });
-    const msg = await alert.innerText();
-    assert.ok(msg.trim().length > 0, 'error message is not empty');
-    console.log(`    error shown: ${msg.trim()}`);
+    await waitOpened();
+    const q = JSON.parse(qemuImg('info', '--output=json', path('encrypted.qcow2')));
+    const e = q['format-specific'].data.encrypt;
+    assert.equal(await text('fact-encryption'),
+      `luks (${e['cipher-alg']}-${e['cipher-mode']}-${e['ivgen-alg']}): the guest data needs its passphrase, which this page cannot take`);
+    assert.equal(await page.getByTestId('hex').getAttribute('data-state'), 'failed');
+    assert.match(await text('hex-where'), /^The guest data cannot be read: image is encrypted with luks: a passphrase is required/);
+    assert.equal(await page.getByTestId('contents-panel').getAttribute('data-state'), 'failed');
+    assert.match(await text('contents-summary'), /^The partitions cannot be shown: image is encrypted with luks: a passphrase is required/);
+    await page.waitForFunction(() => document.getElementById('check').dataset.status);
+    assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'clean', 'checked without the key');
     await page.screenshot({ path: join(shots, '3b-encrypted.png'), fullPage: true });
   });
 
@@ -714,6 +765,116 @@ try {
       return Array.from(d.slice(last * 4, last * 4 + 4));
     });
     assert.deepEqual(used, [0xdc, 0x26, 0x26, 255]);
+  });
+
+  await check('partitions panel: a GPT disk made by sgdisk (FAT32, ext4, swap, NTFS) as sfdisk and blkid say; first sectors in the hex viewer', async () => {
+    await choose(['parts-gpt.qcow2']);
+    await waitOpened();
+    await page.waitForFunction(() => document.getElementById('contents-panel').dataset.state === 'shown');
+    assert.equal(await page.getByTestId('contents-panel').getAttribute('data-scheme'), 'gpt');
+    assert.equal(await text('contents-summary'),
+      `GPT partition table, 512-byte sectors, disk GUID ${PARTS_GPT.id}, read from the primary header.`);
+    assert.equal(await page.getByTestId('contents-notes').isVisible(), false, 'no problems');
+    const rows = await partitionRows();
+    const names = gptTypeNames(tmp);
+    assert.equal(rows.length, PARTS_GPT.partitions.length);
+    rows.forEach((r, i) => {
+      const t = PARTS_GPT.partitions[i];
+      const what = `partition ${r.number}`;
+      assert.equal(`parts-gpt.raw${r.number}`, t.node, what);
+      assert.equal(r.start, String(t.start * 512), `${what}: start`);
+      assert.match(r.cells.start, new RegExp(`sector ${t.start}$`), `${what}: start in sectors`);
+      assert.equal(r.size, String(t.size * 512), `${what}: size`);
+      assert.equal(r.typeId, t.type, `${what}: type GUID`);
+      assert.equal(r.cells.type, names[t.type], `${what}: type in words`);
+      assert.equal(r.cells.name, t.name, `${what}: name`);
+      assert.equal(r.cells.flags, flagsOfAttrs(t.attrs, t.type).join(', '), `${what}: flags`);
+      const b = blkid(tmp, 'parts-gpt.raw', t.start * 512, t.size * 512);
+      assert.equal(r.fs, fsWords(b), `${what}: file system (blkid ${JSON.stringify(b)})`);
+      assert.equal(r.cells.label, b.LABEL, `${what}: label`);
+      assert.equal(r.cells.uuid, b.UUID, `${what}: UUID`);
+    });
+    assert.deepEqual(rows.map((r) => r.fs), ['FAT32', 'ext4', 'Linux swap', 'NTFS']);
+    assert.equal(rows[0].cells.flags, 'required');
+    assert.equal(rows[1].cells.label, 'rootfs');
+    assert.equal(rows[3].cells.flags, 'hidden, no automount');
+    await page.screenshot({ path: join(shots, '14-partitions-gpt.png'), fullPage: true });
+    await page.getByTestId('contents-panel').screenshot({ path: join(shots, '14b-partitions-gpt-panel.png') });
+
+    // "First sector": the FAT32 boot sector (OEM name, 0x55AA), the NTFS
+    // boot sector, the ext4 superblock two sectors on.
+    let hexRows = await jumpTo(1);
+    assert.match(hexRows[0], /^0000000000100000  eb 58 90 6d 6b 66 73 2e  66 61 74 00 02 .*\|.X.mkfs.fat\.\.\./);
+    assert.match(hexRows[31], /^00000000001001f0  (?:[0-9a-f]{2} ){8} (?:[0-9a-f]{2} ){6}55 aa +\|/);
+    assert.match(await text('hex-where'), /The first sector of partition 1 \(EFI System, FAT32\)\.$/);
+    assert.equal(await page.getByTestId('hex-offset').inputValue(), `0x${(PARTS_GPT.partitions[0].start * 512).toString(16)}`);
+    await page.screenshot({ path: join(shots, '15-partition-first-sector.png'), fullPage: true });
+    hexRows = await jumpTo(4);
+    assert.match(hexRows[0], /\|.R.NTFS    /);
+    assert.match(hexRows[31], / 55 aa +\|/);
+    assert.match(await text('hex-where'), /partition 4 \(Microsoft basic data, NTFS\)/);
+    await jumpTo(2);
+    const ext4At = PARTS_GPT.partitions[1].start * 512;
+    await page.click('#hex-next');
+    await page.click('#hex-next');
+    await page.waitForFunction((o) => document.getElementById('hex').dataset.offset === String(o), ext4At + 1024);
+    hexRows = (await text('hex')).split('\n');
+    assert.match(hexRows[3], /^[0-9a-f]{16}  (?:[0-9a-f]{2} ){8} 53 ef /, 'the ext4 magic at 0x438');
+    assert.match(hexRows[7], /\|.{8}rootfs/, 'the label at 0x478');
+    assert.equal(await page.getByTestId('hex').getAttribute('data-partition'), null, 'not a partition start');
+  });
+
+  await check('partitions panel: an MBR disk made by sfdisk with logical partitions; a table that cannot be read', async () => {
+    await choose(['parts-mbr.qcow2']);
+    await waitOpened();
+    await page.waitForFunction(() => document.getElementById('contents-panel').dataset.state === 'shown');
+    assert.equal(await text('contents-summary'), `MBR partition table, disk id ${PARTS_MBR.id}.`);
+    const rows = await partitionRows();
+    assert.deepEqual(rows.map((r) => r.number), ['1', '2', '3', '5', '6', '7']);
+    const words = { e: 'FAT16 (LBA)', 83: 'Linux', 5: 'Extended', 82: 'Linux swap', 7: 'NTFS/exFAT' };
+    rows.forEach((r, i) => {
+      const t = PARTS_MBR.partitions[i];
+      const what = `partition ${r.number}`;
+      assert.equal(`parts-mbr.raw${r.number}`, t.node, what);
+      assert.equal(r.start, String(t.start * 512), `${what}: start`);
+      assert.match(r.cells.start, new RegExp(`sector ${t.start}$`), `${what}: start in sectors`);
+      assert.equal(r.size, String(t.size * 512), `${what}: size`);
+      assert.equal(r.typeId, mbrTypeId(t.type), `${what}: type id`);
+      const logical = Number(r.number) >= 5;
+      assert.equal(r.cells.type, `${words[t.type]} (${mbrTypeId(t.type)})${logical ? 'logical' : ''}`, `${what}: type`);
+      assert.equal(r.logical, logical ? 'true' : undefined, `${what}: logical`);
+      assert.equal(r.cells.flags, t.bootable ? 'bootable' : '', `${what}: flags`);
+      assert.equal(r.cells.name, '');
+      if (t.type === '5') {
+        assert.equal(r.cells.fs, 'extended: holds the logical partitions');
+        return;
+      }
+      const b = blkid(tmp, 'parts-mbr.raw', t.start * 512, t.size * 512);
+      assert.equal(r.fs, fsWords(b), `${what}: file system (blkid ${JSON.stringify(b)})`);
+      assert.equal(r.cells.label, b.LABEL, `${what}: label`);
+      assert.equal(r.cells.uuid, b.UUID, `${what}: UUID`);
+    });
+    assert.equal(rows[0].cells.uuid, '0BAD-F00D');
+    await page.screenshot({ path: join(shots, '16-partitions-mbr.png'), fullPage: true });
+    await page.getByTestId('contents-panel').screenshot({ path: join(shots, '16b-partitions-mbr-panel.png') });
+    let hexRows = await jumpTo(1);
+    assert.match(hexRows[0], /\|.<.mkfs.fat\./);
+    assert.match(hexRows[31], / 55 aa +\|/);
+    hexRows = await jumpTo(5);
+    assert.match(await text('hex-where'), /The first sector of partition 5 \(Linux swap, Linux swap\)\.$/);
+    assert.equal(await page.getByTestId('hex').getAttribute('data-partition'), '5');
+
+    // Both GPT headers gone: the panel says why; the other views still show.
+    await choose(['parts-broken.qcow2']);
+    await waitOpened();
+    await page.waitForFunction(() => document.getElementById('contents-panel').dataset.state === 'shown');
+    assert.equal(await page.getByTestId('contents-panel').getAttribute('data-scheme'), 'broken');
+    assert.match(await text('contents-summary'),
+      /^The partition table cannot be read: invalid partition table: primary GPT header at LBA 1: Signature /);
+    assert.equal(await page.getByTestId('partition').count(), 0);
+    assert.equal(await page.getByTestId('error').isVisible(), false, 'not an error of the page');
+    await page.waitForFunction(() => document.getElementById('check').dataset.status);
+    assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'clean');
   });
 
   await check('convert qcow2 -> qcow2 with the options picked (zstd, 16 KiB clusters, extended L2): qemu-img check and compare', async () => {

@@ -54,6 +54,9 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     /// Lazy refcounts compatible feature.
     pub lazy_refcounts: bool,
+    /// Encrypt guest data with LUKS (created with
+    /// [`format_with_random`]).
+    pub encrypt: Option<crate::luks::LuksOptions>,
 }
 
 impl Default for CreateOptions {
@@ -71,6 +74,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             preallocation: Preallocation::Off,
             lazy_refcounts: false,
+            encrypt: None,
         }
     }
 }
@@ -187,9 +191,31 @@ impl CreateOptions {
 }
 
 /// Writes a new, empty image (no preallocation) to `io` and returns its
-/// header. Preallocation is done afterwards through the write path.
+/// header. Preallocation is done afterwards through the write path. An
+/// encrypted image needs random bytes: see [`format_with_random`].
 pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header, Error<W::Error>> {
+    if opts.encrypt.is_some() {
+        return Err(Error::Format(refuse(
+            "encrypt.format",
+            "an encrypted image needs random bytes (create::format_with_random)",
+        )));
+    }
+    format_with_random(io, opts, &mut |_| {})
+}
+
+/// [`format`], with `random` filling buffers with random bytes for an
+/// encrypted image's LUKS header (master key, salts, UUID, key material),
+/// which is placed after the L1 table, as QEMU places it.
+pub fn format_with_random<W: BlockWrite>(
+    io: &mut W,
+    opts: &CreateOptions,
+    random: &mut dyn FnMut(&mut [u8]),
+) -> Result<Header, Error<W::Error>> {
     let (cluster_bits, refcount_order) = opts.validate()?;
+    let luks = match &opts.encrypt {
+        Some(e) => Some(e.build(random)?),
+        None => None,
+    };
     let cs = 1u64 << cluster_bits;
     let size = opts.rounded_size().unwrap_or(0);
     let l2_entries = cs / if opts.extended_l2 { 16 } else { 8 };
@@ -197,12 +223,14 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let per_block = refcount::block_entries(cluster_bits, refcount_order);
 
-    // Layout: header, refcount table, refcount blocks, L1 table. Grow the
-    // table and block counts until they cover everything they describe.
+    // Layout: header, refcount table, refcount blocks, L1 table, LUKS
+    // header. Grow the table and block counts until they cover everything
+    // they describe.
+    let luks_clusters = luks.as_ref().map_or(0, |l| to_u64(l.len()).div_ceil(cs));
     let mut table_clusters = 1u64;
     let mut blocks = 1u64;
     loop {
-        let total = 1 + table_clusters + blocks + l1_clusters;
+        let total = 1 + table_clusters + blocks + l1_clusters + luks_clusters;
         let need_blocks = total.div_ceil(per_block);
         let need_table = (need_blocks * 8).div_ceil(cs);
         if need_blocks <= blocks && need_table <= table_clusters {
@@ -214,7 +242,8 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
     let rt_offset = cs;
     let blocks_offset = rt_offset + table_clusters * cs;
     let l1_offset = blocks_offset + blocks * cs;
-    let used = 1 + table_clusters + blocks + l1_clusters;
+    let luks_offset = l1_offset + l1_clusters * cs;
+    let used = 1 + table_clusters + blocks + l1_clusters + luks_clusters;
 
     let mut incompatible = 0;
     let mut autoclear_bits = 0;
@@ -236,7 +265,11 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
         backing_file_size: 0,
         cluster_bits,
         size,
-        crypt_method: CryptMethod::None,
+        crypt_method: if luks.is_some() {
+            CryptMethod::Luks
+        } else {
+            CryptMethod::None
+        },
         l1_size: u32::try_from(l1_size).map_err(|_| refuse("size", "image size too large"))?,
         l1_table_offset: if l1_size > 0 { l1_offset } else { 0 },
         refcount_table_offset: rt_offset,
@@ -263,7 +296,10 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
         },
         bitmaps: None,
         bitmaps_inconsistent: false,
-        crypto: None,
+        crypto: luks.as_ref().map(|l| header::CryptoExt {
+            offset: luks_offset,
+            length: to_u64(l.len()),
+        }),
         unknown_extensions: Vec::new(),
     };
     let first = encode_header_cluster(&mut h)?;
@@ -295,6 +331,12 @@ pub fn format<W: BlockWrite>(io: &mut W, opts: &CreateOptions) -> Result<Header,
     if l1_size > 0 {
         let l1 = alloc::vec![0u8; to_usize(l1_size * 8).unwrap_or(0)];
         io.write_at(l1_offset, &l1).map_err(Error::Io)?;
+    }
+    if let Some(l) = &luks {
+        // Whole clusters (zeros after the header's length, as QEMU's).
+        let mut padded = l.clone();
+        padded.resize(to_usize(luks_clusters * cs).unwrap_or(0), 0);
+        io.write_at(luks_offset, &padded).map_err(Error::Io)?;
     }
     io.flush().map_err(Error::Io)?;
     // The header last: until it is written the file is not an image.

@@ -147,7 +147,7 @@ impl HashAlg {
     }
 
     /// PBKDF2-HMAC with this hash.
-    fn pbkdf2(self, password: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) {
+    pub fn pbkdf2(self, password: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) {
         use pbkdf2::pbkdf2_hmac;
         match self {
             HashAlg::Sha1 => pbkdf2_hmac::<Sha1>(password, salt, rounds, out),
@@ -740,6 +740,190 @@ pub fn legacy_aes(passphrase: &Secret) -> SectorCipher {
     }
 }
 
+/// How a new LUKS header is made (qemu-img's `encrypt.*` options): AES of
+/// `key_bytes` (16, 24 or 32) in `mode` with `ivgen`, PBKDF2 and the
+/// anti-forensic split with `hash`, and the iteration counts (a host
+/// derives them from an iteration time, as qemu-img's `encrypt.iter-time`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksOptions {
+    /// The passphrase of key slot 0.
+    pub passphrase: Secret,
+    /// AES key size in bytes (16, 24 or 32; XTS uses two such keys).
+    pub key_bytes: u32,
+    /// Cipher mode.
+    pub mode: CipherMode,
+    /// IV generator.
+    pub ivgen: IvGen,
+    /// Hash of PBKDF2 and the anti-forensic split.
+    pub hash: HashAlg,
+    /// PBKDF2 iterations of key slot 0 (at least 1000, QEMU's floor).
+    pub slot_iterations: u32,
+    /// PBKDF2 iterations of the master key digest (at least 1000).
+    pub mk_iterations: u32,
+}
+
+impl LuksOptions {
+    /// qemu-img's defaults (aes-256, xts, plain64, sha256) with
+    /// `passphrase` and QEMU's minimum iterations (hosts set more).
+    pub fn new(passphrase: Secret) -> LuksOptions {
+        LuksOptions {
+            passphrase,
+            key_bytes: 32,
+            mode: CipherMode::Xts,
+            ivgen: IvGen::Plain64,
+            hash: HashAlg::Sha256,
+            slot_iterations: 1000,
+            mk_iterations: 1000,
+        }
+    }
+
+    /// Length of the master key (twice the AES key for XTS).
+    pub fn master_key_len(&self) -> u32 {
+        self.key_bytes * if self.mode == CipherMode::Xts { 2 } else { 1 }
+    }
+
+    /// Bytes of the header with its key slots' material (QEMU's layout).
+    pub fn header_len(&self) -> u64 {
+        (8 + 8 * split_sectors(self.master_key_len())) * SECTOR as u64
+    }
+
+    /// Checks the combination as qemu-img does (and refuses the 24-byte
+    /// keys without XTS that make qemu-img abort).
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let opt = |reason| FormatError::InvalidOption {
+            option: "encrypt.cipher-alg",
+            reason,
+        };
+        if ![16, 24, 32].contains(&self.key_bytes) {
+            return Err(opt("AES keys are 128, 192 or 256 bits"));
+        }
+        if self.key_bytes == 24 && self.mode != CipherMode::Xts {
+            return Err(opt(
+                "aes-192 needs cipher-mode=xts (its key material does not fill whole sectors)",
+            ));
+        }
+        if let IvGen::Essiv(h) = self.ivgen {
+            if ![16, 24, 32].contains(&h.digest_len()) {
+                return Err(FormatError::InvalidOption {
+                    option: "encrypt.ivgen-hash-alg",
+                    reason: "no AES cipher with a key of that hash's size for essiv",
+                });
+            }
+        }
+        if self.slot_iterations < 1000 || self.mk_iterations < 1000 {
+            return Err(FormatError::InvalidOption {
+                option: "encrypt.iter-time",
+                reason: "PBKDF2 iterations below QEMU's minimum of 1000",
+            });
+        }
+        Ok(())
+    }
+
+    /// The header with key slot 0 holding the passphrase: [`Self::header_len`]
+    /// bytes, as QEMU lays them out (the 592-byte header, zeros, slot 0's
+    /// encrypted key material at sector 8). `random` fills buffers with
+    /// random bytes (master key, salts, UUID, anti-forensic stripes).
+    pub fn build(&self, random: &mut dyn FnMut(&mut [u8])) -> Result<Vec<u8>, FormatError> {
+        self.validate()?;
+        let mkl = self.master_key_len();
+        let n = to_usize(u64::from(mkl)).unwrap_or(0);
+        let split = split_sectors(mkl);
+        let len = to_usize(self.header_len()).unwrap_or(0);
+        let mut out = alloc::vec![0u8; len];
+        let mut master = Zeroizing::new(alloc::vec![0u8; n]);
+        random(&mut master);
+        let mut mk_salt = [0u8; 32];
+        random(&mut mk_salt);
+        let mut digest = [0u8; DIGEST_LEN];
+        self.hash
+            .pbkdf2(&master, &mk_salt, self.mk_iterations, &mut digest);
+        // Slot 0: the master key split into 4000 stripes, encrypted with
+        // the passphrase's key.
+        let mut salt = [0u8; 32];
+        random(&mut salt);
+        let mut slot_key = Zeroizing::new(alloc::vec![0u8; n]);
+        self.hash.pbkdf2(
+            self.passphrase.bytes(),
+            &salt,
+            self.slot_iterations,
+            &mut slot_key,
+        );
+        let material_len = n * STRIPES as usize;
+        let base = 8 * SECTOR;
+        let material = &mut out[base..base + material_len];
+        random(&mut material[..n * (STRIPES as usize - 1)]);
+        let mut d = Zeroizing::new(alloc::vec![0u8; n]);
+        for stripe in material[..n * (STRIPES as usize - 1)].chunks(n) {
+            for (x, y) in d.iter_mut().zip(stripe) {
+                *x ^= y;
+            }
+            diffuse(self.hash, &mut d);
+        }
+        let last = &mut material[n * (STRIPES as usize - 1)..];
+        for ((o, x), m) in last.iter_mut().zip(d.iter()).zip(master.iter()) {
+            *o = x ^ m;
+        }
+        let cipher = SectorCipher::new(&slot_key, self.mode, self.ivgen).ok_or(
+            FormatError::InvalidOption {
+                option: "encrypt.cipher-alg",
+                reason: "key size not supported",
+            },
+        )?;
+        let sectors = material_len.div_ceil(SECTOR) * SECTOR;
+        cipher.encrypt(0, &mut out[base..base + sectors]);
+        // The header.
+        let h = &mut out[..HEADER_LEN];
+        h[..6].copy_from_slice(&MAGIC);
+        h[6..8].copy_from_slice(&1u16.to_be_bytes());
+        h[8..11].copy_from_slice(b"aes");
+        let mode = match self.ivgen {
+            IvGen::Essiv(hash) => alloc::format!("{}-essiv:{}", self.mode.name(), hash.name()),
+            iv => alloc::format!("{}-{}", self.mode.name(), iv.name()),
+        };
+        h[40..40 + mode.len()].copy_from_slice(mode.as_bytes());
+        let hs = self.hash.name();
+        h[72..72 + hs.len()].copy_from_slice(hs.as_bytes());
+        let payload = u32::try_from(8 + 8 * split).unwrap_or(u32::MAX);
+        h[104..108].copy_from_slice(&payload.to_be_bytes());
+        h[108..112].copy_from_slice(&mkl.to_be_bytes());
+        h[112..132].copy_from_slice(&digest);
+        h[132..164].copy_from_slice(&mk_salt);
+        h[164..168].copy_from_slice(&self.mk_iterations.to_be_bytes());
+        let mut u = [0u8; 16];
+        random(&mut u);
+        u[6] = (u[6] & 0x0f) | 0x40;
+        u[8] = (u[8] & 0x3f) | 0x80;
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| alloc::format!("{x:02x}"))
+                .collect::<String>()
+        };
+        let uuid = alloc::format!(
+            "{}-{}-{}-{}-{}",
+            hex(&u[..4]),
+            hex(&u[4..6]),
+            hex(&u[6..8]),
+            hex(&u[8..10]),
+            hex(&u[10..])
+        );
+        h[168..168 + uuid.len()].copy_from_slice(uuid.as_bytes());
+        for i in 0..SLOTS {
+            let at = 208 + 48 * i;
+            let active = i == 0;
+            let state = if active { SLOT_ACTIVE } else { SLOT_INACTIVE };
+            h[at..at + 4].copy_from_slice(&state.to_be_bytes());
+            if active {
+                h[at + 4..at + 8].copy_from_slice(&self.slot_iterations.to_be_bytes());
+                h[at + 8..at + 40].copy_from_slice(&salt);
+            }
+            let offset = u32::try_from(8 + to_u64(i) * split).unwrap_or(u32::MAX);
+            h[at + 40..at + 44].copy_from_slice(&offset.to_be_bytes());
+            h[at + 44..at + 48].copy_from_slice(&STRIPES.to_be_bytes());
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,6 +981,44 @@ mod tests {
         assert!(
             SectorCipher::new(&[1; 16], CipherMode::Cbc, IvGen::Essiv(HashAlg::Sha256)).is_some()
         );
+    }
+
+    #[test]
+    fn a_built_header_unlocks_with_its_passphrase_only() {
+        let mut seed = 1u64;
+        let mut random = |b: &mut [u8]| {
+            for x in b.iter_mut() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *x = (seed >> 33) as u8;
+            }
+        };
+        for (mode, ivgen, key) in [
+            (CipherMode::Xts, IvGen::Plain64, 32),
+            (CipherMode::Cbc, IvGen::Essiv(HashAlg::Sha256), 16),
+            (CipherMode::Xts, IvGen::Plain, 24),
+        ] {
+            let o = LuksOptions {
+                key_bytes: key,
+                mode,
+                ivgen,
+                ..LuksOptions::new(Secret::from("abc"))
+            };
+            let bytes = o.build(&mut random).unwrap();
+            assert_eq!(bytes.len() as u64, o.header_len());
+            let h = LuksHeader::decode(&bytes).unwrap();
+            let mut read = |at: u64, buf: &mut [u8]| -> Result<(), ()> {
+                let at = at as usize;
+                buf.copy_from_slice(&bytes[at..at + buf.len()]);
+                Ok(())
+            };
+            assert!(h.unlock(&Secret::from("abc"), &mut read).is_ok());
+            assert!(matches!(
+                h.unlock(&Secret::from("abd"), &mut read),
+                Err(Error::InvalidPassphrase)
+            ));
+        }
     }
 
     #[test]

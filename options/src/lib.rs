@@ -30,6 +30,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use qcowkit_core::header::CompressionType;
+use qcowkit_core::luks::{CipherMode, HashAlg, IvGen, LuksOptions, Secret};
 use qcowkit_core::{CreateOptions, Preallocation};
 
 /// A creation option that cannot be applied.
@@ -250,8 +251,71 @@ pub fn set(c: &mut CreateOptions, key: &str, value: &str) -> Result<(), OptionEr
                 invalid("invalid preallocation mode (off, metadata, falloc, full)")
             })?
         }
-        "encryption" | "encrypt.format" => {
-            return Err(invalid("encrypted images cannot be created yet"))
+        "encrypt.format" => match value {
+            "luks" => {
+                if c.encrypt.is_none() {
+                    c.encrypt = Some(LuksOptions::new(Secret::default()));
+                }
+            }
+            "aes" => {
+                return Err(invalid(
+                    "images of the legacy AES method are read only (use encrypt.format=luks)",
+                ))
+            }
+            _ => return Err(invalid("invalid encryption format (luks)")),
+        },
+        "encryption" => {
+            return Err(invalid(
+                "images of the legacy AES method are read only (use encrypt.format=luks)",
+            ))
+        }
+        "encrypt.cipher-alg"
+        | "encrypt.cipher-mode"
+        | "encrypt.ivgen-alg"
+        | "encrypt.ivgen-hash-alg"
+        | "encrypt.hash-alg" => {
+            let e = c
+                .encrypt
+                .get_or_insert_with(|| LuksOptions::new(Secret::default()));
+            match key {
+                "encrypt.cipher-alg" => {
+                    e.key_bytes = match value {
+                        "aes-128" => 16,
+                        "aes-192" => 24,
+                        "aes-256" => 32,
+                        _ => {
+                            return Err(invalid("cipher not supported (aes-128, aes-192, aes-256)"))
+                        }
+                    }
+                }
+                "encrypt.cipher-mode" => {
+                    e.mode = CipherMode::parse(value)
+                        .ok_or_else(|| invalid("invalid cipher mode (xts, cbc, ctr, ecb)"))?
+                }
+                "encrypt.ivgen-alg" => {
+                    let hash = match e.ivgen {
+                        IvGen::Essiv(h) => h,
+                        _ => HashAlg::Sha256,
+                    };
+                    e.ivgen = match value {
+                        "plain" => IvGen::Plain,
+                        "plain64" => IvGen::Plain64,
+                        "essiv" => IvGen::Essiv(hash),
+                        _ => return Err(invalid("invalid IV generator (plain, plain64, essiv)")),
+                    }
+                }
+                "encrypt.ivgen-hash-alg" => {
+                    let h = HashAlg::parse(value).ok_or_else(|| invalid("hash not supported"))?;
+                    if let IvGen::Essiv(_) = e.ivgen {
+                        e.ivgen = IvGen::Essiv(h);
+                    }
+                }
+                _ => {
+                    e.hash = HashAlg::parse(value).ok_or_else(|| {
+                        invalid("hash not supported (sha1, sha224, sha256, sha384, sha512)")
+                    })?
+                }
+            }
         }
         _ => {
             return Err(OptionError::Unknown {

@@ -442,7 +442,17 @@ pub fn create_qcow2_with(
     let file = create_empty(path, cache).map_err(open_err)?;
     let mut io = FileIo::with_cache(file, cache);
     lock::lock(io.file(), Access::Write).map_err(open_err)?;
-    qcowkit_core::create::format(&mut io, opts)?;
+    let mut rng_failed = None;
+    qcowkit_core::create::format_with_random(&mut io, opts, &mut |b| {
+        if let Err(e) = getrandom::fill(b) {
+            rng_failed = Some(e);
+        }
+    })?;
+    if let Some(e) = rng_failed {
+        return Err(Error::Io(io::Error::other(format!(
+            "no random bytes for the encryption keys: {e}"
+        ))));
+    }
     let identity = identity_of(path).map_err(open_err)?;
     let mut opener = FsOpener {
         writable: true,
@@ -451,10 +461,41 @@ pub fn create_qcow2_with(
         cache: CacheMode::Writeback,
         opened: vec![identity.clone()],
     };
-    let mut img =
-        WritableImage::open_with(io, &name, &identity, &mut opener, &OpenOptions::default())?;
+    let open_opts = OpenOptions {
+        passphrase: opts.encrypt.as_ref().map(|e| e.passphrase.clone()),
+        ..OpenOptions::default()
+    };
+    let mut img = WritableImage::open_with(io, &name, &identity, &mut opener, &open_opts)?;
     img.preallocate(opts.preallocation)?;
     Ok(img)
+}
+
+/// PBKDF2 iterations for a new LUKS header that take about `iter_time_ms`
+/// milliseconds on this machine to check a passphrase (QEMU's
+/// `encrypt.iter-time`): (key slot, master key digest), measured with the
+/// options' hash and key length, at least 1000 each (QEMU's floor; the
+/// digest gets an eighth of the time, as QEMU gives it).
+pub fn luks_iterations(o: &qcowkit_core::luks::LuksOptions, iter_time_ms: u64) -> (u32, u32) {
+    let rate = |out_len: usize| {
+        let mut out = vec![0u8; out_len];
+        let mut rounds = 1u32 << 12;
+        loop {
+            let t = std::time::Instant::now();
+            o.hash.pbkdf2(b"benchmark", &[0u8; 32], rounds, &mut out);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if ms > 50.0 || rounds >= 1 << 26 {
+                return f64::from(rounds) / ms.max(0.001);
+            }
+            rounds *= 4;
+        }
+    };
+    let per_ms_slot = rate(o.master_key_len() as usize);
+    let per_ms_mk = rate(20);
+    let clamp = |x: f64| x.clamp(1000.0, f64::from(u32::MAX)) as u32;
+    (
+        clamp(per_ms_slot * iter_time_ms as f64),
+        clamp(per_ms_mk * iter_time_ms as f64 / 8.0),
+    )
 }
 
 /// Opens an existing qcow2 image for writing (its data file writable too),

@@ -518,3 +518,106 @@ fn writes_into_an_encrypted_image_interrupted_anywhere() {
     }
     eprintln!("{} crash states", states.len());
 }
+
+/// Images we create and convert with `-o encrypt.format=luks` open in
+/// qemu-io with the same secret, pass qemu-img check, read as written,
+/// and refuse a wrong passphrase; the options qemu-img takes.
+#[test]
+fn images_we_encrypt_open_in_qemu() {
+    let s = Scratch::new();
+    let d = s.dir();
+    std::fs::write(s.path("pass"), "xyz").unwrap();
+    let mut raw = vec![0u8; 4 << 20];
+    for (i, b) in raw.iter_mut().enumerate().skip(4096).take(3 << 20) {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(s.path("src.raw"), &raw).unwrap();
+    let secret = "secret,id=k,data=xyz";
+    for (what, o) in [
+        ("default", ""),
+        ("aes-128 cbc essiv sha1", ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1"),
+        ("aes-192 xts plain", ",encrypt.cipher-alg=aes-192,encrypt.ivgen-alg=plain"),
+        ("ctr sha512, 4k clusters, v2", ",encrypt.cipher-mode=ctr,encrypt.hash-alg=sha512,cluster_size=4096,compat=0.10"),
+    ] {
+        let opts = format!("encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10{o}");
+        for img in ["c.qcow2", "v.qcow2"] {
+            let _ = std::fs::remove_file(s.path(img));
+        }
+        let out = ours(d, &["create", "-f", "qcow2", "--object", secret, "-o", &opts, "c.qcow2", "4M"]);
+        assert_eq!(code(&out), 0, "{what}: {}", output_text(&out));
+        let out = ours(
+            d,
+            &["convert", "--object", secret, "-O", "qcow2", "-o", &opts, "src.raw", "v.qcow2"],
+        );
+        assert_eq!(code(&out), 0, "{what}: {}", output_text(&out));
+        for img in ["c.qcow2", "v.qcow2"] {
+            let io = format!("driver=qcow2,file.filename={img},encrypt.key-secret=k");
+            let check = run_in(d, "qemu-img", &["check", "--object", secret, "--image-opts", &io]);
+            assert_eq!(code(&check), 0, "{what} {img}: {}", output_text(&check));
+            let info = qemu_info(d, img);
+            assert_eq!(info["encrypted"], true, "{what} {img}");
+            assert_eq!(info["format-specific"]["data"]["encrypt"]["format"], "luks");
+        }
+        // qemu-io writes into the image we created, and reads it back.
+        let io = "driver=qcow2,file.filename=c.qcow2,encrypt.key-secret=k";
+        ok_in(
+            d,
+            "qemu-io",
+            &["--object", secret, "--image-opts", io, "-c", "write -P 0x42 1000 70000", "-c", "read -P 0x42 1000 70000"],
+        );
+        // The converted image holds the raw file, as qemu-img reads it.
+        assert_eq!(byte_diff(&contents(d, "v.qcow2", "xyz"), &raw), None, "{what}");
+        // And we read it back with the passphrase file.
+        ours_ok(d, &["convert", "--passphrase-file", "pass", "-O", "raw", "v.qcow2", "back.raw"]);
+        assert_eq!(byte_diff(&std::fs::read(s.path("back.raw")).unwrap(), &raw), None);
+        let wrong = run_in(
+            d,
+            "qemu-io",
+            &["--object", "secret,id=k,data=xya", "--image-opts", io, "-c", "read 0 1"],
+        );
+        assert!(stderr_of(&wrong).contains("Invalid password"), "{}", output_text(&wrong));
+    }
+    // Refusals: no secret, an unknown one, compression.
+    let out = ours(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks",
+            "x.qcow2",
+            "1M",
+        ],
+    );
+    assert!(stderr_of(&out).contains("Parameter 'encrypt.key-secret' is required for cipher"));
+    let out = ours(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=nope",
+            "x.qcow2",
+            "1M",
+        ],
+    );
+    assert!(stderr_of(&out).contains("No secret with id 'nope'"));
+    let out = ours(
+        d,
+        &[
+            "convert",
+            "-c",
+            "--object",
+            secret,
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=k",
+            "src.raw",
+            "x.qcow2",
+        ],
+    );
+    assert!(stderr_of(&out).contains("Compression and encryption not supported at the same time"));
+}

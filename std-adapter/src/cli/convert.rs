@@ -185,6 +185,12 @@ fn copy_to_qcow2(disk: &mut Disk, a: &Args) -> Result<(), (String, String)> {
     )
     .map_err(|e| (a.dest.clone(), e))?;
     copts.size = size;
+    if a.compress && copts.encrypt.is_some() {
+        return Err((
+            a.dest.clone(),
+            "Compression and encryption not supported at the same time".into(),
+        ));
+    }
     let mut img = crate::create_qcow2_with(std::path::Path::new(&a.dest), &copts, a.cache)
         .map_err(|e| (a.dest.clone(), e.to_string()))?;
     let cs = img.cluster_size();

@@ -50,8 +50,37 @@ pub fn build(
 ) -> Result<CreateOptions, String> {
     let mut c = CreateOptions::default();
     let mut size_given = false;
+    // The secret and the iteration time are the command line's business;
+    // the rest is the image's.
+    let (mut key_secret, mut iter_time) = (None, 2000u64);
     for o in options {
-        size_given |= options::apply(&mut c, o).map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        for (k, v) in options::split(o) {
+            match k.as_str() {
+                "encrypt.key-secret" => key_secret = Some(v),
+                "encrypt.iter-time" => {
+                    iter_time = v.parse().map_err(|_| {
+                        format!("Parameter 'encrypt.iter-time' expects a number, got '{v}'")
+                    })?
+                }
+                _ => rest.push(format!("{k}={}", v.replace(',', ",,"))),
+            }
+        }
+        if !rest.is_empty() {
+            size_given |= options::apply(&mut c, &rest.join(",")).map_err(|e| e.to_string())?;
+        }
+    }
+    if let Some(e) = c.encrypt.as_mut() {
+        e.passphrase = match key_secret {
+            Some(id) => super::secret(&id)?,
+            None => super::passphrase()
+                .ok_or("Parameter 'encrypt.key-secret' is required for cipher")?,
+        };
+        let (slot, mk) = crate::luks_iterations(e, iter_time);
+        e.slot_iterations = slot;
+        e.mk_iterations = mk;
+    } else if key_secret.is_some() {
+        return Err("encrypt.key-secret needs encrypt.format=luks".into());
     }
     if let Some(b) = backing {
         c.backing_file = Some(b.clone());

@@ -55,12 +55,18 @@ pub struct Cli {
         value_name = "NAME=FILE"
     )]
     pub backing_passphrase_files: Vec<String>,
+    /// qemu-img's secret objects: `secret,id=ID,data=TEXT` or
+    /// `secret,id=ID,file=FILE` (the file's whole contents), named by
+    /// `-o encrypt.key-secret=ID` when creating an encrypted image.
+    #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
+    pub objects: Vec<String>,
 }
 
 /// The passphrases given on the command line: the images' own, and
 /// those of named backing files.
 type Secrets = (
     Option<qcowkit_core::luks::Secret>,
+    Vec<(String, qcowkit_core::luks::Secret)>,
     Vec<(String, qcowkit_core::luks::Secret)>,
 );
 
@@ -82,14 +88,58 @@ fn load_secrets(cli: &Cli) -> Result<(), String> {
         ))?;
         backing.push((name.to_string(), read(std::path::Path::new(file))?));
     }
-    let _ = SECRETS.set((top, backing));
+    let mut objects = Vec::new();
+    for o in &cli.objects {
+        let mut parts = o.split(',');
+        if parts.next() != Some("secret") {
+            return Err(format!("Unsupported object '{o}' (only secret objects)"));
+        }
+        let (mut id, mut value) = (None, None);
+        for p in parts {
+            match p.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("data", v)) => {
+                    if value.is_some() {
+                        return Err("'file' and 'data' are mutually exclusive".into());
+                    }
+                    value = Some(qcowkit_core::luks::Secret::from(v));
+                }
+                Some(("file", f)) => {
+                    if value.is_some() {
+                        return Err("'file' and 'data' are mutually exclusive".into());
+                    }
+                    value = Some(read(std::path::Path::new(f))?);
+                }
+                Some(("format", "raw")) => {}
+                _ => return Err(format!("Unsupported secret property '{p}'")),
+            }
+        }
+        let id = id.ok_or("Parameter 'id' is missing")?;
+        let value = value.ok_or("Either 'file' or 'data' must be provided")?;
+        objects.push((id, value));
+    }
+    let _ = SECRETS.set((top, backing, objects));
     Ok(())
+}
+
+/// The secret object `id` (`--object secret,id=ID,...`).
+pub fn secret(id: &str) -> Result<qcowkit_core::luks::Secret, String> {
+    SECRETS
+        .get()
+        .and_then(|s| s.2.iter().find(|(i, _)| i == id))
+        .map(|(_, v)| v.clone())
+        .ok_or(format!("No secret with id '{id}'"))
+}
+
+/// The passphrase of `--passphrase-file`, if given.
+pub fn passphrase() -> Option<qcowkit_core::luks::Secret> {
+    SECRETS.get().and_then(|s| s.0.clone())
 }
 
 /// Default open options with the passphrases given on the command line.
 pub fn open_options() -> qcowkit_core::OpenOptions {
     let mut o = qcowkit_core::OpenOptions::default();
-    if let Some((top, backing)) = SECRETS.get() {
+    if let Some((top, backing, _)) = SECRETS.get() {
         o.passphrase = top.clone();
         o.backing_passphrases = backing.clone();
     }

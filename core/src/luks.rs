@@ -88,6 +88,15 @@ pub enum HashAlg {
     Sha384,
     /// SHA-512.
     Sha512,
+    /// MD5 (with the `luks-more-hashes` feature).
+    #[cfg(feature = "luks-more-hashes")]
+    Md5,
+    /// RIPEMD-160 (with the `luks-more-hashes` feature).
+    #[cfg(feature = "luks-more-hashes")]
+    Ripemd160,
+    /// SM3 (with the `luks-more-hashes` feature).
+    #[cfg(feature = "luks-more-hashes")]
+    Sm3,
 }
 
 impl HashAlg {
@@ -99,6 +108,12 @@ impl HashAlg {
             HashAlg::Sha256 => "sha256",
             HashAlg::Sha384 => "sha384",
             HashAlg::Sha512 => "sha512",
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Md5 => "md5",
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Ripemd160 => "ripemd160",
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Sm3 => "sm3",
         }
     }
 
@@ -110,6 +125,12 @@ impl HashAlg {
             "sha256" => HashAlg::Sha256,
             "sha384" => HashAlg::Sha384,
             "sha512" => HashAlg::Sha512,
+            #[cfg(feature = "luks-more-hashes")]
+            "md5" => HashAlg::Md5,
+            #[cfg(feature = "luks-more-hashes")]
+            "ripemd160" => HashAlg::Ripemd160,
+            #[cfg(feature = "luks-more-hashes")]
+            "sm3" => HashAlg::Sm3,
             _ => return None,
         })
     }
@@ -122,6 +143,12 @@ impl HashAlg {
             HashAlg::Sha256 => 32,
             HashAlg::Sha384 => 48,
             HashAlg::Sha512 => 64,
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Md5 => 16,
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Ripemd160 => 20,
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Sm3 => 32,
         }
     }
 
@@ -143,6 +170,12 @@ impl HashAlg {
             HashAlg::Sha256 => run::<Sha256>(parts, out),
             HashAlg::Sha384 => run::<Sha384>(parts, out),
             HashAlg::Sha512 => run::<Sha512>(parts, out),
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Md5 => run::<md5::Md5>(parts, out),
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Ripemd160 => run::<ripemd::Ripemd160>(parts, out),
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Sm3 => run::<sm3::Sm3>(parts, out),
         }
     }
 
@@ -155,6 +188,12 @@ impl HashAlg {
             HashAlg::Sha256 => pbkdf2_hmac::<Sha256>(password, salt, rounds, out),
             HashAlg::Sha384 => pbkdf2_hmac::<Sha384>(password, salt, rounds, out),
             HashAlg::Sha512 => pbkdf2_hmac::<Sha512>(password, salt, rounds, out),
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Md5 => pbkdf2_hmac::<md5::Md5>(password, salt, rounds, out),
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Ripemd160 => pbkdf2_hmac::<ripemd::Ripemd160>(password, salt, rounds, out),
+            #[cfg(feature = "luks-more-hashes")]
+            HashAlg::Sm3 => pbkdf2_hmac::<sm3::Sm3>(password, salt, rounds, out),
         }
     }
 }

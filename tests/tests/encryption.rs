@@ -110,6 +110,14 @@ fn qemu_img_luks_ivgens_hashes_and_layouts_read_bit_exactly() {
         ("xts essiv", "encrypt.ivgen-alg=essiv", &[]),
         ("sha1", "encrypt.hash-alg=sha1", &[]),
         ("sha512", "encrypt.hash-alg=sha512", &[]),
+        ("md5", "encrypt.hash-alg=md5", &[]),
+        ("ripemd160", "encrypt.hash-alg=ripemd160", &[]),
+        ("sm3", "encrypt.hash-alg=sm3", &[]),
+        (
+            "cbc essiv md5",
+            "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=md5",
+            &[],
+        ),
         ("4k clusters", "cluster_size=4096", &[]),
         ("version 2", "compat=0.10", &[]),
     ]);
@@ -537,6 +545,7 @@ fn images_we_encrypt_open_in_qemu() {
         ("default", ""),
         ("aes-128 cbc essiv sha1", ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1"),
         ("aes-192 xts plain", ",encrypt.cipher-alg=aes-192,encrypt.ivgen-alg=plain"),
+        ("md5 and ripemd160 hashes", ",encrypt.hash-alg=ripemd160,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=md5"),
         ("ctr sha512, 4k clusters, v2", ",encrypt.cipher-mode=ctr,encrypt.hash-alg=sha512,cluster_size=4096,compat=0.10"),
     ] {
         let opts = format!("encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10{o}");

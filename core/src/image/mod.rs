@@ -61,7 +61,8 @@ pub struct OpenOptions {
     /// (info, check, map); reading its data fails.
     pub passphrase: Option<crate::luks::Secret>,
     /// Passphrases of encrypted backing files, by the name the image
-    /// naming them stores (or their resolved name).
+    /// naming them stores (or their resolved name); an empty name stands
+    /// for the image's own backing file.
     pub backing_passphrases: Vec<(String, crate::luks::Secret)>,
 }
 

@@ -273,10 +273,13 @@ fn open_backing<R: BlockRead>(
         // Its own passphrase (by the name the parent stores, or its
         // resolved name), never the parent's.
         let stored = parent.backing_file.as_deref().unwrap_or("");
+        // (An empty name: the image's own backing file, qemu-img's
+        // `backing.encrypt.key-secret`.)
+        let first = seen.len() == 2;
         let passphrase = opts
             .backing_passphrases
             .iter()
-            .find(|(n, _)| n == stored || *n == name)
+            .find(|(n, _)| n == stored || *n == name || (n.is_empty() && first))
             .map(|(_, p)| p.clone());
         let child_opts = OpenOptions {
             no_backing: false,

@@ -74,7 +74,7 @@ type Secrets = (
 static SECRETS: std::sync::OnceLock<Secrets> = std::sync::OnceLock::new();
 
 /// Reads the passphrase files of the command line once.
-fn load_secrets(cli: &Cli) -> Result<(), String> {
+fn load_secrets(cli: &Cli, key_secrets: &KeySecrets) -> Result<(), String> {
     let read = |f: &std::path::Path| {
         std::fs::read(f)
             .map(qcowkit_core::luks::Secret::from)
@@ -117,6 +117,21 @@ fn load_secrets(cli: &Cli) -> Result<(), String> {
         let id = id.ok_or("Parameter 'id' is missing")?;
         let value = value.ok_or("Either 'file' or 'data' must be provided")?;
         objects.push((id, value));
+    }
+    let find = |id: &str| {
+        objects
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, v)| v.clone())
+            .ok_or(format!("No secret with id '{id}'"))
+    };
+    let mut top = top;
+    for (which, id) in key_secrets {
+        let value = find(id)?;
+        match which {
+            None => top = Some(value),
+            Some(name) => backing.push((name.clone(), value)),
+        }
     }
     let _ = SECRETS.set((top, backing, objects));
     Ok(())
@@ -226,9 +241,62 @@ pub fn report(what: impl Display, why: impl Display) {
     eprintln!("qcow2: {what}: {why}");
 }
 
+/// Secrets named by `--image-opts` option strings: (backing file, the
+/// secret's id); `None` for the image itself, `Some("")` for its backing
+/// file.
+type KeySecrets = Vec<(Option<String>, String)>;
+
+/// qemu-img's `--image-opts`: every image argument after it is an option
+/// string (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,
+/// backing.encrypt.key-secret=ID`); it is replaced by its file name and the
+/// secrets it names are returned. Options other than those (and
+/// `encrypt.format`, `file.driver=file`) are refused.
+fn image_opts(
+    args: Vec<std::ffi::OsString>,
+) -> Result<(Vec<std::ffi::OsString>, KeySecrets), String> {
+    if !args.iter().any(|a| a == "--image-opts") {
+        return Ok((args, Vec::new()));
+    }
+    let mut out = Vec::new();
+    let mut secrets = Vec::new();
+    for a in args {
+        if a == "--image-opts" {
+            continue;
+        }
+        let text = a.to_string_lossy();
+        if !(text.starts_with("driver=") || text.contains("file.filename=")) {
+            out.push(a);
+            continue;
+        }
+        let mut file = None;
+        for (k, v) in qcowkit_options::split(&text) {
+            match k.as_str() {
+                "driver" if v == "qcow2" || v == "raw" => {}
+                "file.filename" | "filename" => file = Some(v),
+                "file.driver" if v == "file" => {}
+                "encrypt.format" if v == "luks" || v == "aes" => {}
+                "encrypt.key-secret" => secrets.push((None, v)),
+                "backing.encrypt.key-secret" => secrets.push((Some(String::new()), v)),
+                _ => return Err(format!("Unsupported image option '{k}={v}'")),
+            }
+        }
+        out.push(
+            file.ok_or(format!("'{text}' names no file (file.filename=...)"))?
+                .into(),
+        );
+    }
+    Ok((out, secrets))
+}
+
 /// Runs the `qcow2` command line with `args` (including the program name).
 pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    let args: Vec<_> = args.into_iter().collect();
+    let (args, key_secrets) = match image_opts(args.into_iter().collect()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("qcow2: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let is_compare = args.get(1).is_some_and(|a| a == "compare");
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
@@ -244,7 +312,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    if let Err(e) = load_secrets(&cli) {
+    if let Err(e) = load_secrets(&cli, &key_secrets) {
         eprintln!("qcow2: {e}");
         return ExitCode::from(1);
     }

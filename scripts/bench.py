@@ -92,6 +92,18 @@ def main():
         sh(["qemu-img", "create", "-q", "-f", "qcow2", "huge.qcow2", "64T"], d)
         sh(["qemu-io", "-c", "write -P 7 0 64k", "-c", "write -P 8 70368744112128 64k", "huge.qcow2"], d)
         sh(["qemu-img", "create", "-q", "-f", "qcow2", "empty.qcow2", f"{args.size_mib}M"], d)
+        # LUKS (qemu-img's default cipher, aes-256-xts-plain64), the same
+        # command line for both tools (qemu-img's --object/--image-opts).
+        secret = "secret,id=s,data=bench"
+        luks_opts = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
+        sh(["qemu-img", "convert", "--object", secret, "-f", "raw", "-O", "qcow2", "-o", luks_opts,
+            "disk.raw", "luks.qcow2"], d)
+
+        def luks_out(ours_file, qemu_file, src_raw):
+            for f in (ours_file, qemu_file):
+                sh(["qemu-img", "compare", "-q", "--object", secret, "--image-opts",
+                    "driver=raw,file.filename=" + src_raw,
+                    "driver=qcow2,file.filename=" + f + ",encrypt.key-secret=s"], d)
 
         def raw_out(ours_file, qemu_file, src):
             # Both outputs hold exactly the source's guest contents.
@@ -126,6 +138,13 @@ def main():
              None, lambda o, q: qcow2_out(o + ".qcow2", q + ".qcow2", "disk.raw")),
             ("convert raw -> qcow2 -c (zlib)", ["convert", "-c", "-f", "raw", "-O", "qcow2", "disk.raw", "{out}.qcow2"],
              None, lambda o, q: qcow2_out(o + ".qcow2", q + ".qcow2", "disk.raw")),
+            ("convert qcow2 -> raw, LUKS aes-256-xts",
+             ["convert", "--object", secret, "--image-opts",
+              "driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s", "-O", "raw", "{out}.raw"], None,
+             lambda o, q: sh(["cmp", o + ".raw", q + ".raw"], d)),
+            ("convert raw -> qcow2, LUKS aes-256-xts",
+             ["convert", "--object", secret, "-f", "raw", "-O", "qcow2", "-o", luks_opts, "disk.raw", "{out}.qcow2"],
+             None, lambda o, q: luks_out(o + ".qcow2", q + ".qcow2", "disk.raw")),
             ("bench 4 KiB reads", ["bench", "-q", "-c", "200000", "plain.qcow2"], None, None),
             ("bench 4 KiB writes into allocated clusters",
              ["bench", "-q", "-w", "-c", str(n * 64), "-d", "1", "-S", "16k", "--pattern=0xa5", "{out}.qcow2"],

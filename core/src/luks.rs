@@ -293,7 +293,23 @@ impl Aes {
             Aes::A256(c) => c.decrypt_block(b),
         }
     }
+
+    /// Encrypts or decrypts many blocks at once (pipelined where the CPU
+    /// has AES instructions).
+    fn blocks(&self, b: &mut [aes::Block], enc: bool) {
+        match (self, enc) {
+            (Aes::A128(c), true) => c.encrypt_blocks(b),
+            (Aes::A128(c), false) => c.decrypt_blocks(b),
+            (Aes::A192(c), true) => c.encrypt_blocks(b),
+            (Aes::A192(c), false) => c.decrypt_blocks(b),
+            (Aes::A256(c), true) => c.encrypt_blocks(b),
+            (Aes::A256(c), false) => c.decrypt_blocks(b),
+        }
+    }
 }
+
+/// Blocks of a sector.
+const SECTOR_BLOCKS: usize = SECTOR / 16;
 
 /// Multiplies an XTS tweak by x in GF(2^128) (little-endian convention).
 fn xts_next(t: &mut [u8; 16]) {
@@ -403,6 +419,57 @@ impl SectorCipher {
     }
 
     fn sector(&self, s: &mut [u8], iv: [u8; 16], enc: bool) {
+        // XTS and ECB (and CBC decryption) have no chain between blocks:
+        // a sector's 32 blocks go through the cipher at once.
+        let batch = match (self.mode, enc) {
+            (CipherMode::Xts | CipherMode::Ecb, _) | (CipherMode::Cbc, false) => true,
+            _ => false,
+        };
+        if batch && s.len() == SECTOR {
+            let mut blocks = [aes::Block::default(); SECTOR_BLOCKS];
+            for (b, c) in blocks.iter_mut().zip(s.chunks_exact(16)) {
+                b.copy_from_slice(c);
+            }
+            let mut masks = [[0u8; 16]; SECTOR_BLOCKS];
+            match self.mode {
+                CipherMode::Xts => {
+                    let mut t = iv;
+                    if let Some(k) = &self.tweak {
+                        k.encrypt(&mut t);
+                    }
+                    for m in masks.iter_mut() {
+                        *m = t;
+                        xts_next(&mut t);
+                    }
+                    for (b, m) in blocks.iter_mut().zip(&masks) {
+                        for (x, y) in b.iter_mut().zip(m) {
+                            *x ^= y;
+                        }
+                    }
+                }
+                CipherMode::Cbc => {
+                    // Each block's plaintext is its decryption XOR the
+                    // ciphertext before it (the IV for the first).
+                    masks[0] = iv;
+                    for (m, c) in masks[1..].iter_mut().zip(s.chunks_exact(16)) {
+                        m.copy_from_slice(c);
+                    }
+                }
+                _ => {}
+            }
+            self.data.blocks(&mut blocks, enc);
+            if self.mode != CipherMode::Ecb {
+                for (b, m) in blocks.iter_mut().zip(&masks) {
+                    for (x, y) in b.iter_mut().zip(m) {
+                        *x ^= y;
+                    }
+                }
+            }
+            for (c, b) in s.chunks_exact_mut(16).zip(&blocks) {
+                c.copy_from_slice(b);
+            }
+            return;
+        }
         let mut chain = iv;
         let mut tweak = iv;
         if let Some(t) = &self.tweak {

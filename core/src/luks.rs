@@ -421,10 +421,10 @@ impl SectorCipher {
     fn sector(&self, s: &mut [u8], iv: [u8; 16], enc: bool) {
         // XTS and ECB (and CBC decryption) have no chain between blocks:
         // a sector's 32 blocks go through the cipher at once.
-        let batch = match (self.mode, enc) {
-            (CipherMode::Xts | CipherMode::Ecb, _) | (CipherMode::Cbc, false) => true,
-            _ => false,
-        };
+        let batch = matches!(
+            (self.mode, enc),
+            (CipherMode::Xts | CipherMode::Ecb, _) | (CipherMode::Cbc, false)
+        );
         if batch && s.len() == SECTOR {
             let mut blocks = [aes::Block::default(); SECTOR_BLOCKS];
             for (b, c) in blocks.iter_mut().zip(s.chunks_exact(16)) {

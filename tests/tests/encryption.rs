@@ -91,6 +91,8 @@ fn qemu_img_luks_modes_read_bit_exactly() {
         ("ctr", "encrypt.cipher-mode=ctr", &[]),
         ("ecb", "encrypt.cipher-mode=ecb", &[]),
         ("xts plain", "encrypt.ivgen-alg=plain", &[]),
+        ("sha224", "encrypt.hash-alg=sha224", &[]),
+        ("sha384", "encrypt.hash-alg=sha384", &[]),
     ]);
 }
 

@@ -4,11 +4,13 @@
  */
 import type {
   Allocation, AllocationRange, CheckResult, CreateOptions, ConvertOptions, DiskContents, ErrorCode,
-  HostRun, ImageInfo, MapEntry, RepairMode, RepairResult, ResizeOptions, SnapshotInfo,
+  HostRun, ImageInfo, MapEntry, OpenOptions, RepairMode, RepairResult, ResizeOptions, SnapshotInfo,
 } from "./qcowkit_wasm.js";
 
 export type {
-  DiskContents, ErrorCode, FilesystemInfo, FilesystemType, PartitionInfo, PartitionTableInfo,
+  AesEncryptInfo, DiskContents, EncryptInfo, EncryptOptions, ErrorCode, FilesystemInfo,
+  FilesystemType, HashAlg, LuksEncryptInfo, OpenOptions, PartitionInfo, PartitionTableInfo,
+  Passphrase, SlotInfo,
 } from "./qcowkit_wasm.js";
 
 /**
@@ -44,6 +46,17 @@ export interface Transfer {
   transfer?: boolean;
 }
 
+/**
+ * How the worker client opens an encrypted image: the passphrases themselves (`passphrase`,
+ * `backingPassphrases`, as `QcowImage.open`'s options; let go of in the worker once the wasm has
+ * them), or `passphrases`, the id of passphrases stored with `storePassphrases` (not both). An
+ * image opened with either is not opened again after a restart: its id then rejects with
+ * `"not-found"`.
+ */
+export interface ClientOpenOptions extends Transfer, OpenOptions {
+  passphrases?: number;
+}
+
 /** The OPFS file an operation wrote. */
 export interface OpfsResult {
   fileName: string;
@@ -59,10 +72,26 @@ export class QcowClient {
    */
   static start(moduleUrl?: string | URL, workerUrl?: string | URL): Promise<QcowClient>;
 
-  /** Opens an image read-only; resolves to an image id. */
-  open(name: string, storage: ClientStorage, files?: ClientFiles, options?: Transfer): Promise<number>;
-  /** Opens an image for reading and writing (`{ opfs }` or bytes); the worker holds the OPFS file until `close`. */
-  openWritable(name: string, storage: ClientStorage, files?: ClientFiles, options?: Transfer): Promise<number>;
+  /**
+   * Opens an image read-only; resolves to an image id. An encrypted image opens without its
+   * passphrase for its metadata (data reads reject with `"passphrase-required"`); a wrong
+   * passphrase rejects with `"invalid-passphrase"`.
+   */
+  open(name: string, storage: ClientStorage, files?: ClientFiles, options?: ClientOpenOptions): Promise<number>;
+  /**
+   * Opens an image for reading and writing (`{ opfs }` or bytes); the worker holds the OPFS file
+   * until `close`. An encrypted image needs its passphrase.
+   */
+  openWritable(name: string, storage: ClientStorage, files?: ClientFiles,
+    options?: ClientOpenOptions): Promise<number>;
+  /**
+   * Stores passphrases in the worker's wasm memory (this client keeps no copy; `transfer: true`
+   * hands `Uint8Array` ones over, and the worker zeroes them); resolves to an id for the
+   * `passphrases` option of `open`/`openWritable`. Lost when the worker is stopped or restarted.
+   */
+  storePassphrases(passphrases: OpenOptions, options?: Transfer): Promise<number>;
+  /** Wipes stored passphrases (false when there were none under `id`). */
+  forgetPassphrases(id: number): Promise<boolean>;
   /** Opens an image for `repair`, as `qemu-img check -r` does (also corrupt or dirty images). */
   openForRepair(name: string, storage: ClientStorage, options?: Transfer): Promise<number>;
   /** `info()` of one file without opening the files it names (`format: "raw"` for other files). */
@@ -117,7 +146,7 @@ export class QcowClient {
     options?: LongWork & Transfer & Omit<ConvertOptions, "onProgress">): Promise<OpfsResult>;
   /** Removes a file of the OPFS root directory (false when there was none). */
   removeOpfs(fileName: string): Promise<boolean>;
-  /** A new empty qcow2 image in memory. */
+  /** A new empty qcow2 image in memory (LUKS-encrypted with `encrypt`). */
   createImage(options: CreateOptions): Promise<Uint8Array>;
   /** Stops the worker; calls in flight reject with code `"aborted"`. */
   terminate(): void;

@@ -18,10 +18,21 @@
  * Every method returns a promise; failures reject with an `Error` whose
  * `code` is one of the package's `ErrorCode`s (`"aborted"`, with the name
  * `AbortError`, when cancelled).
+ *
+ * Encrypted images: `open(name, file, files, { passphrase })`, or
+ * passphrases stored in the worker's wasm memory once and used by id
+ * (the page then keeps no copy):
+ *
+ * ```js
+ * const keys = await q.storePassphrases({ passphrase: input.value });
+ * input.value = '';
+ * const id = await q.open(file.name, file, {}, { passphrases: keys });   // "invalid-passphrase" if wrong
+ * await q.forgetPassphrases(keys);                                      // wiped
+ * ```
  */
 
 const CODES = new Set(['invalid-argument', 'format', 'unsupported', 'corrupt', 'missing-backing',
-  'missing-data-file', 'io', 'out-of-bounds', 'read-only', 'not-found', 'out-of-memory', 'busy',
+  'missing-data-file', 'passphrase-required', 'invalid-passphrase', 'io', 'out-of-bounds', 'read-only', 'not-found', 'out-of-memory', 'busy',
   'aborted', 'internal']);
 
 /** An Error with a code (and `AbortError` as the name of `"aborted"`). */
@@ -46,16 +57,31 @@ const opts = (o, key) => (typeof o === 'function' ? { [key]: o } : o || {});
 const STEPPED = new Set(['map', 'allocation', 'allocationMap', 'copyToOpfs', 'convertToRawOpfs',
   'convertToQcow2Opfs', 'convertRawToQcow2Opfs']);
 
-/** The Uint8Array buffers among `values`, to transfer. */
+/** The Uint8Array buffers among `values`, to transfer (each once). */
 function buffers(...values) {
-  const out = [];
+  const out = new Set();
   for (const v of values) {
-    if (v instanceof Uint8Array) out.push(v.buffer);
+    if (v instanceof Uint8Array) out.add(v.buffer);
     else if (v && typeof v === 'object' && !(v instanceof Blob)) {
-      for (const x of Object.values(v)) if (x instanceof Uint8Array) out.push(x.buffer);
+      const xs = v instanceof Map ? [...v.values()] : Object.values(v);
+      for (const x of xs) if (x instanceof Uint8Array) out.add(x.buffer);
     }
   }
-  return out;
+  return [...out];
+}
+
+/**
+ * The open options to send: the passphrases given (`passphrase`,
+ * `backingPassphrases`) or the id of stored ones (`passphrases`); null
+ * when there are none.
+ */
+function keysOf(options) {
+  const o = options || {};
+  const out = {};
+  for (const k of ['passphrase', 'backingPassphrases', 'passphrases']) {
+    if (o[k] !== undefined && o[k] !== null) out[k] = o[k];
+  }
+  return Object.keys(out).length ? out : null;
 }
 
 const isMemory = (s) => s instanceof Uint8Array;
@@ -79,6 +105,11 @@ export class QcowClient {
     /** @private ids lost in a restart */
     this.lost = new Set();
     /** @private */ this.nextImage = 1;
+    /** @private ids of passphrases stored in the worker */
+    this.keyrings = new Set();
+    /** @private ids of stored passphrases lost in a restart */
+    this.lostKeys = new Set();
+    /** @private */ this.nextKeys = 1;
     /** @private */ this.ready = Promise.resolve();
     /** @private */ this.worker = null;
   }
@@ -185,6 +216,9 @@ export class QcowClient {
     for (const p of this.pending.values()) p.fail(err);
     this.pending.clear();
     const images = [...this.opened.entries()];
+    // Stored passphrases lived in the stopped worker's memory only.
+    for (const k of this.keyrings) this.lostKeys.add(k);
+    this.keyrings.clear();
     this.ready = (async () => {
       this._spawn();
       await this._send('init', [this.moduleUrl]).catch(() => {});
@@ -240,14 +274,24 @@ export class QcowClient {
     return this._call(op, [id, ...args], options);
   }
 
-  /** Opens an image under a new id, remembered for restarts. @private */
-  async _open(op, name, storage, files, options = {}) {
+  /**
+   * Opens an image under a new id, remembered for restarts (not one
+   * opened with passphrases: they are not kept here). @private
+   */
+  async _open(op, name, storage, files, options) {
+    const o = options || {};
+    const keys = op === 'openForRepair' ? null : keysOf(o);
+    if (keys && keys.passphrases !== undefined && this.lostKeys.has(keys.passphrases)) {
+      throw coded('not-found', `passphrases ${keys.passphrases} were forgotten when the worker was restarted to cancel a call; store them again`);
+    }
     const id = this.nextImage++;
     const args = op === 'openForRepair' ? [id, name, storage] : [id, name, storage, files || {}];
-    const transfer = options.transfer ? buffers(storage, files) : [];
+    if (keys) args.push(keys);
+    const transfer = o.transfer
+      ? buffers(storage, files, keys && keys.passphrase, keys && keys.backingPassphrases) : [];
     await this._call(op, args, { transfer });
-    const restorable = !options.transfer && !(op !== 'open' && isMemory(storage));
-    this.opened.set(id, { op, args, restorable });
+    const restorable = !keys && !o.transfer && !(op !== 'open' && isMemory(storage));
+    this.opened.set(id, restorable ? { op, args, restorable } : { op, args: null, restorable });
     return id;
   }
 
@@ -257,7 +301,14 @@ export class QcowClient {
    * @param {Blob|File|Uint8Array|{opfs: string}} storage the image's contents; `{ opfs: fileName }`
    *   names a file of the OPFS root directory, read as a File (no lock is held)
    * @param {Object<string, Blob|File|Uint8Array|{opfs: string}>} [files] backing/data files by name
-   * @param {{transfer?: boolean}} [options] `transfer`: hand Uint8Array buffers over instead of copying
+   * @param {{transfer?: boolean, passphrase?: string|Uint8Array,
+   *   backingPassphrases?: Object<string, string|Uint8Array>, passphrases?: number}} [options]
+   *   `transfer`: hand Uint8Array buffers over instead of copying (passphrase bytes too: the worker
+   *   zeroes them); `passphrase`/`backingPassphrases`: unlock an encrypted image and its encrypted
+   *   backing files (a wrong one rejects with "invalid-passphrase"; without, an encrypted image opens
+   *   for its metadata and its data reads reject with "passphrase-required"); `passphrases`: the id of
+   *   passphrases stored with `storePassphrases` instead. An image opened with passphrases is not
+   *   opened again after a restart (its id rejects with "not-found").
    * @returns {Promise<number>} an image id for the other methods
    */
   open(name, storage, files, options) {
@@ -268,11 +319,43 @@ export class QcowClient {
    * Opens an image for reading and writing: `write`, `resize`, the snapshot
    * methods and `repair` then work on it. Usually a file of the origin
    * private file system, given as `{ opfs: fileName }` (see copyToOpfs);
-   * the worker holds a sync access handle on it until close.
+   * the worker holds a sync access handle on it until close. An encrypted
+   * image needs its passphrase (`options` as `open`'s).
    * @returns {Promise<number>} an image id
    */
   openWritable(name, storage, files, options) {
     return this._open('openWritable', name, storage, files, options);
+  }
+
+  /**
+   * Stores passphrases (`{ passphrase, backingPassphrases }`) in the
+   * worker's wasm memory, for opening encrypted images several times
+   * without keeping them in the page: `open(..., { passphrases: id })`.
+   * This client keeps no copy (`transfer: true` hands Uint8Array
+   * passphrases over; the worker zeroes them). They are wiped by
+   * `forgetPassphrases` (and lost when the worker is stopped or restarted).
+   * @returns {Promise<number>} an id for the `passphrases` option
+   */
+  async storePassphrases(passphrases, options = {}) {
+    const p = passphrases || {};
+    const keys = {};
+    if (p.passphrase !== undefined) keys.passphrase = p.passphrase;
+    if (p.backingPassphrases !== undefined) keys.backingPassphrases = p.backingPassphrases;
+    const id = this.nextKeys++;
+    const transfer = options.transfer ? buffers(keys.passphrase, keys.backingPassphrases) : [];
+    await this._call('storePassphrases', [id, keys], { transfer });
+    this.keyrings.add(id);
+    return id;
+  }
+
+  /**
+   * Wipes stored passphrases (images opened with them stay open).
+   * @returns {Promise<boolean>} false when there were none under `id`
+   */
+  async forgetPassphrases(id) {
+    this.keyrings.delete(id);
+    if (this.lostKeys.delete(id)) return true;
+    return this._call('forgetPassphrases', [id]);
   }
 
   /**

@@ -12,6 +12,11 @@
  * File/Blob storages are read synchronously with FileReaderSync and OPFS
  * sync access handles exist only in dedicated workers, which is why the
  * wasm runs here rather than on the main thread.
+ *
+ * Passphrases: those given with an open are handed to the wasm and let go
+ * of at once (bytes zeroed, references dropped); those the client stores
+ * (`storePassphrases`) are kept only in the wasm memory, as a
+ * `Passphrases` object, until `forgetPassphrases` wipes them.
  */
 
 /** @type {any} the imported wasm-bindgen module (namespace) */
@@ -23,9 +28,15 @@ let wasm = null;
 const images = new Map();
 /** Calls the client cancelled. */
 const aborted = new Set();
+/**
+ * Stored passphrases by the id the client gave them: wasm `Passphrases`
+ * objects (the secrets live in the wasm memory, wiped by `free()`).
+ * @type {Map<number, any>}
+ */
+const keyrings = new Map();
 
 const CODES = new Set(['invalid-argument', 'format', 'unsupported', 'corrupt', 'missing-backing',
-  'missing-data-file', 'io', 'out-of-bounds', 'read-only', 'not-found', 'out-of-memory', 'busy',
+  'missing-data-file', 'passphrase-required', 'invalid-passphrase', 'io', 'out-of-bounds', 'read-only', 'not-found', 'out-of-memory', 'busy',
   'aborted', 'internal']);
 
 /** An Error with a code (the package's convention). */
@@ -104,6 +115,64 @@ async function resolveFiles(files) {
   const out = {};
   for (const [k, v] of Object.entries(files || {})) out[k] = (await resolve(v, false)).storage;
   return out;
+}
+
+/**
+ * Lets go of the passphrases in `options` once the wasm has them: bytes
+ * are zeroed, every reference (strings too, which cannot be wiped) is
+ * deleted from the message's objects.
+ */
+function wipe(options) {
+  if (!options || typeof options !== 'object') return;
+  const zero = (v) => { if (v instanceof Uint8Array) v.fill(0); };
+  zero(options.passphrase);
+  delete options.passphrase;
+  const b = options.backingPassphrases;
+  if (b instanceof Map) {
+    b.forEach(zero);
+    b.clear();
+  } else if (b && typeof b === 'object') {
+    for (const k of Object.keys(b)) {
+      zero(b[k]);
+      delete b[k];
+    }
+  }
+  delete options.backingPassphrases;
+}
+
+/** Wipes the `encrypt.passphrase` of creation options once the wasm has it. */
+function wipeEncrypt(options) {
+  const e = options && options.encrypt;
+  if (e && typeof e === 'object') wipe(e);
+}
+
+/**
+ * How to open `name` (`writable` or not) with the open options the client
+ * sent: `{ passphrases: keyId }` (stored passphrases) or `{ passphrase,
+ * backingPassphrases }` (wiped once the wasm has them).
+ */
+function opener(name, writable, options) {
+  const o = options || {};
+  if (o.passphrases !== undefined && o.passphrases !== null) {
+    if (o.passphrase !== undefined || o.backingPassphrases !== undefined) {
+      wipe(o);
+      throw coded('invalid-argument', 'give passphrases (stored ones) or passphrase/backingPassphrases, not both');
+    }
+    const keys = keyrings.get(o.passphrases);
+    if (!keys) throw coded('not-found', `no stored passphrases with id ${o.passphrases}`);
+    return (s, f) => (writable ? keys.openWritable(name, s, f) : keys.open(name, s, f));
+  }
+  const given = {};
+  if (o.passphrase !== undefined) given.passphrase = o.passphrase;
+  if (o.backingPassphrases !== undefined) given.backingPassphrases = o.backingPassphrases;
+  return (s, f) => {
+    try {
+      return writable ? wasm.QcowImage.openWritable(name, s, f, given) : wasm.QcowImage.open(name, s, f, given);
+    } finally {
+      wipe(given);
+      wipe(o);
+    }
+  };
 }
 
 /** Opens an image with `how(storage, files)` and registers it under `imageId`. */
@@ -208,13 +277,34 @@ const ops = {
     return true;
   },
 
-  open(call, imageId, name, storage, files) {
-    return register(imageId, storage, files, false, (s, f) => wasm.QcowImage.open(name, s, f));
+  /** Opens an image read-only (`options`: passphrases, see `opener`). */
+  open(call, imageId, name, storage, files, options) {
+    return register(imageId, storage, files, false, opener(name, false, options));
   },
 
   /** Opens an image for reading and writing (OPFS or bytes in memory). */
-  openWritable(call, imageId, name, storage, files) {
-    return register(imageId, storage, files, true, (s, f) => wasm.QcowImage.openWritable(name, s, f));
+  openWritable(call, imageId, name, storage, files, options) {
+    return register(imageId, storage, files, true, opener(name, true, options));
+  },
+
+  /** Keeps passphrases in the wasm memory under `keyId` (the message's copies are let go of). */
+  storePassphrases(call, keyId, options) {
+    if (keyrings.has(keyId)) throw coded('busy', `passphrases id ${keyId} is in use`);
+    try {
+      keyrings.set(keyId, new wasm.Passphrases(options));
+    } finally {
+      wipe(options);
+    }
+    return keyId;
+  },
+
+  /** Wipes stored passphrases; false when there were none under `keyId`. */
+  forgetPassphrases(call, keyId) {
+    const keys = keyrings.get(keyId);
+    if (!keys) return false;
+    keyrings.delete(keyId);
+    keys.free();
+    return true;
   },
 
   /** Opens an image for repair (also corrupt or dirty ones; no backing file). */
@@ -400,7 +490,12 @@ const ops = {
   async convertToQcow2Opfs(call, id, fileName, options) {
     const total = entry(id).img.virtualSize();
     return intoOpfs(fileName, async (handle) => {
-      const writer = new wasm.Qcow2Writer(handle, { ...(options || {}), size: total });
+      let writer;
+      try {
+        writer = new wasm.Qcow2Writer(handle, { ...(options || {}), size: total });
+      } finally {
+        wipeEncrypt(options);
+      }
       try {
         await stepped(call, total, (start, end) => {
           writer.copyFrom(entry(id).img, { start, end });
@@ -421,7 +516,12 @@ const ops = {
     const src = (await resolve(source, false)).storage;
     const total = src instanceof Uint8Array ? src.length : src.size;
     return intoOpfs(fileName, async (handle) => {
-      const writer = new wasm.Qcow2Writer(handle, { ...(options || {}), size: total });
+      let writer;
+      try {
+        writer = new wasm.Qcow2Writer(handle, { ...(options || {}), size: total });
+      } finally {
+        wipeEncrypt(options);
+      }
       try {
         const piece = 16 << 20;
         let last = 0;
@@ -446,7 +546,11 @@ const ops = {
   },
 
   createImage(call, options) {
-    return wasm.createImageBytes(options);
+    try {
+      return wasm.createImageBytes(options);
+    } finally {
+      wipeEncrypt(options);
+    }
   },
 
   removeOpfs(call, fileName) {
@@ -477,5 +581,14 @@ self.onmessage = async (ev) => {
     self.postMessage({ id, ok: false, error: errorOf(err) });
   } finally {
     aborted.delete(id);
+    scrub(op, args || []);
   }
 };
+
+/** Whatever path a call took, the passphrases it carried are let go of when it ends. */
+function scrub(op, args) {
+  if (op === 'open' || op === 'openWritable') wipe(args[4]);
+  else if (op === 'storePassphrases') wipe(args[1]);
+  else if (op === 'createImage') wipeEncrypt(args[0]);
+  else if (op === 'convertToQcow2Opfs' || op === 'convertRawToQcow2Opfs') wipeEncrypt(args[2]);
+}

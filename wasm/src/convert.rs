@@ -5,7 +5,7 @@
 
 use qcowkit_core::compress::Decompressor;
 use qcowkit_core::copy::{copy, CopyOptions, ImageSink, RawDisk, Sink};
-use qcowkit_core::{BlockRead, OpenOptions, WritableImage};
+use qcowkit_core::{BlockRead, WritableImage};
 use wasm_bindgen::prelude::*;
 
 use crate::create::create_options;
@@ -52,7 +52,14 @@ fn conversion_options(options: &JsValue) -> Res<(qcowkit_core::CreateOptions, bo
             .as_bool()
             .ok_or_else(|| QcowError::arg("options.compress must be a boolean"))?,
     };
-    Ok((create_options(options)?, compress))
+    let c = create_options(options)?;
+    if compress && c.encrypt.is_some() {
+        // As qemu-img refuses `convert -c` into an encrypted image.
+        return Err(QcowError::arg(
+            "Compression and encryption not supported at the same time",
+        ));
+    }
+    Ok((c, compress))
 }
 
 impl Qcow2Writer {
@@ -60,8 +67,8 @@ impl Qcow2Writer {
     fn create(target: JsValue, c: &qcowkit_core::CreateOptions, compress: bool) -> Res<Self> {
         let mut io = Storage::from_js(target)?;
         qcowkit_core::BlockWrite::set_len(&mut io, 0)?;
-        qcowkit_core::create::format(&mut io, c)?;
-        let img = WritableImage::open(io, &OpenOptions::default())?;
+        crate::create::format(&mut io, c)?;
+        let img = WritableImage::open(io, &crate::create::creating(c))?;
         Ok(Qcow2Writer {
             img: Box::new(img),
             compress,

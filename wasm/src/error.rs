@@ -18,8 +18,9 @@ pub enum Code {
     InvalidArgument,
     /// Not a qcow2 image, or a header field with a value the format forbids.
     Format,
-    /// Valid, but not supported: version, features, encryption, a value
-    /// above `Number.MAX_SAFE_INTEGER`, an operation on this image.
+    /// Valid, but not supported: version, features, writing the legacy AES
+    /// method, a value above `Number.MAX_SAFE_INTEGER`, an operation on
+    /// this image.
     Unsupported,
     /// Inconsistent metadata (a repair may help).
     Corrupt,
@@ -27,6 +28,12 @@ pub enum Code {
     MissingBacking,
     /// The external data file the image names was not supplied.
     MissingDataFile,
+    /// The image (or a backing file) is encrypted and its data was read
+    /// without its passphrase.
+    PassphraseRequired,
+    /// The passphrase given unlocks no key slot of the image (or of a
+    /// backing file: the message names it).
+    InvalidPassphrase,
     /// The storage failed.
     Io,
     /// An access beyond the end of the disk (or of what JS can address).
@@ -55,6 +62,8 @@ impl Code {
             Code::Corrupt => "corrupt",
             Code::MissingBacking => "missing-backing",
             Code::MissingDataFile => "missing-data-file",
+            Code::PassphraseRequired => "passphrase-required",
+            Code::InvalidPassphrase => "invalid-passphrase",
             Code::Io => "io",
             Code::OutOfBounds => "out-of-bounds",
             Code::ReadOnly => "read-only",
@@ -67,13 +76,15 @@ impl Code {
     }
 
     /// Every code, for parsing.
-    const ALL: [Code; 14] = [
+    const ALL: [Code; 16] = [
         Code::InvalidArgument,
         Code::Format,
         Code::Unsupported,
         Code::Corrupt,
         Code::MissingBacking,
         Code::MissingDataFile,
+        Code::PassphraseRequired,
+        Code::InvalidPassphrase,
         Code::Io,
         Code::OutOfBounds,
         Code::ReadOnly,
@@ -101,7 +112,10 @@ impl Code {
                 | FormatError::UnknownIncompatibleFeatures { .. },
             ) => Code::Unsupported,
             E::Format(_) => Code::Format,
-            E::Encrypted { .. } => Code::Unsupported,
+            // "unknown": a method this implementation cannot read at all.
+            E::Encrypted { method } if *method == "unknown" => Code::Unsupported,
+            E::Encrypted { .. } => Code::PassphraseRequired,
+            E::InvalidPassphrase => Code::InvalidPassphrase,
             E::Corrupt { .. }
             | E::Decompress { .. }
             | E::MetadataOverlap { .. }
@@ -188,11 +202,16 @@ const ERROR_TYPES: &'static str = r#"
  * - `"invalid-argument"`: a bad argument (options, offsets, sizes, modes, storage objects; numbers
  *   above `Number.MAX_SAFE_INTEGER`);
  * - `"format"`: not a qcow2 image, or a header field with a value the format forbids;
- * - `"unsupported"`: valid but not supported (version, incompatible features, encryption, a
- *   64-bit value above `Number.MAX_SAFE_INTEGER` that cannot be returned exactly, an operation
+ * - `"unsupported"`: valid but not supported (version, incompatible features, writing into an
+ *   image of the legacy AES method, a 64-bit value above `Number.MAX_SAFE_INTEGER` that cannot be returned exactly, an operation
  *   this image cannot do);
  * - `"corrupt"`: inconsistent metadata (a repair may help);
  * - `"missing-backing"` / `"missing-data-file"`: a file the image names was not supplied;
+ * - `"passphrase-required"`: the guest data of an encrypted image (or of an encrypted backing
+ *   file, named in the message) was read, or the image opened for writing, without its
+ *   passphrase (an encrypted image opens for its metadata without one);
+ * - `"invalid-passphrase"`: the passphrase unlocks no key slot of the image (or of the backing
+ *   file the message names): "Invalid password, cannot unlock any keyslot";
  * - `"io"`: the storage failed;
  * - `"out-of-bounds"`: an access beyond the end of the disk;
  * - `"read-only"`: opened read-only or for repair only, or a read-only storage;
@@ -204,8 +223,8 @@ const ERROR_TYPES: &'static str = r#"
  */
 export type ErrorCode =
   | "invalid-argument" | "format" | "unsupported" | "corrupt" | "missing-backing"
-  | "missing-data-file" | "io" | "out-of-bounds" | "read-only" | "not-found"
-  | "out-of-memory" | "busy" | "aborted" | "internal";
+  | "missing-data-file" | "passphrase-required" | "invalid-passphrase" | "io" | "out-of-bounds"
+  | "read-only" | "not-found" | "out-of-memory" | "busy" | "aborted" | "internal";
 /** What the package throws: an `Error` with a stable `code`. */
 export interface QcowError extends Error {
   code: ErrorCode;

@@ -17,6 +17,12 @@
 //! `applySnapshot(idOrName)` (see `README.md`). What the guest disk holds:
 //! `contents()` (partition table and file systems).
 //!
+//! Encrypted images (LUKS, the legacy AES method): `options.passphrase`
+//! (and `backingPassphrases`) of `open`/`openWritable`, or a `Passphrases`
+//! object that keeps them in the wasm memory for several opens; without
+//! one an encrypted image opens for its metadata. `createImage` and the
+//! conversions make LUKS images with `encrypt: { passphrase, ... }`.
+//!
 //! Storages: `Uint8Array`, `Blob`/`File` (read-only; synchronous reads need a
 //! worker), an OPFS `FileSystemSyncAccessHandle` (read-write, dedicated
 //! worker), or any object with synchronous `read(offset, length)`,
@@ -31,6 +37,7 @@ mod create;
 mod error;
 mod maintain;
 mod reports;
+mod secrets;
 mod sinks;
 mod storage;
 
@@ -47,10 +54,12 @@ pub use convert::{convert_raw_to_qcow2, Qcow2Writer};
 pub use create::{create_image, create_image_bytes};
 pub use error::{Code, QcowError};
 pub use reports::inspect;
+pub use secrets::Passphrases;
 pub use storage::{Storage, StorageError};
 
 use error::{CoreError, Res};
 use reports::{info_of, offset_arg, safe_number, to_js, AllocationRange, HostRun, MapPage};
+use secrets::Keys;
 use sinks::{FnSink, Progress, StorageSink};
 
 /// Runs `f` with a sink that hands each problem line to `on_problem` (when
@@ -273,42 +282,70 @@ impl QcowImage {
     }
 }
 
+/// Opens `storage` named `name` with its `files`, unlocked with `keys`
+/// (read-only, or for reading and writing).
+pub(crate) fn open_image(
+    name: &str,
+    storage: JsValue,
+    files: JsValue,
+    keys: &Keys,
+    writable: bool,
+) -> Res<QcowImage> {
+    let io = Storage::from_js(storage)?;
+    let mut opener = NamedFiles { files };
+    let opts = keys.open_options();
+    let img = if writable {
+        Access::Write(Box::new(WritableImage::open_with(
+            io,
+            name,
+            name,
+            &mut opener,
+            &opts,
+        )?))
+    } else {
+        Access::Read(Box::new(Image::open_with(
+            io,
+            name,
+            name,
+            &mut opener,
+            &opts,
+        )?))
+    };
+    Ok(QcowImage {
+        img,
+        name: name.to_string(),
+    })
+}
+
 #[wasm_bindgen]
 impl QcowImage {
     /// Opens `storage` (see the crate docs for the kinds) named `name`;
     /// `files` supplies backing/data files by name (object or Map; optional):
     /// a name the image stores is looked up resolved as QEMU resolves it
     /// (relative to the directory of the image naming it), then as stored,
-    /// then by its last path component.
+    /// then by its last path component. `options.passphrase` unlocks an
+    /// encrypted image (without it, it opens for its metadata only),
+    /// `options.backingPassphrases` its encrypted backing files.
     pub fn open(
         name: &str,
         #[wasm_bindgen(unchecked_param_type = "Storage")] storage: JsValue,
         #[wasm_bindgen(unchecked_optional_param_type = "NamedFiles")] files: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "OpenOptions")] options: JsValue,
     ) -> Res<QcowImage> {
-        let io = Storage::from_js(storage)?;
-        let mut opener = NamedFiles { files };
-        let img = Image::open_with(io, name, name, &mut opener, &OpenOptions::default())?;
-        Ok(QcowImage {
-            img: Access::Read(Box::new(img)),
-            name: name.to_string(),
-        })
+        open_image(name, storage, files, &Keys::from_options(&options)?, false)
     }
 
     /// Opens `storage` for reading and writing (OPFS handle, storage object
-    /// with `write`, or bytes in memory).
+    /// with `write`, or bytes in memory); an encrypted image needs its
+    /// passphrase (`options` as `open`'s).
     #[wasm_bindgen(js_name = openWritable)]
     pub fn open_writable(
         name: &str,
         #[wasm_bindgen(unchecked_param_type = "Storage")] storage: JsValue,
         #[wasm_bindgen(unchecked_optional_param_type = "NamedFiles")] files: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "OpenOptions")] options: JsValue,
     ) -> Res<QcowImage> {
-        let io = Storage::from_js(storage)?;
-        let mut opener = NamedFiles { files };
-        let img = WritableImage::open_with(io, name, name, &mut opener, &OpenOptions::default())?;
-        Ok(QcowImage {
-            img: Access::Write(Box::new(img)),
-            name: name.to_string(),
-        })
+        open_image(name, storage, files, &Keys::from_options(&options)?, true)
     }
 
     /// Virtual size in bytes.

@@ -158,7 +158,10 @@ export interface ImageInfo {
   "full-backing-filename"?: string;
   "backing-filename"?: string;
   "dirty-flag": boolean;
-  /** The image is encrypted (its data needs a passphrase, which this package does not take yet). */
+  /**
+   * The image is encrypted (LUKS or the legacy AES method; the facts are in
+   * `format-specific.data.encrypt`): its guest data needs the passphrase (`OpenOptions`).
+   */
   encrypted?: true;
   /** The files this image names that opening it would open (not a qemu-img key). */
   "files-to-open"?: { role: "backing" | "data-file"; name: string; path: string }[];
@@ -188,20 +191,52 @@ export interface Qcow2Info {
   /** The encryption, as `qemu-img info` shows it (readable without the passphrase). */
   encrypt?: EncryptInfo;
 }
-/** The encryption facts of `qemu-img info`: LUKS (all of them) or the legacy AES method (`format` only). */
-export interface EncryptInfo {
-  format: "luks" | "aes";
-  "cipher-alg"?: string;
-  "cipher-mode"?: string;
-  "ivgen-alg"?: string;
-  "ivgen-hash-alg"?: string;
-  "hash-alg"?: string;
-  uuid?: string;
-  "detached-header"?: boolean;
-  "payload-offset"?: number;
-  "master-key-iters"?: number;
-  slots?: { active: boolean; iters?: number; "key-offset": number; stripes?: number }[];
+/**
+ * The encryption facts of `qemu-img info` (`format-specific.data.encrypt`), readable without the
+ * passphrase: a LUKS header's algorithms, UUID and key slots, or only the format of the legacy
+ * AES method.
+ */
+export type EncryptInfo = LuksEncryptInfo | AesEncryptInfo;
+/** The legacy qcow2 AES method (`encryption=on`): nothing more is stored. */
+export interface AesEncryptInfo {
+  format: "aes";
 }
+/** A LUKS1 header, as `qemu-img info --output=json` shows it. */
+export interface LuksEncryptInfo {
+  /** IV generator: `"plain"`, `"plain64"` or `"essiv"` (as the header says). */
+  "ivgen-alg": "plain" | "plain64" | "essiv" | (string & {});
+  /** Whether the header is detached from the data (never inside qcow2). */
+  "detached-header": false;
+  /** PBKDF2 and anti-forensic split hash (`"sha256"`, ...). */
+  "hash-alg": HashAlg | (string & {});
+  /** The cipher and its key size: `"aes-128"`, `"aes-192"`, `"aes-256"` (other ciphers cannot be read). */
+  "cipher-alg": "aes-128" | "aes-192" | "aes-256" | (string & {});
+  /** The volume's UUID. */
+  uuid: string;
+  /** ESSIV's hash (only with `"ivgen-alg": "essiv"`). */
+  "ivgen-hash-alg"?: HashAlg | (string & {});
+  format: "luks";
+  /** `"xts"`, `"cbc"`, `"ctr"` or `"ecb"`. */
+  "cipher-mode": "xts" | "cbc" | "ctr" | "ecb" | (string & {});
+  /** The eight key slots, in order. */
+  slots: SlotInfo[];
+  /** Where the encrypted payload would start, in bytes from the header (unused inside qcow2). */
+  "payload-offset": number;
+  /** PBKDF2 iterations of the master key digest. */
+  "master-key-iters": number;
+}
+/** One LUKS key slot: an active one holds a copy of the master key, locked by a passphrase. */
+export type SlotInfo =
+  | {
+      active: true;
+      /** PBKDF2 iterations of the passphrase. */
+      iters: number;
+      /** Offset of its key material in bytes from the header. */
+      "key-offset": number;
+      /** Anti-forensic stripes (4000). */
+      stripes: number;
+    }
+  | { active: false; "key-offset": number };
 /** One entry of `qemu-img map --output=json`. */
 export interface MapEntry {
   start: number;

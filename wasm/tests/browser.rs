@@ -52,12 +52,23 @@ async fn opfs_images_are_created_written_and_converted() {
     Reflect::set(&opts, &"cluster_size".into(), &"16k".into()).unwrap();
     Reflect::set(&opts, &"extended_l2".into(), &true.into()).unwrap();
     create_image(handle.clone().into(), opts.into()).unwrap();
-    let mut img =
-        QcowImage::open_writable("test.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "test.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(5000.0, &[0x5a; 70000]).unwrap();
     img.flush().unwrap();
     drop(img);
-    let mut img = QcowImage::open("test.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "test.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let back = img.read(4096.0, 80000).unwrap().to_vec();
     assert!(back[..904].iter().all(|b| *b == 0));
     assert!(back[904..904 + 70000].iter().all(|b| *b == 0x5a));
@@ -82,7 +93,13 @@ async fn opfs_images_are_created_written_and_converted() {
 fn blobs_are_read_with_file_reader_sync() {
     let parts = Array::of1(&Uint8Array::from(DEMO));
     let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
-    let mut img = QcowImage::open("demo.qcow2", blob.into(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "demo.qcow2",
+        blob.into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let info = img.info().unwrap();
     assert_eq!(get(&info, &["virtual-size"]).as_f64(), Some(67108864.0));
     let mbr = img.read(0.0, 512).unwrap().to_vec();
@@ -99,8 +116,13 @@ fn blobs_are_read_with_file_reader_sync() {
     // Blobs are read-only.
     let parts = Array::of1(&Uint8Array::from(DEMO));
     let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
-    let written = QcowImage::open_writable("demo.qcow2", blob.into(), JsValue::UNDEFINED)
-        .and_then(|mut i| i.write(0.0, &[1]).and_then(|_| i.flush()));
+    let written = QcowImage::open_writable(
+        "demo.qcow2",
+        blob.into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .and_then(|mut i| i.write(0.0, &[1]).and_then(|_| i.flush()));
     assert!(written.is_err());
 }
 
@@ -123,8 +145,13 @@ async fn opfs_images_are_repaired_resized_and_snapshotted() {
     Reflect::set(&opts, &"size".into(), &"64M".into()).unwrap();
     create_image(handle.clone().into(), opts.into()).unwrap();
     let want: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    let mut img =
-        QcowImage::open_writable("maint.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "maint.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(0.0, &want).unwrap();
     img.flush().unwrap();
     drop(img);
@@ -153,8 +180,13 @@ async fn opfs_images_are_repaired_resized_and_snapshotted() {
     assert!(get(&r, &["leaks"]).is_undefined());
     drop(img);
 
-    let mut img =
-        QcowImage::open_writable("maint.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "maint.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     assert_eq!(img.create_snapshot("before").unwrap(), "1");
     let grown = img.resize("+64M".into(), JsValue::UNDEFINED).unwrap();
     assert_eq!(grown, 128.0 * 1048576.0);
@@ -176,8 +208,13 @@ async fn opfs_images_are_repaired_resized_and_snapshotted() {
     assert_eq!(img.virtual_size().unwrap(), 64.0 * 1048576.0);
     assert_eq!(img.read(0.0, 1 << 20).unwrap().to_vec(), want);
     drop(img);
-    let mut img =
-        QcowImage::open("maint.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "maint.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let snaps = Array::from(&img.snapshots().unwrap());
     assert_eq!(snaps.length(), 1);
     assert_eq!(get(&snaps.get(0), &["name"]).as_string().unwrap(), "before");
@@ -212,6 +249,7 @@ async fn opfs_targets_of_the_converters_and_error_codes_in_a_worker() {
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
         JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
     )
     .unwrap();
     let want = img.read(0.0, 4 << 20).unwrap().to_vec();
@@ -234,8 +272,13 @@ async fn opfs_targets_of_the_converters_and_error_codes_in_a_worker() {
     }
     w.finish().unwrap();
     drop(w);
-    let mut back =
-        QcowImage::open("writer.qcow2", handle.clone().into(), JsValue::UNDEFINED).unwrap();
+    let mut back = QcowImage::open(
+        "writer.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     assert_eq!(back.read(0.0, 4 << 20).unwrap().to_vec(), want);
     let check = back.check(None).unwrap();
     assert!(get(&check, &["compressed-clusters"]).as_f64().unwrap() > 0.0);
@@ -252,14 +295,100 @@ async fn opfs_targets_of_the_converters_and_error_codes_in_a_worker() {
     drop(back);
     handle.close();
     // A closed handle fails with code "io"; a Blob is read-only.
-    let err: JsValue = QcowImage::open("closed", handle.into(), JsValue::UNDEFINED)
-        .err()
-        .unwrap()
-        .into();
+    let err: JsValue = QcowImage::open(
+        "closed",
+        handle.into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .err()
+    .unwrap()
+    .into();
     assert_eq!(get(&err, &["code"]).as_string().unwrap(), "io");
     let parts = Array::of1(&Uint8Array::from(DEMO));
     let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
     let mut ro = QcowImage::open_for_repair("demo.qcow2", blob.into()).unwrap();
     let err: JsValue = ro.create_snapshot("x").err().unwrap().into();
     assert_eq!(get(&err, &["code"]).as_string().unwrap(), "read-only");
+}
+
+#[wasm_bindgen_test]
+async fn luks_images_are_created_in_opfs_with_the_workers_random_bytes() {
+    // crypto.getRandomValues of the worker makes the keys; the image is
+    // written through the OPFS handle, then read back from a Blob.
+    let handle = opfs_handle("luks.qcow2").await;
+    let encrypt = js_sys::Object::new();
+    Reflect::set(&encrypt, &"passphrase".into(), &"in a worker".into()).unwrap();
+    Reflect::set(&encrypt, &"iterations".into(), &1000.into()).unwrap();
+    let opts = js_sys::Object::new();
+    Reflect::set(&opts, &"size".into(), &"2M".into()).unwrap();
+    Reflect::set(&opts, &"encrypt".into(), &encrypt).unwrap();
+    create_image(handle.clone().into(), opts.into()).unwrap();
+    let with = |p: &str| {
+        let o = js_sys::Object::new();
+        Reflect::set(&o, &"passphrase".into(), &p.into()).unwrap();
+        JsValue::from(o)
+    };
+    let mut img = QcowImage::open_writable(
+        "luks.qcow2",
+        handle.clone().into(),
+        JsValue::UNDEFINED,
+        with("in a worker"),
+    )
+    .unwrap();
+    img.write(1000.0, &[0x5a; 5000]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut bytes = vec![0u8; handle.get_size().unwrap() as usize];
+    let from0 = web_sys::FileSystemReadWriteOptions::new();
+    from0.set_at(0.0);
+    handle
+        .read_with_u8_array_and_options(&mut bytes, &from0)
+        .unwrap();
+    handle.close();
+    // Two images made alike get different keys (random master key, salts, UUID).
+    let other = qcowkit_wasm::create_image_bytes({
+        let opts = js_sys::Object::new();
+        Reflect::set(&opts, &"size".into(), &"2M".into()).unwrap();
+        Reflect::set(&opts, &"encrypt".into(), &encrypt).unwrap();
+        opts.into()
+    })
+    .unwrap()
+    .to_vec();
+    let uuid = |b: &[u8]| {
+        let mut i = QcowImage::open(
+            "x.qcow2",
+            Uint8Array::from(b).into(),
+            JsValue::UNDEFINED,
+            JsValue::UNDEFINED,
+        )
+        .unwrap();
+        get(
+            &i.info().unwrap(),
+            &["format-specific", "data", "encrypt", "uuid"],
+        )
+        .as_string()
+        .unwrap()
+    };
+    assert_ne!(uuid(&bytes), uuid(&other));
+    let parts = Array::of1(&Uint8Array::from(&bytes[..]));
+    let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).unwrap();
+    let wrong = QcowImage::open(
+        "luks.qcow2",
+        blob.clone().into(),
+        JsValue::UNDEFINED,
+        with("no"),
+    );
+    assert_eq!(wrong.err().unwrap().code.as_str(), "invalid-passphrase");
+    let mut img = QcowImage::open(
+        "luks.qcow2",
+        blob.into(),
+        JsValue::UNDEFINED,
+        with("in a worker"),
+    )
+    .unwrap();
+    let back = img.read(0.0, 8192).unwrap().to_vec();
+    assert!(back[..1000].iter().all(|b| *b == 0));
+    assert!(back[1000..6000].iter().all(|b| *b == 0x5a));
+    assert!(back[6000..].iter().all(|b| *b == 0));
 }

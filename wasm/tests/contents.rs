@@ -290,8 +290,13 @@ fn image_of(disk: &[u8]) -> JsValue {
     Reflect::set(&o, &"size".into(), &(disk.len() as f64).into()).unwrap();
     Reflect::set(&o, &"cluster_size".into(), &4096.into()).unwrap();
     create_image(storage.clone(), o.into()).unwrap();
-    let mut w =
-        QcowImage::open_writable("disk.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut w = QcowImage::open_writable(
+        "disk.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     // Only the sectors that are not zero (the image stays small).
     for (i, chunk) in disk.chunks(4096).enumerate() {
         if chunk.iter().any(|b| *b != 0) {
@@ -303,7 +308,13 @@ fn image_of(disk: &[u8]) -> JsValue {
 }
 
 fn contents_of(disk: &[u8]) -> JsValue {
-    let mut img = QcowImage::open("disk.qcow2", image_of(disk), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "disk.qcow2",
+        image_of(disk),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.contents().unwrap()
 }
 
@@ -375,6 +386,7 @@ fn demo_image_holds_an_mbr_with_one_linux_partition() {
     let mut img = QcowImage::open(
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED,
     )
     .unwrap();
@@ -498,9 +510,13 @@ fn gpt_partitions_and_their_file_systems() {
     }
 
     // The same through a writable image (what was written is read back).
-    let mut w =
-        QcowImage::open_writable("disk.qcow2", image_of(&crafted_gpt()), JsValue::UNDEFINED)
-            .unwrap();
+    let mut w = QcowImage::open_writable(
+        "disk.qcow2",
+        image_of(&crafted_gpt()),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     w.write((MIB + 1024 + 0x78) as f64, b"renamed\0").unwrap();
     let again = w.contents().unwrap();
     assert_eq!(
@@ -652,7 +668,13 @@ fn storage_errors_are_thrown_with_their_codes() {
         (JsValue::from_str("busy"), "busy"),
     ] {
         let storage = failing(image_of(&crafted_gpt()), given);
-        let mut img = QcowImage::open("disk.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+        let mut img = QcowImage::open(
+            "disk.qcow2",
+            storage.clone(),
+            JsValue::UNDEFINED,
+            JsValue::UNDEFINED,
+        )
+        .unwrap();
         let fail: js_sys::Function = get(&storage, &["fail"]).dyn_into().unwrap();
         fail.call0(&storage).unwrap();
         let (code, message) = code(img.contents());
@@ -676,7 +698,13 @@ fn offsets_above_2_pow_53_are_refused_not_rounded() {
             "11111111-2222-4333-8444-555555555555",
         )],
     );
-    let mut img = QcowImage::open("far.qcow2", image_of(&d), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "far.qcow2",
+        image_of(&d),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let (code, message) = code(img.contents());
     assert_eq!(code, "unsupported");
     assert!(

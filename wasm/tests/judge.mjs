@@ -4,7 +4,11 @@
 // (repair, resize, snapshots) on images qemu-img made. Every image must
 // pass `qemu-img check` and hold, per `qemu-img compare`, what it should.
 // And what contents() reports of disks made by sgdisk, sfdisk and the
-// mkfs tools is what sfdisk --json and blkid -p say (./disks.mjs).
+// mkfs tools is what sfdisk --json and blkid -p say (./disks.mjs). And
+// encrypted images: LUKS images made by qemu-img read with their
+// passphrases as qemu-img reads them (facts, wrong and missing passphrases,
+// chains), and the LUKS images the package writes, creates and converts
+// into, judged by qemu-img check, convert and qemu-io with the secret.
 // Runs the built package (wasm/pkg, `wasm/build.sh`) in Node.
 //
 //   node wasm/tests/judge.mjs
@@ -23,7 +27,7 @@ const here = dirname(fileURLToPath(import.meta.url));
 const pkg = join(here, '..', 'pkg');
 const wasm = await import(join(pkg, 'qcowkit_wasm.js'));
 await wasm.default({ module_or_path: readFileSync(join(pkg, 'qcowkit_wasm_bg.wasm')) });
-const { QcowImage, Qcow2Writer, convertRawToQcow2, createImageBytes, inspect } = wasm;
+const { Passphrases, QcowImage, Qcow2Writer, convertRawToQcow2, createImageBytes, inspect } = wasm;
 
 const tmp = mkdtempSync(join(tmpdir(), 'qcowkit-judge-'));
 const path = (name) => join(tmp, name);
@@ -683,15 +687,15 @@ judged('errors carry stable codes', () => {
   assert.equal(code(() => QcowImage.openWritable('corrupt-x.qcow2', memStorage(corruptBytes()), undefined)), 'read-only');
   assert.equal(code(() => QcowImage.openForRepair('corrupt-x.qcow2', memStorage(corruptBytes())).repair('leaks')), 'corrupt');
   // An encrypted image (no passphrase given): it opens for its metadata;
-  // reading its data, contents() included, is unsupported.
+  // reading its data, contents() included, needs the passphrase.
   qemuImg('create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=judge', '-o',
     'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', 'luks.qcow2', '1M');
   execFileSync('qemu-io', ['--object', 'secret,id=s0,data=judge', '--image-opts',
     'driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0', '-c', 'write -P 0x33 0 64k'], { cwd: tmp });
   const luks = QcowImage.open('luks.qcow2', memStorage(readFileSync(path('luks.qcow2'))), undefined);
   assert.equal(luks.info().encrypted, true, 'info() shows the encryption');
-  assert.equal(code(() => luks.read(0, 512)), 'unsupported');
-  assert.equal(code(() => luks.contents()), 'unsupported');
+  assert.equal(code(() => luks.read(0, 512)), 'passphrase-required');
+  assert.equal(code(() => luks.contents()), 'passphrase-required');
   luks.free();
 });
 
@@ -903,6 +907,259 @@ judged('contents(): a file system on the whole disk (mkfs.vfat, no partition tab
   assert.deepEqual(Object.keys(c), ['filesystem']);
   assertFsIsBlkids('whole.raw', 0, 40 * 2 ** 20, c.filesystem, 'whole disk');
   assert.equal(c.filesystem.uuid, 'CAFE-F00D');
+});
+
+// 11. Encrypted images. Made by qemu-img with several LUKS layouts (and
+// the legacy AES method), written by qemu-io: read through the package
+// with the passphrase as qemu-img reads them, facts as qemu-img info
+// shows them, a wrong or missing passphrase refused with its code; the
+// package's writes into them, and the LUKS images it creates and converts
+// into, judged by qemu-img check and read back by qemu-img and qemu-io.
+const secretArgs = (pass, id = 's0') => ['--object', `secret,id=${id},data=${pass}`];
+const encOpts = (file, id = 's0', extra = '') => `driver=qcow2,file.filename=${file},encrypt.key-secret=${id}${extra}`;
+/** qemu-io commands on encrypted `file`. */
+const qemuIoEnc = (file, pass, ...cmds) => execFileSync('qemu-io',
+  [...secretArgs(pass), '--image-opts', encOpts(file), ...cmds.flatMap((c) => ['-c', c])], { cwd: tmp, encoding: 'utf8' });
+/** The guest bytes of encrypted `file` as qemu-img reads them (`extra`: more -o/--image-opts, more secrets). */
+function qemuRaw(file, pass, { extra = '', secrets = [] } = {}) {
+  const out = `${file}.qemu.raw`;
+  rmSync(path(out), { force: true });
+  execFileSync('qemu-img', ['convert', ...secretArgs(pass), ...secrets.flatMap(([id, p]) => secretArgs(p, id)),
+    '--image-opts', encOpts(file, 's0', extra), '-O', 'raw', out], { cwd: tmp });
+  const b = new Uint8Array(readFileSync(path(out)));
+  rmSync(path(out));
+  return b;
+}
+/** qemu-img check of encrypted `file` with its passphrase. */
+function assertEncCheckClean(file, pass, extraSecrets = []) {
+  const r = spawnSync('qemu-img', ['check', ...secretArgs(pass), ...extraSecrets.flatMap(([id, p]) => secretArgs(p, id)),
+    '--image-opts', encOpts(file)], { cwd: tmp, encoding: 'utf8' });
+  assert.equal(r.status, 0, `qemu-img check ${file}: ${r.stdout}${r.stderr}`);
+}
+const encryptOf = (info) => info['format-specific'].data.encrypt;
+const qemuInfoEnc = (file) => encryptOf(JSON.parse(qemuImg('info', '--output=json', file)));
+function codeOf(fn) {
+  try {
+    fn();
+  } catch (e) {
+    assert.ok(e instanceof Error, 'an Error');
+    return [e.code, e.message];
+  }
+  return ['no error', ''];
+}
+/** Asserts two byte arrays are equal, naming the first difference. */
+function assertBytes(got, want, what) {
+  assert.equal(got.length, want.length, `${what}: length`);
+  for (let i = 0; i < want.length; i++) {
+    if (got[i] !== want[i]) assert.fail(`${what}: first difference at byte ${i}: ${got[i]} != ${want[i]}`);
+  }
+}
+const ENC_WRITES = ['write -P 0x5a 0 64k', 'write -P 0x11 70000 3000', 'write -P 0x22 1048064 1024',
+  'write -z 2M 64k', 'write -P 0x33 3M 512k', 'write -P 0x44 4194304 4096'];
+const layouts = [
+  { name: 'default', o: '' },
+  { name: 'aes-128-cbc-essiv-sha1', o: 'encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1' },
+  { name: 'aes-192-xts-plain', o: 'encrypt.cipher-alg=aes-192,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha512' },
+  { name: 'aes-256-ctr-4k', o: 'encrypt.cipher-mode=ctr,cluster_size=4096' },
+  { name: 'extl2-v3', o: 'extended_l2=on,cluster_size=65536' },
+  { name: 'v2', o: 'compat=0.10,cluster_size=16384' },
+];
+for (const { name, o } of layouts) {
+  judged(`LUKS image made by qemu-img (${name}): read with the passphrase, facts, wrong and missing passphrases`, () => {
+    const file = `luks-${name}.qcow2`;
+    const pass = `pass-${name}`;
+    qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs(pass), '-o',
+      `encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10${o ? `,${o}` : ''}`, file, '5M');
+    qemuIoEnc(file, pass, ...ENC_WRITES);
+    const want = qemuRaw(file, pass);
+    const bytes = readFileSync(path(file));
+    // Without a passphrase: the facts, the check; the data needs it.
+    const locked = QcowImage.open(file, memStorage(bytes), undefined);
+    const info = locked.info();
+    assert.equal(info.encrypted, true);
+    assert.deepEqual(encryptOf(info), qemuInfoEnc(file), 'info() encrypt = qemu-img info encrypt');
+    assert.equal(locked.check()['check-errors'], 0);
+    assert.deepEqual(codeOf(() => locked.read(0, 512))[0], 'passphrase-required');
+    assert.deepEqual(codeOf(() => locked.contents())[0], 'passphrase-required');
+    assert.deepEqual(codeOf(() => locked.convertToRaw(() => {}))[0], 'passphrase-required');
+    locked.free();
+    // A wrong passphrase fails the open, as qemu-img says.
+    const [c, m] = codeOf(() => QcowImage.open(file, memStorage(bytes), undefined, { passphrase: `${pass}!` }));
+    assert.deepEqual([c, m], ['invalid-passphrase', 'Invalid password, cannot unlock any keyslot']);
+    const q = spawnSync('qemu-io', [...secretArgs(`${pass}!`), '--image-opts', encOpts(file), '-c', 'read 0 512'],
+      { cwd: tmp, encoding: 'utf8' });
+    assert.notEqual(q.status, 0);
+    assert.match(q.stderr, /Invalid password, cannot unlock any keyslot/);
+    // The right one (a string, or its bytes): every guest byte as qemu-img reads it.
+    const img = QcowImage.open(file, memStorage(bytes), undefined, { passphrase: pass });
+    assertBytes(img.read(0, want.length), want, 'read()');
+    const streamed = new Uint8Array(want.length);
+    img.convertToRaw((at, b, len) => { if (b) streamed.set(b, at); }, { chunkSize: 65536 });
+    assertBytes(streamed, want, 'convertToRaw()');
+    // Unaligned reads across sectors and clusters.
+    for (const [at, len] of [[69999, 3002], [1048063, 1026], [65535, 2], [4194303, 4098]]) {
+      assertBytes(img.read(at, len), want.subarray(at, at + len), `read(${at}, ${len})`);
+    }
+    img.free();
+    const keys = new Passphrases({ passphrase: new TextEncoder().encode(pass) });
+    const again = keys.open(file, memStorage(bytes));
+    assertBytes(again.read(3 << 20, 512 << 10), want.subarray(3 << 20, (3 << 20) + (512 << 10)), 'Passphrases.open()');
+    again.free();
+    keys.free();
+  });
+}
+
+judged('legacy AES image made by qemu-img: read with the passphrase as qemu-img reads it', () => {
+  const pass = 'a-longer-passphrase-than-16';
+  qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs(pass), '-o', 'encrypt.format=aes,encrypt.key-secret=s0',
+    'aes.qcow2', '2M');
+  qemuIoEnc('aes.qcow2', pass, 'write -P 0x5a 0 64k', 'write -P 0x11 70000 3000');
+  const want = qemuRaw('aes.qcow2', pass);
+  const bytes = readFileSync(path('aes.qcow2'));
+  const locked = QcowImage.open('aes.qcow2', memStorage(bytes), undefined);
+  assert.deepEqual(encryptOf(locked.info()), qemuInfoEnc('aes.qcow2'));
+  assert.deepEqual(encryptOf(locked.info()), { format: 'aes' });
+  assert.equal(codeOf(() => locked.read(0, 512))[0], 'passphrase-required');
+  locked.free();
+  const img = QcowImage.open('aes.qcow2', memStorage(bytes), undefined, { passphrase: pass });
+  assertBytes(img.read(0, want.length), want, 'read()');
+  img.free();
+  // Writing it is refused (as the core refuses: convert it to LUKS).
+  assert.equal(codeOf(() => QcowImage.openWritable('aes.qcow2', memStorage(bytes), undefined, { passphrase: pass }))[0],
+    'unsupported');
+});
+
+judged('a LUKS chain made by qemu-img, a passphrase per layer (backingPassphrases)', () => {
+  qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs('base-pass'), '-o',
+    'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', 'ebase.qcow2', '4M');
+  qemuIoEnc('ebase.qcow2', 'base-pass', 'write -P 0x61 0 2M');
+  qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs('top-pass'), '-b', 'ebase.qcow2', '-F', 'qcow2', '-o',
+    'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', 'etop.qcow2');
+  execFileSync('qemu-io', [...secretArgs('top-pass'), ...secretArgs('base-pass', 's1'), '--image-opts',
+    encOpts('etop.qcow2', 's0', ',backing.encrypt.key-secret=s1'), '-c', 'write -P 0x62 1M 64k'], { cwd: tmp });
+  const want = qemuRaw('etop.qcow2', 'top-pass', { extra: ',backing.encrypt.key-secret=s1', secrets: [['s1', 'base-pass']] });
+  const files = () => ({ 'ebase.qcow2': memStorage(readFileSync(path('ebase.qcow2'))) });
+  const top = () => memStorage(readFileSync(path('etop.qcow2')));
+  const img = QcowImage.open('etop.qcow2', top(), files(),
+    { passphrase: 'top-pass', backingPassphrases: { 'ebase.qcow2': 'base-pass' } });
+  assertBytes(img.read(0, want.length), want, 'chain read()');
+  const chain = img.chain();
+  assert.deepEqual(chain.map((i) => i.encrypted), [true, true]);
+  assert.deepEqual(encryptOf(chain[1]), qemuInfoEnc('ebase.qcow2'));
+  img.free();
+  // Without the base's passphrase: the top's own clusters read, the base's name the base.
+  const half = QcowImage.open('etop.qcow2', top(), files(), { passphrase: 'top-pass' });
+  assertBytes(half.read(1 << 20, 65536), want.subarray(1 << 20, (1 << 20) + 65536), 'the top layer alone');
+  const [c, m] = codeOf(() => half.read(0, 512));
+  assert.equal(c, 'passphrase-required');
+  assert.match(m, /ebase\.qcow2/);
+  half.free();
+  const [c2, m2] = codeOf(() => QcowImage.open('etop.qcow2', top(), files(),
+    { passphrase: 'top-pass', backingPassphrases: { 'ebase.qcow2': 'top-pass' } }));
+  assert.equal(c2, 'invalid-passphrase');
+  assert.match(m2, /ebase\.qcow2.*Invalid password, cannot unlock any keyslot/);
+});
+
+judged('writes through the package into qemu-img LUKS images: qemu-img check clean, qemu-img reads them back', () => {
+  for (const { name } of [layouts[0], layouts[1], layouts[3], layouts[4]]) {
+    const file = `luks-${name}.qcow2`;
+    const pass = `pass-${name}`;
+    const model = qemuRaw(file, pass);
+    const storage = memStorage(readFileSync(path(file)));
+    const w = QcowImage.openWritable(file, storage, undefined, { passphrase: pass });
+    for (const [at, len, fill] of [[100, 5000, 0xa1], [(2 << 20) + 512, 70000, 0xa2], [(4 << 20) + 8192, 1000, 0xa3],
+      [(5 << 20) - 512, 512, 0xa4]]) {
+      w.write(at, new Uint8Array(len).fill(fill));
+      model.fill(fill, at, at + len);
+    }
+    w.flush();
+    w.free();
+    writeFileSync(path(file), storage.bytes());
+    assertEncCheckClean(file, pass);
+    assertBytes(qemuRaw(file, pass), model, `${name}: qemu-img reads the package's writes`);
+  }
+});
+
+const encryptSets = [
+  {},
+  { cipherAlg: 'aes-128', cipherMode: 'cbc', ivgenAlg: 'essiv', ivgenHashAlg: 'sha256', hashAlg: 'sha1' },
+  { cipherAlg: 'aes-192', ivgenAlg: 'plain', hashAlg: 'sha512' },
+  { cipherMode: 'ctr', hashAlg: 'sha384' },
+];
+for (const [i, set] of encryptSets.entries()) {
+  judged(`LUKS images created by the package (${JSON.stringify(set)}): qemu-img check, info and qemu-io`, () => {
+    const pass = `created-${i}`;
+    const file = `penc-${i}.qcow2`;
+    const bytes = createImageBytes({ size: '3M', cluster_size: i === 3 ? 4096 : 65536,
+      encrypt: { passphrase: pass, iterations: 1000, ...set } });
+    writeFileSync(path(file), bytes);
+    assertEncCheckClean(file, pass);
+    const e = qemuInfoEnc(file);
+    const mine = QcowImage.open(file, memStorage(bytes), undefined);
+    assert.deepEqual(encryptOf(mine.info()), e, 'info() = qemu-img info');
+    mine.free();
+    assert.equal(e['cipher-alg'], set.cipherAlg ?? 'aes-256');
+    assert.equal(e['cipher-mode'], set.cipherMode ?? 'xts');
+    assert.equal(e['ivgen-alg'], set.ivgenAlg ?? 'plain64');
+    assert.equal(e['ivgen-hash-alg'], set.ivgenAlg === 'essiv' ? set.ivgenHashAlg : undefined);
+    assert.equal(e['hash-alg'], set.hashAlg ?? 'sha256');
+    assert.equal(e.slots[0].iters, 1000);
+    assert.equal(e['master-key-iters'], 1000);
+    assert.deepEqual(e.slots.map((s) => s.active), [true, false, false, false, false, false, false, false]);
+    // qemu-io writes into it, the package reads; the package writes, qemu-img reads.
+    qemuIoEnc(file, pass, 'write -P 0x5a 0 64k', 'write -P 0x6b 1000000 5000');
+    const want = qemuRaw(file, pass);
+    const storage = memStorage(readFileSync(path(file)));
+    const w = QcowImage.openWritable(file, storage, undefined, { passphrase: pass });
+    assertBytes(w.read(0, want.length), want, 'the package reads what qemu-io wrote');
+    w.write(2 << 20, new Uint8Array(70000).fill(0x7c));
+    want.fill(0x7c, 2 << 20, (2 << 20) + 70000);
+    w.flush();
+    w.free();
+    writeFileSync(path(file), storage.bytes());
+    assertEncCheckClean(file, pass);
+    assertBytes(qemuRaw(file, pass), want, 'qemu-img reads what the package wrote');
+    const io = qemuIoEnc(file, pass, 'read -P 0x7c 2M 70000', 'read -P 0x5a 0 64k');
+    assert.doesNotMatch(io, /verification failed/i, io);
+    // A wrong passphrase is refused by qemu-img too.
+    const q = spawnSync('qemu-img', ['check', ...secretArgs(`${pass}x`), '--image-opts', encOpts(file)], { cwd: tmp, encoding: 'utf8' });
+    assert.notEqual(q.status, 0);
+    assert.match(q.stderr, /Invalid password, cannot unlock any keyslot/);
+  });
+}
+
+judged('conversions into LUKS images (convertRawToQcow2, convertToQcow2 of a LUKS chain, Qcow2Writer in steps, iterTime): qemu-img reads the same', () => {
+  convertRawToQcow2(memStorage(raw), (() => { const t = memStorage(); globalThis.__t = t; return t; })(),
+    { cluster_size: 16384, encrypt: { passphrase: 'conv', iterTime: 50 } });
+  writeFileSync(path('conv-enc.qcow2'), globalThis.__t.bytes());
+  delete globalThis.__t;
+  assertEncCheckClean('conv-enc.qcow2', 'conv');
+  assertBytes(qemuRaw('conv-enc.qcow2', 'conv'), raw, 'convertRawToQcow2 into LUKS');
+  const e = qemuInfoEnc('conv-enc.qcow2');
+  assert.ok(e.slots[0].iters >= 1000 && e['master-key-iters'] >= 1000, JSON.stringify(e));
+  // The LUKS chain above, into one standalone LUKS image with another passphrase.
+  const want = qemuRaw('etop.qcow2', 'top-pass', { extra: ',backing.encrypt.key-secret=s1', secrets: [['s1', 'base-pass']] });
+  const chain = QcowImage.open('etop.qcow2', memStorage(readFileSync(path('etop.qcow2'))),
+    { 'ebase.qcow2': memStorage(readFileSync(path('ebase.qcow2'))) },
+    { passphrase: 'top-pass', backingPassphrases: { 'ebase.qcow2': 'base-pass' } });
+  const t2 = memStorage();
+  chain.convertToQcow2(t2, { encrypt: { passphrase: 'flat', iterations: 1000, cipherMode: 'cbc', ivgenAlg: 'essiv' } });
+  writeFileSync(path('flat-enc.qcow2'), t2.bytes());
+  assertEncCheckClean('flat-enc.qcow2', 'flat');
+  assertBytes(qemuRaw('flat-enc.qcow2', 'flat'), want, 'convertToQcow2 of a LUKS chain into LUKS');
+  assert.equal(JSON.parse(qemuImg('info', '--output=json', 'flat-enc.qcow2'))['backing-filename'], undefined);
+  // Qcow2Writer in steps.
+  const t3 = memStorage();
+  const w = new Qcow2Writer(t3, { size: chain.virtualSize(), cluster_size: 4096, encrypt: { passphrase: 'steps', iterations: 1000 } });
+  for (let at = 0; at < chain.virtualSize(); at += 1 << 20) {
+    w.copyFrom(chain, { start: at, end: Math.min(chain.virtualSize(), at + (1 << 20)) });
+  }
+  w.finish();
+  w.free();
+  chain.free();
+  writeFileSync(path('steps-enc.qcow2'), t3.bytes());
+  assertEncCheckClean('steps-enc.qcow2', 'steps');
+  assertBytes(qemuRaw('steps-enc.qcow2', 'steps'), want, 'Qcow2Writer into LUKS');
 });
 
 rmSync(tmp, { recursive: true, force: true });

@@ -73,6 +73,7 @@ fn demo_image_info_map_check_and_read() {
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
         JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
     )
     .unwrap();
     let info = img.info().unwrap();
@@ -112,6 +113,7 @@ fn inspect_and_allocation_report_what_the_core_computes() {
     let mut img = QcowImage::open(
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED,
     )
     .unwrap();
@@ -153,12 +155,18 @@ fn create_write_and_read_back_through_a_js_storage_object() {
         ]),
     )
     .unwrap();
-    let mut img =
-        QcowImage::open_writable("new.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "new.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(1000.0, &[7u8; 5000]).unwrap();
     img.flush().unwrap();
     drop(img);
-    let mut again = QcowImage::open("new.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    let mut again =
+        QcowImage::open("new.qcow2", storage, JsValue::UNDEFINED, JsValue::UNDEFINED).unwrap();
     let back = again.read(0.0, 8192).unwrap().to_vec();
     assert!(back[..1000].iter().all(|b| *b == 0));
     assert!(back[1000..6000].iter().all(|b| *b == 7));
@@ -174,7 +182,13 @@ fn create_write_and_read_back_through_a_js_storage_object() {
 fn backing_files_are_found_by_name() {
     let base = memStorage(JsValue::UNDEFINED);
     create_image(base.clone(), options(&[("size", "1M".into())])).unwrap();
-    let mut b = QcowImage::open_writable("base.qcow2", base.clone(), JsValue::UNDEFINED).unwrap();
+    let mut b = QcowImage::open_writable(
+        "base.qcow2",
+        base.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     b.write(0.0, &[0x42; 4096]).unwrap();
     b.flush().unwrap();
     drop(b);
@@ -185,9 +199,14 @@ fn backing_files_are_found_by_name() {
     ]))
     .unwrap();
     // Without the file: a clear error naming it.
-    let err = QcowImage::open("top.qcow2", top.clone().into(), JsValue::UNDEFINED)
-        .err()
-        .unwrap();
+    let err = QcowImage::open(
+        "top.qcow2",
+        top.clone().into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .err()
+    .unwrap();
     let msg = JsValue::from(err);
     let text = get(&msg, &["message"]).as_string().unwrap();
     assert!(text.contains("base.qcow2"), "{text}");
@@ -195,7 +214,7 @@ fn backing_files_are_found_by_name() {
         "base.qcow2",
         Uint8Array::from(&storage_bytes(&base)[..]).into(),
     )]);
-    let mut img = QcowImage::open("top.qcow2", top.into(), files).unwrap();
+    let mut img = QcowImage::open("top.qcow2", top.into(), files, JsValue::UNDEFINED).unwrap();
     let data = img.read(0.0, 4096).unwrap().to_vec();
     assert!(data.iter().all(|x| *x == 0x42));
     let info = img.info().unwrap();
@@ -225,6 +244,7 @@ fn malformed_images_throw_errors_with_the_core_message() {
         "x",
         Uint8Array::from(&b"not an image at all"[..]).into(),
         JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
     )
     .err()
     .unwrap();
@@ -232,9 +252,14 @@ fn malformed_images_throw_errors_with_the_core_message() {
     assert!(text.contains("not a qcow2 image"), "{text}");
     let mut bad = DEMO.to_vec();
     bad[20..24].copy_from_slice(&30u32.to_be_bytes());
-    let err = QcowImage::open("x", Uint8Array::from(&bad[..]).into(), JsValue::UNDEFINED)
-        .err()
-        .unwrap();
+    let err = QcowImage::open(
+        "x",
+        Uint8Array::from(&bad[..]).into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .err()
+    .unwrap();
     let text = get(&JsValue::from(err), &["message"]).as_string().unwrap();
     assert!(text.contains("cluster_bits 30"), "{text}");
 }
@@ -244,6 +269,7 @@ fn convert_to_raw_streams_the_guest_contents() {
     let mut img = QcowImage::open(
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED,
     )
     .unwrap();
@@ -273,7 +299,8 @@ fn convert_to_raw_streams_the_guest_contents() {
         ]),
     )
     .unwrap();
-    let mut back = QcowImage::open("c.qcow2", target, JsValue::UNDEFINED).unwrap();
+    let mut back =
+        QcowImage::open("c.qcow2", target, JsValue::UNDEFINED, JsValue::UNDEFINED).unwrap();
     assert_eq!(
         back.read(0.0, 4 << 20).unwrap().to_vec(),
         raw[..(4 << 20)].to_vec()
@@ -296,7 +323,13 @@ fn be64(b: &[u8], at: usize) -> u64 {
 fn writes_over_metadata_are_refused_and_mark_the_image_corrupt() {
     let storage = memStorage(JsValue::UNDEFINED);
     create_image(storage.clone(), options(&[("size", "1M".into())])).unwrap();
-    let mut img = QcowImage::open_writable("x.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "x.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(0.0, &[0x11; 4096]).unwrap();
     img.flush().unwrap();
     drop(img);
@@ -307,7 +340,13 @@ fn writes_over_metadata_are_refused_and_mark_the_image_corrupt() {
     bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | l1 as u64).to_be_bytes());
     let l1_before = bytes[l1..l1 + 512].to_vec();
     let damaged = memStorage(Uint8Array::from(&bytes[..]).into());
-    let mut img = QcowImage::open_writable("x.qcow2", damaged.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "x.qcow2",
+        damaged.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let err = img.write(0.0, &[0x5a; 4096]).err().unwrap();
     let msg = get(&JsValue::from(err), &["message"]).as_string().unwrap();
     assert!(msg.contains("invalid write on metadata"), "{msg}");
@@ -321,7 +360,10 @@ fn writes_over_metadata_are_refused_and_mark_the_image_corrupt() {
     );
     assert_eq!(be64(&after, 72) & 2, 2, "the corrupt bit is set");
     // Marked corrupt: opening for writing is refused from now on.
-    assert!(QcowImage::open_writable("x.qcow2", damaged, JsValue::UNDEFINED).is_err());
+    assert!(
+        QcowImage::open_writable("x.qcow2", damaged, JsValue::UNDEFINED, JsValue::UNDEFINED)
+            .is_err()
+    );
 }
 
 #[wasm_bindgen(inline_js = r#"
@@ -345,6 +387,7 @@ fn map_pages_join_to_the_map_and_check_streams_its_problems() {
     let mut img = QcowImage::open(
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED,
     )
     .unwrap();
@@ -389,6 +432,7 @@ fn map_pages_join_to_the_map_and_check_streams_its_problems() {
         "leak.qcow2",
         Uint8Array::from(&bytes[..]).into(),
         JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
     )
     .unwrap();
     let f = lines();
@@ -427,7 +471,13 @@ fn pattern(len: usize) -> Vec<u8> {
 fn written_image() -> JsValue {
     let storage = memStorage(JsValue::UNDEFINED);
     create_image(storage.clone(), options(&[("size", "4M".into())])).unwrap();
-    let mut img = QcowImage::open_writable("r.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "r.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(0.0, &pattern(1 << 20)).unwrap();
     img.flush().unwrap();
     drop(img);
@@ -443,7 +493,8 @@ fn refcount_at(bytes: &[u8], c: u64) -> usize {
 
 /// The guest contents of `storage` opened read-only (first `len` bytes).
 fn guest(storage: JsValue, len: u32) -> Vec<u8> {
-    let mut img = QcowImage::open("x.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    let mut img =
+        QcowImage::open("x.qcow2", storage, JsValue::UNDEFINED, JsValue::UNDEFINED).unwrap();
     img.read(0.0, len).unwrap().to_vec()
 }
 
@@ -453,7 +504,13 @@ fn check_of_a_written_image_sees_the_file_as_it_is_now() {
     // same object must count them (not report references past the end).
     let storage = memStorage(JsValue::UNDEFINED);
     create_image(storage.clone(), options(&[("size", "64M".into())])).unwrap();
-    let mut img = QcowImage::open_writable("g.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "g.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(0.0, &[1u8; 1 << 20]).unwrap();
     img.write(40.0 * 1048576.0, &[2u8; 1 << 20]).unwrap();
     let f = lines();
@@ -477,7 +534,13 @@ fn repair_leaks_frees_leaked_clusters_and_keeps_the_data() {
     bytes[at + 1] = 3; // the header cluster: refcount 3, one reference
     let leaky = memStorage(Uint8Array::from(&bytes[..]).into());
     // A read-only image cannot be repaired.
-    let mut ro = QcowImage::open("r.qcow2", leaky.clone(), JsValue::UNDEFINED).unwrap();
+    let mut ro = QcowImage::open(
+        "r.qcow2",
+        leaky.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     assert!(message(ro.repair("leaks", None)).contains("read-only"));
     drop(ro);
 
@@ -513,13 +576,25 @@ fn repair_leaks_frees_leaked_clusters_and_keeps_the_data() {
     drop(img);
     let after = storage_bytes(&leaky);
     assert_eq!(be(&after, refcount_at(&after, 0), 2), 1);
-    let mut img = QcowImage::open("r.qcow2", leaky.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "r.qcow2",
+        leaky.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let check = img.check(None).unwrap();
     assert!(get(&check, &["leaks"]).is_undefined());
     assert_eq!(guest(leaky, 1 << 20), pattern(1 << 20));
     // Repairing a clean image changes nothing.
     let before = storage_bytes(&storage);
-    let mut img = QcowImage::open_writable("r.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "r.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let r = img.repair("all", None).unwrap();
     assert!(get(&r, &["leaks-fixed"]).is_undefined());
     assert!(get(&r, &["corruptions-fixed"]).is_undefined());
@@ -542,6 +617,7 @@ fn repair_all_rebuilds_the_refcounts_of_an_image_marked_corrupt() {
     assert!(message(QcowImage::open_writable(
         "c.qcow2",
         broken.clone(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED
     ))
     .contains("corrupt"));
@@ -570,7 +646,13 @@ fn repair_all_rebuilds_the_refcounts_of_an_image_marked_corrupt() {
     );
     drop(img);
     // Writable again, clean, the same guest data.
-    let mut img = QcowImage::open_writable("c.qcow2", broken.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "c.qcow2",
+        broken.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let check = img.check(None).unwrap();
     assert!(
         get(&check, &["corruptions"]).is_undefined(),
@@ -585,7 +667,13 @@ fn repair_all_rebuilds_the_refcounts_of_an_image_marked_corrupt() {
 #[wasm_bindgen_test]
 fn resize_grows_and_shrinks_by_qemu_img_rules() {
     let storage = written_image();
-    let mut img = QcowImage::open_writable("z.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "z.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     img.write(3.0 * 1048576.0, &[0x77; 65536]).unwrap();
     assert_eq!(
         img.resize("+12M".into(), JsValue::UNDEFINED).unwrap(),
@@ -676,7 +764,8 @@ fn resize_grows_and_shrinks_by_qemu_img_rules() {
     assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
     drop(img);
     assert_eq!(guest(storage.clone(), 1 << 20), pattern(1 << 20));
-    let mut ro = QcowImage::open("z.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    let mut ro =
+        QcowImage::open("z.qcow2", storage, JsValue::UNDEFINED, JsValue::UNDEFINED).unwrap();
     assert_eq!(ro.virtual_size().unwrap(), 8.0 * 1048576.0);
     assert!(message(ro.resize("+1M".into(), JsValue::UNDEFINED)).contains("read-only"));
 }
@@ -684,7 +773,13 @@ fn resize_grows_and_shrinks_by_qemu_img_rules() {
 #[wasm_bindgen_test]
 fn snapshots_are_taken_listed_applied_and_deleted() {
     let storage = written_image();
-    let mut img = QcowImage::open_writable("s.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open_writable(
+        "s.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     assert_eq!(json(&img.snapshots().unwrap()), "[]");
     let before = js_sys::Date::now() / 1000.0;
     assert_eq!(img.create_snapshot("one").unwrap(), "1");
@@ -744,7 +839,13 @@ fn snapshots_are_taken_listed_applied_and_deleted() {
     assert!(get(&check, &["leaks"]).is_undefined(), "{}", json(&check));
     drop(img);
     // Read-only images list snapshots and refuse to take them.
-    let mut ro = QcowImage::open("s.qcow2", storage.clone(), JsValue::UNDEFINED).unwrap();
+    let mut ro = QcowImage::open(
+        "s.qcow2",
+        storage.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     assert_eq!(js_sys::Array::from(&ro.snapshots().unwrap()).length(), 1);
     assert!(message(ro.create_snapshot("x")).contains("read-only"));
     assert!(message(ro.delete_snapshot("two")).contains("read-only"));
@@ -768,6 +869,7 @@ fn host_layout_covers_the_file_and_names_what_each_cluster_holds() {
     let mut img = QcowImage::open(
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED,
     )
     .unwrap();
@@ -810,7 +912,9 @@ fn host_layout_covers_the_file_and_names_what_each_cluster_holds() {
     // A writable image: what was written is flushed and described.
     let storage = memStorage(JsValue::UNDEFINED);
     create_image(storage.clone(), options(&[("size", "8M".into())])).unwrap();
-    let mut w = QcowImage::open_writable("w.qcow2", storage, JsValue::UNDEFINED).unwrap();
+    let mut w =
+        QcowImage::open_writable("w.qcow2", storage, JsValue::UNDEFINED, JsValue::UNDEFINED)
+            .unwrap();
     w.write(0.0, &[9u8; 3 * 65536]).unwrap();
     let runs = js_sys::Array::from(&w.host_layout().unwrap());
     let data: f64 = runs
@@ -828,6 +932,7 @@ fn errors_are_js_errors_with_stable_codes() {
         code_only(code(QcowImage::open(
             "x",
             Uint8Array::from(&b"not an image at all"[..]).into(),
+            JsValue::UNDEFINED,
             JsValue::UNDEFINED
         ))),
         "format"
@@ -836,6 +941,7 @@ fn errors_are_js_errors_with_stable_codes() {
         code_only(code(QcowImage::open(
             "x",
             JsValue::from(42),
+            JsValue::UNDEFINED,
             JsValue::UNDEFINED
         ))),
         "invalid-argument"
@@ -849,6 +955,7 @@ fn errors_are_js_errors_with_stable_codes() {
         code_only(code(QcowImage::open(
             "top.qcow2",
             top.into(),
+            JsValue::UNDEFINED,
             JsValue::UNDEFINED
         ))),
         "missing-backing"
@@ -856,6 +963,7 @@ fn errors_are_js_errors_with_stable_codes() {
     let mut img = QcowImage::open(
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
+        JsValue::UNDEFINED,
         JsValue::UNDEFINED,
     )
     .unwrap();
@@ -883,14 +991,25 @@ fn errors_are_js_errors_with_stable_codes() {
         ])))),
         "invalid-argument"
     );
-    let mut w = QcowImage::open_writable("r.qcow2", written_image(), JsValue::UNDEFINED).unwrap();
+    let mut w = QcowImage::open_writable(
+        "r.qcow2",
+        written_image(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     assert_eq!(code_only(code(w.delete_snapshot("none"))), "not-found");
     // A callback that throws an AbortError stops the work: code "aborted".
     let mut leaky = DEMO.to_vec();
     let block = (be64(&leaky, be64(&leaky, 48) as usize) & !511) as usize;
     leaky[block + 1] = 2;
-    let mut leaky =
-        QcowImage::open("l", Uint8Array::from(&leaky[..]).into(), JsValue::UNDEFINED).unwrap();
+    let mut leaky = QcowImage::open(
+        "l",
+        Uint8Array::from(&leaky[..]).into(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let (c, name) = code(leaky.check(Some(abort_thrower())));
     assert_eq!((c.as_str(), name.as_str()), ("aborted", "AbortError"));
     let sink = abort_thrower();
@@ -901,12 +1020,22 @@ fn errors_are_js_errors_with_stable_codes() {
     // A storage failure: "io"; one carrying one of our codes keeps it.
     let failing = failing_storage(DEMO.len() as f64, "");
     assert_eq!(
-        code_only(code(QcowImage::open("f", failing, JsValue::UNDEFINED))),
+        code_only(code(QcowImage::open(
+            "f",
+            failing,
+            JsValue::UNDEFINED,
+            JsValue::UNDEFINED
+        ))),
         "io"
     );
     let failing = failing_storage(DEMO.len() as f64, "busy");
     assert_eq!(
-        code_only(code(QcowImage::open("f", failing, JsValue::UNDEFINED))),
+        code_only(code(QcowImage::open(
+            "f",
+            failing,
+            JsValue::UNDEFINED,
+            JsValue::UNDEFINED
+        ))),
         "busy"
     );
 }
@@ -945,7 +1074,13 @@ fn file_offsets_beyond_2_pow_53_are_refused_not_rounded() {
     bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | far).to_be_bytes());
     let inner = memStorage(Uint8Array::from(&bytes[..]).into());
     let spy = far_storage(&inner);
-    let mut img = QcowImage::open("far.qcow2", spy.clone(), JsValue::UNDEFINED).unwrap();
+    let mut img = QcowImage::open(
+        "far.qcow2",
+        spy.clone(),
+        JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
+    )
+    .unwrap();
     let (c, _) = code(img.read(0.0, 512));
     assert_eq!(c, "out-of-bounds");
     let seen = js_sys::Array::from(&get(&spy, &["seen"]));
@@ -980,6 +1115,7 @@ fn conversions_into_qcow2_with_progress_read_back_the_same() {
         "demo.qcow2",
         Uint8Array::from(DEMO).into(),
         JsValue::UNDEFINED,
+        JsValue::UNDEFINED,
     )
     .unwrap();
     let want = img.read(0.0, 8 << 20).unwrap().to_vec();
@@ -1001,7 +1137,8 @@ fn conversions_into_qcow2_with_progress_read_back_the_same() {
     assert!(got.length() >= 2);
     assert_eq!(json(&got.get(0)), "[0,67108864]");
     assert_eq!(json(&got.get(got.length() - 1)), "[67108864,67108864]");
-    let mut back = QcowImage::open("c.qcow2", target, JsValue::UNDEFINED).unwrap();
+    let mut back =
+        QcowImage::open("c.qcow2", target, JsValue::UNDEFINED, JsValue::UNDEFINED).unwrap();
     assert_eq!(back.read(0.0, 8 << 20).unwrap().to_vec(), want);
     let check = back.check(None).unwrap();
     assert!(num(&check, "compressed-clusters").unwrap() > 0.0);
@@ -1028,7 +1165,8 @@ fn conversions_into_qcow2_with_progress_read_back_the_same() {
     w.write(65536.0, vec![0xee; 65536]).unwrap();
     assert_eq!(code(w.write(100.0, vec![1; 512])).0, "invalid-argument");
     w.finish().unwrap();
-    let mut back = QcowImage::open("w.qcow2", target, JsValue::UNDEFINED).unwrap();
+    let mut back =
+        QcowImage::open("w.qcow2", target, JsValue::UNDEFINED, JsValue::UNDEFINED).unwrap();
     let mut expect = want.clone();
     expect[65536..131072].fill(0xee);
     assert_eq!(back.read(0.0, 8 << 20).unwrap().to_vec(), expect);

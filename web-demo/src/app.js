@@ -52,9 +52,13 @@ let client = null;
  * `others` (its backing files), `copy`: the OPFS file name of the working
  * copy once one was made (the view shows it from then on), `modified`:
  * whether an operation changed the copy, `contents`: what the wasm's
- * contents() says the guest disk holds (partitions, file systems).
+ * contents() says the guest disk holds (partitions, file systems),
+ * `keys`: the id of the passphrases stored in the worker (wasm memory)
+ * once the user unlocked the image (the page never keeps a passphrase),
+ * `unlocked`: the names of the encrypted images of the chain they unlock.
  * @type {{id: number|null, name: string, top: File, others: Object<string, File>,
- *   copy: string|null, modified: boolean, contents: object|null}|null}
+ *   copy: string|null, modified: boolean, contents: object|null, keys: number|null,
+ *   unlocked: Set<string>, allUnlocked: boolean, encrypted: boolean}|null}
  */
 let current = null;
 
@@ -228,11 +232,11 @@ async function assemble(entries) {
 
 // ---------- rendering ----------
 
-/** The encryption facts of info() in words (the guest data of an encrypted image cannot be read here). */
-function encryptionText(e) {
+/** The encryption of info() in words, and whether the passphrase was given. */
+function encryptionText(e, unlocked) {
   if (!e) return 'none';
   const cipher = e['cipher-alg'] ? ` (${[e['cipher-alg'], e['cipher-mode'], e['ivgen-alg']].filter(Boolean).join('-')})` : '';
-  return `${e.format}${cipher}: the guest data needs its passphrase, which this page cannot take`;
+  return `${e.format}${cipher}: ${unlocked ? 'unlocked' : 'locked, the guest data needs the passphrase (see Encryption)'}`;
 }
 
 function renderFacts(info) {
@@ -246,7 +250,7 @@ function renderFacts(info) {
     ['extended-l2', 'Extended L2 entries (subclusters)', onOff(d['extended-l2'])],
     ['lazy-refcounts', 'Lazy refcounts', onOff(d['lazy-refcounts'])],
     ['refcount-bits', 'Refcount width', `${d['refcount-bits']} bits`],
-    ['encryption', 'Encryption', encryptionText(d.encrypt)],
+    ['encryption', 'Encryption', encryptionText(d.encrypt, current.unlocked.has(current.name))],
     ['data-file', 'External data file', d['data-file'] ? `${d['data-file']}${d['data-file-raw'] ? ' (raw)' : ''}` : 'none'],
     ['corrupt', 'Marked corrupt', d.corrupt ? 'yes' : 'no'],
     ['dirty', 'Dirty (needs repair after crash)', info['dirty-flag'] ? 'yes' : 'no'],
@@ -263,6 +267,171 @@ function renderFacts(info) {
   }
   $('fact-virtual-size').dataset.bytes = String(info['virtual-size']);
   $('fact-cluster-size').dataset.bytes = String(info['cluster-size']);
+}
+
+// ---------- encryption ----------
+
+/** The name of an image of the chain for the user: the top's, or a backing file's. */
+const layerTitle = (info, depth) => (depth === 0 ? info.filename : `${info.filename} (backing file)`);
+
+/**
+ * The encryption facts of one image of the chain (its info()'s
+ * `format-specific.data.encrypt`, read without the passphrase): a LUKS
+ * header's algorithms, UUID and key slots with their iterations, or the
+ * legacy AES method; and a passphrase field while the chain is not
+ * wholly unlocked.
+ */
+function encryptedLayer(info, depth, askAll) {
+  const e = ((info['format-specific'] || {}).data || {}).encrypt || { format: 'unknown' };
+  const unlocked = current.unlocked.has(info.filename);
+  const box = el('div', { class: 'encrypted-layer', 'data-testid': 'encrypted-layer', 'data-name': info.filename,
+    'data-depth': String(depth), 'data-state': unlocked ? 'unlocked' : 'locked' });
+  box.append(el('h4', {}, layerTitle(info, depth)));
+  const dl = el('dl', {});
+  const fact = (key, label, value) => dl.append(el('dt', {}, label), el('dd', { 'data-testid': `enc-${key}` }, value));
+  if (e.format === 'luks') {
+    fact('format', 'Format', 'LUKS version 1');
+    fact('cipher-alg', 'Cipher', e['cipher-alg']);
+    fact('cipher-mode', 'Cipher mode', e['cipher-mode']);
+    fact('ivgen', 'IV generator', e['ivgen-hash-alg'] ? `${e['ivgen-alg']} (${e['ivgen-hash-alg']})` : e['ivgen-alg']);
+    fact('hash-alg', 'Hash (PBKDF2, key split)', e['hash-alg']);
+    fact('uuid', 'UUID', e.uuid);
+    fact('master-key-iters', 'Master key digest iterations', String(e['master-key-iters']));
+  } else if (e.format === 'aes') {
+    fact('format', 'Format', 'the legacy qcow2 AES method (AES-128-CBC, no key check: a wrong passphrase reads as garbage)');
+  } else {
+    fact('format', 'Format', e.format);
+  }
+  box.append(dl);
+  if (e.slots) {
+    const t = el('table', { 'data-testid': 'key-slots' }, el('tr', {}, ...['Key slot', 'State', 'PBKDF2 iterations',
+      'Key material at', 'Stripes'].map((h) => el('th', {}, h))));
+    e.slots.forEach((slot, i) => {
+      t.append(el('tr', { 'data-testid': 'key-slot', 'data-slot': String(i), 'data-active': String(slot.active),
+        class: slot.active ? '' : 'inactive' },
+      el('td', {}, String(i)), el('td', { 'data-testid': 'key-slot-state' }, slot.active ? 'active' : 'inactive'),
+      el('td', { 'data-testid': 'key-slot-iters' }, slot.active ? String(slot.iters) : '—'),
+      el('td', {}, `byte ${slot['key-offset']}`), el('td', {}, slot.active ? String(slot.stripes) : '—')));
+    });
+    box.append(t);
+  }
+  box.append(el('p', { 'data-testid': 'enc-state', class: unlocked ? 'unlocked' : 'locked' },
+    unlocked ? 'Unlocked: its guest data is read with the passphrase given.'
+      : 'Locked: its guest data cannot be read without the passphrase.'));
+  if (askAll) {
+    const inputId = `passphrase-${depth}`;
+    box.append(el('p', {},
+      el('label', { for: inputId }, `Passphrase of ${layerTitle(info, depth)}`),
+      el('input', { id: inputId, type: 'password', autocomplete: 'off', 'data-testid': 'passphrase-input',
+        'data-name': info.filename, 'data-depth': String(depth) })));
+  }
+  return box;
+}
+
+/** Shows the Encryption panel when an image of the chain is encrypted (else hides it). */
+function renderEncryption(chain) {
+  const panel = $('encryption-panel');
+  const layers = chain.map((info, depth) => ({ info, depth })).filter(({ info }) => info.encrypted);
+  current.encrypted = layers.length > 0;
+  panel.hidden = layers.length === 0;
+  if (!layers.length) {
+    $('encryption-layers').replaceChildren();
+    delete panel.dataset.state;
+    return;
+  }
+  const all = layers.every(({ info }) => current.unlocked.has(info.filename));
+  // Until every encrypted image is unlocked, each is asked for (the page keeps none of them).
+  $('encryption-layers').replaceChildren(...layers.map(({ info, depth }) => encryptedLayer(info, depth, !all)));
+  $('unlock-controls').hidden = all;
+  // (While the form unlocks, it sets the outcome itself once every view is shown again.)
+  if (panel.dataset.state !== 'busy') panel.dataset.state = all ? 'unlocked' : 'locked';
+  current.allUnlocked = all;
+}
+
+/** The open options of the current image: the passphrases stored in the worker, if given. */
+const keyOptions = () => (current.keys !== null ? { passphrases: current.keys } : undefined);
+
+/** Forgets the passphrases of the current image in the worker (another image is opened). */
+async function forgetKeys() {
+  if (current && current.keys !== null) {
+    const keys = current.keys;
+    current.keys = null;
+    current.unlocked = new Set();
+    await client.forgetPassphrases(keys).catch(() => {});
+  }
+}
+
+/**
+ * The passphrase form: the values are taken out of the fields at once,
+ * stored in the worker (wasm memory), and the image is opened with them
+ * there. A wrong one shows the core's "Invalid password, cannot unlock any
+ * keyslot" (naming the backing file when it is one) and the form stays for
+ * another try; the right ones unlock every view (hex viewer, partitions,
+ * conversions, maintenance). The panel's `data-state` ends as "unlocked",
+ * "locked" (some images still locked) or "failed".
+ */
+function unlock(ev) {
+  ev.preventDefault();
+  if (!current || current.raw) return Promise.resolve();
+  const status = $('unlock-status');
+  let secrets = { backingPassphrases: {} };
+  const names = new Set();
+  for (const input of document.querySelectorAll('#encryption-layers input[type=password]')) {
+    const value = input.value;
+    input.value = '';
+    if (!value) continue;
+    if (input.dataset.depth === '0') secrets.passphrase = value;
+    else secrets.backingPassphrases[input.dataset.name] = value;
+    names.add(input.dataset.name);
+  }
+  if (!names.size) {
+    status.textContent = 'Enter a passphrase.';
+    status.className = 'bad';
+    return Promise.resolve();
+  }
+  return serial(async () => {
+    const panel = $('encryption-panel');
+    panel.dataset.state = 'busy';
+    $('unlock-button').disabled = true;
+    status.className = '';
+    status.textContent = 'Unlocking (in the worker)…';
+    clearError();
+    let keys = null;
+    try {
+      keys = await client.storePassphrases(secrets);
+      secrets = null; // The worker has them; the page keeps no copy.
+      const storage = current.copy ? { opfs: current.copy } : current.top;
+      const id = await client.open(current.name, storage, current.others, { passphrases: keys });
+      await closeView();
+      await forgetKeys();
+      current.keys = keys;
+      current.unlocked = names;
+      keys = null;
+      status.textContent = '';
+      await showImage(id);
+      status.textContent = current.allUnlocked
+        ? 'Unlocked: every view now reads the guest data.'
+        : 'Unlocked in part: the images still locked need their passphrases.';
+      status.className = 'ok';
+      delete status.dataset.code;
+      panel.dataset.state = current.allUnlocked ? 'unlocked' : 'locked';
+    } catch (err) {
+      secrets = null;
+      if (keys !== null) await client.forgetPassphrases(keys).catch(() => {});
+      if (current.id === null) {
+        // (the view was closed: a failure after the image was opened)
+        showError(err.message);
+        await showImage().catch(() => {});
+      }
+      status.textContent = err.message;
+      status.className = 'bad';
+      status.dataset.code = err.code || '';
+      panel.dataset.state = 'failed';
+      $('encryption-layers').querySelector('input[type=password]')?.focus();
+    } finally {
+      $('unlock-button').disabled = false;
+    }
+  });
 }
 
 function renderChain(chain) {
@@ -711,9 +880,9 @@ function hexStep(delta) {
  * Opens the read-only view of the current image (the OPFS copy once one
  * was made, else the chosen file) and renders every view from it.
  */
-async function showImage() {
+async function showImage(opened = null) {
   const storage = current.copy ? { opfs: current.copy } : current.top;
-  current.id = await client.open(current.name, storage, current.others);
+  current.id = opened !== null ? opened : await client.open(current.name, storage, current.others, keyOptions());
   const id = current.id;
   const info = await client.info(id);
   current.size = info['virtual-size'];
@@ -725,7 +894,9 @@ async function showImage() {
   $('check').textContent = 'Checking…';
   delete $('check').dataset.status;
   $('result').hidden = false;
-  renderChain(await client.chain(id));
+  const chain = await client.chain(id);
+  renderChain(chain);
+  renderEncryption(chain);
   renderMap(await client.allocationMap(id), await client.allocation(id), info['virtual-size']);
   try {
     renderLayout(await client.hostLayout(id));
@@ -740,7 +911,7 @@ async function showImage() {
     renderContents(current.contents);
   } catch (err) {
     // (the storage failed, or a value beyond 2^53): the other views still show.
-    $('contents-summary').textContent = `The partitions cannot be shown: ${err.message}`;
+    $('contents-summary').textContent = `The partitions cannot be shown: ${err.message}${needsKey(err)}`;
     $('contents-summary').className = 'bad';
     $('contents-notes').hidden = true;
     $('contents-table').replaceChildren();
@@ -752,12 +923,15 @@ async function showImage() {
     // (an encrypted image's data, a storage that failed): the other views still show.
     $('hex').textContent = '';
     $('hex').dataset.state = 'failed';
-    $('hex-where').textContent = `The guest data cannot be read: ${err.message}`;
+    $('hex-where').textContent = `The guest data cannot be read: ${err.message}${needsKey(err)}`;
     $('hex-where').className = 'bad';
   }
   renderCheck(await client.check(id));
   $('download-modified').hidden = !current.modified;
 }
+
+/** A hint for errors that a passphrase would cure. */
+const needsKey = (err) => (err && err.code === 'passphrase-required' ? ' (enter it in the Encryption panel)' : '');
 
 /** Releases the current view (its file is about to change or be replaced). */
 async function closeView() {
@@ -801,8 +975,11 @@ function openEntries(entries) {
     resetContents();
     if (current) {
       await closeView().catch(() => {});
+      await forgetKeys();
       current = null;
     }
+    $('encryption-panel').hidden = true;
+    $('unlock-status').textContent = '';
     hexAt = 0;
     $('hex-offset').value = '0';
     $('status').textContent = `Opening ${entries.map((e) => e.path).join(', ')}…`;
@@ -811,7 +988,7 @@ function openEntries(entries) {
       await removeCopies().catch(() => {});
       const { top, raw, others, chain } = await assemble(entries);
       current = { id: null, name: top.path, top: top.file, others, copy: null, modified: false, raw, size: 0,
-        contents: null };
+        contents: null, keys: null, unlocked: new Set(), allUnlocked: false, encrypted: false };
       if (raw) {
         showRaw();
       } else {
@@ -951,7 +1128,7 @@ function maintain(label, run) {
 async function withCopy(open, copy, fn) {
   const id = open === 'openForRepair'
     ? await client.openForRepair(current.name, { opfs: copy })
-    : await client.openWritable(current.name, { opfs: copy }, current.others);
+    : await client.openWritable(current.name, { opfs: copy }, current.others, keyOptions());
   try {
     return await fn(id);
   } finally {
@@ -1164,7 +1341,8 @@ function convert() {
       link.download = outName;
       link.textContent = `Download ${outName} (${sizeText(file.size)})`;
       link.hidden = false;
-      status.textContent = `Done: ${outName}, ${sizeText(r.size)}, in ${((performance.now() - t0) / 1000).toFixed(1)} s.`;
+      status.textContent = `Done: ${outName}, ${sizeText(r.size)}, in ${((performance.now() - t0) / 1000).toFixed(1)} s.` +
+        (current.encrypted ? ' It holds the guest data decrypted (as qemu-img convert without encrypt options).' : '');
       status.className = 'ok';
       status.dataset.opfs = opfsName;
       status.dataset.size = String(r.size);
@@ -1244,6 +1422,7 @@ function wire() {
   $('snapshots').addEventListener('click', snapshotAction);
   $('contents-table').addEventListener('click', jumpToPartition);
   $('download-modified').addEventListener('click', downloadModified);
+  $('unlock-form').addEventListener('submit', unlock);
 }
 
 async function main() {

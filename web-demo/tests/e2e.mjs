@@ -109,12 +109,33 @@ qemuImg('create', '-q', '-f', 'qcow2', path('huge.qcow2'), '64T');
 qemuIo(path('huge.qcow2'), 'write -P 0x7 0 64k');
 qemuIo(path('huge.qcow2'), 'write -P 0x8 70368744112128 64k');
 
-// Encrypted (LUKS), with data: the page takes no passphrase; it shows the
-// metadata and says that the data needs one.
-qemuImg('create', '-q', '-f', 'qcow2', '--object', 'secret,id=sec0,data=e2e-secret',
-  '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', path('encrypted.qcow2'), '16M');
-sh('qemu-io', ['--object', 'secret,id=sec0,data=e2e-secret', '--image-opts',
-  `driver=qcow2,file.filename=${path('encrypted.qcow2')},encrypt.key-secret=sec0`, '-c', 'write -P 0x5a 0 64k']);
+// Encrypted (LUKS), with data: the page shows the encryption header's
+// facts without the passphrase, refuses a wrong one, and the right one
+// unlocks every view. iter-time 50 ms (qemu-img's default, 2 s, would make
+// each unlock in the page take seconds).
+const ENC_PASS = 'e2e-secret';
+const secretArgs = (pass, id = 'sec0') => ['--object', `secret,id=${id},data=${pass}`];
+const encOpts = (file, extra = '') => `driver=qcow2,file.filename=${path(file)},encrypt.key-secret=sec0${extra}`;
+const qemuIoEnc = (file, pass, ...cmds) => sh('qemu-io', [...secretArgs(pass), '--image-opts', encOpts(file),
+  ...cmds.flatMap((c) => ['-c', c])]);
+qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs(ENC_PASS),
+  '-o', 'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=50', path('encrypted.qcow2'), '16M');
+qemuIoEnc('encrypted.qcow2', ENC_PASS, 'write -P 0x5a 0 64k', 'write -P 0x21 1M 4k', 'write -P 0x7e 15M 512');
+// A LUKS chain, a passphrase per image: ebase.qcow2 (aes-128-cbc-essiv,
+// sha1) <- etop.qcow2 (the defaults).
+qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs('base-secret'), '-o',
+  'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=20,encrypt.cipher-alg=aes-128,' +
+  'encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.hash-alg=sha1', path('ebase.qcow2'), '8M');
+qemuIoEnc('ebase.qcow2', 'base-secret', 'write -P 0x62 0 2M');
+qemuImg('create', '-q', '-f', 'qcow2', ...secretArgs('top-secret'), '-b', 'ebase.qcow2', '-F', 'qcow2', '-o',
+  'encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=20', path('etop.qcow2'));
+sh('qemu-io', [...secretArgs('top-secret'), ...secretArgs('base-secret', 'sec1'), '--image-opts',
+  encOpts('etop.qcow2', ',backing.encrypt.key-secret=sec1'), '-c', 'write -P 0x74 1M 64k']);
+/** qemu-img convert -O raw of an encrypted image (`extra`: --image-opts; `secrets`: more [id, data]). */
+function qemuRawEnc(file, pass, out, extra = '', secrets = []) {
+  sh('qemu-img', ['convert', ...secretArgs(pass), ...secrets.flatMap(([id, p]) => secretArgs(p, id)),
+    '--image-opts', encOpts(file, extra), '-O', 'raw', path(out)]);
+}
 
 // Malformed: a qcow2 magic with an impossible header (cluster_bits = 99).
 const bad = Buffer.alloc(4096);
@@ -255,6 +276,17 @@ const text = (testid) => page.getByTestId(testid).innerText();
 async function choose(files) {
   await page.evaluate(() => { delete document.getElementById('result').dataset.ready; });
   await page.setInputFiles('#file-input', files.map(path));
+}
+
+/** Drops files on the drop zone (a real drop event with their bytes). */
+async function dropFiles(files) {
+  await page.evaluate(() => { delete document.getElementById('result').dataset.ready; });
+  const data = files.map((f) => [f, readFileSync(path(f)).toString('base64')]);
+  await page.evaluate((items) => {
+    const dt = new DataTransfer();
+    for (const [name, b64] of items) dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name));
+    document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+  }, data);
 }
 
 async function waitOpened() {
@@ -526,20 +558,166 @@ try {
     await page.screenshot({ path: join(shots, '3-malformed.png'), fullPage: true });
   });
 
-  await check('an encrypted image opens for its metadata; its guest data needs a passphrase (the core says so)', async () => {
-    await choose(['encrypted.qcow2']);
+  await check('an encrypted image dropped: the LUKS facts before the passphrase, a wrong one refused, the right one unlocks every view', async () => {
+    await dropFiles(['encrypted.qcow2']);
     await waitOpened();
     const q = JSON.parse(qemuImg('info', '--output=json', path('encrypted.qcow2')));
     const e = q['format-specific'].data.encrypt;
     assert.equal(await text('fact-encryption'),
-      `luks (${e['cipher-alg']}-${e['cipher-mode']}-${e['ivgen-alg']}): the guest data needs its passphrase, which this page cannot take`);
+      `luks (${e['cipher-alg']}-${e['cipher-mode']}-${e['ivgen-alg']}): locked, the guest data needs the passphrase (see Encryption)`);
+    // Locked: metadata views work, the data says it needs the passphrase.
     assert.equal(await page.getByTestId('hex').getAttribute('data-state'), 'failed');
-    assert.match(await text('hex-where'), /^The guest data cannot be read: image is encrypted with luks: a passphrase is required/);
+    assert.match(await text('hex-where'), /^The guest data cannot be read: image is encrypted with luks: a passphrase is required.*\(enter it in the Encryption panel\)$/);
     assert.equal(await page.getByTestId('contents-panel').getAttribute('data-state'), 'failed');
     assert.match(await text('contents-summary'), /^The partitions cannot be shown: image is encrypted with luks: a passphrase is required/);
     await page.waitForFunction(() => document.getElementById('check').dataset.status);
     assert.equal(await page.getByTestId('check').getAttribute('data-status'), 'clean', 'checked without the key');
-    await page.screenshot({ path: join(shots, '3b-encrypted.png'), fullPage: true });
+    // The Encryption panel: qemu-img info's facts, by content.
+    const panel = page.getByTestId('encryption-panel');
+    assert.equal(await panel.isVisible(), true);
+    assert.equal(await panel.getAttribute('data-state'), 'locked');
+    const layer = page.getByTestId('encrypted-layer');
+    assert.equal(await layer.count(), 1);
+    assert.equal(await layer.getAttribute('data-name'), 'encrypted.qcow2');
+    const enc = (k) => layer.getByTestId(`enc-${k}`).innerText();
+    assert.equal(await enc('format'), 'LUKS version 1');
+    assert.equal(await enc('cipher-alg'), e['cipher-alg']);
+    assert.equal(await enc('cipher-mode'), e['cipher-mode']);
+    assert.equal(await enc('ivgen'), e['ivgen-alg']);
+    assert.equal(await enc('hash-alg'), e['hash-alg']);
+    assert.equal(await enc('uuid'), e.uuid);
+    assert.equal(await enc('master-key-iters'), String(e['master-key-iters']));
+    const slots = await page.$$eval('[data-testid=key-slot]', (rows) => rows.map((r) => ({
+      active: r.dataset.active === 'true',
+      state: r.querySelector('[data-testid=key-slot-state]').innerText,
+      iters: r.querySelector('[data-testid=key-slot-iters]').innerText,
+    })));
+    assert.deepEqual(slots, e.slots.map((s) => ({ active: s.active, state: s.active ? 'active' : 'inactive',
+      iters: s.active ? String(s.iters) : '—' })));
+    assert.equal(await enc('state'), 'Locked: its guest data cannot be read without the passphrase.');
+    const input = layer.getByTestId('passphrase-input');
+    assert.equal(await input.getAttribute('type'), 'password');
+    await page.screenshot({ path: join(shots, '3b-encrypted-locked.png'), fullPage: true });
+    // A wrong passphrase: the core's words, the form stays for another try; the field is emptied.
+    const submit = async (values) => {
+      await page.evaluate(() => { delete document.getElementById('encryption-panel').dataset.state; });
+      for (const [name, v] of Object.entries(values)) {
+        await page.fill(`[data-testid=passphrase-input][data-name="${name}"]`, v);
+      }
+      await page.click('#unlock-button');
+      await page.waitForFunction(() => ['locked', 'unlocked', 'failed'].includes(
+        document.getElementById('encryption-panel').dataset.state));
+      return panel.getAttribute('data-state');
+    };
+    assert.equal(await submit({ 'encrypted.qcow2': 'not-the-secret' }), 'failed');
+    assert.equal(await text('unlock-status'), 'Invalid password, cannot unlock any keyslot');
+    assert.equal(await page.getByTestId('unlock-status').getAttribute('data-code'), 'invalid-passphrase');
+    assert.equal(await input.inputValue(), '', 'the field does not keep the passphrase');
+    assert.equal(await page.getByTestId('hex').getAttribute('data-state'), 'failed', 'still locked');
+    await page.screenshot({ path: join(shots, '3c-encrypted-wrong.png'), fullPage: true });
+    await panel.screenshot({ path: join(shots, '3c-encryption-panel-wrong.png') });
+    // The right one: every view reads the guest data.
+    assert.equal(await submit({ 'encrypted.qcow2': ENC_PASS }), 'unlocked');
+    assert.equal(await text('unlock-status'), 'Unlocked: every view now reads the guest data.');
+    assert.equal(await layer.getByTestId('enc-state').innerText(), 'Unlocked: its guest data is read with the passphrase given.');
+    assert.equal(await page.getByTestId('passphrase-input').count(), 0, 'no passphrase field once unlocked');
+    assert.equal(await page.evaluate((p) => document.documentElement.outerHTML.includes(p), ENC_PASS), false,
+      'the passphrase is nowhere in the page');
+    assert.match(await text('fact-encryption'), /: unlocked$/);
+    assert.equal(await page.getByTestId('hex').getAttribute('data-state'), 'shown');
+    const rows = (await text('hex')).split('\n');
+    assert.equal(rows.length, 32);
+    for (const [i, row] of rows.entries()) {
+      assert.match(row, new RegExp(`^${(i * 16).toString(16).padStart(16, '0')}  (5a ){7}5a  (5a ){7}5a +\\|Z{16}\\|$`));
+    }
+    await page.fill('#hex-offset', '15M');
+    await page.click('#hex-go');
+    await page.waitForFunction(() => document.getElementById('hex').dataset.offset === String(15 * 2 ** 20));
+    assert.match((await text('hex')).split('\n')[0], /^0000000000f00000  7e 7e 7e 7e 7e 7e 7e 7e  7e 7e 7e 7e 7e 7e 7e 7e +\|~{16}\|$/);
+    assert.equal(await page.getByTestId('contents-panel').getAttribute('data-state'), 'shown');
+    assert.equal(Number(await page.getByTestId('legend-data').getAttribute('data-bytes')), 64 * 1024 + 65536 + 65536);
+    await page.screenshot({ path: join(shots, '3d-encrypted-unlocked.png'), fullPage: true });
+    // Conversion to raw: qemu-img's bytes.
+    assert.equal(await runConversion({ format: 'raw' }), 'done');
+    const got = await downloadConverted('encrypted');
+    qemuRawEnc('encrypted.qcow2', ENC_PASS, 'encrypted-qemu.raw');
+    assert.equal(sha256(got), sha256(path('encrypted-qemu.raw')), 'raw conversion = qemu-img convert');
+    // Maintenance with the stored passphrase: a resize of the copy, then a snapshot; the download
+    // is still encrypted with the same key and qemu-img reads the same data.
+    await page.fill('#resize-size', '+1M');
+    assert.equal(await operate(() => page.click('#resize-button')), 'done', await text('maint-status'));
+    assert.equal(await page.getByTestId('encryption-panel').getAttribute('data-state'), 'unlocked', 'still unlocked after the reopen');
+    assert.equal(await page.getByTestId('hex').getAttribute('data-state'), 'shown');
+    await page.fill('#snapshot-name', 'enc-snap');
+    assert.equal(await operate(() => page.click('#snapshot-button')), 'done', await text('maint-status'));
+    const { out } = await downloadModified('encrypted-maint');
+    const info = JSON.parse(qemuImg('info', '--output=json', out));
+    assert.equal(info['virtual-size'], 17 * 2 ** 20);
+    assert.equal(info.encrypted, true);
+    assert.deepEqual(info.snapshots.map((s) => s.name), ['enc-snap']);
+    const checked = spawnSync('qemu-img', ['check', ...secretArgs(ENC_PASS), '--image-opts',
+      `driver=qcow2,file.filename=${out},encrypt.key-secret=sec0`], { encoding: 'utf8' });
+    assert.equal(checked.status, 0, `${checked.stdout}${checked.stderr}`);
+    sh('qemu-img', ['convert', ...secretArgs(ENC_PASS), '--image-opts',
+      `driver=qcow2,file.filename=${out},encrypt.key-secret=sec0`, '-O', 'raw', path('encrypted-maint.raw')]);
+    const after = readFileSync(path('encrypted-maint.raw'));
+    const before = readFileSync(path('encrypted-qemu.raw'));
+    assert.equal(after.length, before.length + 2 ** 20);
+    assert.ok(after.subarray(0, before.length).equals(before), 'the guest data is unchanged');
+    await page.screenshot({ path: join(shots, '3e-encrypted-maintenance.png'), fullPage: true });
+  });
+
+  await check('an encrypted chain dropped: each image named with its facts and asked for; a wrong base key named; then every view reads', async () => {
+    await dropFiles(['ebase.qcow2', 'etop.qcow2']);
+    await waitOpened();
+    const layers = await page.$$eval('[data-testid=encrypted-layer]', (ls) => ls.map((l) => ({
+      name: l.dataset.name, title: l.querySelector('h4').innerText,
+      cipher: l.querySelector('[data-testid=enc-cipher-alg]').innerText,
+      mode: l.querySelector('[data-testid=enc-cipher-mode]').innerText,
+      ivgen: l.querySelector('[data-testid=enc-ivgen]').innerText,
+      hash: l.querySelector('[data-testid=enc-hash-alg]').innerText,
+      uuid: l.querySelector('[data-testid=enc-uuid]').innerText,
+      label: l.querySelector('label').innerText,
+    })));
+    const facts = (f) => {
+      const e = JSON.parse(qemuImg('info', '--output=json', path(f)))['format-specific'].data.encrypt;
+      return { cipher: e['cipher-alg'], mode: e['cipher-mode'],
+        ivgen: e['ivgen-hash-alg'] ? `${e['ivgen-alg']} (${e['ivgen-hash-alg']})` : e['ivgen-alg'], hash: e['hash-alg'], uuid: e.uuid };
+    };
+    assert.deepEqual(layers, [
+      { name: 'etop.qcow2', title: 'etop.qcow2', label: 'Passphrase of etop.qcow2', ...facts('etop.qcow2') },
+      { name: 'ebase.qcow2', title: 'ebase.qcow2 (backing file)', label: 'Passphrase of ebase.qcow2 (backing file)',
+        ...facts('ebase.qcow2') },
+    ]);
+    assert.equal(layers[1].ivgen, 'essiv (sha256)');
+    const submit = async (values) => {
+      await page.evaluate(() => { delete document.getElementById('encryption-panel').dataset.state; });
+      for (const [name, v] of Object.entries(values)) {
+        await page.fill(`[data-testid=passphrase-input][data-name="${name}"]`, v);
+      }
+      await page.click('#unlock-button');
+      await page.waitForFunction(() => ['locked', 'unlocked', 'failed'].includes(
+        document.getElementById('encryption-panel').dataset.state));
+      return page.getByTestId('encryption-panel').getAttribute('data-state');
+    };
+    // The top's key right, the base's wrong: the base is named.
+    assert.equal(await submit({ 'etop.qcow2': 'top-secret', 'ebase.qcow2': 'top-secret' }), 'failed');
+    assert.equal(await text('unlock-status'), "backing file 'ebase.qcow2': Invalid password, cannot unlock any keyslot");
+    // The top's only: the top unlocks, the base stays locked (its data says so).
+    assert.equal(await submit({ 'etop.qcow2': 'top-secret' }), 'locked');
+    const states = await page.$$eval('[data-testid=encrypted-layer]', (ls) => ls.map((l) => l.dataset.state));
+    assert.deepEqual(states, ['unlocked', 'locked']);
+    assert.equal(await page.getByTestId('hex').getAttribute('data-state'), 'failed');
+    assert.match(await text('hex-where'), /backing file 'ebase\.qcow2': image is encrypted with luks: a passphrase is required/);
+    // Both.
+    assert.equal(await submit({ 'etop.qcow2': 'top-secret', 'ebase.qcow2': 'base-secret' }), 'unlocked');
+    assert.match((await text('hex')).split('\n')[0], /^0000000000000000  62 62 62 62 62 62 62 62  62 62 62 62 62 62 62 62 +\|b{16}\|$/);
+    await page.screenshot({ path: join(shots, '3f-encrypted-chain.png'), fullPage: true });
+    await page.getByTestId('encryption-panel').screenshot({ path: join(shots, '3g-encryption-panel-chain.png') });
+    assert.equal(await runConversion({ format: 'raw' }), 'done');
+    const got = await downloadConverted('echain');
+    qemuRawEnc('etop.qcow2', 'top-secret', 'echain-qemu.raw', ',backing.encrypt.key-secret=sec1', [['sec1', 'base-secret']]);
+    assert.equal(sha256(got), sha256(path('echain-qemu.raw')), 'raw conversion of the chain = qemu-img convert');
   });
 
   await check('a missing backing file shows the core error', async () => {
@@ -1008,6 +1186,92 @@ try {
     assert.equal(got.memDetached, true);
     assert.equal(got.writeDetached, true);
     assert.deepEqual(got.readBack, [7, 7, 7, 7]);
+  });
+
+  await check('client API: passphrases given, stored and forgotten; their codes; transfers; restarts; encrypted creation', async () => {
+    await choose(['encrypted.qcow2', 'ebase.qcow2', 'etop.qcow2']);
+    await waitOpened();
+    const got = await page.evaluate(async (pass) => {
+      const { QcowClient } = await import(new URL('pkg/client.js', location.href).href);
+      const q = await QcowClient.start(new URL('pkg/qcowkit_wasm.js', location.href));
+      const files = Object.fromEntries(Array.from(document.getElementById('file-input').files).map((f) => [f.name, f]));
+      const enc = files['encrypted.qcow2'];
+      const chainFiles = { 'ebase.qcow2': files['ebase.qcow2'] };
+      const out = {};
+      const fail = (p) => p.then(() => null, (e) => ({ code: e.code, message: e.message }));
+      try {
+        // Without a passphrase: metadata; data reads need it.
+        const locked = await q.open('encrypted.qcow2', enc);
+        out.lockedInfo = (await q.info(locked)).encrypted;
+        out.lockedRead = await fail(q.read(locked, 0, 512));
+        out.lockedWritable = await fail(q.openWritable('encrypted.qcow2', await enc.arrayBuffer().then((b) => new Uint8Array(b))));
+        out.wrong = await fail(q.open('encrypted.qcow2', enc, {}, { passphrase: 'nope-nope' }));
+        // The passphrase as bytes, handed over (the worker zeroes them).
+        const bytes = new TextEncoder().encode(pass);
+        const open = await q.open('encrypted.qcow2', enc, {}, { passphrase: bytes, transfer: true });
+        out.bytesDetached = bytes.byteLength === 0;
+        out.read = Array.from(await q.read(open, 0, 4));
+        // Stored passphrases, for a chain; used twice, then forgotten.
+        const keys = await q.storePassphrases({ passphrase: 'top-secret', backingPassphrases: { 'ebase.qcow2': 'base-secret' } });
+        const a = await q.open('etop.qcow2', files['etop.qcow2'], chainFiles, { passphrases: keys });
+        const b = await q.open('etop.qcow2', files['etop.qcow2'], chainFiles, { passphrases: keys });
+        out.chainReads = [Array.from(await q.read(a, 0, 2)), Array.from(await q.read(b, 1 << 20, 2))];
+        out.forgot = [await q.forgetPassphrases(keys), await q.forgetPassphrases(keys)];
+        out.afterForget = await fail(q.open('etop.qcow2', files['etop.qcow2'], chainFiles, { passphrases: keys }));
+        out.stillOpen = Array.from(await q.read(a, 0, 1));
+        out.both = await fail(q.open('encrypted.qcow2', enc, {}, { passphrases: a, passphrase: 'x' }));
+        const wrongKeys = await q.storePassphrases({ passphrase: 'nope-nope' });
+        out.wrongStored = await fail(q.open('encrypted.qcow2', enc, {}, { passphrases: wrongKeys }));
+        // A restart (a cancelled check) reopens plain images only; stored passphrases are gone.
+        const ac = new AbortController();
+        const checking = q.check(open, { signal: ac.signal });
+        ac.abort();
+        out.check = (await fail(checking)).code;
+        out.lostImage = await fail(q.info(open));
+        out.plainBack = (await q.info(locked)).encrypted;
+        out.lostKeys = await fail(q.open('encrypted.qcow2', enc, {}, { passphrases: wrongKeys }));
+        out.forgetLost = await q.forgetPassphrases(wrongKeys);
+        // Encrypted creation in the worker (its crypto.getRandomValues).
+        const made = await q.createImage({ size: '1M', encrypt: { passphrase: 'made', iterations: 1000, cipherMode: 'cbc', ivgenAlg: 'essiv' } });
+        const m = await q.openWritable('made.qcow2', made, {}, { passphrase: 'made' });
+        await q.write(m, 4096, new Uint8Array(512).fill(9));
+        out.made = Array.from(await q.read(m, 4096, 2));
+        const e = (await q.info(m))['format-specific'].data.encrypt;
+        out.madeFacts = [e['cipher-alg'], e['cipher-mode'], e['ivgen-alg'], e['ivgen-hash-alg'], e.slots[0].iters];
+        out.madeWrong = await fail(q.open('made.qcow2', made, {}, { passphrase: 'Made' }));
+      } finally {
+        q.terminate();
+      }
+      return out;
+    }, ENC_PASS);
+    assert.equal(got.lockedInfo, true);
+    assert.equal(got.lockedRead.code, 'passphrase-required');
+    assert.equal(got.lockedWritable.code, 'passphrase-required');
+    assert.deepEqual(got.wrong, { code: 'invalid-passphrase', message: 'Invalid password, cannot unlock any keyslot' });
+    assert.equal(got.bytesDetached, true);
+    assert.deepEqual(got.read, [0x5a, 0x5a, 0x5a, 0x5a]);
+    assert.deepEqual(got.chainReads, [[0x62, 0x62], [0x74, 0x74]]);
+    assert.deepEqual(got.forgot, [true, false]);
+    assert.equal(got.afterForget.code, 'not-found');
+    assert.deepEqual(got.stillOpen, [0x62], 'images opened with forgotten passphrases stay open');
+    assert.equal(got.both.code, 'invalid-argument');
+    assert.equal(got.wrongStored.code, 'invalid-passphrase');
+    assert.equal(got.check, 'aborted');
+    assert.equal(got.lostImage.code, 'not-found', 'an image opened with a passphrase is not reopened');
+    assert.equal(got.plainBack, true, 'an image opened without one is');
+    assert.equal(got.lostKeys.code, 'not-found');
+    assert.match(got.lostKeys.message, /forgotten when the worker was restarted/);
+    assert.equal(got.forgetLost, true);
+    assert.deepEqual(got.made, [9, 9]);
+    assert.deepEqual(got.madeFacts, ['aes-256', 'cbc', 'essiv', 'sha256', 1000]);
+    assert.equal(got.madeWrong.code, 'invalid-passphrase');
+    for (const v of Object.values(got)) {
+      if (v && typeof v === 'object' && typeof v.message === 'string') {
+        for (const p of [ENC_PASS, 'nope-nope', 'top-secret', 'base-secret', 'made']) {
+          assert.ok(!v.message.includes(p), `no passphrase in "${v.message}"`);
+        }
+      }
+    }
   });
 
   await check('a 4 GiB + 64 MiB sparse image: hex past 4 GiB, to raw and back through OPFS, cancel, responsive page', async () => {

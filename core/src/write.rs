@@ -19,6 +19,10 @@ use crate::writable::WritableImage;
 enum ZeroKind {
     /// `write_zeroes`: reads as zeros afterwards.
     Zero,
+    /// `write_zeroes_with(.., unmap: false)`: reads as zeros afterwards,
+    /// and clusters the image owns keep their host clusters (QEMU's zero
+    /// writes without `BDRV_REQ_MAY_UNMAP`).
+    ZeroKeep,
     /// `discard`: QEMU's guest discard (zeros on v3, unallocated on v2).
     Discard,
     /// Unallocated (reads the backing file), whatever the version.
@@ -126,6 +130,41 @@ impl<R: BlockWrite> WritableImage<R> {
         self.zero_range(offset, len, ZeroKind::Zero)
     }
 
+    /// [`write_zeroes`](Self::write_zeroes), choosing what happens to
+    /// host clusters: with `unmap` they are freed; without it, whole
+    /// clusters the image owns keep their host cluster, flagged as zeros
+    /// (a preallocated image stays preallocated, as QEMU keeps it for zero
+    /// writes that may not unmap).
+    pub fn write_zeroes_with(&mut self, offset: u64, len: u64, unmap: bool) -> Res<(), R> {
+        let kind = if unmap {
+            ZeroKind::Zero
+        } else {
+            ZeroKind::ZeroKeep
+        };
+        self.zero_range(offset, len, kind)
+    }
+
+    /// Whether zeroing guest `[offset, offset + len)` changes L2 entries
+    /// only, writing no data: whole clusters (whole subclusters with
+    /// extended L2 entries, or up to the end of the disk), on an image
+    /// that can flag zeros (version 3, or nothing below to hide), without
+    /// a raw external data file. The answer to NBD's `FAST_ZERO`.
+    pub fn zeroes_are_cheap(&self, offset: u64, len: u64) -> bool {
+        let size = self.img.header.size;
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= size) else {
+            return false;
+        };
+        let unit = if self.img.fmt.extended {
+            self.sc_size()
+        } else {
+            self.cluster_size()
+        };
+        let aligned = |x: u64| x.is_multiple_of(unit) || x == size;
+        let v3 = self.img.header.version >= 3;
+        let has_backing = self.backing().is_some() || self.img.header.backing_file.is_some();
+        aligned(offset) && aligned(end) && !self.img.header.data_file_raw() && (v3 || !has_backing)
+    }
+
     /// Discards guest `[offset, offset + len)`: whole clusters are freed and
     /// read as zeros (as unallocated on version 2 images, like QEMU);
     /// partial clusters are left unchanged.
@@ -148,7 +187,7 @@ impl<R: BlockWrite> WritableImage<R> {
             let whole = pos == cluster_start && pos + n == cluster_end;
             if whole {
                 self.zero_cluster(cluster_start, kind)?;
-            } else if kind == ZeroKind::Zero {
+            } else if matches!(kind, ZeroKind::Zero | ZeroKind::ZeroKeep) {
                 if self.img.fmt.extended {
                     self.zero_subclusters(pos, n)?;
                 } else {
@@ -521,7 +560,8 @@ impl<R: BlockWrite> WritableImage<R> {
                 "unallocating a cluster of an image whose external data file is raw",
             ));
         }
-        if raw_data_file || (!v3 && kind == ZeroKind::Zero && has_backing) {
+        let zeroing = matches!(kind, ZeroKind::Zero | ZeroKind::ZeroKeep);
+        if raw_data_file || (!v3 && zeroing && has_backing) {
             // The data file must stay a valid raw image / v2 has no zero
             // flag to hide the backing file: write real zeros.
             let cs = self.cluster_size();
@@ -531,6 +571,36 @@ impl<R: BlockWrite> WritableImage<R> {
         }
         let l2_off = self.writable_l2(cstart)?;
         let (entry, bitmap) = self.l2_entry(l2_off, cstart)?;
+        if kind == ZeroKind::ZeroKeep && !self.img.fmt.data_file && entry & COPIED != 0 {
+            // An owned host cluster (normal, or already preallocated
+            // zeros) stays allocated and reads as zeros.
+            let host = match self.img.fmt.subcluster(entry, bitmap, 0) {
+                Ok(
+                    Subcluster::Normal { host }
+                    | Subcluster::ZeroAlloc { host }
+                    | Subcluster::UnallocatedAlloc { host },
+                ) => Some(host),
+                _ => None,
+            };
+            if let Some(host) = host {
+                let cs = self.cluster_size();
+                let host = host - host % cs;
+                // A data cluster, never metadata (a damaged pointer).
+                self.guard(host, cs, 0)?;
+                let (e, b) = if self.img.fmt.extended {
+                    (host | COPIED, l2::ALL_ALLOC << 32)
+                } else if v3 {
+                    (host | COPIED | ZERO, 0)
+                } else {
+                    // Version 2 has no zero flag: the data is zeroed.
+                    let len = (cstart + cs).min(self.img.header.size) - cstart;
+                    let zeros = alloc::vec![0u8; to_usize(len).unwrap_or(0)];
+                    return self.write_in_cluster(cstart, &zeros);
+                };
+                self.set_l2_entry(l2_off, cstart, e, b)?;
+                return Ok(());
+            }
+        }
         let (new_entry, new_bitmap) = if kind == ZeroKind::Unallocate {
             (0, 0)
         } else if self.img.fmt.extended {

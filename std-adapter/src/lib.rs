@@ -38,6 +38,7 @@ pub mod cli;
 mod codec;
 mod fileio;
 pub mod lock;
+pub mod nbd;
 mod readahead;
 
 pub use codec::NativeCodec;

@@ -27,6 +27,7 @@ pub mod options;
 pub mod progress;
 pub mod rebase;
 pub mod resize;
+pub mod serve;
 pub mod snapshot;
 pub mod summary;
 
@@ -57,7 +58,9 @@ pub struct Cli {
     pub backing_passphrase_files: Vec<String>,
     /// qemu-img's secret objects: `secret,id=ID,data=TEXT` or
     /// `secret,id=ID,file=FILE` (the file's whole contents), named by
-    /// `-o encrypt.key-secret=ID` when creating an encrypted image.
+    /// `-o encrypt.key-secret=ID` when creating an encrypted image; and
+    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=off]`
+    /// (TLS of `serve`, named by `--tls-creds ID`).
     #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
     pub objects: Vec<String>,
 }
@@ -89,10 +92,17 @@ fn load_secrets(cli: &Cli, key_secrets: &KeySecrets) -> Result<(), String> {
         backing.push((name.to_string(), read(std::path::Path::new(file))?));
     }
     let mut objects = Vec::new();
+    let mut creds = Vec::new();
     for o in &cli.objects {
+        if let Some(props) = o.strip_prefix("tls-creds-x509,") {
+            creds.push(crate::nbd::tls::X509Creds::parse(props)?);
+            continue;
+        }
         let mut parts = o.split(',');
         if parts.next() != Some("secret") {
-            return Err(format!("Unsupported object '{o}' (only secret objects)"));
+            return Err(format!(
+                "Unsupported object '{o}' (only secret and tls-creds-x509 objects)"
+            ));
         }
         let (mut id, mut value) = (None, None);
         for p in parts {
@@ -134,7 +144,20 @@ fn load_secrets(cli: &Cli, key_secrets: &KeySecrets) -> Result<(), String> {
         }
     }
     let _ = SECRETS.set((top, backing, objects));
+    let _ = TLS_CREDS.set(creds);
     Ok(())
+}
+
+/// The `tls-creds-x509` objects given on the command line.
+static TLS_CREDS: std::sync::OnceLock<Vec<crate::nbd::tls::X509Creds>> = std::sync::OnceLock::new();
+
+/// The `--object tls-creds-x509,id=ID,...` named `id`.
+pub fn tls_creds(id: &str) -> Result<crate::nbd::tls::X509Creds, String> {
+    TLS_CREDS
+        .get()
+        .and_then(|c| c.iter().find(|c| c.id == id))
+        .cloned()
+        .ok_or(format!("No TLS credentials with id '{id}'"))
 }
 
 /// The secret object `id` (`--object secret,id=ID,...`).
@@ -197,6 +220,9 @@ pub enum Command {
     Rebase(rebase::Args),
     /// Resize the image to the new size.
     Resize(resize::Args),
+    /// Serve the image over NBD (qemu-nbd's flags): to qemu-img, qemu-io,
+    /// QEMU's nbd drives, nbd-client and libnbd.
+    Serve(serve::Args),
     /// List or manipulate snapshots within image.
     Snapshot(snapshot::Args),
     /// Copy input to output with optional format conversion (dd-style `key=value` arguments).
@@ -329,6 +355,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Command::Measure(a) => measure::run(&a),
         Command::Rebase(a) => rebase::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Serve(a) => serve::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Dd { args } => dd::run(&args),
     };

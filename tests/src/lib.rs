@@ -11,7 +11,8 @@
 //! - [`heap`]: a counting global allocator for tests that bound heap use;
 //! - [`record`]: a storage recording every operation, for crash replays;
 //! - [`contents`]: disks with partitions and file systems made by the
-//!   real tools, and what those tools say about them.
+//!   real tools, and what those tools say about them;
+//! - [`serve`]: `qcow2 serve` run as a child process for the NBD tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -24,6 +25,7 @@ pub mod mem;
 pub mod qemu;
 pub mod record;
 pub mod rng;
+pub mod serve;
 
 pub use be::{get16, get32, get64, put16, put32, put64, set_bits64};
 pub use diff::{byte_diff, file_difference, first_difference, first_mismatch};

@@ -18,8 +18,10 @@ use crate::nbd::export::{Backend, DetectZeroes, Discard, Export, ExportConfig};
 use crate::nbd::server::{Listener, Server, ServerConfig};
 use crate::{CacheMode, Disk, DiskOptions, FileIo, Follow, Format};
 
-/// Set in the environment of the server `--fork` starts: it writes one
-/// byte to its standard output once it listens.
+/// Set in the environment of the server `--fork` starts (`fork`): it
+/// writes one byte to its standard output once it listens, then lets go
+/// of stdout and stderr. Any other value only writes the byte (tests use
+/// it to know when the server listens).
 const READY_ENV: &str = "QCOWKIT_SERVE_READY_PIPE";
 
 /// Arguments of `qcow2 serve` (qemu-nbd's).
@@ -118,7 +120,8 @@ pub fn run(a: &Args) -> u8 {
 }
 
 /// `--fork`: starts this command again without `--fork` in its own
-/// process group and returns once it listens (0), or when it fails (1).
+/// process group, relays what it prints on stderr until it listens, and
+/// returns then (0), or when it fails (1).
 fn fork() -> u8 {
     let args: Vec<OsString> = std::env::args_os()
         .skip(1)
@@ -133,9 +136,10 @@ fn fork() -> u8 {
     };
     let child = Command::new(exe)
         .args(&args)
-        .env(READY_ENV, "1")
+        .env(READY_ENV, "fork")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .spawn();
     let mut child = match child {
@@ -145,16 +149,41 @@ fn fork() -> u8 {
             return 1;
         }
     };
+    let relay = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut err, &mut std::io::stderr());
+        })
+    });
     let mut byte = [0u8; 1];
     let ready = child
         .stdout
         .take()
         .is_some_and(|mut out| matches!(out.read(&mut byte), Ok(1)));
+    // The server lets go of its stderr once it listens (or exits).
+    if let Some(r) = relay {
+        let _ = r.join();
+    }
     if ready {
         0
     } else {
         let _ = child.wait();
         1
+    }
+}
+
+/// Tells whoever started this server that it listens: one byte on
+/// stdout; a daemon of `--fork` then lets go of stdout and stderr.
+fn notify_ready() {
+    let Some(how) = std::env::var_os(READY_ENV) else {
+        return;
+    };
+    let mut out = std::io::stdout();
+    let _ = out.write_all(b"1").and_then(|()| out.flush());
+    if how == "fork" {
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
     }
 }
 
@@ -387,10 +416,7 @@ fn serve(a: &Args) -> Result<(), String> {
             })
             .map_err(|e| format!("cannot start serving: {e}"))?;
     }
-    if std::env::var_os(READY_ENV).is_some() {
-        let mut out = std::io::stdout();
-        let _ = out.write_all(b"1").and_then(|()| out.flush());
-    }
+    notify_ready();
     server.wait();
     let closed = export.close();
     if let Some(p) = &socket_path {

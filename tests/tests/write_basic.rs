@@ -54,3 +54,77 @@ fn writes_read_back_in_qemu_io() {
         ],
     );
 }
+
+/// Zeroing that may not unmap keeps the host clusters the image owns
+/// (flagged as zeros, as QEMU keeps them without `BDRV_REQ_MAY_UNMAP`);
+/// zeroing that may unmap frees them. qemu-img map and check judge both,
+/// on standard and extended L2 entries, and `zeroes_are_cheap` says which
+/// ranges need no data written.
+#[test]
+fn zeroing_keeps_or_frees_host_clusters_as_asked() {
+    let s = Scratch::new();
+    for (label, extended, v3) in [
+        ("v3", false, true),
+        ("extended", true, true),
+        ("v2", false, false),
+    ] {
+        let mut img = new_image(&CreateOptions {
+            size: 4 << 20,
+            extended_l2: extended,
+            v3,
+            ..CreateOptions::default()
+        });
+        img.write_at(0, &[0x77; 4 << 20]).unwrap();
+        img.write_zeroes_with(0, 128 << 10, false).unwrap();
+        img.write_zeroes_with(1 << 20, 128 << 10, true).unwrap();
+        // Cheap: whole clusters (subclusters with extended L2), to the end.
+        assert!(img.zeroes_are_cheap(64 << 10, 64 << 10), "{label}");
+        assert!(
+            img.zeroes_are_cheap((4 << 20) - (64 << 10), 64 << 10),
+            "{label}"
+        );
+        assert_eq!(img.zeroes_are_cheap(2048, 2048), extended, "{label}");
+        assert!(!img.zeroes_are_cheap(100, 64 << 10), "{label}");
+        assert!(!img.zeroes_are_cheap(4 << 20, 1), "{label}: past the end");
+        img.flush().unwrap();
+        let name = format!("{label}.qcow2");
+        save_and_check(&s, &name, img);
+        let map = json(&qemu_img(s.dir(), &["map", "--output=json", &name]));
+        let at = |offset: u64| {
+            map.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| {
+                    let start = e["start"].as_u64().unwrap();
+                    start <= offset && offset < start + e["length"].as_u64().unwrap()
+                })
+                .cloned()
+                .unwrap()
+        };
+        let kept = at(0);
+        let freed = at(1 << 20);
+        if v3 {
+            assert_eq!(kept["zero"], true, "{label}: {kept}");
+            assert_eq!(kept["data"], false, "{label}: {kept}");
+            assert!(
+                kept["offset"].is_u64(),
+                "{label}: host cluster kept: {kept}"
+            );
+            assert_eq!(freed["zero"], true, "{label}: {freed}");
+            assert!(freed.get("offset").is_none(), "{label}: freed: {freed}");
+        } else {
+            // Version 2 has no zero flag: kept clusters hold zeros.
+            assert_eq!(kept["data"], true, "{label}: {kept}");
+            assert!(freed.get("offset").is_none(), "{label}: freed: {freed}");
+        }
+        qemu_io(
+            s.dir(),
+            &name,
+            &[
+                "read -P 0 0 128k",
+                "read -P 0x77 128k 896k",
+                "read -P 0 1M 128k",
+            ],
+        );
+    }
+}

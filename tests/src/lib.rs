@@ -12,6 +12,8 @@
 //! - [`record`]: a storage recording every operation, for crash replays;
 //! - [`contents`]: disks with partitions and file systems made by the
 //!   real tools, and what those tools say about them;
+//! - [`nbd`]: a test NBD client sending well-formed and malformed messages,
+//!   and TLS certificates in QEMU's `tls-creds-x509` layout;
 //! - [`serve`]: `qcow2 serve` run as a child process for the NBD tests.
 
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ pub mod contents;
 pub mod diff;
 pub mod heap;
 pub mod mem;
+pub mod nbd;
 pub mod qemu;
 pub mod record;
 pub mod rng;

@@ -143,7 +143,7 @@ fn read_requests(
         if req.command == proto::CMD_DISC {
             return End::Disconnected;
         }
-        let mut refused = ctx.validate(&req).err();
+        let refused = ctx.validate(&req).err();
         let mut payload = Vec::new();
         let mut cost = 0;
         if req.command == proto::CMD_WRITE {
@@ -166,9 +166,6 @@ fn read_requests(
                 cost = u64::from(req.len).min(u64::from(MAX_REQUEST));
             }
             budget.take(cost);
-        }
-        if refused.is_none() && req.command == proto::CMD_WRITE && req.len > MAX_REQUEST {
-            refused = Some(too_big(ctx.structured, req.len));
         }
         let job = Job {
             req,
@@ -248,7 +245,7 @@ impl Ctx<'_> {
         }
         let len = u64::from(r.len);
         match r.command {
-            proto::CMD_READ | proto::CMD_CACHE if r.len > MAX_REQUEST => {
+            proto::CMD_READ | proto::CMD_CACHE | proto::CMD_WRITE if r.len > MAX_REQUEST => {
                 Err(too_big(self.structured, r.len))
             }
             proto::CMD_BLOCK_STATUS if self.contexts.is_empty() => Err(OpError::new(

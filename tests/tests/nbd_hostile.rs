@@ -1,0 +1,569 @@
+//! `qcow2 serve` against clients that break the rules, stall or vanish,
+//! and a server killed mid-workload, through the tests' own NBD client
+//! (`qcowkit_tests::nbd`, proven against qemu-nbd in
+//! `nbd_client_selftest.rs`). Each case ends with qemu-img judging the
+//! image: nothing written that the protocol did not ask for, at worst
+//! leaked clusters after a crash, every flushed write kept.
+
+use std::time::{Duration, Instant};
+
+use qcowkit_tests::nbd::*;
+use qcowkit_tests::serve::{On, Served};
+use qcowkit_tests::*;
+
+fn connect(srv: &Served) -> Client {
+    match (&srv.socket, srv.port) {
+        (Some(s), _) => Client::unix(s).expect("connect"),
+        (None, Some(p)) => Client::tcp(("127.0.0.1", p)).expect("connect"),
+        _ => unreachable!(),
+    }
+}
+
+/// A client through the handshake with structured replies and the
+/// contexts `queries`, on export `name`.
+fn ready(srv: &Served, name: &str, queries: &[&str]) -> Client {
+    let mut c = connect(srv);
+    c.handshake().unwrap();
+    assert!(c.structured_reply().unwrap());
+    if !queries.is_empty() {
+        let got = c.set_meta_context(name, queries).unwrap().unwrap();
+        assert_eq!(got.len(), queries.len(), "{got:?}");
+    }
+    c.go(name, &[NBD_INFO_BLOCK_SIZE]).unwrap().unwrap();
+    c
+}
+
+/// A 16 MiB image with data at 0 (1 MiB of 0x5a), zeros at 4 MiB, and its
+/// pristine copy `orig.qcow2`.
+fn image(s: &Scratch) {
+    qemu_create(s.dir(), "a.qcow2", "", "16M");
+    qemu_io(
+        s.dir(),
+        "a.qcow2",
+        &[
+            "write -P 0x5a 0 1M",
+            "write -z 4M 1M",
+            "write -P 0x6b 8M 64k",
+        ],
+    );
+    std::fs::copy(s.path("a.qcow2"), s.path("orig.qcow2")).unwrap();
+}
+
+fn assert_unchanged(s: &Scratch) {
+    assert_qemu_img_check(s.dir(), "a.qcow2");
+    qemu_img_compare(s.dir(), "a.qcow2", "qcow2", "orig.qcow2", "qcow2")
+        .unwrap_or_else(|e| panic!("the image changed: {e}"));
+}
+
+#[test]
+fn the_handshake_answers_as_the_specification_says() {
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(
+        s.dir(),
+        On::Unix,
+        "vm",
+        &["-t", "-A", "-D", "desc"],
+        "a.qcow2",
+    );
+    let mut c = connect(&srv);
+    assert_eq!(
+        c.handshake().unwrap(),
+        NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES
+    );
+    assert_eq!(c.list().unwrap().unwrap(), vec!["vm".to_string()]);
+    let all = c.list_meta_context("vm", &[]).unwrap().unwrap();
+    let names: Vec<&str> = all.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(names, ["base:allocation", "qemu:allocation-depth"]);
+    let base = c.list_meta_context("vm", &["base:"]).unwrap().unwrap();
+    assert_eq!(base.len(), 1);
+    // Refusals that leave the negotiation going.
+    let (_, r) = c.option(NBD_OPT_LIST, b"junk").unwrap();
+    assert_eq!(r.reply_type, NBD_REP_ERR_INVALID);
+    let (_, r) = c
+        .option(
+            NBD_OPT_SET_META_CONTEXT,
+            &encode_meta_context_request("vm", &[BASE_ALLOCATION]),
+        )
+        .unwrap();
+    assert_eq!(
+        r.reply_type, NBD_REP_ERR_INVALID,
+        "before structured replies"
+    );
+    let (_, r) = c.option(99, b"whatever").unwrap();
+    assert_eq!(r.reply_type, NBD_REP_ERR_UNSUP);
+    let (_, r) = c.option(NBD_OPT_STARTTLS, &[]).unwrap();
+    assert_eq!(r.reply_type, NBD_REP_ERR_POLICY, "no TLS configured");
+    let mut truncated = encode_info_request("vm", &[NBD_INFO_NAME]);
+    truncated.pop();
+    let (_, r) = c.option(NBD_OPT_GO, &truncated).unwrap();
+    assert_eq!(r.reply_type, NBD_REP_ERR_INVALID);
+    assert_eq!(
+        c.go("other", &[]).unwrap().unwrap_err().reply_type,
+        NBD_REP_ERR_UNKNOWN
+    );
+    // An option longer than the server reads (100 KiB): skipped, refused.
+    let (_, r) = c.option(NBD_OPT_LIST, &vec![0u8; 100 << 10]).unwrap();
+    assert_eq!(r.reply_type, NBD_REP_ERR_TOO_BIG);
+    assert!(c.structured_reply().unwrap());
+    let (_, r) = c.option(NBD_OPT_STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!(r.reply_type, NBD_REP_ERR_INVALID, "a second time");
+    let ctx = c
+        .set_meta_context(
+            "vm",
+            &[BASE_ALLOCATION, "qemu:allocation-depth", "qemu:nope"],
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(ctx.len(), 2);
+    let info = c
+        .info(
+            "vm",
+            &[NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE],
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.name.as_deref(), Some("vm"));
+    assert_eq!(info.description.as_deref(), Some("desc"));
+    info.check_block_sizes().unwrap();
+    let info = c.go("vm", &[NBD_INFO_BLOCK_SIZE]).unwrap().unwrap();
+    assert_eq!(info.size, 16 << 20);
+    assert_eq!(
+        (info.min_block, info.preferred_block, info.max_block),
+        (Some(1), Some(65536), Some(32 << 20))
+    );
+    // Reads, with and without DF, aligned or not.
+    assert!(c.read(1, 4095).unwrap().unwrap().iter().all(|b| *b == 0x5a));
+    let r = c
+        .read_with_flags(NBD_CMD_FLAG_DF, (1 << 20) - 100, 300)
+        .unwrap()
+        .unwrap();
+    assert!(r[..100].iter().all(|b| *b == 0x5a) && r[100..].iter().all(|b| *b == 0));
+    // Block status, both contexts; REQ_ONE gives one extent.
+    let bs = c.block_status(0, 16 << 20, 0).unwrap().unwrap();
+    assert_eq!(bs.len(), 2);
+    let base = &bs.iter().find(|(id, _)| *id == ctx[0].0).unwrap().1;
+    assert_eq!(base[0], (1 << 20, 0), "data first: {base:?}");
+    assert_eq!(base[1].1, NBD_STATE_HOLE | NBD_STATE_ZERO);
+    let one = c
+        .block_status(0, 16 << 20, NBD_CMD_FLAG_REQ_ONE)
+        .unwrap()
+        .unwrap();
+    assert!(one.iter().all(|(_, e)| e.len() == 1), "{one:?}");
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn broken_handshakes_end_that_connection_only() {
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(s.dir(), On::Unix, "vm", &["-t", "-e", "0"], "a.qcow2");
+    // No fixed newstyle, unknown client flags, a bad option magic, an
+    // unknown export through NBD_OPT_EXPORT_NAME: each is hung up on.
+    for (what, flags, after) in [
+        ("no fixed newstyle", 0u32, Vec::new()),
+        (
+            "unknown client flags",
+            NBD_FLAG_C_FIXED_NEWSTYLE | 0x80,
+            Vec::new(),
+        ),
+        ("bad option magic", NBD_FLAG_C_FIXED_NEWSTYLE, {
+            let mut o = encode_option(NBD_OPT_LIST, &[]);
+            o[0] ^= 0xff;
+            o
+        }),
+        (
+            "unknown export",
+            NBD_FLAG_C_FIXED_NEWSTYLE,
+            encode_option(NBD_OPT_EXPORT_NAME, b"nope"),
+        ),
+    ] {
+        let mut c = connect(&srv);
+        c.read_greeting().unwrap();
+        c.send_client_flags(flags).unwrap();
+        c.send(&after).unwrap();
+        let rest = c.read_to_eof().unwrap_or_default();
+        assert!(
+            rest.is_empty(),
+            "{what}: {} bytes before the hang-up",
+            rest.len()
+        );
+    }
+    // A flood of connections that go away at once, or mid-greeting.
+    for i in 0..100 {
+        let mut c = connect(&srv);
+        if i % 2 == 0 {
+            c.read_greeting().unwrap();
+        }
+    }
+    // The server still serves, and nothing was written.
+    let mut c = ready(&srv, "vm", &[]);
+    assert!(c
+        .read(0, 1 << 20)
+        .unwrap()
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0x5a));
+    c.disconnect().unwrap();
+    drop(srv);
+    assert_unchanged(&s);
+}
+
+#[test]
+fn malformed_requests_get_errors_and_change_nothing() {
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(s.dir(), On::Tcp, "", &["-t", "-e", "2"], "a.qcow2");
+    let mut c = ready(&srv, "", &[]);
+    let size = 16u64 << 20;
+    assert_eq!(
+        c.read(size - 10, 20).unwrap(),
+        Err(NBD_EINVAL),
+        "read past the end"
+    );
+    assert_eq!(
+        c.write(size, &[1], false).unwrap(),
+        Err(NBD_EINVAL),
+        "write past the end"
+    );
+    assert_eq!(
+        c.write_zeroes(u64::MAX - 10, 20, 0).unwrap(),
+        Err(NBD_EINVAL),
+        "offset overflow"
+    );
+    assert_eq!(c.trim(size - 1, 2).unwrap(), Err(NBD_EINVAL));
+    assert_eq!(
+        c.read(0, (32 << 20) + 1).unwrap(),
+        Err(NBD_EOVERFLOW),
+        "over the maximum block size"
+    );
+    assert_eq!(
+        c.command(0, 42, 0, 512).unwrap(),
+        Err(NBD_EINVAL),
+        "unknown command"
+    );
+    assert_eq!(
+        c.command(NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, 0, 0)
+            .unwrap(),
+        Err(NBD_EINVAL),
+        "a flag the command does not take"
+    );
+    assert_eq!(
+        c.block_status(0, 4096, 0).unwrap(),
+        Err(NBD_EINVAL),
+        "no context selected"
+    );
+    // A write longer than the maximum: its 33 MiB payload is read and
+    // dropped, the request refused, the connection goes on.
+    let cookie = c.next_cookie();
+    let big = vec![0xeeu8; (33 << 20) as usize];
+    c.request_with_payload(0, NBD_CMD_WRITE, cookie, 0, &big)
+        .unwrap();
+    assert_eq!(
+        c.finish_command(cookie, NBD_CMD_WRITE).unwrap(),
+        Err(NBD_EOVERFLOW)
+    );
+    // FAST_ZERO: refused where zeroing would write data.
+    assert_eq!(
+        c.write_zeroes(100, 4096, NBD_CMD_FLAG_FAST_ZERO).unwrap(),
+        Err(NBD_ENOTSUP)
+    );
+    assert!(c
+        .read(0, 1 << 20)
+        .unwrap()
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0x5a));
+    // A second client meanwhile, then a request with a bad magic: only
+    // that connection ends.
+    let mut other = ready(&srv, "", &[]);
+    let mut req = encode_request(0, NBD_CMD_READ, 7, 0, 512);
+    req[0] ^= 1;
+    c.send(&req).unwrap();
+    let _ = c.read_to_eof();
+    assert!(other
+        .read(8 << 20, 65536)
+        .unwrap()
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0x6b));
+    other.disconnect().unwrap();
+    drop(srv);
+    assert_unchanged(&s);
+
+    // A read-only export refuses changes with EPERM (a write's payload is
+    // still read: the connection goes on).
+    let srv = Served::ours(s.dir(), On::Unix, "ro", &["-r", "-t"], "a.qcow2");
+    let mut c = ready(&srv, "ro", &[]);
+    assert_eq!(c.write(0, &[1; 4096], true).unwrap(), Err(NBD_EPERM));
+    assert_eq!(c.write_zeroes(0, 4096, 0).unwrap(), Err(NBD_EPERM));
+    assert_eq!(c.trim(0, 4096).unwrap(), Err(NBD_EPERM));
+    assert_eq!(c.flush().unwrap(), Ok(()));
+    assert!(c.read(0, 4096).unwrap().unwrap().iter().all(|b| *b == 0x5a));
+    c.disconnect().unwrap();
+    drop(srv);
+    assert_unchanged(&s);
+}
+
+#[test]
+fn silent_clients_are_dropped_after_the_handshake_limit() {
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(
+        s.dir(),
+        On::Unix,
+        "",
+        &["-t", "--handshake-limit", "1"],
+        "a.qcow2",
+    );
+    let start = Instant::now();
+    let mut idle = connect(&srv);
+    idle.read_greeting().unwrap();
+    // It says nothing more: the server hangs up after about a second.
+    let rest = idle.read_to_eof().unwrap_or_default();
+    assert!(rest.is_empty());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(20),
+        "hung up after {took:?}"
+    );
+    // With its slot free again (-e 1), the next client is served.
+    let mut c = ready(&srv, "", &[]);
+    assert!(c.read(0, 512).unwrap().is_ok());
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn clients_past_the_limit_wait_for_a_free_slot() {
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(s.dir(), On::Unix, "", &["-t", "-e", "2"], "a.qcow2");
+    let mut a = ready(&srv, "", &[]);
+    let b = ready(&srv, "", &[]);
+    // The third waits in the backlog: no greeting while both are served.
+    let mut third = connect(&srv);
+    third.set_timeout(Duration::from_millis(300)).unwrap();
+    let early = third.read_greeting();
+    assert!(
+        early.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        )),
+        "greeted while two clients are served: {early:?}"
+    );
+    drop(b);
+    third.set_timeout(Duration::from_secs(30)).unwrap();
+    third.read_greeting().unwrap();
+    assert!(a.read(0, 512).unwrap().is_ok());
+    a.disconnect().unwrap();
+}
+
+/// VmHWM of a process, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_client_that_stops_reading_stalls_only_itself() {
+    let s = Scratch::new();
+    qemu_create(s.dir(), "a.qcow2", "", "64M");
+    qemu_io(s.dir(), "a.qcow2", &["write -P 0x3c 0 64M"]);
+    let srv = Served::ours(s.dir(), On::Unix, "", &["-r", "-t", "-e", "3"], "a.qcow2");
+    // 300 reads of 32 MiB (9.4 GiB of replies) sent, none read.
+    let mut greedy = ready(&srv, "", &[]);
+    let mut all = Vec::new();
+    for i in 0..300u64 {
+        all.extend_from_slice(&encode_request(
+            0,
+            NBD_CMD_READ,
+            i,
+            (i % 2) * (32 << 20),
+            32 << 20,
+        ));
+    }
+    greedy.send(&all).unwrap();
+    // Others are served in full meanwhile.
+    let out = s.path("out.raw");
+    let start = Instant::now();
+    qemu_img(
+        s.dir(),
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &srv.uri,
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&out).unwrap().iter().all(|b| *b == 0x3c));
+    assert!(start.elapsed() < Duration::from_secs(120));
+    // The stalled client's buffers stay within its budget: the server's
+    // peak is far below the replies it was asked for.
+    let peak = peak_kib(srv.pid());
+    assert!(peak < 400 << 10, "server peak {peak} KiB");
+    greedy.shutdown().unwrap();
+    let mut c = ready(&srv, "", &[]);
+    assert!(c.read(0, 4096).unwrap().is_ok());
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn a_client_vanishing_mid_write_leaves_the_image_as_it_was() {
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(s.dir(), On::Unix, "", &["-t", "-e", "2"], "a.qcow2");
+    for cut in [0usize, 1, 4096, (512 << 10) + 3] {
+        let mut c = ready(&srv, "", &[]);
+        let req = encode_request(NBD_CMD_FLAG_FUA, NBD_CMD_WRITE, 1, 2 << 20, 1 << 20);
+        c.send(&req).unwrap();
+        c.send(&vec![0x99u8; cut]).unwrap();
+        c.shutdown().unwrap();
+    }
+    // Also a header cut short.
+    let mut c = ready(&srv, "", &[]);
+    c.send(&encode_request(0, NBD_CMD_WRITE, 1, 0, 4096)[..10])
+        .unwrap();
+    c.shutdown().unwrap();
+    let mut c = ready(&srv, "", &[]);
+    assert!(c
+        .read(2 << 20, 1 << 20)
+        .unwrap()
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
+    c.flush().unwrap().unwrap();
+    c.disconnect().unwrap();
+    drop(srv);
+    assert_unchanged(&s);
+}
+
+/// What a 4 KiB block may hold after a crash: what it held at the last
+/// completed flush, or what any write since then put there.
+#[derive(Clone)]
+struct Block {
+    durable: u8,
+    since: Vec<u8>,
+}
+
+#[test]
+fn a_server_killed_mid_workload_keeps_every_flushed_write() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let seed = seed_or("nbd kill -9", "QCOWKIT_SEED", now);
+    let mut rng = SplitMix64::new(seed);
+    const BLOCK: u64 = 4096;
+    const BLOCKS: u64 = 2048; // 8 MiB
+    for (round, opts) in [
+        "",
+        "extended_l2=on",
+        "cluster_size=4k",
+        "compat=0.10",
+        "",
+        "refcount_bits=1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = Scratch::new();
+        qemu_create(s.dir(), "k.qcow2", opts, BLOCKS * BLOCK);
+        let srv_args: &[&str] = if round % 2 == 0 {
+            &["--discard=unmap"]
+        } else {
+            &[]
+        };
+        let mut srv = Served::ours(s.dir(), On::Unix, "", srv_args, "k.qcow2");
+        let mut c = ready(&srv, "", &[]);
+        let mut model = vec![
+            Block {
+                durable: 0,
+                since: Vec::new()
+            };
+            BLOCKS as usize
+        ];
+        let ops = 50 + rng.below(250);
+        for op in 0..ops {
+            let start = rng.below(BLOCKS);
+            let n = (1 + rng.below(48)).min(BLOCKS - start);
+            let kind = rng.below(10);
+            let pattern = 1 + (op % 250) as u8;
+            let (offset, len) = (start * BLOCK, (n * BLOCK) as u32);
+            let value = match kind {
+                0 => {
+                    c.write_zeroes(offset, len, 0).unwrap().unwrap();
+                    0
+                }
+                1 if round % 2 == 0 => {
+                    // Trims with --discard=unmap, of whole 64 KiB (so whole
+                    // clusters, whatever their size): zeros afterwards.
+                    let start = start - start % 16;
+                    let n = 16 * (1 + rng.below(4)).min((BLOCKS - start) / 16);
+                    c.trim(start * BLOCK, (n * BLOCK) as u32).unwrap().unwrap();
+                    for b in start..start + n {
+                        model[b as usize].since.push(0);
+                    }
+                    continue;
+                }
+                2 => {
+                    c.flush().unwrap().unwrap();
+                    for m in model.iter_mut() {
+                        if let Some(v) = m.since.last() {
+                            m.durable = *v;
+                        }
+                        m.since.clear();
+                    }
+                    continue;
+                }
+                _ => {
+                    c.write(offset, &vec![pattern; len as usize], rng.below(8) == 0)
+                        .unwrap()
+                        .unwrap();
+                    pattern
+                }
+            };
+            for b in start..start + n {
+                model[b as usize].since.push(value);
+            }
+        }
+        // Requests in flight when the server dies.
+        for i in 0..8u64 {
+            let start = rng.below(BLOCKS - 16);
+            let payload = vec![0xf0 + i as u8; 16 * BLOCK as usize];
+            c.request_with_payload(0, NBD_CMD_WRITE, 1000 + i, start * BLOCK, &payload)
+                .unwrap();
+            for b in start..start + 16 {
+                model[b as usize].since.push(0xf0 + i as u8);
+            }
+        }
+        srv.kill9();
+        let check = run_in(s.dir(), "qemu-img", &["check", "k.qcow2"]);
+        let code = check.status.code();
+        assert!(
+            code == Some(0) || code == Some(3),
+            "round {round} ({opts}), seed {seed}: qemu-img check exit {code:?}: {}",
+            output_text(&check)
+        );
+        qemu_img(s.dir(), &["convert", "-O", "raw", "k.qcow2", "k.raw"]);
+        let got = std::fs::read(s.path("k.raw")).unwrap();
+        for (i, m) in model.iter().enumerate() {
+            let block = &got[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+            let ok = [m.durable]
+                .iter()
+                .chain(&m.since)
+                .any(|v| block.iter().all(|b| b == v));
+            assert!(
+                ok,
+                "round {round} ({opts}), seed {seed}: block {i} holds {:#04x}.., durable {:#04x}, since {:?}",
+                block[0], m.durable, m.since
+            );
+        }
+    }
+}

@@ -21,12 +21,15 @@ fi
 # Partition and file system tools: tests/tests/contents.rs makes disks with
 # them and compares what we report with what they say (blkid, sfdisk --json,
 # dumpe2fs, xfs_db, cryptsetup luksDump); scripts/test-firmware.sh uses
-# mkfs.ext4, mkswap and blkid.
+# mkfs.ext4, mkswap and blkid. libnbd's nbdinfo and nbdcopy are clients of
+# the NBD server's tests (tests/tests/nbd*.rs), openssl makes their TLS
+# certificates.
 missing=""
 for pair in sfdisk:fdisk fdisk:fdisk sgdisk:gdisk blkid:util-linux mkswap:util-linux \
             mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs mkfs.vfat:dosfstools mkfs.exfat:exfatprogs \
             mkfs.ntfs:ntfs-3g mkfs.xfs:xfsprogs xfs_db:xfsprogs mkfs.btrfs:btrfs-progs \
-            genisoimage:genisoimage cryptsetup:cryptsetup-bin; do
+            genisoimage:genisoimage cryptsetup:cryptsetup-bin \
+            nbdinfo:libnbd-bin nbdcopy:libnbd-bin openssl:openssl; do
   if ! need "${pair%%:*}" && [ ! -x "/usr/sbin/${pair%%:*}" ] && [ ! -x "/sbin/${pair%%:*}" ]; then
     case " $missing " in *" ${pair#*:} "*) ;; *) missing="$missing ${pair#*:}" ;; esac
   fi

@@ -171,9 +171,18 @@ struct TlsWriter {
 impl Write for TlsWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut c = lock(&self.conn);
-        c.writer().write_all(buf)?;
-        while c.wants_write() {
-            c.write_tls(&mut self.sock)?;
+        // The session takes as much plaintext as its buffer holds: encrypt
+        // and send that, then take more.
+        let mut done = 0;
+        while done < buf.len() {
+            let n = c.writer().write(&buf[done..])?;
+            while c.wants_write() {
+                c.write_tls(&mut self.sock)?;
+            }
+            if n == 0 && !c.wants_write() {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n;
         }
         Ok(buf.len())
     }

@@ -223,6 +223,9 @@ fn open_backend(a: &Args, format: Option<Format>, cache: CacheMode) -> Result<Ba
         let opts = DiskOptions {
             format,
             qcow2: open_options(),
+            // Clients ask for what they want, several requests at once:
+            // a window per handle would read the same data ahead twice.
+            read_ahead: 0,
             ..DiskOptions::default()
         };
         let mut disks = Vec::new();

@@ -66,7 +66,8 @@ pub enum Backend {
 
 enum Store {
     Pool {
-        free: Mutex<Vec<Disk>>,
+        /// The free handles, and how many requests wait for one.
+        free: Mutex<(Vec<Disk>, usize)>,
         returned: Condvar,
     },
     Qcow2(Mutex<Box<WritableImage<FileIo>>>),
@@ -177,7 +178,7 @@ impl Export {
                 };
                 let size = first.size();
                 let store = Store::Pool {
-                    free: Mutex::new(disks),
+                    free: Mutex::new((disks, 0)),
                     returned: Condvar::new(),
                 };
                 (size, cluster, true, store)
@@ -263,34 +264,63 @@ impl Export {
         Ok(())
     }
 
-    /// Runs `f` on a read handle of the pool.
-    fn with_disk<T>(&self, f: impl FnOnce(&mut Disk) -> Result<T, OpError>) -> Result<T, OpError> {
-        let Store::Pool { free, returned } = &self.store else {
-            return Err(OpError::new(proto::EIO, "not a read-only export"));
-        };
-        let mut disk = {
-            let mut g = lock(free);
-            loop {
-                if let Some(d) = g.pop() {
-                    break d;
+    /// The image for one request: a handle of the pool (waiting for one
+    /// when all are busy), or the writable image's lock. Held for the
+    /// whole request, so a request costs one hand-over, not one per piece.
+    fn handle(&self) -> Handle<'_> {
+        match &self.store {
+            Store::Pool { free, returned } => {
+                let mut g = lock(free);
+                loop {
+                    if let Some(d) = g.0.pop() {
+                        return Handle::Disk(Some(d), free, returned);
+                    }
+                    g.1 += 1;
+                    g = returned.wait(g).unwrap_or_else(|p| p.into_inner());
+                    g.1 -= 1;
                 }
-                g = returned.wait(g).unwrap_or_else(|p| p.into_inner());
             }
-        };
-        let r = f(&mut disk);
-        lock(free).push(disk);
-        returned.notify_one();
-        r
+            Store::Qcow2(m) => Handle::Qcow2(lock(m)),
+            Store::Raw(m) => Handle::Raw(lock(m)),
+        }
     }
 
     /// Reads guest bytes.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_range(offset, buf.len() as u64)?;
-        match &self.store {
-            Store::Pool { .. } => self.with_disk(|d| Ok(d.read_at(offset, buf)?)),
-            Store::Qcow2(m) => Ok(lock(m).read_at(offset, buf)?),
-            Store::Raw(m) => Ok(lock(m).read_at(offset, buf)?),
+        self.handle().read(offset, buf)
+    }
+
+    /// Reads `buf.len()` guest bytes at `offset` for a structured reply:
+    /// the ranges reading as zeros (from block status, at most
+    /// `max_extents` runs) are left zero in `buf` and returned as `(start
+    /// in buf, length, zero)` pieces covering `buf`, the others read.
+    pub fn read_sparse(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        max_extents: usize,
+    ) -> Result<Vec<(u64, u64, bool)>, OpError> {
+        let len = buf.len() as u64;
+        self.check_range(offset, len)?;
+        let mut h = self.handle();
+        let extents = h.extents(offset, len, max_extents)?;
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::with_capacity(extents.len() + 1);
+        let mut at = 0u64;
+        for e in &extents {
+            pieces.push((at, e.len, e.zero));
+            at += e.len;
         }
+        if at < len {
+            // Past the extents' limit: read as data.
+            pieces.push((at, len - at, false));
+        }
+        for &(at, n, zero) in &pieces {
+            if !zero {
+                h.read(offset + at, &mut buf[at as usize..(at + n) as usize])?;
+            }
+        }
+        Ok(pieces)
     }
 
     /// Block status of `[offset, offset + len)` as extents (adjacent ones
@@ -298,39 +328,7 @@ impl Export {
     /// less than `len` when `max` is reached.
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, OpError> {
         self.check_range(offset, len)?;
-        let status = |offset: u64, len: u64| -> Result<(BlockStatus, u64), OpError> {
-            match &self.store {
-                Store::Pool { .. } => self.with_disk(|d| Ok(d.block_status(offset, len)?)),
-                Store::Qcow2(m) => Ok(lock(m).block_status(offset, len)?),
-                Store::Raw(m) => {
-                    let mut io = lock(m);
-                    Ok(qcowkit_core::map::raw_status(&mut *io, offset, len, 0)?)
-                }
-            }
-        };
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let (s, n) = status(pos, end - pos)?;
-            if n == 0 {
-                return Err(OpError::new(proto::EIO, "block status made no progress"));
-            }
-            let n = n.min(end - pos);
-            let e = Extent::of(&s, n);
-            let full = out.len() >= max;
-            match out.last_mut() {
-                Some(last)
-                    if last.hole == e.hole && last.zero == e.zero && last.depth == e.depth =>
-                {
-                    last.len += n;
-                }
-                _ if full => break,
-                _ => out.push(e),
-            }
-            pos += n;
-        }
-        Ok(out)
+        self.handle().extents(offset, len, max)
     }
 
     /// Writes guest bytes; with `fua`, durable before returning.
@@ -457,6 +455,75 @@ impl Export {
     pub fn close(&self) -> Result<(), OpError> {
         self.closing.store(true, Ordering::SeqCst);
         self.flush()
+    }
+}
+
+/// The image held for one request (see [`Export::handle`]).
+enum Handle<'a> {
+    /// A handle of a read-only export's pool, given back on drop.
+    Disk(Option<Disk>, &'a Mutex<(Vec<Disk>, usize)>, &'a Condvar),
+    Qcow2(MutexGuard<'a, Box<WritableImage<FileIo>>>),
+    Raw(MutexGuard<'a, FileIo>),
+}
+
+impl Handle<'_> {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), OpError> {
+        match self {
+            Handle::Disk(Some(d), ..) => Ok(d.read_at(offset, buf)?),
+            Handle::Disk(None, ..) => Err(OpError::new(proto::EIO, "no image handle")),
+            Handle::Qcow2(img) => Ok(img.read_at(offset, buf)?),
+            Handle::Raw(io) => Ok(io.read_at(offset, buf)?),
+        }
+    }
+
+    fn status(&mut self, offset: u64, len: u64) -> Result<(BlockStatus, u64), OpError> {
+        match self {
+            Handle::Disk(Some(d), ..) => Ok(d.block_status(offset, len)?),
+            Handle::Disk(None, ..) => Err(OpError::new(proto::EIO, "no image handle")),
+            Handle::Qcow2(img) => Ok(img.block_status(offset, len)?),
+            Handle::Raw(io) => Ok(qcowkit_core::map::raw_status(&mut **io, offset, len, 0)?),
+        }
+    }
+
+    /// Block status as merged extents (see [`Export::extents`]).
+    fn extents(&mut self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, OpError> {
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let (s, n) = self.status(pos, end - pos)?;
+            if n == 0 {
+                return Err(OpError::new(proto::EIO, "block status made no progress"));
+            }
+            let n = n.min(end - pos);
+            let e = Extent::of(&s, n);
+            let full = out.len() >= max;
+            match out.last_mut() {
+                Some(last)
+                    if last.hole == e.hole && last.zero == e.zero && last.depth == e.depth =>
+                {
+                    last.len += n;
+                }
+                _ if full => break,
+                _ => out.push(e),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Handle<'_> {
+    fn drop(&mut self) {
+        if let Handle::Disk(d, free, returned) = self {
+            if let Some(d) = d.take() {
+                let mut g = lock(free);
+                g.0.push(d);
+                if g.1 > 0 {
+                    returned.notify_one();
+                }
+            }
+        }
     }
 }
 

@@ -17,9 +17,8 @@
 //! - [`tls`]: QEMU's `tls-creds-x509` directory read into rustls;
 //! - [`server`]: listening, accepting, client limits.
 //!
-//! Memory: each connection has at most [`transmit::MAX_IN_FLIGHT`]
-//! requests and [`transmit::CONNECTION_BUDGET`] bytes of request data in
-//! flight (requests longer than [`export::MAX_REQUEST`] are refused
+//! Memory: each connection has at most [`transmit::WORKERS`] requests
+//! and [`transmit::CONNECTION_BUDGET`] bytes of request data in flight (requests longer than [`export::MAX_REQUEST`] are refused
 //! without being stored), and at most [`server::MAX_CLIENTS`] clients are
 //! served at once, so request buffers stay under 64 MiB per client
 //! whatever clients send.

@@ -1,21 +1,18 @@
-//! The transmission phase: requests are read by the connection's thread
-//! and carried out by a few worker threads of the connection, each
-//! writing its own reply (NBD replies may come in any order). A client
-//! has at most [`MAX_IN_FLIGHT`] requests and [`CONNECTION_BUDGET`] bytes
-//! of request data in flight; past that the reader waits, so a client
-//! sending faster than it reads replies only slows itself.
+//! The transmission phase: a few worker threads per connection take turns
+//! reading requests, and each carries out the request it read and writes
+//! its reply (NBD replies may come in any order). A client has at most
+//! [`WORKERS`] requests being carried out and [`CONNECTION_BUDGET`] bytes
+//! of request data in flight; past that its next request is not read, so
+//! a client sending faster than it reads replies only slows itself.
 
 use std::io::{self, Read, Write};
-use std::sync::mpsc;
 use std::sync::{Condvar, Mutex};
 
-use super::export::{lock, Export, Extent, OpError, MAX_REQUEST};
+use super::export::{lock, Export, OpError, MAX_REQUEST};
 use super::handshake::{Context, Session};
 use super::proto::{self, Request};
 use super::stream::Writer;
 
-/// Requests one connection may have in flight.
-pub const MAX_IN_FLIGHT: usize = 16;
 /// Bytes of request and reply data one connection may have in flight:
 /// two requests of the largest size.
 pub const CONNECTION_BUDGET: u64 = 2 * MAX_REQUEST as u64;
@@ -26,7 +23,8 @@ pub const MAX_EXTENTS: usize = 2048;
 
 /// A counted budget: `take` waits until the amount fits.
 pub struct Budget {
-    used: Mutex<(u64, usize)>,
+    /// Bytes and requests taken, and whether someone waits.
+    used: Mutex<(u64, usize, bool)>,
     freed: Condvar,
     bytes: u64,
     count: usize,
@@ -36,7 +34,7 @@ impl Budget {
     /// A budget of `bytes` and `count` requests.
     pub fn new(bytes: u64, count: usize) -> Budget {
         Budget {
-            used: Mutex::new((0, 0)),
+            used: Mutex::new((0, 0, false)),
             freed: Condvar::new(),
             bytes,
             count,
@@ -49,6 +47,7 @@ impl Budget {
     pub fn take(&self, n: u64) {
         let mut g = lock(&self.used);
         while g.1 > 0 && (g.0 + n > self.bytes || g.1 >= self.count) {
+            g.2 = true;
             g = self.freed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.0 += n;
@@ -60,7 +59,10 @@ impl Budget {
         let mut g = lock(&self.used);
         g.0 = g.0.saturating_sub(n);
         g.1 = g.1.saturating_sub(1);
-        self.freed.notify_all();
+        if g.2 {
+            g.2 = false;
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -83,18 +85,30 @@ pub enum End {
     Io(io::Error),
 }
 
+/// The reading half of a connection, taken in turn by its workers.
+struct Input {
+    reader: Box<dyn Read + Send>,
+    /// Set by the worker that met the end; the others stop at it.
+    end: Option<End>,
+}
+
 /// Serves requests of `session` on `export` until the client leaves.
 /// `close` is called to wake the reader when a reply cannot be written.
+///
+/// [`WORKERS`] threads (this one among them) take turns at reading: the
+/// one holding the reading half reads the next request, lets go of it and
+/// carries the request out itself, writing its reply, while the next one
+/// reads on. A request thus never waits for a hand-over between threads,
+/// and up to [`WORKERS`] run at once.
 pub fn serve(session: Session, export: &Export, close: &(dyn Fn() + Sync)) -> End {
     let Session {
-        mut reader,
+        reader,
         writer,
         structured,
         contexts,
     } = session;
-    let budget = Budget::new(CONNECTION_BUDGET, MAX_IN_FLIGHT);
-    let (tx, rx) = mpsc::sync_channel::<Job>(MAX_IN_FLIGHT);
-    let rx = Mutex::new(rx);
+    let budget = Budget::new(CONNECTION_BUDGET, WORKERS);
+    let input = Mutex::new(Input { reader, end: None });
     let ctx = Ctx {
         export,
         writer: &writer,
@@ -102,82 +116,84 @@ pub fn serve(session: Session, export: &Export, close: &(dyn Fn() + Sync)) -> En
         contexts: &contexts,
     };
     std::thread::scope(|s| {
-        for _ in 0..WORKERS {
-            s.spawn(|| loop {
-                let job = match lock(&rx).recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                let cost = job.cost;
-                let ok = ctx.run(job);
-                budget.give(cost);
-                if !ok {
-                    // The client is gone: stop reading its requests too.
-                    close();
-                }
-            });
+        for _ in 1..WORKERS {
+            s.spawn(|| ctx.work(&input, &budget, close));
         }
-        let end = read_requests(&mut reader, &ctx, &budget, &tx);
-        drop(tx);
-        end
-    })
+        ctx.work(&input, &budget, close);
+    });
+    let end = input.into_inner().unwrap_or_else(|p| p.into_inner()).end;
+    end.unwrap_or(End::Disconnected)
 }
 
-fn read_requests(
-    reader: &mut Box<dyn Read + Send>,
-    ctx: &Ctx<'_>,
-    budget: &Budget,
-    tx: &mpsc::SyncSender<Job>,
-) -> End {
-    loop {
-        let mut h = [0u8; proto::REQUEST_LEN];
-        match read_full(reader, &mut h) {
-            Ok(true) => {}
-            Ok(false) => return End::Disconnected,
-            Err(e) => return End::Io(e),
-        }
-        let req = match Request::decode(&h) {
-            Ok(r) => r,
-            Err(e) => return End::Protocol(e.0),
-        };
-        if req.command == proto::CMD_DISC {
-            return End::Disconnected;
-        }
-        let refused = ctx.validate(&req).err();
-        let mut payload = Vec::new();
-        let mut cost = 0;
-        if req.command == proto::CMD_WRITE {
-            if req.len > MAX_REQUEST {
-                // The payload is skipped, not stored.
-                if let Err(e) = io::copy(&mut reader.take(u64::from(req.len)), &mut io::sink()) {
-                    return End::Io(e);
+impl Ctx<'_> {
+    /// One worker: reads a request when its turn comes, then runs it.
+    fn work(&self, input: &Mutex<Input>, budget: &Budget, close: &(dyn Fn() + Sync)) {
+        loop {
+            let job = {
+                let mut inp = lock(input);
+                if inp.end.is_some() {
+                    return;
                 }
-            } else {
-                cost = u64::from(req.len);
-                budget.take(cost);
-                payload = vec![0u8; req.len as usize];
-                if let Err(e) = reader.read_exact(&mut payload) {
-                    budget.give(cost);
-                    return End::Io(e);
+                match next_job(&mut inp.reader, self, budget) {
+                    Ok(j) => j,
+                    Err(end) => {
+                        inp.end = Some(end);
+                        return;
+                    }
                 }
-            }
-        } else {
-            if refused.is_none() && matches!(req.command, proto::CMD_READ | proto::CMD_CACHE) {
-                cost = u64::from(req.len).min(u64::from(MAX_REQUEST));
-            }
-            budget.take(cost);
-        }
-        let job = Job {
-            req,
-            payload,
-            refused,
-            cost,
-        };
-        if tx.send(job).is_err() {
+            };
+            let cost = job.cost;
+            let ok = self.run(job);
             budget.give(cost);
-            return End::Disconnected;
+            if !ok {
+                // The client is gone: stop reading its requests too.
+                close();
+            }
         }
     }
+}
+
+/// Reads the next request (its payload too), taking its share of the
+/// budget first.
+fn next_job(reader: &mut Box<dyn Read + Send>, ctx: &Ctx<'_>, budget: &Budget) -> Result<Job, End> {
+    let mut h = [0u8; proto::REQUEST_LEN];
+    match read_full(reader, &mut h) {
+        Ok(true) => {}
+        Ok(false) => return Err(End::Disconnected),
+        Err(e) => return Err(End::Io(e)),
+    }
+    let req = Request::decode(&h).map_err(|e| End::Protocol(e.0))?;
+    if req.command == proto::CMD_DISC {
+        return Err(End::Disconnected);
+    }
+    let refused = ctx.validate(&req).err();
+    let mut payload = Vec::new();
+    let mut cost = 0;
+    if req.command == proto::CMD_WRITE {
+        if req.len > MAX_REQUEST {
+            // The payload is skipped, not stored.
+            io::copy(&mut reader.take(u64::from(req.len)), &mut io::sink()).map_err(End::Io)?;
+        } else {
+            cost = u64::from(req.len);
+            budget.take(cost);
+            payload = vec![0u8; req.len as usize];
+            if let Err(e) = reader.read_exact(&mut payload) {
+                budget.give(cost);
+                return Err(End::Io(e));
+            }
+        }
+    } else {
+        if refused.is_none() && matches!(req.command, proto::CMD_READ | proto::CMD_CACHE) {
+            cost = u64::from(req.len).min(u64::from(MAX_REQUEST));
+        }
+        budget.take(cost);
+    }
+    Ok(Job {
+        req,
+        payload,
+        refused,
+        cost,
+    })
 }
 
 /// Reads exactly `buf`; `Ok(false)` on a clean end of stream before its
@@ -337,40 +353,19 @@ impl Ctx<'_> {
             return self.send(&[&proto::done_chunk(r.cookie)]);
         }
         let df = r.flags & proto::CMD_FLAG_DF != 0;
+        let mut buf = vec![0u8; len];
         // Zero ranges become holes, unless the client wants one chunk.
-        let extents = if df {
-            vec![Extent {
-                len: u64::from(r.len),
-                hole: false,
-                zero: false,
-                depth: 1,
-            }]
+        let pieces = if df {
+            match self.export.read(r.offset, &mut buf) {
+                Ok(()) => vec![(0, u64::from(r.len), false)],
+                Err(e) => return self.reply_error(r, &e),
+            }
         } else {
-            match self.export.extents(r.offset, u64::from(r.len), MAX_EXTENTS) {
-                Ok(x) => x,
+            match self.export.read_sparse(r.offset, &mut buf, MAX_EXTENTS) {
+                Ok(p) => p,
                 Err(e) => return self.reply_error(r, &e),
             }
         };
-        let mut buf = vec![0u8; len];
-        let mut pieces: Vec<(u64, u64, bool)> = Vec::with_capacity(extents.len() + 1);
-        let mut at = 0u64;
-        for e in &extents {
-            pieces.push((at, e.len, e.zero));
-            at += e.len;
-        }
-        if at < u64::from(r.len) {
-            // Past the extents' limit: read as data.
-            pieces.push((at, u64::from(r.len) - at, false));
-        }
-        for &(at, n, zero) in &pieces {
-            if zero {
-                continue;
-            }
-            let range = at as usize..(at + n) as usize;
-            if let Err(e) = self.export.read(r.offset + at, &mut buf[range]) {
-                return self.reply_error(r, &e);
-            }
-        }
         let last = pieces.len() - 1;
         let mut w = lock(self.writer);
         for (i, &(at, n, zero)) in pieces.iter().enumerate() {

@@ -11,13 +11,7 @@ small=""
 if [ "${1:-}" = "--small-heap" ]; then small=1; shift; fi
 image=${1:?usage: scripts/firmware-demo.sh [--small-heap] IMAGE}
 
-if ! command -v qemu-system-arm >/dev/null 2>&1; then
-  echo "== installing qemu-system-arm (bookworm-backports, keeps qemu-img 10)" >&2
-  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
-  printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" \
-    > /etc/apt/sources.list.d/backports.sources
-  apt-get update -qq && apt-get install -y -qq -t bookworm-backports qemu-utils qemu-system-arm >&2
-fi
+"$root/scripts/install-qemu-system-arm.sh"
 if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
   rustup target add thumbv7em-none-eabihf >&2
 fi

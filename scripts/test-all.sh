@@ -38,6 +38,9 @@ if [ -n "$missing" ]; then
   echo "== installing$missing"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
 fi
+# qemu-system-arm: the firmware's machine, and a QEMU machine whose drive
+# is our NBD server (tests/tests/nbd.rs).
+scripts/install-qemu-system-arm.sh
 # Headless Chromium and its driver for the wasm tests in a browser worker.
 if ! need chromium || ! need chromedriver; then
   echo "== installing chromium and chromium-driver"

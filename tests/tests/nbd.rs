@@ -613,3 +613,91 @@ fn fork_returns_once_listening() {
         output_text(&bad)
     );
 }
+
+/// Runs a QEMU machine (paused, `-S`) whose drive `d0` is `drive`, gives
+/// its monitor `commands` (qemu-io on the drive), and returns what the
+/// monitor printed.
+fn qemu_machine(s: &Scratch, drive: &[&str], commands: &[&str]) -> String {
+    use std::io::Write;
+    let mut args = vec![
+        "-M",
+        "mps2-an386",
+        "-nographic",
+        "-S",
+        "-monitor",
+        "stdio",
+        "-serial",
+        "none",
+    ];
+    args.extend(drive);
+    let mut child = std::process::Command::new("qemu-system-arm")
+        .args(&args)
+        .current_dir(s.dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-arm (scripts/install-qemu-system-arm.sh installs it)");
+    let mut input = child.stdin.take().unwrap();
+    for c in commands {
+        writeln!(input, "{c}").unwrap();
+    }
+    writeln!(input, "quit").unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "qemu-system-arm: {text}");
+    text
+}
+
+#[test]
+fn a_qemu_machine_uses_the_export_as_its_drive() {
+    let s = Scratch::new();
+    chain(&s, "");
+    let srv = Served::ours(s.dir(), On::Unix, "vm", &["-t"], "top.qcow2");
+    let sock = srv.socket.clone().unwrap();
+    // -drive with the URI.
+    let drive = format!("file={},if=none,id=d0,format=raw", srv.uri);
+    let text = qemu_machine(
+        &s,
+        &["-drive", &drive],
+        &[
+            r#"qemu-io d0 "read -P 0xbb 512k 1M""#,
+            r#"qemu-io d0 "write -P 0x9d 30M 192k""#,
+            r#"qemu-io d0 "read -P 0x9d 30M 192k""#,
+            "info block",
+        ],
+    );
+    assert!(
+        text.contains("read 1048576/1048576 bytes at offset 524288"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wrote 196608/196608 bytes at offset 31457280"),
+        "{text}"
+    );
+    assert!(
+        text.contains("read 196608/196608 bytes at offset 31457280"),
+        "{text}"
+    );
+    assert!(!text.contains("failed"), "{text}");
+    // -blockdev with the options, as the README shows.
+    let blockdev = format!(
+        "driver=nbd,node-name=d0,server.type=unix,server.path={},export=vm",
+        sock.display()
+    );
+    let text = qemu_machine(
+        &s,
+        &["-blockdev", &blockdev],
+        &[
+            r#"qemu-io d0 "read -P 0x9d 30M 192k""#,
+            r#"qemu-io d0 "read -P 0xaa 0 512k""#,
+        ],
+    );
+    assert!(text.contains("read 196608/196608"), "{text}");
+    assert!(text.contains("read 524288/524288"), "{text}");
+    assert!(!text.contains("failed"), "{text}");
+    drop(srv);
+    assert_qemu_img_check(s.dir(), "top.qcow2");
+    qemu_io(s.dir(), "top.qcow2", &["read -P 0x9d 30M 192k"]);
+}

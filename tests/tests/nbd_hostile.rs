@@ -567,3 +567,92 @@ fn a_server_killed_mid_workload_keeps_every_flushed_write() {
         }
     }
 }
+
+#[test]
+fn zeroing_flags_and_cache_do_what_they_say() {
+    let s = Scratch::new();
+    qemu_create(s.dir(), "z.qcow2", "", "4M");
+    qemu_io(s.dir(), "z.qcow2", &["write -P 0x11 0 4M"]);
+    let srv = Served::ours(s.dir(), On::Unix, "", &["-t"], "z.qcow2");
+    let mut c = ready(&srv, "", &[BASE_ALLOCATION]);
+    // NO_HOLE: the host clusters stay; without it they are freed.
+    c.write_zeroes(0, 128 << 10, NBD_CMD_FLAG_NO_HOLE)
+        .unwrap()
+        .unwrap();
+    c.write_zeroes(1 << 20, 128 << 10, 0).unwrap().unwrap();
+    // FAST_ZERO: whole clusters are fast; a partial one would write data.
+    c.write_zeroes(2 << 20, 64 << 10, NBD_CMD_FLAG_FAST_ZERO)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        c.write_zeroes((3 << 20) + 512, 4096, NBD_CMD_FLAG_FAST_ZERO)
+            .unwrap(),
+        Err(NBD_ENOTSUP)
+    );
+    assert_eq!(c.cache(0, 4 << 20).unwrap(), Ok(()));
+    let bs = c.block_status(0, 4 << 20, 0).unwrap().unwrap();
+    assert_eq!(
+        bs[0].1[0],
+        (128 << 10, NBD_STATE_HOLE | NBD_STATE_ZERO),
+        "{bs:?}"
+    );
+    c.flush().unwrap().unwrap();
+    c.disconnect().unwrap();
+    drop(srv);
+    assert_qemu_img_check(s.dir(), "z.qcow2");
+    let map = json(&qemu_img(s.dir(), &["map", "--output=json", "z.qcow2"]));
+    let at = |offset: u64| {
+        map.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                let start = e["start"].as_u64().unwrap();
+                start <= offset && offset < start + e["length"].as_u64().unwrap()
+            })
+            .cloned()
+            .unwrap()
+    };
+    assert!(
+        at(0)["offset"].is_u64() && at(0)["zero"] == true,
+        "{}",
+        at(0)
+    );
+    assert!(at(1 << 20).get("offset").is_none() && at(1 << 20)["zero"] == true);
+    assert!(
+        at(3 << 20)["data"] == true,
+        "the refused zeroing wrote nothing"
+    );
+    qemu_io(
+        s.dir(),
+        "z.qcow2",
+        &[
+            "read -P 0 0 128k",
+            "read -P 0 1M 128k",
+            "read -P 0 2M 64k",
+            "read -P 0x11 3M 1M",
+        ],
+    );
+}
+
+/// Multi-conn: a flush on one connection makes the completed writes of
+/// every connection durable, even if the server is killed right after.
+#[test]
+fn a_flush_on_one_connection_covers_the_writes_of_all() {
+    let s = Scratch::new();
+    qemu_create(s.dir(), "m.qcow2", "", "8M");
+    let mut srv = Served::ours(s.dir(), On::Unix, "", &["-e", "3"], "m.qcow2");
+    let mut a = ready(&srv, "", &[]);
+    let mut b = ready(&srv, "", &[]);
+    let info = b.export().unwrap().transmission_flags;
+    assert!(info & NBD_FLAG_CAN_MULTI_CONN != 0);
+    a.write(0, &[0xa1; 65536 * 3], false).unwrap().unwrap();
+    b.write(1 << 20, &[0xb2; 4096], false).unwrap().unwrap();
+    b.flush().unwrap().unwrap();
+    srv.kill9();
+    assert_qemu_img_check(s.dir(), "m.qcow2");
+    qemu_io(
+        s.dir(),
+        "m.qcow2",
+        &["read -P 0xa1 0 192k", "read -P 0xb2 1M 4k"],
+    );
+}

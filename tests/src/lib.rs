@@ -34,8 +34,8 @@ pub use be::{get16, get32, get64, put16, put32, put64, set_bits64};
 pub use diff::{byte_diff, file_difference, first_difference, first_mismatch};
 pub use mem::{new_disk, new_image, Files};
 pub use qemu::{
-    assert_qemu_img_check, qemu_compressed, qemu_contents, qemu_create, qemu_image, qemu_img,
-    qemu_img_check, qemu_img_compare, qemu_info, qemu_io, qemu_overlay,
+    assert_qemu_img_check, map_entry_at, qemu_compressed, qemu_contents, qemu_create, qemu_image,
+    qemu_img, qemu_img_check, qemu_img_compare, qemu_info, qemu_io, qemu_overlay,
 };
 pub use rng::{announce_seed, env_seed, seed_or, Rng, SplitMix64, XorShift64};
 

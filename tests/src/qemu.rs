@@ -139,3 +139,18 @@ pub fn qemu_img_compare(cwd: &Path, a: &str, fa: &str, b: &str, fb: &str) -> Res
     let what = format!("compare {a} {b}");
     qemu_img_exits_0(cwd, &["compare", "-f", fa, "-F", fb, a, b], &what)
 }
+
+/// The entry of `qemu-img map --output=json`'s `map` (an array) covering
+/// guest `offset`.
+pub fn map_entry_at(map: &serde_json::Value, offset: u64) -> serde_json::Value {
+    map.as_array()
+        .expect("a map is an array")
+        .iter()
+        .find(|e| {
+            let start = e["start"].as_u64().unwrap_or(u64::MAX);
+            let len = e["length"].as_u64().unwrap_or(0);
+            start <= offset && offset < start.saturating_add(len)
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no map entry covers {offset}: {map}"))
+}

@@ -581,14 +581,27 @@ fn fork_returns_once_listening() {
         ],
     );
     assert!(out.status.success(), "{}", output_text(&out));
+    // The pid file is written before --fork returns.
+    let daemon: u32 = std::fs::read_to_string(&pid)
+        .map(|t| t.trim().parse().unwrap())
+        .unwrap();
+    /// Kills the daemon if the test ends before it does.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if std::path::Path::new(&format!("/proc/{}", self.0)).exists() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &self.0.to_string()])
+                    .status();
+            }
+        }
+    }
+    let _reap = Reap(daemon);
     // Listening when --fork returned: the client connects at once.
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let info = ok_in(s.dir(), "qemu-img", &["info", "--output=json", &uri]);
     assert_eq!(json(&info)["virtual-size"], 1 << 20);
     // The daemon ends with its only client; its pid file goes with it.
-    let daemon: u32 = std::fs::read_to_string(&pid)
-        .map(|t| t.trim().parse().unwrap())
-        .unwrap_or(0);
     let start = std::time::Instant::now();
     while pid.exists() && start.elapsed() < Duration::from_secs(60) {
         std::thread::park_timeout(Duration::from_millis(5));

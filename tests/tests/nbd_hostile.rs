@@ -601,17 +601,7 @@ fn zeroing_flags_and_cache_do_what_they_say() {
     drop(srv);
     assert_qemu_img_check(s.dir(), "z.qcow2");
     let map = json(&qemu_img(s.dir(), &["map", "--output=json", "z.qcow2"]));
-    let at = |offset: u64| {
-        map.as_array()
-            .unwrap()
-            .iter()
-            .find(|e| {
-                let start = e["start"].as_u64().unwrap();
-                start <= offset && offset < start + e["length"].as_u64().unwrap()
-            })
-            .cloned()
-            .unwrap()
-    };
+    let at = |offset: u64| map_entry_at(&map, offset);
     assert!(
         at(0)["offset"].is_u64() && at(0)["zero"] == true,
         "{}",

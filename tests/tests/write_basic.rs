@@ -90,17 +90,7 @@ fn zeroing_keeps_or_frees_host_clusters_as_asked() {
         let name = format!("{label}.qcow2");
         save_and_check(&s, &name, img);
         let map = json(&qemu_img(s.dir(), &["map", "--output=json", &name]));
-        let at = |offset: u64| {
-            map.as_array()
-                .unwrap()
-                .iter()
-                .find(|e| {
-                    let start = e["start"].as_u64().unwrap();
-                    start <= offset && offset < start + e["length"].as_u64().unwrap()
-                })
-                .cloned()
-                .unwrap()
-        };
+        let at = |offset: u64| map_entry_at(&map, offset);
         let kept = at(0);
         let freed = at(1 << 20);
         if v3 {

@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
     /// Writes go to a temporary overlay, deleted at exit; the image is
-    /// not changed.
+    /// not changed (with `-r`, nothing to write: no overlay).
     #[arg(short = 's', long = "snapshot")]
     pub snapshot: bool,
     /// Serve this internal snapshot (ID or name), read-only.
@@ -216,10 +216,11 @@ fn pool_size() -> usize {
 fn open_backend(a: &Args, format: Option<Format>, cache: CacheMode) -> Result<Backend, String> {
     let path = Path::new(&a.filename);
     let could_not = |e: &dyn std::fmt::Display| format!("Could not open '{}': {e}", a.filename);
-    if a.snapshot {
+    let read_only = a.read_only || a.load_snapshot.is_some();
+    if a.snapshot && !read_only {
         return snapshot_overlay(a, format, cache);
     }
-    if a.read_only || a.load_snapshot.is_some() {
+    if read_only {
         let opts = DiskOptions {
             format,
             qcow2: open_options(),

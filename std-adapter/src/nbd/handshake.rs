@@ -98,6 +98,25 @@ fn skip(r: &mut Reader, n: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// An option's decoded data naming an export: `Some` when it decoded and
+/// names `export`; otherwise the refusal (`NBD_REP_ERR_INVALID`,
+/// `NBD_REP_ERR_UNKNOWN`) is sent and `None` returned.
+fn for_export<T>(
+    w: &Writer,
+    option: u32,
+    export: &str,
+    decoded: Result<(String, T), Malformed>,
+) -> io::Result<Option<T>> {
+    match decoded {
+        Err(e) => reply(w, option, proto::REP_ERR_INVALID, e.0.as_bytes()).map(|()| None),
+        Ok((name, _)) if name != export => {
+            let msg = format!("export '{name}' not present");
+            reply(w, option, proto::REP_ERR_UNKNOWN, msg.as_bytes()).map(|()| None)
+        }
+        Ok((_, r)) => Ok(Some(r)),
+    }
+}
+
 /// The contexts a query names. Namespace-wide queries (`base:`, `qemu:`)
 /// list every context of the namespace but select none, as QEMU answers.
 fn matching(query: &str, listing: bool, depth: bool) -> Vec<Context> {
@@ -228,18 +247,10 @@ pub fn negotiate(
                 encrypted = true;
             }
             proto::OPT_INFO | proto::OPT_GO => {
-                let req = match proto::InfoRequest::decode(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        invalid(&writer, &e.0)?;
-                        continue;
-                    }
-                };
-                if req.name != name {
-                    let msg = format!("export '{}' not present", req.name);
-                    reply(&writer, option, proto::REP_ERR_UNKNOWN, msg.as_bytes())?;
+                let decoded = proto::InfoRequest::decode(&data).map(|r| (r.name.clone(), r));
+                let Some(req) = for_export(&writer, option, &name, decoded)? else {
                     continue;
-                }
+                };
                 let info = proto::info_export(export.size(), export.transmission_flags());
                 reply(&writer, option, proto::REP_INFO, &info)?;
                 if req.infos.contains(&proto::INFO_NAME) {
@@ -285,18 +296,10 @@ pub fn negotiate(
                     )?;
                     continue;
                 }
-                let req = match proto::MetaRequest::decode(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        invalid(&writer, &e.0)?;
-                        continue;
-                    }
-                };
-                if req.name != name {
-                    let msg = format!("export '{}' not present", req.name);
-                    reply(&writer, option, proto::REP_ERR_UNKNOWN, msg.as_bytes())?;
+                let decoded = proto::MetaRequest::decode(&data).map(|r| (r.name.clone(), r));
+                let Some(req) = for_export(&writer, option, &name, decoded)? else {
                     continue;
-                }
+                };
                 let mut found: Vec<Context> = Vec::new();
                 if listing && req.queries.is_empty() {
                     found.push(Context::Allocation);

@@ -63,6 +63,7 @@ mod cache;
 pub mod check;
 pub mod commit;
 pub mod compress;
+pub mod contents;
 pub mod copy;
 pub mod create;
 mod error;

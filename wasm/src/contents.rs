@@ -4,194 +4,12 @@
 //! `partition` and `signature` modules, with the keys of
 //! `qcow2-info --json`'s `"contents"`.
 
-use qcowkit_core::partition::{GptHeader, PartitionTable, PartitionType, Scheme, TableError};
-use qcowkit_core::signature::{self, Content};
-use qcowkit_core::Image;
-use serde::Serialize;
+use qcowkit_core::contents::disk_contents;
 use wasm_bindgen::prelude::*;
 
 use crate::error::Res;
 use crate::reports::to_js;
-use crate::{QcowImage, Storage};
-
-/// What the guest disk holds (the shape of `qcow2-info --json`'s
-/// `contents`).
-#[derive(Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct Contents {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    partition_table: Option<TableRef>,
-    /// Why the partition table could not be read (a broken table).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    partitions: Vec<PartitionRef>,
-    #[serde(skip_serializing_if = "is_zero")]
-    omitted_partitions: u32,
-    /// What starts at the disk's first byte, if recognised.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    filesystem: Option<FilesystemRef>,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct TableRef {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    sector_size: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    disk_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    disk_guid: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    header: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    primary_problem: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    backup_problem: Option<String>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct PartitionRef {
-    number: u32,
-    start: u64,
-    size: u64,
-    #[serde(rename = "type")]
-    kind: String,
-    type_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    uuid: Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    logical: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    flags: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    filesystem: Option<FilesystemRef>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct FilesystemRef {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    blkid_type: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    label: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    uuid: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    block_size: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    features: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cipher: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cipher_mode: Option<String>,
-}
-
-impl FilesystemRef {
-    fn of(c: Content) -> FilesystemRef {
-        FilesystemRef {
-            kind: c.kind.name(),
-            blkid_type: c.kind.blkid_type(),
-            label: (!c.label.is_empty()).then(|| c.label.to_string()),
-            uuid: c.id.map(|i| i.to_string()),
-            version: c.version,
-            block_size: c.block_size,
-            size: c.size,
-            features: c
-                .ext_features
-                .map(|f| f.iter().map(|f| f.to_string()).collect()),
-            cipher: c.cipher.as_ref().map(|c| c.name.to_string()),
-            cipher_mode: c.cipher.map(|c| c.mode.to_string()),
-        }
-    }
-}
-
-/// `len` bytes at `offset` probed: what they hold, if recognised. Only the
-/// storage's errors are errors.
-fn probe(img: &mut Image<Storage>, offset: u64, len: u64) -> Res<Option<FilesystemRef>> {
-    Ok(signature::probe(img, offset, len)?.map(FilesystemRef::of))
-}
-
-fn table_ref(scheme: &Scheme) -> TableRef {
-    match scheme {
-        Scheme::Mbr { disk_id } => TableRef {
-            kind: "mbr",
-            sector_size: 512,
-            disk_id: Some(format!("{disk_id:#010x}")),
-            disk_guid: None,
-            header: None,
-            primary_problem: None,
-            backup_problem: None,
-        },
-        Scheme::Gpt(g) => TableRef {
-            kind: "gpt",
-            sector_size: g.sector_size,
-            disk_id: None,
-            disk_guid: Some(format!("{:X}", g.disk_guid)),
-            header: Some(match g.header {
-                GptHeader::Primary => "primary",
-                GptHeader::Backup => "backup",
-            }),
-            primary_problem: g.primary_problem.map(|p| p.to_string()),
-            backup_problem: g.backup_problem.map(|p| p.to_string()),
-        },
-    }
-}
-
-/// Reads the partition table of the guest disk and probes each partition
-/// (not an MBR extended partition: a container) and the whole disk.
-fn contents_of(img: &mut Image<Storage>) -> Res<Contents> {
-    let size = img.size();
-    let mut c = Contents::default();
-    match PartitionTable::read(img, size) {
-        Ok(Some(table)) => {
-            c.partition_table = Some(table_ref(&table.scheme));
-            c.omitted_partitions = table.omitted;
-            for p in &table.partitions {
-                let (offset, len) = p.region(size);
-                let filesystem = if p.kind.is_extended() {
-                    None
-                } else {
-                    probe(img, offset, len)?
-                };
-                c.partitions.push(PartitionRef {
-                    number: p.number,
-                    start: p.start,
-                    size: p.size,
-                    kind: p.kind.to_string(),
-                    type_id: match p.kind {
-                        PartitionType::Mbr(id) => format!("{id:#04x}"),
-                        PartitionType::Gpt(g) => format!("{g:X}"),
-                    },
-                    name: p.guid.map(|_| p.name.to_string()),
-                    uuid: p.guid.map(|g| format!("{g:X}")),
-                    logical: p.logical,
-                    flags: p.flags().map(|f| f.to_string()).collect(),
-                    filesystem,
-                });
-            }
-        }
-        Ok(None) => {}
-        Err(TableError::Io(e)) => return Err(e.into()),
-        // A broken table is part of the report (as qcow2-info shows it).
-        Err(e) => c.error = Some(e.to_string()),
-    }
-    c.filesystem = probe(img, 0, size)?;
-    Ok(c)
-}
+use crate::QcowImage;
 
 #[wasm_bindgen]
 impl QcowImage {
@@ -206,7 +24,9 @@ impl QcowImage {
     /// are bounded: a few KiB per partition.
     #[wasm_bindgen(unchecked_return_type = "DiskContents")]
     pub fn contents(&mut self) -> Res<JsValue> {
-        to_js(&contents_of(self.reader())?)
+        let img = self.reader();
+        let size = img.size();
+        to_js(&disk_contents(img, size)?)
     }
 }
 

@@ -7,8 +7,7 @@ use serde::Serialize;
 use super::human;
 use crate::{Disk, DiskImage, DiskOptions, FileIo};
 use qcowkit_core::map::Allocation;
-use qcowkit_core::partition::{self, GptHeader, PartitionTable, Scheme};
-use qcowkit_core::signature::{self, Content};
+use qcowkit_core::partition;
 use qcowkit_core::{Backing, BlockRead, Image, OpenOptions};
 
 /// Allocation statistics of the whole disk, in the core's categories.
@@ -106,258 +105,58 @@ pub struct Summary {
     pub contents: Option<Contents>,
 }
 
-/// What the guest disk holds, in a [`Summary`].
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Contents {
-    /// The partition table, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub partition_table: Option<TableRef>,
-    /// Why the partition table could not be read.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The partitions, in number order.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub partitions: Vec<PartitionRef>,
-    /// Partitions beyond what the core keeps (128).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub omitted_partitions: u32,
-    /// What the whole disk holds, when a file system or other content
-    /// starts at its first byte.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub filesystem: Option<FilesystemRef>,
-}
+pub use qcowkit_core::contents::{DiskContents as Contents, FilesystemRef, PartitionRef, TableRef};
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-/// A partition table, in [`Contents`].
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct TableRef {
-    /// `gpt` or `mbr`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// Bytes per sector.
-    pub sector_size: u32,
-    /// MBR: the disk identifier (`0x1234abcd`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disk_id: Option<String>,
-    /// GPT: the disk GUID.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disk_guid: Option<String>,
-    /// GPT: `primary` or `backup`, the header the partitions come from.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header: Option<&'static str>,
-    /// GPT: why the primary header was not used.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub primary_problem: Option<String>,
-    /// GPT: what is wrong with the backup header.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backup_problem: Option<String>,
-}
-
-/// A partition, in [`Contents`].
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct PartitionRef {
-    /// Its number (GPT entry + 1; MBR 1-4 primary, 5 and up logical).
-    pub number: u32,
-    /// Start in bytes.
-    pub start: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Type in words (or the id/GUID when unknown).
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The MBR type id (`0x83`) or GPT type GUID.
-    pub type_id: String,
-    /// GPT partition name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// GPT unique partition GUID.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
-    /// MBR: a logical partition.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub logical: bool,
-    /// Flags and attributes in words.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub flags: Vec<String>,
-    /// What the partition holds, if recognised.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub filesystem: Option<FilesystemRef>,
-    /// An MBR extended partition (a container, not probed).
-    #[serde(skip)]
-    pub extended: bool,
-}
-
-/// A file system or other content, in [`Contents`].
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct FilesystemRef {
-    /// In words: `ext4`, `FAT32`, `LUKS`, `LVM2 PV`, ...
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// blkid's `TYPE` (`vfat`, `crypto_LUKS`, `LVM2_member`, ...).
-    pub blkid_type: &'static str,
-    /// Label.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-    /// UUID or serial number, as blkid prints it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
-    /// The format's version (LUKS, swap, XFS, qcow2, exFAT).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<u32>,
-    /// Block, cluster or page size in bytes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub block_size: Option<u32>,
-    /// The size the volume says it has (a qcow2 image: its virtual size).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
-    /// ext2/3/4 feature names.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub features: Option<Vec<String>>,
-    /// LUKS cipher (`aes`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cipher: Option<String>,
-    /// LUKS cipher mode (`xts-plain64`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cipher_mode: Option<String>,
-}
-
-impl FilesystemRef {
-    fn of(c: &Content) -> FilesystemRef {
-        FilesystemRef {
-            kind: c.kind.name(),
-            blkid_type: c.kind.blkid_type(),
-            label: (!c.label.is_empty()).then(|| c.label.to_string()),
-            uuid: c.id.map(|i| i.to_string()),
-            version: c.version,
-            block_size: c.block_size,
-            size: c.size,
-            features: c
-                .ext_features
-                .map(|f| f.iter().map(|f| f.to_string()).collect()),
-            cipher: c.cipher.as_ref().map(|c| c.name.to_string()),
-            cipher_mode: c.cipher.as_ref().map(|c| c.mode.to_string()),
+/// One line for a file system: `ext4, label "root", UUID ..., block size 4 KiB, ...`.
+fn fs_text(fs: &FilesystemRef) -> String {
+    let mut t = fs.kind.to_string();
+    if let Some(v) = fs.version {
+        if fs.kind == "LUKS" || fs.kind == "qcow2" {
+            t += &format!(" version {v}");
         }
     }
-
-    /// One line: `ext4, label "root", UUID ..., block size 4 KiB, ...`.
-    fn text(&self) -> String {
-        let mut t = self.kind.to_string();
-        if let Some(v) = self.version {
-            if self.kind == "LUKS" || self.kind == "qcow2" {
-                t += &format!(" version {v}");
-            }
-        }
-        if let Some(l) = &self.label {
-            t += &format!(", label {l:?}");
-        }
-        if let Some(u) = &self.uuid {
-            t += &format!(", UUID {u}");
-        }
-        if let (Some(c), Some(m)) = (&self.cipher, &self.cipher_mode) {
-            t += &format!(", cipher {c}-{m}");
-        }
-        if let Some(s) = self.size {
-            let what = if self.kind == "qcow2" {
-                "virtual size"
-            } else {
-                "size"
-            };
-            t += &format!(", {what} {}", human::size(s));
-        }
-        if let Some(b) = self.block_size {
-            let what = match self.kind {
-                "FAT12" | "FAT16" | "FAT32" | "exFAT" | "NTFS" | "qcow2" => "cluster size",
-                "Linux swap" => "page size",
-                "Btrfs" => "sector size",
-                _ => "block size",
-            };
-            t += &format!(", {what} {}", human::size(b.into()));
-        }
-        if let Some(f) = &self.features {
-            t += &format!(", features: {}", f.join(" "));
-        }
-        t
+    if let Some(l) = &fs.label {
+        t += &format!(", label {l:?}");
     }
+    if let Some(u) = &fs.uuid {
+        t += &format!(", UUID {u}");
+    }
+    if let (Some(c), Some(m)) = (&fs.cipher, &fs.cipher_mode) {
+        t += &format!(", cipher {c}-{m}");
+    }
+    if let Some(s) = fs.size {
+        let what = if fs.kind == "qcow2" {
+            "virtual size"
+        } else {
+            "size"
+        };
+        t += &format!(", {what} {}", human::size(s));
+    }
+    if let Some(b) = fs.block_size {
+        let what = match fs.kind {
+            "FAT12" | "FAT16" | "FAT32" | "exFAT" | "NTFS" | "qcow2" => "cluster size",
+            "Linux swap" => "page size",
+            "Btrfs" => "sector size",
+            _ => "block size",
+        };
+        t += &format!(", {what} {}", human::size(b.into()));
+    }
+    if let Some(f) = &fs.features {
+        t += &format!(", features: {}", f.join(" "));
+    }
+    t
 }
 
-/// Reads the partition table and probes the disk and each partition.
+/// Reads the partition table and probes the disk and each partition
+/// (the core's report); a read error while doing so is the report's
+/// `error`.
 pub fn contents(disk: &mut Disk) -> Contents {
     let size = disk.size();
     let mut io = partition::from_fn(|off: u64, buf: &mut [u8]| disk.read_at(off, buf));
-    let mut c = Contents::default();
-    let probe = |io: &mut _, offset, len| -> Option<FilesystemRef> {
-        match signature::probe(io, offset, len) {
-            Ok(found) => found.as_ref().map(FilesystemRef::of),
-            Err(_) => None,
-        }
-    };
-    match PartitionTable::read(&mut io, size) {
-        Ok(Some(table)) => {
-            c.partition_table = Some(table_ref(&table));
-            c.omitted_partitions = table.omitted;
-            for p in &table.partitions {
-                let (offset, len) = p.region(size);
-                let filesystem = if p.kind.is_extended() {
-                    None
-                } else {
-                    probe(&mut io, offset, len)
-                };
-                c.partitions.push(PartitionRef {
-                    number: p.number,
-                    start: p.start,
-                    size: p.size,
-                    kind: p.kind.to_string(),
-                    type_id: match p.kind {
-                        partition::PartitionType::Mbr(id) => format!("{id:#04x}"),
-                        partition::PartitionType::Gpt(g) => format!("{g:X}"),
-                    },
-                    name: p.guid.map(|_| p.name.to_string()),
-                    uuid: p.guid.map(|g| format!("{g:X}")),
-                    logical: p.logical,
-                    flags: p.flags().map(|f| f.to_string()).collect(),
-                    filesystem,
-                    extended: p.kind.is_extended(),
-                });
-            }
-        }
-        Ok(None) => {}
-        Err(e) => c.error = Some(e.to_string()),
-    }
-    c.filesystem = probe(&mut io, 0, size);
-    c
-}
-
-fn table_ref(t: &PartitionTable) -> TableRef {
-    match &t.scheme {
-        Scheme::Mbr { disk_id } => TableRef {
-            kind: "mbr",
-            sector_size: 512,
-            disk_id: Some(format!("{disk_id:#010x}")),
-            disk_guid: None,
-            header: None,
-            primary_problem: None,
-            backup_problem: None,
-        },
-        Scheme::Gpt(g) => TableRef {
-            kind: "gpt",
-            sector_size: g.sector_size,
-            disk_id: None,
-            disk_guid: Some(format!("{:X}", g.disk_guid)),
-            header: Some(match g.header {
-                GptHeader::Primary => "primary",
-                GptHeader::Backup => "backup",
-            }),
-            primary_problem: g.primary_problem.map(|p| p.to_string()),
-            backup_problem: g.backup_problem.map(|p| p.to_string()),
-        },
-    }
+    qcowkit_core::contents::disk_contents(&mut io, size).unwrap_or_else(|e| Contents {
+        error: Some(format!("cannot read the disk: {e}")),
+        ..Contents::default()
+    })
 }
 
 /// The contents in lines of the human summary.
@@ -403,7 +202,7 @@ fn contents_text(c: &Contents) -> String {
                 t += &format!(
                     "  contents:      {}
 ",
-                    f.text()
+                    fs_text(f)
                 )
             }
             (None, None) => {
@@ -417,7 +216,7 @@ fn contents_text(c: &Contents) -> String {
             t += &format!(
                 "    whole disk: {}
 ",
-                f.text()
+                fs_text(f)
             );
         }
     }
@@ -447,7 +246,7 @@ fn contents_text(c: &Contents) -> String {
                 t += &format!(
                     "{indent}{}
 ",
-                    f.text()
+                    fs_text(f)
                 )
             }
             None if p.extended => {}

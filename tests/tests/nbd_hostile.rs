@@ -646,3 +646,62 @@ fn a_flush_on_one_connection_covers_the_writes_of_all() {
         &["read -P 0xa1 0 192k", "read -P 0xb2 1M 4k"],
     );
 }
+
+/// Random bytes after the greeting, in random amounts, on many
+/// connections (seeded): each connection ends or is refused, the server
+/// goes on serving, and the image is unchanged.
+#[test]
+fn garbage_sessions_leave_the_server_serving() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let seed = seed_or("nbd garbage", "QCOWKIT_SEED", now);
+    let mut rng = SplitMix64::new(seed);
+    let s = Scratch::new();
+    image(&s);
+    let srv = Served::ours(
+        s.dir(),
+        On::Unix,
+        "",
+        &["-t", "-e", "0", "-r", "--handshake-limit", "2"],
+        "a.qcow2",
+    );
+    for round in 0..200 {
+        let mut c = connect(&srv);
+        c.set_timeout(Duration::from_secs(5)).unwrap();
+        c.read_greeting().unwrap();
+        // Half the rounds speak valid newstyle first, then garbage: options
+        // with random numbers and lengths, or raw bytes.
+        if round % 2 == 0 {
+            c.send_client_flags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
+                .unwrap();
+            if round % 4 == 0 {
+                let opt = rng.below(16) as u32;
+                let n = rng.index(300);
+                let data = rng.bytes(n);
+                let _ = c.send(&encode_option(opt, &data));
+            } else {
+                let _ = c.go("", &[]);
+            }
+        }
+        let n = rng.index(2000);
+        let _ = c.send(&rng.bytes(n));
+        let _ = c.shutdown_write();
+        // The server answers or hangs up within the handshake limit; it
+        // never hangs.
+        let _ = c.read_to_eof();
+    }
+    let mut c = ready(&srv, "", &[]);
+    assert!(
+        c.read(0, 1 << 20)
+            .unwrap()
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0x5a),
+        "seed {seed}"
+    );
+    c.disconnect().unwrap();
+    drop(srv);
+    assert_unchanged(&s);
+}

@@ -556,6 +556,27 @@ mod tests {
         v
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, decoding answers (a value or a reason)
+        /// without panicking, and what decodes re-encodes to the same
+        /// bytes.
+        #[test]
+        fn decoders_take_any_bytes(data in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = InfoRequest::decode(&data);
+            let _ = MetaRequest::decode(&data);
+            let mut h = [0u8; 16];
+            let n = data.len().min(16);
+            h[..n].copy_from_slice(&data[..n]);
+            let _ = OptionHeader::decode(&h);
+            let mut r = [0u8; REQUEST_LEN];
+            let n = data.len().min(REQUEST_LEN);
+            r[..n].copy_from_slice(&data[..n]);
+            r[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            let req = Request::decode(&r).unwrap();
+            proptest::prop_assert_eq!(req.encode(), r);
+        }
+    }
+
     #[test]
     fn greeting_is_nbdmagic_ihaveopt_and_flags() {
         let g = greeting();

@@ -1,7 +1,7 @@
 //! What the guest disk holds, as a typed report: the partition table (the
 //! [`partition`](crate::partition) module) and the file system or other
 //! content of each partition and of the whole disk (the
-//! [`signature`](crate::signature) module), with the keys of
+//! [`signature`] module), with the keys of
 //! `qcow2-info --json`'s `"contents"` (with the `serde` feature). Every
 //! host builds it here and shows it its own way.
 

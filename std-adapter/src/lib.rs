@@ -5,7 +5,8 @@
 //! [`FsOpener`] (resolves backing and data file names relative to the
 //! naming image's directory, as QEMU does for backing files), and [`Disk`],
 //! a qcow2 or raw image opened by path. The `qcow2` and `qcow2-info`
-//! binaries are built on these.
+//! binaries are built on these, and so is [`nbd`], the NBD server of
+//! `qcow2 serve`.
 //!
 //! ```no_run
 //! use qcowkit_std::{Disk, DiskOptions};

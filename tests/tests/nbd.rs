@@ -714,3 +714,33 @@ fn a_qemu_machine_uses_the_export_as_its_drive() {
     assert_qemu_img_check(s.dir(), "top.qcow2");
     qemu_io(s.dir(), "top.qcow2", &["read -P 0x9d 30M 192k"]);
 }
+
+#[test]
+fn detect_zeroes_turns_written_zeros_into_zero_clusters() {
+    for (mode, zero_after) in [("off", false), ("on", true)] {
+        let s = Scratch::new();
+        qemu_create(s.dir(), "a.qcow2", "", "4M");
+        qemu_io(s.dir(), "a.qcow2", &["write -P 0x21 0 4M"]);
+        let arg = format!("--detect-zeroes={mode}");
+        let srv = Served::ours(s.dir(), On::Unix, "", &[&arg], "a.qcow2");
+        ok_in(
+            s.dir(),
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0 1M 1M", &srv.uri],
+        );
+        drop(srv);
+        assert_qemu_img_check(s.dir(), "a.qcow2");
+        let map = json(&qemu_img(s.dir(), &["map", "--output=json", "a.qcow2"]));
+        let e = qcowkit_tests::map_entry_at(&map, 1 << 20);
+        assert_eq!(
+            e["zero"] == true && e["data"] == false,
+            zero_after,
+            "{mode}: {e}"
+        );
+        qemu_io(
+            s.dir(),
+            "a.qcow2",
+            &["read -P 0 1M 1M", "read -P 0x21 2M 2M"],
+        );
+    }
+}

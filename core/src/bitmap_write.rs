@@ -23,13 +23,13 @@ use crate::overlap;
 use crate::writable::WritableImage;
 
 /// Offset mask of a bitmap table entry.
-const ENTRY_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const ENTRY_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 /// A table entry with no cluster whose bits all read as ones.
-const ALL_ONES: u64 = 1;
+pub(crate) const ALL_ONES: u64 = 1;
 /// Changed bitmap clusters held in memory before they are written out.
 const CHANGED_BUDGET: u64 = 8 << 20;
 /// Smallest and largest granularity QEMU accepts (log2 of bytes).
-const GRANULARITY_BITS: core::ops::RangeInclusive<u8> = 9..=31;
+pub(crate) const GRANULARITY_BITS: core::ops::RangeInclusive<u8> = 9..=31;
 
 /// The bitmaps resized: the new directory's extension, and the clusters
 /// (offset, length) the old ones held that the new ones do not.
@@ -38,6 +38,8 @@ pub(crate) type Resized = (BitmapsExt, Vec<(u64, u64)>);
 /// An enabled bitmap being kept up to date.
 #[derive(Debug)]
 pub(crate) struct Tracked {
+    /// Its name.
+    name: alloc::string::String,
     /// Position of its entry in the directory.
     pos: usize,
     /// Its flags, without in-use.
@@ -156,6 +158,7 @@ impl<R: BlockWrite> WritableImage<R> {
                     && u64::from(b.table_size) == table_entries(size, b.granularity_bits, cs);
                 if followable {
                     self.tracked.push(Tracked {
+                        name: b.name.clone(),
                         pos,
                         flags: b.flags,
                         gran_bits: b.granularity_bits,
@@ -328,6 +331,31 @@ impl<R: BlockWrite> WritableImage<R> {
         }
         self.img.io.flush().map_err(Error::Io)?;
         self.reload_bitmaps()
+    }
+
+    /// The followed bitmap named `name`, if any.
+    pub(crate) fn tracked_named(&self, name: &str) -> Option<usize> {
+        self.tracked.iter().position(|t| t.name == name)
+    }
+
+    /// log2 of the granularity of followed bitmap `t`.
+    pub(crate) fn tracked_granularity(&self, t: usize) -> u8 {
+        self.tracked[t].gran_bits
+    }
+
+    /// Host offset of the table of followed bitmap `t`.
+    pub(crate) fn tracked_table_offset(&self, t: usize) -> u64 {
+        self.tracked[t].table_offset
+    }
+
+    /// The table of followed bitmap `t` as it stands in memory.
+    pub(crate) fn tracked_table(&mut self, t: usize) -> Res<Vec<u64>, R> {
+        Ok(self.bitmap_table(t)?.clone())
+    }
+
+    /// Cluster `idx` of followed bitmap `t`, when it changed in memory.
+    pub(crate) fn tracked_cluster(&self, t: usize, idx: u64) -> Option<Vec<u8>> {
+        self.tracked[t].changed.get(&idx).cloned()
     }
 
     /// Reads the bitmap list again after the directory changed.

@@ -110,6 +110,13 @@ pub enum Error<E> {
         /// The name stored in the image.
         name: String,
     },
+    /// A persistent bitmap asked for by name cannot be read.
+    Bitmap {
+        /// The bitmap's name.
+        name: String,
+        /// Why (`not found`, `is inconsistent`, ...).
+        problem: &'static str,
+    },
     /// The heap could not hold a buffer the image needs (on a small heap,
     /// e.g. firmware, a table larger than the memory available).
     OutOfMemory {
@@ -200,6 +207,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::NamesItself { name } => {
                 write!(f, "the image names itself ('{name}') as its data file")
             }
+            Error::Bitmap { name, problem } => write!(f, "Bitmap '{name}' {problem}"),
             Error::OutOfMemory { what, bytes } => {
                 write!(f, "cannot allocate {bytes} bytes for {what}")
             }

@@ -57,6 +57,7 @@ mod allocate;
 mod amend;
 pub mod backing;
 pub mod bitmap;
+mod bitmap_read;
 mod bitmap_write;
 mod bytes;
 mod cache;

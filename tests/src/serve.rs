@@ -156,3 +156,41 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// Kills process `0` (SIGKILL) when dropped, if it is still running: for
+/// daemons a test started with `--fork`.
+pub struct Reap(pub u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if Path::new(&format!("/proc/{}", self.0)).exists() {
+            let _ = Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Starts `qemu-nbd --fork --pid-file ... ARGS` in `dir` (it returns once
+/// listening) and returns the guard that kills the daemon.
+pub fn qemu_nbd_daemon(dir: &Path, args: &[&str]) -> Reap {
+    let pid_file = dir.join(format!("qemu-nbd-{}.pid", args.len()));
+    let out = Command::new("qemu-nbd")
+        .current_dir(dir)
+        .arg("--fork")
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .args(args)
+        .output()
+        .expect("qemu-nbd runs");
+    assert!(
+        out.status.success(),
+        "qemu-nbd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .expect("qemu-nbd's pid file");
+    Reap(pid)
+}

@@ -585,18 +585,8 @@ fn fork_returns_once_listening() {
     let daemon: u32 = std::fs::read_to_string(&pid)
         .map(|t| t.trim().parse().unwrap())
         .unwrap();
-    /// Kills the daemon if the test ends before it does.
-    struct Reap(u32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            if std::path::Path::new(&format!("/proc/{}", self.0)).exists() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &self.0.to_string()])
-                    .status();
-            }
-        }
-    }
-    let _reap = Reap(daemon);
+    // Killed if the test ends before it ends by itself.
+    let _reap = qcowkit_tests::serve::Reap(daemon);
     // Listening when --fork returned: the client connects at once.
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let info = ok_in(s.dir(), "qemu-img", &["info", "--output=json", &uri]);
@@ -743,4 +733,127 @@ fn detect_zeroes_turns_written_zeros_into_zero_clusters() {
             &["read -P 0 1M 1M", "read -P 0x21 2M 2M"],
         );
     }
+}
+
+/// `nbdinfo --map=CONTEXT --json URI` as (offset, length, type) triples.
+fn nbd_map(s: &Scratch, uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let arg = format!("--map={context}");
+    json(&ok_in(s.dir(), "nbdinfo", &[&arg, "--json", uri]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["offset"].as_u64().unwrap(),
+                m["length"].as_u64().unwrap(),
+                m["type"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn dirty_bitmaps_are_exported_as_qemu_nbd_exports_them() {
+    let s = Scratch::new();
+    qemu_create(s.dir(), "bm.qcow2", "", "64M");
+    qemu_img(s.dir(), &["bitmap", "--add", "bm.qcow2", "b0"]);
+    qemu_img(
+        s.dir(),
+        &["bitmap", "--add", "-g", "512k", "bm.qcow2", "b1"],
+    );
+    qemu_io(
+        s.dir(),
+        "bm.qcow2",
+        &[
+            "write -P 1 100k 200k",
+            "write -P 2 10M 1M",
+            "write -z 40M 64k",
+        ],
+    );
+    // Read-only: both servers, the same maps.
+    let ours = Served::ours(
+        s.dir(),
+        On::Unix,
+        "",
+        &["-r", "-t", "-B", "b0", "-B", "b1"],
+        "bm.qcow2",
+    );
+    let qsock = s.path("q.sock");
+    let _qemu = qcowkit_tests::serve::qemu_nbd_daemon(
+        s.dir(),
+        &[
+            "-k",
+            qsock.to_str().unwrap(),
+            "-r",
+            "-t",
+            "-f",
+            "qcow2",
+            "-B",
+            "b0",
+            "-B",
+            "b1",
+            "bm.qcow2",
+        ],
+    );
+    let quri = format!("nbd+unix:///?socket={}", qsock.display());
+    for b in ["b0", "b1"] {
+        let context = format!("qemu:dirty-bitmap:{b}");
+        let mine = nbd_map(&s, &ours.uri, &context);
+        assert_eq!(mine, nbd_map(&s, &quri, &context), "{b}");
+        assert!(mine.iter().any(|e| e.2 == 1), "{b}: {mine:?}");
+    }
+    drop(ours);
+    drop(_qemu);
+
+    // Writable: what clients write shows at once, before any flush, and
+    // is stored with the bitmap when the server ends.
+    let mut srv = Served::ours(s.dir(), On::Unix, "", &["-t", "-B", "b0"], "bm.qcow2");
+    let mut c = qcowkit_tests::nbd::Client::unix(srv.socket.as_ref().unwrap()).unwrap();
+    c.handshake().unwrap();
+    assert!(c.structured_reply().unwrap());
+    c.set_meta_context("", &["qemu:dirty-bitmap:b0"])
+        .unwrap()
+        .unwrap();
+    c.go("", &[]).unwrap().unwrap();
+    c.write(20 << 20, &[3; 70 << 10], false).unwrap().unwrap();
+    let bs = c.block_status(20 << 20, 1 << 20, 0).unwrap().unwrap();
+    assert_eq!(bs[0].1[0], (128 << 10, 1), "{bs:?}");
+    c.disconnect().unwrap();
+    assert!(srv.stop().success());
+    assert_qemu_img_check(s.dir(), "bm.qcow2");
+    let info = qcowkit_tests::qemu_info(s.dir(), "bm.qcow2");
+    let flags = &info["format-specific"]["data"]["bitmaps"][0]["flags"];
+    assert!(!flags.to_string().contains("in-use"), "{flags}");
+    let _qemu = qcowkit_tests::serve::qemu_nbd_daemon(
+        s.dir(),
+        &[
+            "-k",
+            qsock.to_str().unwrap(),
+            "-r",
+            "-t",
+            "-f",
+            "qcow2",
+            "-B",
+            "b0",
+            "bm.qcow2",
+        ],
+    );
+    let stored = nbd_map(&s, &quri, "qemu:dirty-bitmap:b0");
+    assert!(
+        stored.contains(&(20 << 20, 128 << 10, 1)),
+        "qemu-nbd reads the stored bits: {stored:?}"
+    );
+
+    // A bitmap that is not there is refused at start, as qemu-nbd does.
+    let out = run_in(
+        s.dir(),
+        &qcowkit_tests::bin("qcow2").display().to_string(),
+        &["serve", "-k", "x.sock", "-r", "-B", "nope", "bm.qcow2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        output_text(&out).contains("Bitmap 'nope' not found"),
+        "{}",
+        output_text(&out)
+    );
 }

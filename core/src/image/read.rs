@@ -164,7 +164,7 @@ impl<R: BlockRead> Image<R> {
         r
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Res<(), R> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Res<(), R> {
         let size = self.header.size;
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::OutOfBounds { offset, len, size });

@@ -85,6 +85,10 @@ pub struct Args {
     /// Offer the `qemu:allocation-depth` metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     pub allocation_depth: bool,
+    /// Offer the persistent bitmap NAME as `qemu:dirty-bitmap:NAME`
+    /// (repeatable); it must be consistent (not flagged in use).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    pub bitmaps: Vec<String>,
     /// TLS with the `--object tls-creds-x509` of this id (clients must
     /// use TLS).
     #[arg(long = "tls-creds")]
@@ -384,8 +388,10 @@ fn serve(a: &Args) -> Result<(), String> {
         // One image object behind every connection: a flush on any of
         // them makes every completed write durable.
         multi_conn: a.shared != 1,
+        bitmaps: a.bitmaps.clone(),
     };
     let export = Arc::new(Export::new(config, backend)?);
+    export.check_bitmaps()?;
     let listener = listen(a)?;
     let socket_path = match &listener {
         Listener::Unix(_, p) => Some(p.clone()),

@@ -52,6 +52,8 @@ pub struct ExportConfig {
     pub allocation_depth: bool,
     /// Advertise `NBD_FLAG_CAN_MULTI_CONN`.
     pub multi_conn: bool,
+    /// Persistent bitmaps offered as `qemu:dirty-bitmap:NAME` (`-B`).
+    pub bitmaps: Vec<String>,
 }
 
 /// The image behind an export.
@@ -329,6 +331,51 @@ impl Export {
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, OpError> {
         self.check_range(offset, len)?;
         self.handle().extents(offset, len, max)
+    }
+
+    /// The runs of `[offset, offset + len)` as the export's bitmap number
+    /// `index` marks them: (length, dirty), at most `max` runs.
+    pub fn dirty_runs(
+        &self,
+        index: usize,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, bool)>, OpError> {
+        self.check_range(offset, len)?;
+        let name = self
+            .config
+            .bitmaps
+            .get(index)
+            .ok_or_else(|| OpError::new(proto::EINVAL, "no such bitmap"))?;
+        let mut out = Vec::new();
+        match &mut self.handle() {
+            Handle::Disk(Some(d), ..) => match d.image_mut() {
+                crate::DiskImage::Qcow2(img) => img.dirty_runs(name, offset, len, max, &mut out)?,
+                crate::DiskImage::Raw(_) => {
+                    return Err(OpError::new(proto::EINVAL, "a raw image has no bitmaps"))
+                }
+            },
+            Handle::Qcow2(img) => img.dirty_runs(name, offset, len, max, &mut out)?,
+            _ => return Err(OpError::new(proto::EINVAL, "a raw image has no bitmaps")),
+        }
+        Ok(out)
+    }
+
+    /// Checks that every bitmap of the configuration can be exported.
+    pub fn check_bitmaps(&self) -> Result<(), String> {
+        for name in &self.config.bitmaps {
+            let checked = match &mut self.handle() {
+                Handle::Disk(Some(d), ..) => match d.image() {
+                    crate::DiskImage::Qcow2(img) => img.check_bitmap(name),
+                    crate::DiskImage::Raw(_) => return Err("a raw image has no bitmaps".into()),
+                },
+                Handle::Qcow2(img) => img.check_bitmap(name),
+                _ => return Err("a raw image has no bitmaps".into()),
+            };
+            checked.map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Writes guest bytes; with `fua`, durable before returning.

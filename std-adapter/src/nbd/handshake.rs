@@ -22,7 +22,12 @@ pub enum Context {
     Allocation,
     /// `qemu:allocation-depth`.
     Depth,
+    /// `qemu:dirty-bitmap:NAME`, the export's bitmap number N (`-B`).
+    Bitmap(usize),
 }
+
+/// The prefix of QEMU's dirty bitmap contexts.
+pub const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 
 impl Context {
     /// The context's id in replies.
@@ -30,14 +35,19 @@ impl Context {
         match self {
             Context::Allocation => 1,
             Context::Depth => 2,
+            Context::Bitmap(i) => 3u32.saturating_add(i as u32),
         }
     }
 
-    /// The context's name.
-    pub fn name(self) -> &'static str {
+    /// The context's name (`bitmaps`: the export's).
+    pub fn name(self, bitmaps: &[String]) -> String {
         match self {
-            Context::Allocation => proto::CONTEXT_BASE_ALLOCATION,
-            Context::Depth => proto::CONTEXT_ALLOCATION_DEPTH,
+            Context::Allocation => proto::CONTEXT_BASE_ALLOCATION.into(),
+            Context::Depth => proto::CONTEXT_ALLOCATION_DEPTH.into(),
+            Context::Bitmap(i) => format!(
+                "{DIRTY_BITMAP}{}",
+                bitmaps.get(i).map(String::as_str).unwrap_or("")
+            ),
         }
     }
 }
@@ -117,16 +127,28 @@ fn for_export<T>(
     }
 }
 
-/// The contexts a query names. Namespace-wide queries (`base:`, `qemu:`)
-/// list every context of the namespace but select none, as QEMU answers.
-fn matching(query: &str, listing: bool, depth: bool) -> Vec<Context> {
+/// The contexts a query names, for an export offering
+/// `qemu:allocation-depth` (`depth`) and the dirty bitmaps `bitmaps`.
+/// Namespace-wide queries (`base:`, `qemu:`, `qemu:dirty-bitmap:`) list
+/// every context they cover but select none, as QEMU answers.
+fn matching(query: &str, listing: bool, depth: bool, bitmaps: &[String]) -> Vec<Context> {
     let mut v = Vec::new();
     match query {
         proto::CONTEXT_BASE_ALLOCATION => v.push(Context::Allocation),
         "base:" if listing => v.push(Context::Allocation),
         proto::CONTEXT_ALLOCATION_DEPTH if depth => v.push(Context::Depth),
-        "qemu:" if listing && depth => v.push(Context::Depth),
-        _ => {}
+        "qemu:" if listing => {
+            if depth {
+                v.push(Context::Depth);
+            }
+            v.extend((0..bitmaps.len()).map(Context::Bitmap));
+        }
+        DIRTY_BITMAP if listing => v.extend((0..bitmaps.len()).map(Context::Bitmap)),
+        q => {
+            if let Some(name) = q.strip_prefix(DIRTY_BITMAP) {
+                v.extend(bitmaps.iter().position(|b| b == name).map(Context::Bitmap));
+            }
+        }
     }
     v
 }
@@ -300,22 +322,24 @@ pub fn negotiate(
                 let Some(req) = for_export(&writer, option, &name, decoded)? else {
                     continue;
                 };
+                let bitmaps = &export.config().bitmaps;
                 let mut found: Vec<Context> = Vec::new();
                 if listing && req.queries.is_empty() {
                     found.push(Context::Allocation);
                     if depth_offered {
                         found.push(Context::Depth);
                     }
+                    found.extend((0..bitmaps.len()).map(Context::Bitmap));
                 }
                 for q in &req.queries {
-                    for c in matching(q, listing, depth_offered) {
+                    for c in matching(q, listing, depth_offered, bitmaps) {
                         if !found.contains(&c) {
                             found.push(c);
                         }
                     }
                 }
                 for c in &found {
-                    let d = proto::rep_meta_context(c.id(), c.name());
+                    let d = proto::rep_meta_context(c.id(), &c.name(bitmaps));
                     reply(&writer, option, proto::REP_META_CONTEXT, &d)?;
                 }
                 if !listing {
@@ -337,18 +361,34 @@ mod tests {
 
     #[test]
     fn namespace_queries_list_but_do_not_select() {
-        assert_eq!(matching("base:", true, false), vec![Context::Allocation]);
-        assert!(matching("base:", false, false).is_empty());
+        let none: &[String] = &[];
+        let two = ["b0".to_string(), "b1".to_string()];
         assert_eq!(
-            matching("base:allocation", false, false),
+            matching("base:", true, false, none),
             vec![Context::Allocation]
         );
-        assert!(matching("qemu:allocation-depth", false, false).is_empty());
+        assert!(matching("base:", false, false, none).is_empty());
         assert_eq!(
-            matching("qemu:allocation-depth", false, true),
+            matching("base:allocation", false, false, none),
+            vec![Context::Allocation]
+        );
+        assert!(matching("qemu:allocation-depth", false, false, none).is_empty());
+        assert_eq!(
+            matching("qemu:allocation-depth", false, true, none),
             vec![Context::Depth]
         );
-        assert_eq!(matching("qemu:", true, true), vec![Context::Depth]);
-        assert!(matching("qemu:dirty-bitmap:x", true, true).is_empty());
+        assert_eq!(matching("qemu:", true, true, none), vec![Context::Depth]);
+        assert!(matching("qemu:dirty-bitmap:x", true, true, none).is_empty());
+        assert_eq!(
+            matching("qemu:dirty-bitmap:b1", false, false, &two),
+            vec![Context::Bitmap(1)]
+        );
+        assert_eq!(
+            matching("qemu:dirty-bitmap:", true, false, &two),
+            vec![Context::Bitmap(0), Context::Bitmap(1)]
+        );
+        assert!(matching("qemu:dirty-bitmap:", false, false, &two).is_empty());
+        assert_eq!(Context::Bitmap(1).name(&two), "qemu:dirty-bitmap:b1");
+        assert_eq!(Context::Bitmap(1).id(), 4);
     }
 }

@@ -9,7 +9,8 @@
 //!   `STARTTLS`);
 //! - [`transmit`]: requests and replies (READ with holes, WRITE with FUA,
 //!   FLUSH, TRIM, WRITE_ZEROES with NO_HOLE and FAST_ZERO, BLOCK_STATUS
-//!   for `base:allocation` and `qemu:allocation-depth`, CACHE, DISC);
+//!   for `base:allocation`, `qemu:allocation-depth` and
+//!   `qemu:dirty-bitmap:NAME`, CACHE, DISC);
 //! - [`export`]: the image behind the export (qcow2 through the core's
 //!   writer, or raw), the one place requests touch it;
 //! - [`stream`]: sockets and TLS sessions split into reading and writing

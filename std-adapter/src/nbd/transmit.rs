@@ -399,14 +399,20 @@ impl Ctx<'_> {
         let mut chunks = Vec::new();
         for (i, c) in self.contexts.iter().enumerate() {
             let mut out: Vec<(u32, u32)> = Vec::new();
-            for e in &extents {
-                let value = match c {
-                    Context::Allocation => e.flags(),
-                    Context::Depth => e.depth,
-                };
+            let values: Vec<(u64, u32)> = match c {
+                Context::Allocation => extents.iter().map(|e| (e.len, e.flags())).collect(),
+                Context::Depth => extents.iter().map(|e| (e.len, e.depth)).collect(),
+                Context::Bitmap(b) => {
+                    match self.export.dirty_runs(*b, r.offset, u64::from(r.len), max) {
+                        Ok(runs) => runs.iter().map(|&(n, d)| (n, u32::from(d))).collect(),
+                        Err(e) => return self.reply_error(r, &e),
+                    }
+                }
+            };
+            for (len, value) in values {
                 match out.last_mut() {
-                    Some(l) if l.1 == value => l.0 += e.len as u32,
-                    _ => out.push((e.len as u32, value)),
+                    Some(l) if l.1 == value => l.0 += len as u32,
+                    _ => out.push((len as u32, value)),
                 }
             }
             let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };

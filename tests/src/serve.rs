@@ -174,7 +174,9 @@ impl Drop for Reap {
 /// Starts `qemu-nbd --fork --pid-file ... ARGS` in `dir` (it returns once
 /// listening) and returns the guard that kills the daemon.
 pub fn qemu_nbd_daemon(dir: &Path, args: &[&str]) -> Reap {
-    let pid_file = dir.join(format!("qemu-nbd-{}.pid", args.len()));
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid_file = dir.join(format!("qemu-nbd-{n}.pid"));
     let out = Command::new("qemu-nbd")
         .current_dir(dir)
         .arg("--fork")

@@ -752,6 +752,20 @@ fn nbd_map(s: &Scratch, uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// qemu-nbd serving `bm.qcow2` read-only on `sock` with bitmaps `names`.
+fn qemu_nbd_bitmaps(
+    s: &Scratch,
+    sock: &std::path::Path,
+    names: &[&str],
+) -> qcowkit_tests::serve::Reap {
+    let mut args = vec!["-k", sock.to_str().unwrap(), "-r", "-t", "-f", "qcow2"];
+    for n in names {
+        args.extend(["-B", n]);
+    }
+    args.push("bm.qcow2");
+    qcowkit_tests::serve::qemu_nbd_daemon(s.dir(), &args)
+}
+
 #[test]
 fn dirty_bitmaps_are_exported_as_qemu_nbd_exports_them() {
     let s = Scratch::new();
@@ -779,22 +793,7 @@ fn dirty_bitmaps_are_exported_as_qemu_nbd_exports_them() {
         "bm.qcow2",
     );
     let qsock = s.path("q.sock");
-    let _qemu = qcowkit_tests::serve::qemu_nbd_daemon(
-        s.dir(),
-        &[
-            "-k",
-            qsock.to_str().unwrap(),
-            "-r",
-            "-t",
-            "-f",
-            "qcow2",
-            "-B",
-            "b0",
-            "-B",
-            "b1",
-            "bm.qcow2",
-        ],
-    );
+    let _qemu = qemu_nbd_bitmaps(&s, &qsock, &["b0", "b1"]);
     let quri = format!("nbd+unix:///?socket={}", qsock.display());
     for b in ["b0", "b1"] {
         let context = format!("qemu:dirty-bitmap:{b}");
@@ -824,20 +823,7 @@ fn dirty_bitmaps_are_exported_as_qemu_nbd_exports_them() {
     let info = qcowkit_tests::qemu_info(s.dir(), "bm.qcow2");
     let flags = &info["format-specific"]["data"]["bitmaps"][0]["flags"];
     assert!(!flags.to_string().contains("in-use"), "{flags}");
-    let _qemu = qcowkit_tests::serve::qemu_nbd_daemon(
-        s.dir(),
-        &[
-            "-k",
-            qsock.to_str().unwrap(),
-            "-r",
-            "-t",
-            "-f",
-            "qcow2",
-            "-B",
-            "b0",
-            "bm.qcow2",
-        ],
-    );
+    let _qemu = qemu_nbd_bitmaps(&s, &qsock, &["b0"]);
     let stored = nbd_map(&s, &quri, "qemu:dirty-bitmap:b0");
     assert!(
         stored.contains(&(20 << 20, 128 << 10, 1)),

@@ -269,28 +269,28 @@ impl Export {
     /// The image for one request: a handle of the pool (waiting for one
     /// when all are busy), or the writable image's lock. Held for the
     /// whole request, so a request costs one hand-over, not one per piece.
-    fn handle(&self) -> Handle<'_> {
+    fn handle(&self) -> Result<Handle<'_>, OpError> {
         match &self.store {
             Store::Pool { free, returned } => {
                 let mut g = lock(free);
                 loop {
                     if let Some(d) = g.0.pop() {
-                        return Handle::Disk(Some(d), free, returned);
+                        return Ok(Handle::Disk(Some(d), free, returned));
                     }
                     g.1 += 1;
                     g = returned.wait(g).unwrap_or_else(|p| p.into_inner());
                     g.1 -= 1;
                 }
             }
-            Store::Qcow2(m) => Handle::Qcow2(lock(m)),
-            Store::Raw(m) => Handle::Raw(lock(m)),
+            Store::Qcow2(m) => Ok(Handle::Qcow2(image_lock(m)?)),
+            Store::Raw(m) => Ok(Handle::Raw(image_lock(m)?)),
         }
     }
 
     /// Reads guest bytes.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OpError> {
         self.check_range(offset, buf.len() as u64)?;
-        self.handle().read(offset, buf)
+        self.handle()?.read(offset, buf)
     }
 
     /// Reads `buf.len()` guest bytes at `offset` for a structured reply:
@@ -305,7 +305,7 @@ impl Export {
     ) -> Result<Vec<(u64, u64, bool)>, OpError> {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
-        let mut h = self.handle();
+        let mut h = self.handle()?;
         let extents = h.extents(offset, len, max_extents)?;
         let mut pieces: Vec<(u64, u64, bool)> = Vec::with_capacity(extents.len() + 1);
         let mut at = 0u64;
@@ -330,7 +330,7 @@ impl Export {
     /// less than `len` when `max` is reached.
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, OpError> {
         self.check_range(offset, len)?;
-        self.handle().extents(offset, len, max)
+        self.handle()?.extents(offset, len, max)
     }
 
     /// The runs of `[offset, offset + len)` as the export's bitmap number
@@ -349,7 +349,7 @@ impl Export {
             .get(index)
             .ok_or_else(|| OpError::new(proto::EINVAL, "no such bitmap"))?;
         let mut out = Vec::new();
-        match &mut self.handle() {
+        match &mut self.handle()? {
             Handle::Disk(Some(d), ..) => match d.image_mut() {
                 crate::DiskImage::Qcow2(img) => img.dirty_runs(name, offset, len, max, &mut out)?,
                 crate::DiskImage::Raw(_) => {
@@ -365,7 +365,8 @@ impl Export {
     /// Checks that every bitmap of the configuration can be exported.
     pub fn check_bitmaps(&self) -> Result<(), String> {
         for name in &self.config.bitmaps {
-            let checked = match &mut self.handle() {
+            let handle = self.handle().map_err(|e| e.message)?;
+            let checked = match &handle {
                 Handle::Disk(Some(d), ..) => match d.image() {
                     crate::DiskImage::Qcow2(img) => img.check_bitmap(name),
                     crate::DiskImage::Raw(_) => return Err("a raw image has no bitmaps".into()),
@@ -389,14 +390,14 @@ impl Export {
         }
         match &self.store {
             Store::Qcow2(m) => {
-                let mut img = lock(m);
+                let mut img = image_lock(m)?;
                 img.write_at(offset, data)?;
                 if fua {
                     img.flush()?;
                 }
             }
             Store::Raw(m) => {
-                let mut io = lock(m);
+                let mut io = image_lock(m)?;
                 io.write_at(offset, data)?;
                 if fua {
                     io.flush()?;
@@ -423,7 +424,7 @@ impl Export {
         let not_fast = || OpError::new(proto::ENOTSUP, "zeroing this range needs data written");
         match &self.store {
             Store::Qcow2(m) => {
-                let mut img = lock(m);
+                let mut img = image_lock(m)?;
                 if fast && !img.zeroes_are_cheap(offset, len) {
                     return Err(not_fast());
                 }
@@ -433,7 +434,7 @@ impl Export {
                 }
             }
             Store::Raw(m) => {
-                let mut io = lock(m);
+                let mut io = image_lock(m)?;
                 if unmap && self.config.discard == Discard::Unmap {
                     punch_hole(&io, offset, len).or_else(|_| io.write_zeroes(offset, len))?;
                 } else {
@@ -457,14 +458,14 @@ impl Export {
         }
         match &self.store {
             Store::Qcow2(m) => {
-                let mut img = lock(m);
+                let mut img = image_lock(m)?;
                 img.discard(offset, len)?;
                 if fua {
                     img.flush()?;
                 }
             }
             Store::Raw(m) => {
-                let io = lock(m);
+                let io = image_lock(m)?;
                 // Only whole file system blocks are given back; the rest
                 // keeps its data, as a trim allows.
                 let _ = punch_hole(&io, offset, len);
@@ -477,8 +478,8 @@ impl Export {
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<(), OpError> {
         match &self.store {
-            Store::Qcow2(m) => Ok(lock(m).flush()?),
-            Store::Raw(m) => Ok(lock(m).flush()?),
+            Store::Qcow2(m) => Ok(image_lock(m)?.flush()?),
+            Store::Raw(m) => Ok(image_lock(m)?.flush()?),
             Store::Pool { .. } => Ok(()),
         }
     }
@@ -583,6 +584,18 @@ fn punch_hole(io: &FileIo, offset: u64, len: u64) -> io::Result<()> {
         len,
     )
     .map_err(io::Error::from)
+}
+
+/// Locks the image of a writable export. After a panic in another holder
+/// (a bug) the image's state in memory is not trusted: every later
+/// request fails with `EIO` rather than write on it.
+fn image_lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OpError> {
+    m.lock().map_err(|_| {
+        OpError::new(
+            proto::EIO,
+            "the image is unusable after an internal error; nothing more is written",
+        )
+    })
 }
 
 /// Locks `m`, going on after a panic in another holder (the data it

@@ -49,6 +49,15 @@ struct State {
     over: bool,
 }
 
+/// Counts a client out when its thread ends, however it ends.
+struct Leave<'a>(&'a Server);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.left();
+    }
+}
+
 /// A running server's shared state.
 pub struct Server {
     export: Arc<Export>,
@@ -166,8 +175,9 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name("nbd-client".into())
                 .spawn(move || {
+                    // Counted out even if serving the client panics (a bug).
+                    let _leave = Leave(&me);
                     me.client(sock);
-                    me.left();
                 });
             if spawned.is_err() {
                 self.left();

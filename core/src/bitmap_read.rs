@@ -37,6 +37,23 @@ impl Bits {
     }
 }
 
+/// Consecutive entries of a bitmap table, from entry `first`.
+pub(crate) struct TablePart {
+    first: u64,
+    entries: Vec<u64>,
+}
+
+impl TablePart {
+    /// Entry `idx` of the table (0, no cluster, when not held).
+    fn entry(&self, idx: u64) -> u64 {
+        idx.checked_sub(self.first)
+            .and_then(to_usize)
+            .and_then(|i| self.entries.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 fn push(out: &mut Vec<(u64, bool)>, len: u64, dirty: bool) {
     match out.last_mut() {
         Some(last) if last.1 == dirty => last.0 += len,
@@ -147,7 +164,16 @@ impl<R: BlockRead> Image<R> {
         let b = self.bitmap_named(name)?;
         let cs = self.cluster_size();
         readable(&b, self.header.size, cs)?;
-        let table = self.bitmap_table(&b)?;
+        // Only the table entries covering the range: a few KiB whatever
+        // the bitmap's size.
+        let per_entry = (cs * 8) << b.granularity_bits;
+        let first = offset / per_entry;
+        let count = (offset + len)
+            .div_ceil(per_entry)
+            .saturating_sub(first)
+            .max(1);
+        let entries = self.bitmap_table_part(&b, first, count)?;
+        let table = TablePart { first, entries };
         runs(
             b.granularity_bits,
             cs,
@@ -159,21 +185,27 @@ impl<R: BlockRead> Image<R> {
         )
     }
 
-    /// A bitmap's table, read from the image.
-    fn bitmap_table(&mut self, b: &Bitmap) -> Res<Vec<u64>, R> {
-        let mut raw = heap::zeroed(u64::from(b.table_size) * 8, "a bitmap table")?;
-        self.io
-            .read_at(b.table_offset, &mut raw)
-            .map_err(Error::Io)?;
+    /// Entries `first..first + count` of a bitmap's table (those past its
+    /// end left out), read from the image; a table reaching past the end of
+    /// the file is corrupt.
+    fn bitmap_table_part(&mut self, b: &Bitmap, first: u64, count: u64) -> Res<Vec<u64>, R> {
+        let count = count.min(u64::from(b.table_size).saturating_sub(first));
+        let at = b.table_offset.saturating_add(first.saturating_mul(8));
+        if at.saturating_add(count * 8) > self.file_len() {
+            return Err(Error::corrupt(
+                "bitmap table reaches past the end of the image",
+                b.table_offset,
+                u64::from(b.table_size),
+            ));
+        }
+        let mut raw = heap::zeroed(count * 8, "a bitmap table")?;
+        self.io.read_at(at, &mut raw).map_err(Error::Io)?;
         heap::entries(&raw, "a bitmap table")
     }
 
-    /// Cluster `idx` of a bitmap with table `table`.
-    fn bitmap_bits(&mut self, table: &[u64], idx: u64, table_offset: u64) -> Res<Bits, R> {
-        let entry = to_usize(idx)
-            .and_then(|i| table.get(i))
-            .copied()
-            .unwrap_or(0);
+    /// Cluster `idx` of a bitmap whose table entries `table` holds.
+    fn bitmap_bits(&mut self, table: &TablePart, idx: u64, table_offset: u64) -> Res<Bits, R> {
+        let entry = table.entry(idx);
         let off = entry & ENTRY_OFFSET;
         if off == 0 {
             return Ok(if entry & ALL_ONES != 0 {
@@ -216,7 +248,10 @@ impl<R: BlockWrite> WritableImage<R> {
         let cs = self.cluster_size();
         let gran_bits = self.tracked_granularity(t);
         let table_offset = self.tracked_table_offset(t);
-        let table = self.tracked_table(t)?;
+        let table = TablePart {
+            first: 0,
+            entries: self.tracked_table(t)?,
+        };
         runs(
             gran_bits,
             cs,

@@ -64,6 +64,7 @@ mod cache;
 pub mod check;
 pub mod commit;
 pub mod compress;
+mod compressed;
 pub mod contents;
 pub mod copy;
 pub mod create;
@@ -91,6 +92,7 @@ pub mod snapshot;
 mod snapshot_write;
 mod writable;
 mod write;
+mod zero;
 
 pub use backing::{FileRole, Opened, Opener};
 pub use check::CheckReport;

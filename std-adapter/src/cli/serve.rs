@@ -269,7 +269,7 @@ fn open_backend(a: &Args, format: Option<Format>, cache: CacheMode) -> Result<Ba
         Format::Raw => {
             let mut io = FileIo::open_rw_with(path, cache).map_err(|e| could_not(&e))?;
             crate::lock::lock(io.file(), crate::lock::Access::Write).map_err(|e| could_not(&e))?;
-            let size = crate::nbd::export::raw_size(&mut io).map_err(|e| could_not(&e))?;
+            let size = qcowkit_core::BlockRead::len(&mut io).map_err(|e| could_not(&e))?;
             Ok(Backend::Raw(io, size))
         }
     }

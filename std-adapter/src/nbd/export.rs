@@ -240,7 +240,8 @@ impl Export {
         f
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), OpError> {
+    /// Refuses (`EINVAL`) a range reaching past the end of the export.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<(), OpError> {
         if offset.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(OpError::new(
                 proto::EINVAL,
@@ -602,9 +603,4 @@ fn image_lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, OpError> {
 /// guards is an image whose own state stays consistent).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The raw size of a writable raw export.
-pub fn raw_size(io: &mut FileIo) -> io::Result<u64> {
-    io.len()
 }

@@ -277,21 +277,7 @@ impl Ctx<'_> {
             {
                 Err(OpError::new(proto::EPERM, "the export is read-only"))
             }
-            _ if r
-                .offset
-                .checked_add(len)
-                .is_none_or(|e| e > self.export.size()) =>
-            {
-                Err(OpError::new(
-                    proto::EINVAL,
-                    format!(
-                        "request of {len} bytes at offset {} past the end of the export ({} bytes)",
-                        r.offset,
-                        self.export.size()
-                    ),
-                ))
-            }
-            _ => Ok(()),
+            _ => self.export.check_range(r.offset, len),
         }
     }
 

@@ -2056,10 +2056,12 @@ fn open_errors(path: &Path, opts: &DiskOptions) -> (String, String) {
     let o = opts.clone();
     let (ro, rw) = bounded(&case, move || {
         (
-            Disk::open(&p, &o).map(|_| ()).map_err(|e| e.to_string()),
-            qcowkit_std::open_qcow2_rw(&p, &o.qcow2)
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            retry_locked(|| Disk::open(&p, &o).map(|_| ()).map_err(|e| e.to_string())),
+            retry_locked(|| {
+                qcowkit_std::open_qcow2_rw(&p, &o.qcow2)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
         )
     });
     (
@@ -2068,6 +2070,24 @@ fn open_errors(path: &Path, opts: &DiskOptions) -> (String, String) {
         rw.err()
             .unwrap_or_else(|| panic!("{case}: opened for writing")),
     )
+}
+
+/// `open` again while it fails on a lock conflict (at most 1000 times):
+/// other tests of this process start child processes, and a child holds a
+/// copy of every open descriptor, with its lock, until it execs, so the
+/// lock of a file this test has just closed can linger for a moment.
+fn retry_locked(open: impl Fn() -> Result<(), String>) -> Result<(), String> {
+    let mut r = open();
+    for _ in 0..1000 {
+        match &r {
+            Err(e) if e.contains("Failed to get") && e.contains("lock") => {
+                std::thread::yield_now();
+                r = open();
+            }
+            _ => break,
+        }
+    }
+    r
 }
 
 /// Opening `path` for reading and for writing fails with an error

@@ -49,6 +49,23 @@ fn image(s: &Scratch) {
     std::fs::copy(s.path("a.qcow2"), s.path("orig.qcow2")).unwrap();
 }
 
+/// The seed of randomised test `test`: QCOWKIT_SEED, else the clock
+/// (announced either way).
+fn seed(test: &str) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    seed_or(test, "QCOWKIT_SEED", now)
+}
+
+/// A new client gets through the handshake and reads.
+fn still_serves(srv: &Served) {
+    let mut c = ready(srv, "", &[]);
+    assert!(c.read(0, 512).unwrap().is_ok());
+    c.disconnect().unwrap();
+}
+
 fn assert_unchanged(s: &Scratch) {
     assert_qemu_img_check(s.dir(), "a.qcow2");
     qemu_img_compare(s.dir(), "a.qcow2", "qcow2", "orig.qcow2", "qcow2")
@@ -328,9 +345,7 @@ fn silent_clients_are_dropped_after_the_handshake_limit() {
         "hung up after {took:?}"
     );
     // With its slot free again (-e 1), the next client is served.
-    let mut c = ready(&srv, "", &[]);
-    assert!(c.read(0, 512).unwrap().is_ok());
-    c.disconnect().unwrap();
+    still_serves(&srv);
 }
 
 #[test]
@@ -409,9 +424,7 @@ fn a_client_that_stops_reading_stalls_only_itself() {
     let peak = peak_kib(srv.pid());
     assert!(peak < 400 << 10, "server peak {peak} KiB");
     greedy.shutdown().unwrap();
-    let mut c = ready(&srv, "", &[]);
-    assert!(c.read(0, 4096).unwrap().is_ok());
-    c.disconnect().unwrap();
+    still_serves(&srv);
 }
 
 #[test]
@@ -454,11 +467,7 @@ struct Block {
 
 #[test]
 fn a_server_killed_mid_workload_keeps_every_flushed_write() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let seed = seed_or("nbd kill -9", "QCOWKIT_SEED", now);
+    let seed = seed("nbd kill -9");
     let mut rng = SplitMix64::new(seed);
     const BLOCK: u64 = 4096;
     const BLOCKS: u64 = 2048; // 8 MiB
@@ -652,11 +661,7 @@ fn a_flush_on_one_connection_covers_the_writes_of_all() {
 /// goes on serving, and the image is unchanged.
 #[test]
 fn garbage_sessions_leave_the_server_serving() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let seed = seed_or("nbd garbage", "QCOWKIT_SEED", now);
+    let seed = seed("nbd garbage");
     let mut rng = SplitMix64::new(seed);
     let s = Scratch::new();
     image(&s);
@@ -713,11 +718,7 @@ fn garbage_sessions_leave_the_server_serving() {
 /// holds every model's bytes.
 #[test]
 fn concurrent_clients_each_see_their_own_writes() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let seed = seed_or("nbd concurrent", "QCOWKIT_SEED", now);
+    let seed = seed("nbd concurrent");
     const REGION: u64 = 4 << 20;
     for opts in ["", "extended_l2=on,cluster_size=128k"] {
         let s = Scratch::new();
